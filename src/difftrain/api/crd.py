@@ -1,0 +1,164 @@
+"""Render the CustomResourceDefinition from the API models.
+
+Pydantic writes JSON Schema (draft 2020-12, with ``$ref``s and ``anyOf`` for optional
+fields); the API server wants a *structural* OpenAPI v3 schema: every node typed and
+inlined, ``nullable``/``exclusiveMinimum`` in their OpenAPI 3.0 forms, and no keywords it
+rejects. :func:`structural` does that translation; nothing else edits the schema.
+"""
+
+import copy
+from typing import Any
+
+import yaml
+
+from difftrain.api.job import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    ROOT_RULES,
+    VERSION,
+    DiffusionTrainingJob,
+)
+from difftrain.api.spec import DiffusionTrainingJobSpec
+from difftrain.api.status import DiffusionTrainingJobStatus
+
+PLURAL = "diffusiontrainingjobs"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+CRD_PATH = f"crds/{GROUP}_{PLURAL}.yaml"
+
+# JSON Schema keywords that carry no meaning for the API server, or that it refuses.
+_DROPPED = {"title", "propertyNames", "$defs"}
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
+     "description": "Percent of training steps done."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+]
+
+
+def structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Translate one pydantic JSON Schema node (and its children) into structural OpenAPI."""
+    if isinstance(node, list):
+        return [structural(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
+        branches = [b for b in node.pop("anyOf") if b != {"type": "null"}]
+        if len(branches) != 1:
+            raise ValueError(f"cannot express a union of {branches} in a structural schema")
+        node = {**branches[0], **node}
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        # The field's own keywords (description, default) win over the referenced model's.
+        node = {**copy.deepcopy(target), **node}
+    if node.get("default", 0) is None:
+        del node["default"]  # optional fields are simply left out, never null
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound in ("Minimum", "Maximum"):
+        exclusive = node.get(f"exclusive{bound}")
+        if exclusive is not None and not isinstance(exclusive, bool):
+            node[bound.lower()] = exclusive
+            node[f"exclusive{bound}"] = True
+    if node.get("additionalProperties") is False:
+        del node["additionalProperties"]  # unknown fields are pruned by the API server
+    if node.get("type") == "object" and node.get("additionalProperties") is True:
+        del node["additionalProperties"]
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    out = {}
+    for key, value in node.items():
+        if key in _DROPPED:
+            continue
+        if key == "properties":
+            out[key] = {name: structural(child, defs) for name, child in value.items()}
+        elif key in ("items", "additionalProperties", "anyOf"):
+            out[key] = structural(value, defs)
+        else:
+            out[key] = value
+    return out
+
+
+def model_schema(model) -> dict[str, Any]:
+    """The structural schema of one pydantic model, by alias."""
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return structural(schema, schema.get("$defs", {}))
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The whole object's openAPIV3Schema."""
+    return {
+        "type": "object",
+        "description": DiffusionTrainingJob.__doc__,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "difftrain.io/v1alpha1"},
+            "kind": {"type": "string", "description": "DiffusionTrainingJob"},
+            "metadata": {"type": "object"},
+            "spec": model_schema(DiffusionTrainingJobSpec),
+            "status": model_schema(DiffusionTrainingJobStatus),
+        },
+        "x-kubernetes-validations": ROOT_RULES,
+    }
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The CustomResourceDefinition object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {"app.kubernetes.io/name": "difftrain", "app.kubernetes.io/part-of": "difftrain"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": ["dtj"],
+                "categories": ["difftrain"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style, long lines kept whole (CEL rules read better unbroken)."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def render_crd() -> str:
+    """The CRD as the YAML file committed under crds/."""
+    header = (
+        "# Generated by `difftrain crd` from difftrain.api. Do not edit by hand.\n"
+        f"# {API_VERSION} {KIND}\n"
+    )
+    body = yaml.dump(crd_manifest(), Dumper=_Dumper, sort_keys=False, width=10_000)
+    return header + body

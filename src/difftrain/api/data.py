@@ -1,0 +1,189 @@
+"""Where things come from and go: base model, dataset, outputs, and the object store."""
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from difftrain.api.base import ApiModel, ShortStr, raise_problems, section, with_rules
+from difftrain.api.uris import Uri
+
+FreeForm = dict[str, Any]
+
+
+class ComponentConfigs(ApiModel):
+    """Inline diffusers configs of a new architecture (training from scratch).
+
+    Each value is the component's ``config.json`` as diffusers/transformers write it.
+    """
+
+    unet: FreeForm | None = Field(None, description="UNet2DConditionModel config.")
+    vae: FreeForm | None = Field(None, description="AutoencoderKL config.")
+    text_encoder: FreeForm | None = Field(None, description="CLIPTextModel config.")
+    text_encoder_2: FreeForm | None = Field(
+        None, description="Second text encoder config (SDXL-style architectures)."
+    )
+    scheduler: FreeForm | None = Field(None, description="Noise scheduler config.")
+
+
+class ModelSpec(ApiModel):
+    """The model to start from (or, for method full, the architecture to build)."""
+
+    model_config = with_rules(
+        {
+            "rule": "!has(self.revision) || (has(self.base) && self.base.startsWith('hf://'))",
+            "message": "spec.model.revision only applies to an hf:// base",
+            "fieldPath": ".revision",
+        }
+    )
+
+    base: Uri("s3", "hf", "file", "preset") | None = Field(
+        None,
+        description="Diffusers-format model folder: s3://, file://, hf://org/name, or a "
+        "built-in preset (preset:tiny-sd, preset:tiny-sdxl). Required unless method is full "
+        "with inline components.",
+    )
+    architecture: Literal["auto", "sd", "sdxl", "custom"] = Field(
+        "auto",
+        description="auto detects SD 1.x/2.x or SDXL from the model's configs; custom "
+        "accepts any UNet2DConditionModel-based pipeline.",
+    )
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(
+        "auto",
+        description="What the UNet predicts; auto reads it from the scheduler config.",
+    )
+    components: ComponentConfigs | None = Field(
+        None, description="Inline component configs; only with method full."
+    )
+    revision: ShortStr | None = Field(None, description="hf:// only: branch, tag or commit.")
+    variant: ShortStr | None = Field(
+        None, description='Weight file variant to load, e.g. "fp16".'
+    )
+
+    @model_validator(mode="after")
+    def _revision_needs_hf(self):
+        if self.revision is not None and not (self.base or "").startswith("hf://"):
+            raise_problems([(("revision",), "only applies to an hf:// base; remove it")])
+        return self
+
+
+class BucketingSpec(ApiModel):
+    """Aspect-ratio bucketing: batch images of similar shape instead of square-cropping all."""
+
+    model_config = with_rules(
+        {
+            "rule": "self.minResolution <= self.maxResolution",
+            "message": "spec.dataset.bucketing.minResolution must be <= maxResolution",
+        }
+    )
+
+    enabled: bool = Field(False, description="Group images into aspect-ratio buckets.")
+    min_resolution: int = Field(
+        256, ge=64, le=8192, multiple_of=8, description="Shortest bucket side, pixels."
+    )
+    max_resolution: int = Field(
+        1024, ge=64, le=8192, multiple_of=8, description="Longest bucket side, pixels."
+    )
+    step: int = Field(64, ge=8, le=1024, multiple_of=8, description="Bucket side increment.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_resolution > self.max_resolution:
+            raise_problems(
+                [(("minResolution",), f"must be <= maxResolution ({self.max_resolution})")]
+            )
+        return self
+
+
+class DatasetSpec(ApiModel):
+    """Images with captions: images/ + captions/ folders, or a same-stem .txt beside each image."""
+
+    uri: Uri("s3", "file", "builtin") = Field(
+        description="Dataset folder (s3://, file://) or a built-in dataset (builtin:shapes)."
+    )
+    resolution: int = Field(
+        512,
+        ge=8,
+        le=8192,
+        description="Training side length in pixels (the target area when bucketing). "
+        "A multiple of 8.",
+        json_schema_extra={"multipleOf": 8},
+    )
+    center_crop: bool = Field(False, description="Crop the centre; a random crop otherwise.")
+    random_flip: bool = Field(False, description="Flip images horizontally at random.")
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability of training on an empty caption."
+    )
+    bucketing: BucketingSpec = section(BucketingSpec, "Aspect-ratio bucketing.")
+    repeats: int = Field(1, ge=1, le=10_000, description="Times each image appears per epoch.")
+    max_skipped_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Fail if more than this fraction of images cannot be read.",
+    )
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            low = value - value % 8
+            raise ValueError(
+                f"must be a multiple of 8 (got {value}); use {max(low, 8)} or {low + 8}"
+            )
+        return value
+
+
+class OutputSpec(ApiModel):
+    """Where checkpoints, samples and the final model go, and in which formats."""
+
+    uri: Uri("s3", "file") = Field(description="Output folder (s3:// or file://).")
+    formats: list[Literal["diffusers", "kohya", "singleFile"]] | None = Field(
+        None,
+        max_length=3,
+        description="Export formats: diffusers (pipeline folder, LoRA or embeddings file), "
+        "kohya (LoRA in kohya/ComfyUI keys), singleFile (whole model in one safetensors). "
+        "Default: diffusers and kohya for LoRA, diffusers otherwise.",
+    )
+    dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp16", description="Precision of exported weights."
+    )
+
+
+class SecretKeysRef(ApiModel):
+    """A Secret in the job's namespace holding S3 credentials."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret.",
+    )
+    access_key_id_key: ShortStr = Field(
+        "AWS_ACCESS_KEY_ID", min_length=1, description="Key holding the access key id."
+    )
+    secret_access_key_key: ShortStr = Field(
+        "AWS_SECRET_ACCESS_KEY", min_length=1, description="Key holding the secret access key."
+    )
+    session_token_key: ShortStr | None = Field(
+        None, min_length=1, description="Key holding a session token, if the Secret has one."
+    )
+
+
+class StorageSpec(ApiModel):
+    """The S3-compatible object store behind every s3:// URI of the job."""
+
+    endpoint: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^https?://[^\s/]+(/\S*)?$",
+        description="Endpoint URL (MinIO, Ceph, R2, ...); AWS when absent.",
+    )
+    region: ShortStr = Field("us-east-1", min_length=1, description="Region.")
+    secret_ref: SecretKeysRef | None = Field(
+        None,
+        description="Credentials from a Secret; the pod's ambient identity (IRSA, workload "
+        "identity) when absent.",
+    )
+    path_style: bool = Field(
+        False, description="Path-style addressing (most self-hosted stores need it)."
+    )

@@ -1,0 +1,104 @@
+"""Read manifest files: YAML documents with the line of every field, for error reports."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from difftrain.api.validation import Loc, Problem, validate_job
+from difftrain.errors import InvalidSpec
+
+
+@dataclass
+class Document:
+    """One YAML document of a manifest file."""
+
+    source: str
+    data: Any
+    node: yaml.Node
+
+    def line_of(self, loc: Loc) -> int:
+        """The 1-based line of the deepest field along ``loc`` that exists in the file."""
+        node, line = self.node, self.node.start_mark.line
+        for part in loc:
+            found = _child(node, part)
+            if found is None:
+                break
+            marker, node = found
+            line = marker.start_mark.line
+        return line + 1
+
+
+def _child(node: yaml.Node, part: str | int) -> tuple[yaml.Node, yaml.Node] | None:
+    """(the node whose line names ``part``, the node holding its value), if present."""
+    if isinstance(node, yaml.MappingNode):
+        return next(((key, value) for key, value in node.value if key.value == part), None)
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        return node.value[part], node.value[part]
+    return None
+
+
+def read_documents(text: str, source: str) -> list[Document]:
+    """Parse every non-empty YAML document in ``text``.
+
+    Raises :class:`InvalidSpec` naming the file and line for malformed YAML and for
+    duplicate keys (which YAML parsers otherwise resolve silently, last one wins).
+    """
+    try:
+        nodes = [node for node in yaml.compose_all(text, Loader=yaml.SafeLoader) if node]
+        for node in nodes:
+            _reject_duplicate_keys(node, source)
+        return [Document(source, _construct(node), node) for node in nodes]
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise InvalidSpec(f"{where}: invalid YAML: {error.problem or error.context}") from None
+
+
+def _construct(node: yaml.Node) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _reject_duplicate_keys(node: yaml.Node, source: str) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if key.value in seen:
+                raise InvalidSpec(
+                    f"{source}:{key.start_mark.line + 1}: duplicate key '{key.value}'; "
+                    "keep one of them"
+                )
+            seen.add(key.value)
+            _reject_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _reject_duplicate_keys(item, source)
+
+
+def check_file(path: Path) -> list[str]:
+    """Validate every job in a manifest file; one ``FILE:LINE: field: problem`` line each."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return [f"{source}: cannot read: {error}"]
+    try:
+        documents = read_documents(text, source)
+    except InvalidSpec as error:
+        return [str(error)]
+    if not documents:
+        return [f"{source}: no YAML documents found"]
+    lines = []
+    for document in documents:
+        _, problems = validate_job(document.data)
+        lines += [_located(document, problem) for problem in problems]
+    return lines
+
+
+def _located(document: Document, problem: Problem) -> str:
+    return f"{document.source}:{document.line_of(problem.loc)}: {problem}"

@@ -1,0 +1,202 @@
+"""The DiffusionTrainingJob spec: its groups and the rules that span them."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from difftrain.api.base import ApiModel, raise_problems, section, with_rules
+from difftrain.api.cluster import ResourcesSpec, RunPolicySpec
+from difftrain.api.data import DatasetSpec, ModelSpec, OutputSpec, StorageSpec
+from difftrain.api.methods import DreamBoothSpec, LoraSpec, TextualInversionSpec
+from difftrain.api.training import (
+    CheckpointSpec,
+    EvaluationSpec,
+    TrainingSpec,
+    ValidationSpec,
+)
+
+Method = Literal["lora", "finetune", "dreambooth", "textualInversion", "full"]
+
+# Which methods a per-method block belongs to.
+_BLOCK_METHODS = {
+    "lora": ("lora", "dreambooth"),
+    "dreambooth": ("dreambooth",),
+    "textualInversion": ("textualInversion",),
+}
+_REQUIRED_BLOCK = {"dreambooth": "dreambooth", "textualInversion": "textualInversion"}
+
+
+def _cel_list(values) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _immutable(field: str) -> dict:
+    return {
+        "rule": f"has(self.{field}) == has(oldSelf.{field}) && "
+        f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
+        "message": f"spec.{field} is immutable; create a new job to change it",
+    }
+
+
+# Everything but runPolicy is fixed once created: a re-apply of the same manifest is a
+# no-op and a changed one is refused instead of silently restarting training.
+# runPolicy's own rules let suspend and ttlSecondsAfterFinished change.
+_IMMUTABLE_FIELDS = (
+    "method model dataset lora dreambooth textualInversion training checkpoints "
+    "validation evaluation output storage resources"
+).split()
+
+_RULES = (
+    *(
+        {
+            "rule": f"self.method != '{method}' || has(self.{block})",
+            "message": f"method {method} needs a spec.{block} block",
+        }
+        for method, block in _REQUIRED_BLOCK.items()
+    ),
+    *(
+        {
+            "rule": f"!has(self.{block}) || self.method in {_cel_list(methods)}",
+            "message": f"spec.{block} applies only to method {' or '.join(methods)}",
+            "fieldPath": f".{block}",
+        }
+        for block, methods in _BLOCK_METHODS.items()
+    ),
+    {
+        "rule": "!has(self.lora) || self.method != 'dreambooth' || !has(self.dreambooth) || self.dreambooth.unet == 'lora'",
+        "message": "spec.lora applies only when spec.dreambooth.unet is lora",
+        "fieldPath": ".lora",
+    },
+    {
+        "rule": "has(self.model.base) || (self.method == 'full' && has(self.model.components))",
+        "message": "spec.model.base is required (only method full with inline components "
+        "can do without)",
+        "fieldPath": ".model",
+    },
+    {
+        "rule": "!has(self.model.components) || self.method == 'full'",
+        "message": "spec.model.components applies only to method full (training from scratch)",
+        "fieldPath": ".model.components",
+    },
+    {
+        "rule": "!self.training.ema.enabled || self.method in ['finetune', 'full'] || "
+        "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == 'full')",
+        "message": "spec.training.ema applies only when full weights are trained "
+        "(finetune, full, dreambooth with unet full)",
+        "fieldPath": ".training.ema",
+    },
+    {
+        "rule": "!has(self.output.formats) || !('kohya' in self.output.formats) || "
+        "self.method == 'lora' || (self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == 'lora')",
+        "message": "spec.output.formats: kohya applies only when a LoRA is trained",
+        "fieldPath": ".output.formats",
+    },
+    {
+        "rule": "!has(self.output.formats) || !('singleFile' in self.output.formats) || "
+        "self.method in ['finetune', 'full'] || "
+        "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == 'full')",
+        "message": "spec.output.formats: singleFile applies only when full weights are trained",
+        "fieldPath": ".output.formats",
+    },
+    *(_immutable(field) for field in _IMMUTABLE_FIELDS),
+)
+
+
+class DiffusionTrainingJobSpec(ApiModel):
+    """What to train, on what, with which settings, and how to run it."""
+
+    model_config = with_rules(*_RULES)
+
+    method: Method = Field(
+        description="lora: adapters; finetune: the full UNet; dreambooth: a subject from a few "
+        "images; textualInversion: new token embeddings; full: a new model from scratch."
+    )
+    model: ModelSpec = Field(description="The base model, or the architecture to build.")
+    dataset: DatasetSpec = Field(description="Training images and captions.")
+    lora: LoraSpec | None = Field(
+        None, description="LoRA settings (method lora; dreambooth with unet lora)."
+    )
+    dreambooth: DreamBoothSpec | None = Field(
+        None, description="DreamBooth settings (method dreambooth)."
+    )
+    textual_inversion: TextualInversionSpec | None = Field(
+        None, description="Textual Inversion settings (method textualInversion)."
+    )
+    training: TrainingSpec = Field(description="The optimisation loop.")
+    checkpoints: CheckpointSpec = section(CheckpointSpec, "Checkpointing and resume.")
+    validation: ValidationSpec = section(ValidationSpec, "Sample images during training.")
+    evaluation: EvaluationSpec | None = Field(
+        None, description="FID / CLIP score evaluation; none when absent."
+    )
+    output: OutputSpec = Field(description="Where results go.")
+    storage: StorageSpec = section(StorageSpec, "The S3-compatible object store.")
+    resources: ResourcesSpec = section(ResourcesSpec, "Pods, devices and placement.")
+    run_policy: RunPolicySpec = section(RunPolicySpec, "Restarts, deadlines, suspend, queue.")
+
+    @property
+    def trains_lora(self) -> bool:
+        """Whether the trained weights are LoRA adapters."""
+        return self.method == "lora" or (
+            self.method == "dreambooth" and self.dreambooth is not None
+            and self.dreambooth.unet == "lora"
+        )
+
+    @property
+    def trains_full_weights(self) -> bool:
+        """Whether whole model weights (not adapters or embeddings) are trained."""
+        return self.method in ("finetune", "full") or (
+            self.method == "dreambooth" and self.dreambooth is not None
+            and self.dreambooth.unet == "full"
+        )
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        raise_problems(self._method_block_problems() + self._setting_problems())
+        return self
+
+    def _method_block_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = []
+        present = {
+            "lora": self.lora,
+            "dreambooth": self.dreambooth,
+            "textualInversion": self.textual_inversion,
+        }
+        required = _REQUIRED_BLOCK.get(self.method)
+        if required and present[required] is None:
+            problems.append(((required,), f"is required for method {self.method}"))
+        for block, methods in _BLOCK_METHODS.items():
+            if present[block] is not None and self.method not in methods:
+                problems.append(
+                    ((block,), f"applies only to method {' or '.join(methods)}; remove it "
+                     f"(method is {self.method})")
+                )
+        if self.lora is not None and self.dreambooth is not None and not self.trains_lora:
+            problems.append((("lora",), "applies only when spec.dreambooth.unet is lora"))
+        return problems
+
+    def _setting_problems(self) -> list[tuple[tuple[str, ...], str]]:
+        problems = []
+        from_scratch = self.method == "full" and self.model.components is not None
+        if self.model.base is None and not from_scratch:
+            problems.append(
+                (("model", "base"), "is required (only method full with inline components "
+                 "can do without)")
+            )
+        if self.model.components is not None and self.method != "full":
+            problems.append(
+                (("model", "components"), "applies only to method full (training from "
+                 "scratch); remove it or use method full")
+            )
+        if self.training.ema.enabled and not self.trains_full_weights:
+            problems.append(
+                (("training", "ema", "enabled"), "EMA applies only when full weights are "
+                 "trained (finetune, full, dreambooth with unet full)")
+            )
+        formats = self.output.formats or []
+        if "kohya" in formats and not self.trains_lora:
+            problems.append((("output", "formats"), "kohya applies only when a LoRA is trained"))
+        if "singleFile" in formats and not self.trains_full_weights:
+            problems.append(
+                (("output", "formats"), "singleFile applies only when full weights are trained")
+            )
+        return problems

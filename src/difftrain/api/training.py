@@ -1,0 +1,198 @@
+"""How to optimise, when to checkpoint, and what to sample and evaluate along the way."""
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from difftrain.api.base import ApiModel, raise_problems, section, with_rules
+from difftrain.api.uris import Uri
+
+Prompt = Annotated[str, StringConstraints(max_length=2048)]
+
+
+class SchedulerSpec(ApiModel):
+    """Learning-rate schedule: a warmup, then the chosen curve."""
+
+    model_config = with_rules(
+        {
+            "rule": "self.type != 'step' || has(self.stepSize)",
+            "message": "spec.training.scheduler.stepSize is required when type is step",
+            "fieldPath": ".stepSize",
+        }
+    )
+
+    type: Literal["constant", "cosine", "linear", "step"] = Field(
+        "cosine", description="Shape of the schedule after warmup."
+    )
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        le=10_000_000,
+        description="Optimiser steps of linear warmup. Overrides warmupRatio when set.",
+    )
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Warmup length as a fraction of all optimiser steps."
+    )
+    step_size: int | None = Field(
+        None, ge=1, le=10_000_000, description="type step: optimiser steps between decays."
+    )
+    gamma: float = Field(0.5, gt=0, le=1, description="type step: factor of each decay.")
+
+    @model_validator(mode="after")
+    def _step_needs_size(self):
+        if self.type == "step" and self.step_size is None:
+            raise_problems([(("stepSize",), "is required when type is step")])
+        return self
+
+
+class OptimizerSpec(ApiModel):
+    """The optimiser and its hyperparameters."""
+
+    type: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(
+        "adamw",
+        description="adamw (fused where available); adamw8bit needs bitsandbytes; "
+        "prodigy needs prodigyopt and usually learningRate 1.0.",
+    )
+    betas: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        [0.9, 0.999], min_length=2, max_length=2, description="Adam's beta1 and beta2."
+    )
+    epsilon: float = Field(1e-8, gt=0, le=1, description="Adam's epsilon.")
+    weight_decay: float = Field(1e-2, ge=0, le=1, description="Decoupled weight decay.")
+
+
+class EmaSpec(ApiModel):
+    """An exponential moving average of the trained weights, exported instead of the raw ones."""
+
+    enabled: bool = Field(False, description="Keep and export an EMA of the trained weights.")
+    decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimiser step.")
+
+
+class TrainingSpec(ApiModel):
+    """The optimisation loop."""
+
+    model_config = with_rules(
+        {
+            "rule": "has(self.steps) != has(self.epochs)",
+            "message": "set exactly one of spec.training.steps and spec.training.epochs",
+        }
+    )
+
+    steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Optimiser steps to train. Exclusive with epochs."
+    )
+    epochs: int | None = Field(
+        None, ge=1, le=100_000, description="Passes over the dataset. Exclusive with steps."
+    )
+    batch_size: int = Field(1, ge=1, le=1024, description="Images per device per micro-step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-steps accumulated into one optimiser step."
+    )
+    learning_rate: float = Field(1e-4, gt=0, le=10, description="Peak learning rate.")
+    text_encoder_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=10,
+        description="Learning rate of the text encoder(s) when trained. Defaults to learningRate.",
+    )
+    scheduler: SchedulerSpec = section(SchedulerSpec, "Learning-rate schedule.")
+    optimizer: OptimizerSpec = section(OptimizerSpec, "Optimiser.")
+    max_grad_norm: float = Field(
+        1.0, ge=0, le=1e6, description="Clip the gradient norm to this value; 0 disables clipping."
+    )
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "bf16", description="Autocast precision of the forward pass (weights stay fp32)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    snr_gamma: float | None = Field(
+        None, gt=0, le=100, description="Min-SNR loss weighting gamma (5 is common); off when absent."
+    )
+    noise_offset: float = Field(
+        0.0, ge=0, le=1, description="Offset noise strength (helps very dark/bright images)."
+    )
+    ema: EmaSpec = section(EmaSpec, "Exponential moving average of the trained weights.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights, noise and data order.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Distributed strategy across processes: ddp (replicas) or fsdp (shards)."
+    )
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        if (self.steps is None) == (self.epochs is None):
+            both = "both are set" if self.steps is not None else "neither is set"
+            raise_problems([((), f"set exactly one of steps and epochs ({both})")])
+        return self
+
+
+class CheckpointSpec(ApiModel):
+    """Checkpoints under OUTPUT/checkpoints/, which make training preemption-safe."""
+
+    every_steps: int = Field(500, ge=1, le=10_000_000, description="Checkpoint every N steps.")
+    keep_last: int = Field(3, ge=1, le=1000, description="Complete checkpoints kept; older go.")
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: start from the latest complete checkpoint if one exists; "
+        "never: always start fresh (existing checkpoints are left alone).",
+    )
+
+
+class ValidationSpec(ApiModel):
+    """Sample images generated during training, under OUTPUT/samples/."""
+
+    prompts: list[Prompt] = Field(
+        [], max_length=64, description="Prompts to sample; no samples are made when empty."
+    )
+    negative_prompt: Prompt = Field("", description="Negative prompt for every sample.")
+    every_steps: int = Field(500, ge=1, le=10_000_000, description="Sample every N steps.")
+    images_per_prompt: int = Field(1, ge=1, le=16, description="Images per prompt.")
+    inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps per image.")
+    guidance_scale: float = Field(
+        7.5, ge=0, le=50, description="Classifier-free guidance scale."
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the first image; fixed per run.")
+
+
+class FidSpec(ApiModel):
+    """Frechet Inception Distance against reference images."""
+
+    reference_uri: Uri("s3", "file") = Field(description="Folder of reference images.")
+    weights_uri: Uri("s3", "file", "hf") = Field(
+        description="Inception weights (fetched from here, never from the internet)."
+    )
+
+
+class ClipScoreSpec(ApiModel):
+    """CLIP score of generated images against their prompts."""
+
+    model_uri: Uri("s3", "file", "hf") = Field(description="CLIP model in transformers format.")
+
+
+class EvaluationSpec(ApiModel):
+    """Quantitative evaluation of the trained model."""
+
+    model_config = with_rules(
+        {
+            "rule": "has(self.fid) || has(self.clipScore)",
+            "message": "spec.evaluation needs fid or clipScore (or leave evaluation out)",
+        }
+    )
+
+    every_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Evaluate every N steps; only at the end if absent."
+    )
+    prompts: list[Prompt] = Field(
+        [],
+        max_length=10_000,
+        description="Prompts to generate from; the dataset's captions when empty.",
+    )
+    num_images: int = Field(256, ge=1, le=100_000, description="Images generated per evaluation.")
+    inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps per image.")
+    fid: FidSpec | None = Field(None, description="Compute FID.")
+    clip_score: ClipScoreSpec | None = Field(None, description="Compute CLIP score.")
+
+    @model_validator(mode="after")
+    def _some_metric(self):
+        if self.fid is None and self.clip_score is None:
+            raise_problems([((), "needs fid or clipScore (or leave evaluation out)")])
+        return self

@@ -1,0 +1,75 @@
+"""The ``difftrain`` command line."""
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from difftrain import __version__
+from difftrain.api.crd import CRD_PATH, render_crd
+from difftrain.api.manifests import check_file
+from difftrain.api.reference import REFERENCE_PATH, render_reference
+from difftrain.errors import InvalidSpec
+
+
+def _validate(args: argparse.Namespace) -> int:
+    problems = [line for path in args.files for line in check_file(Path(path))]
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return InvalidSpec.exit_code
+    if not args.quiet:
+        print(f"{len(args.files)} file(s) valid")
+    return 0
+
+
+def _writer(render: Callable[[], str]) -> Callable[[argparse.Namespace], int]:
+    def write(args: argparse.Namespace) -> int:
+        text = render()
+        if args.output == "-":
+            sys.stdout.write(text)
+        else:
+            path = Path(args.output)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path}")
+        return 0
+
+    return write
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="difftrain", description="Train diffusion models from one Kubernetes manifest."
+    )
+    parser.add_argument("--version", action="version", version=f"difftrain {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check DiffusionTrainingJob manifests",
+        description="Check manifests against the API; one line per problem, exit 2 if any.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
+    validate.set_defaults(run=_validate)
+
+    for name, path, render, what in (
+        ("crd", CRD_PATH, render_crd, "the CustomResourceDefinition"),
+        ("reference", REFERENCE_PATH, render_reference, "the API reference (Markdown)"),
+    ):
+        command = commands.add_parser(name, help=f"write {what}", description=f"Write {what}.")
+        command.add_argument(
+            "-o", "--output", default=path, help=f"file to write, - for stdout (default {path})"
+        )
+        command.set_defaults(run=_writer(render))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Error types shared by the CLI, the operator and the trainer.
+
+Each error carries a machine-readable ``reason`` and the process exit code of the
+operator-trainer contract (DESIGN.md: 2 invalid spec, 3 dataset, 4 storage access).
+Errors are raised where a problem is detected and turned into a message and an exit
+code in one place per entry point.
+"""
+
+
+class DifftrainError(Exception):
+    """A problem the user can fix; ``str(error)`` is the message to show."""
+
+    reason = "Error"
+    exit_code = 1
+
+
+class InvalidSpec(DifftrainError):
+    """The job manifest or config does not satisfy the API."""
+
+    reason = "InvalidSpec"
+    exit_code = 2
