@@ -71,4 +71,13 @@ def with_rules(*rules: dict) -> ConfigDict:
     )
 
 
+def immutable_rule(field: str, message: str) -> dict:
+    """A CEL transition rule: ``field`` may not be set, changed or removed after creation."""
+    return {
+        "rule": f"has(self.{field}) == has(oldSelf.{field}) && "
+        f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
+        "message": message,
+    }
+
+
 ShortStr = Annotated[str, StringConstraints(max_length=256)]

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
-from difftrain.api.base import ApiModel, ShortStr, raise_problems, with_rules
+from difftrain.api.base import ApiModel, ShortStr, immutable_rule, raise_problems, with_rules
 
 MAX_NODES = 512
 MAX_GPUS_PER_NODE = 16
@@ -89,13 +89,12 @@ class ResourcesSpec(ApiModel):
         {}, description="Container resource limits (cpu, memory, ...)."
     )
     shared_memory: Quantity | None = Field(
-        None, description="Size limit of the memory-backed /dev/shm; half the memory limit or "
-        "8Gi when absent."
+        None,
+        description="Size limit of the memory-backed /dev/shm; half the memory limit or "
+        "8Gi when absent.",
     )
     node_selector: LabelMap = Field({}, description="Node labels the pods must match.")
-    tolerations: list[Toleration] = Field(
-        [], max_length=64, description="Tolerations of the pods."
-    )
+    tolerations: list[Toleration] = Field([], max_length=64, description="Tolerations of the pods.")
     priority_class_name: ShortStr | None = Field(None, description="PriorityClass of the pods.")
     service_account_name: ShortStr | None = Field(
         None, description="ServiceAccount of the pods (e.g. for IRSA)."
@@ -118,11 +117,7 @@ class RunPolicySpec(ApiModel):
 
     model_config = with_rules(
         *(
-            {
-                "rule": f"has(self.{field}) == has(oldSelf.{field}) && "
-                f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
-                "message": f"spec.runPolicy.{field} is immutable",
-            }
+            immutable_rule(field, f"spec.runPolicy.{field} is immutable")
             for field in ("maxRestarts", "activeDeadlineSeconds", "queueName")
         )
     )

@@ -31,8 +31,12 @@ _DROPPED = {"title", "propertyNames", "$defs"}
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
-     "description": "Percent of training steps done."},
+    {
+        "name": "Progress",
+        "type": "number",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of training steps done.",
+    },
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -115,7 +119,10 @@ def crd_manifest() -> dict[str, Any]:
         "kind": "CustomResourceDefinition",
         "metadata": {
             "name": CRD_NAME,
-            "labels": {"app.kubernetes.io/name": "difftrain", "app.kubernetes.io/part-of": "difftrain"},
+            "labels": {
+                "app.kubernetes.io/name": "difftrain",
+                "app.kubernetes.io/part-of": "difftrain",
+            },
         },
         "spec": {
             "group": GROUP,

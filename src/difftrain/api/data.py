@@ -11,7 +11,7 @@ FreeForm = dict[str, Any]
 
 
 class ComponentConfigs(ApiModel):
-    """Inline diffusers configs of a new architecture (training from scratch).
+    """Inline configs of a new architecture (training from scratch), overriding the base's.
 
     Each value is the component's ``config.json`` as diffusers/transformers write it.
     """
@@ -30,17 +30,16 @@ class ModelSpec(ApiModel):
 
     model_config = with_rules(
         {
-            "rule": "!has(self.revision) || (has(self.base) && self.base.startsWith('hf://'))",
+            "rule": "!has(self.revision) || self.base.startsWith('hf://')",
             "message": "spec.model.revision only applies to an hf:// base",
             "fieldPath": ".revision",
         }
     )
 
-    base: Uri("s3", "hf", "file", "preset") | None = Field(
-        None,
+    base: Uri("s3", "hf", "file", "preset") = Field(
         description="Diffusers-format model folder: s3://, file://, hf://org/name, or a "
-        "built-in preset (preset:tiny-sd, preset:tiny-sdxl). Required unless method is full "
-        "with inline components.",
+        "built-in preset (preset:tiny-sd, preset:tiny-sdxl). For method full only its configs "
+        "and tokenizer are used (spec.model.components can override the configs).",
     )
     architecture: Literal["auto", "sd", "sdxl", "custom"] = Field(
         "auto",
@@ -52,16 +51,14 @@ class ModelSpec(ApiModel):
         description="What the UNet predicts; auto reads it from the scheduler config.",
     )
     components: ComponentConfigs | None = Field(
-        None, description="Inline component configs; only with method full."
+        None, description="Component configs overriding the base's; only with method full."
     )
     revision: ShortStr | None = Field(None, description="hf:// only: branch, tag or commit.")
-    variant: ShortStr | None = Field(
-        None, description='Weight file variant to load, e.g. "fp16".'
-    )
+    variant: ShortStr | None = Field(None, description='Weight file variant to load, e.g. "fp16".')
 
     @model_validator(mode="after")
     def _revision_needs_hf(self):
-        if self.revision is not None and not (self.base or "").startswith("hf://"):
+        if self.revision is not None and not self.base.startswith("hf://"):
             raise_problems([(("revision",), "only applies to an hf:// base; remove it")])
         return self
 

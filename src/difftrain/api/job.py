@@ -57,16 +57,26 @@ class DiffusionTrainingJob(BaseModel):
         name = self.metadata.name
         if not re.fullmatch(NAME_PATTERN, name):
             raise_problems(
-                [(("metadata", "name"), f"'{name}' must start with a lowercase letter and hold "
-                  "only lowercase letters, digits and '-' (it names a Service)")]
+                [
+                    (
+                        ("metadata", "name"),
+                        f"'{name}' must start with a lowercase letter and hold "
+                        "only lowercase letters, digits and '-' (it names a Service)",
+                    )
+                ]
             )
         longest = longest_hostname(name, self.spec)
         if len(longest) > HOSTNAME_MAX:
             allowed = len(name) - (len(longest) - HOSTNAME_MAX)
             raise_problems(
-                [(("metadata", "name"), f"is too long: pod hostname '{longest}' would have "
-                  f"{len(longest)} characters (limit {HOSTNAME_MAX}); shorten the name to at "
-                  f"most {allowed} characters")]
+                [
+                    (
+                        ("metadata", "name"),
+                        f"is too long: pod hostname '{longest}' would have "
+                        f"{len(longest)} characters (limit {HOSTNAME_MAX}); shorten the name to at "
+                        f"most {allowed} characters",
+                    )
+                ]
             )
         return self
 

@@ -67,9 +67,7 @@ class DreamBoothSpec(ApiModel):
     class_inference_steps: int = Field(
         30, ge=1, le=1000, description="Denoising steps when generating class images."
     )
-    class_seed: int = Field(
-        0, ge=0, le=2**32 - 1, description="Seed for generating class images."
-    )
+    class_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for generating class images.")
     prior_loss_weight: float = Field(
         1.0, ge=0, le=100, description="Weight of the prior-preservation loss term."
     )

@@ -36,8 +36,9 @@ def _sections(path: str, node: dict[str, Any]) -> list[str]:
         child_path = f"{path}.{field}"
         target = _object_node(child)
         if target is not None:
-            children += _sections(child_path + ("[]" if child.get("type") == "array" else ""),
-                                  target)
+            children += _sections(
+                child_path + ("[]" if child.get("type") == "array" else ""), target
+            )
         name = f"`{field}`" + (" (required)" if field in required else "")
         rows.append(
             f"| {name} | {_type(child, child_path)} | {_default(child)} | "

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from difftrain.api.base import ApiModel, raise_problems, section, with_rules
+from difftrain.api.base import ApiModel, immutable_rule, raise_problems, section, with_rules
 from difftrain.api.cluster import ResourcesSpec, RunPolicySpec
 from difftrain.api.data import DatasetSpec, ModelSpec, OutputSpec, StorageSpec
 from difftrain.api.methods import DreamBoothSpec, LoraSpec, TextualInversionSpec
@@ -30,21 +30,31 @@ def _cel_list(values) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
-def _immutable(field: str) -> dict:
-    return {
-        "rule": f"has(self.{field}) == has(oldSelf.{field}) && "
-        f"(!has(self.{field}) || self.{field} == oldSelf.{field})",
-        "message": f"spec.{field} is immutable; create a new job to change it",
-    }
-
+# CEL twins of DiffusionTrainingJobSpec.trains_lora and .trains_full_weights.
+_CEL_DREAMBOOTH_UNET = (
+    "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == '{}')"
+)
+_CEL_TRAINS_LORA = f"(self.method == 'lora' || {_CEL_DREAMBOOTH_UNET.format('lora')})"
+_CEL_TRAINS_FULL = f"(self.method in ['finetune', 'full'] || {_CEL_DREAMBOOTH_UNET.format('full')})"
 
 # Everything but runPolicy is fixed once created: a re-apply of the same manifest is a
 # no-op and a changed one is refused instead of silently restarting training.
 # runPolicy's own rules let suspend and ttlSecondsAfterFinished change.
-_IMMUTABLE_FIELDS = (
-    "method model dataset lora dreambooth textualInversion training checkpoints "
-    "validation evaluation output storage resources"
-).split()
+_IMMUTABLE_FIELDS = [
+    "method",
+    "model",
+    "dataset",
+    "lora",
+    "dreambooth",
+    "textualInversion",
+    "training",
+    "checkpoints",
+    "validation",
+    "evaluation",
+    "output",
+    "storage",
+    "resources",
+]
 
 _RULES = (
     *(
@@ -63,15 +73,9 @@ _RULES = (
         for block, methods in _BLOCK_METHODS.items()
     ),
     {
-        "rule": "!has(self.lora) || self.method != 'dreambooth' || !has(self.dreambooth) || self.dreambooth.unet == 'lora'",
+        "rule": f"!has(self.lora) || self.method != 'dreambooth' || {_CEL_TRAINS_LORA}",
         "message": "spec.lora applies only when spec.dreambooth.unet is lora",
         "fieldPath": ".lora",
-    },
-    {
-        "rule": "has(self.model.base) || (self.method == 'full' && has(self.model.components))",
-        "message": "spec.model.base is required (only method full with inline components "
-        "can do without)",
-        "fieldPath": ".model",
     },
     {
         "rule": "!has(self.model.components) || self.method == 'full'",
@@ -79,26 +83,27 @@ _RULES = (
         "fieldPath": ".model.components",
     },
     {
-        "rule": "!self.training.ema.enabled || self.method in ['finetune', 'full'] || "
-        "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == 'full')",
+        "rule": f"!self.training.ema.enabled || {_CEL_TRAINS_FULL}",
         "message": "spec.training.ema applies only when full weights are trained "
         "(finetune, full, dreambooth with unet full)",
         "fieldPath": ".training.ema",
     },
     {
         "rule": "!has(self.output.formats) || !('kohya' in self.output.formats) || "
-        "self.method == 'lora' || (self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == 'lora')",
+        + _CEL_TRAINS_LORA,
         "message": "spec.output.formats: kohya applies only when a LoRA is trained",
         "fieldPath": ".output.formats",
     },
     {
         "rule": "!has(self.output.formats) || !('singleFile' in self.output.formats) || "
-        "self.method in ['finetune', 'full'] || "
-        "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == 'full')",
+        + _CEL_TRAINS_FULL,
         "message": "spec.output.formats: singleFile applies only when full weights are trained",
         "fieldPath": ".output.formats",
     },
-    *(_immutable(field) for field in _IMMUTABLE_FIELDS),
+    *(
+        immutable_rule(field, f"spec.{field} is immutable; create a new job to change it")
+        for field in _IMMUTABLE_FIELDS
+    ),
 )
 
 
@@ -137,7 +142,8 @@ class DiffusionTrainingJobSpec(ApiModel):
     def trains_lora(self) -> bool:
         """Whether the trained weights are LoRA adapters."""
         return self.method == "lora" or (
-            self.method == "dreambooth" and self.dreambooth is not None
+            self.method == "dreambooth"
+            and self.dreambooth is not None
             and self.dreambooth.unet == "lora"
         )
 
@@ -145,7 +151,8 @@ class DiffusionTrainingJobSpec(ApiModel):
     def trains_full_weights(self) -> bool:
         """Whether whole model weights (not adapters or embeddings) are trained."""
         return self.method in ("finetune", "full") or (
-            self.method == "dreambooth" and self.dreambooth is not None
+            self.method == "dreambooth"
+            and self.dreambooth is not None
             and self.dreambooth.unet == "full"
         )
 
@@ -167,8 +174,11 @@ class DiffusionTrainingJobSpec(ApiModel):
         for block, methods in _BLOCK_METHODS.items():
             if present[block] is not None and self.method not in methods:
                 problems.append(
-                    ((block,), f"applies only to method {' or '.join(methods)}; remove it "
-                     f"(method is {self.method})")
+                    (
+                        (block,),
+                        f"applies only to method {' or '.join(methods)}; remove it "
+                        f"(method is {self.method})",
+                    )
                 )
         if self.lora is not None and self.dreambooth is not None and not self.trains_lora:
             problems.append((("lora",), "applies only when spec.dreambooth.unet is lora"))
@@ -176,21 +186,21 @@ class DiffusionTrainingJobSpec(ApiModel):
 
     def _setting_problems(self) -> list[tuple[tuple[str, ...], str]]:
         problems = []
-        from_scratch = self.method == "full" and self.model.components is not None
-        if self.model.base is None and not from_scratch:
-            problems.append(
-                (("model", "base"), "is required (only method full with inline components "
-                 "can do without)")
-            )
         if self.model.components is not None and self.method != "full":
             problems.append(
-                (("model", "components"), "applies only to method full (training from "
-                 "scratch); remove it or use method full")
+                (
+                    ("model", "components"),
+                    "applies only to method full (training from "
+                    "scratch); remove it or use method full",
+                )
             )
         if self.training.ema.enabled and not self.trains_full_weights:
             problems.append(
-                (("training", "ema", "enabled"), "EMA applies only when full weights are "
-                 "trained (finetune, full, dreambooth with unet full)")
+                (
+                    ("training", "ema", "enabled"),
+                    "EMA applies only when full weights are "
+                    "trained (finetune, full, dreambooth with unet full)",
+                )
             )
         formats = self.output.formats or []
         if "kohya" in formats and not self.trains_lora:

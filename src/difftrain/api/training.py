@@ -106,7 +106,10 @@ class TrainingSpec(ApiModel):
         False, description="Recompute activations in the backward pass to save memory."
     )
     snr_gamma: float | None = Field(
-        None, gt=0, le=100, description="Min-SNR loss weighting gamma (5 is common); off when absent."
+        None,
+        gt=0,
+        le=100,
+        description="Min-SNR loss weighting gamma (5 is common); off when absent.",
     )
     noise_offset: float = Field(
         0.0, ge=0, le=1, description="Offset noise strength (helps very dark/bright images)."
@@ -147,9 +150,7 @@ class ValidationSpec(ApiModel):
     every_steps: int = Field(500, ge=1, le=10_000_000, description="Sample every N steps.")
     images_per_prompt: int = Field(1, ge=1, le=16, description="Images per prompt.")
     inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps per image.")
-    guidance_scale: float = Field(
-        7.5, ge=0, le=50, description="Classifier-free guidance scale."
-    )
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the first image; fixed per run.")
 
 

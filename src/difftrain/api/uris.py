@@ -54,7 +54,7 @@ def check_uri(value: str, schemes: tuple[str, ...]) -> str:
     return value
 
 
-def Uri(*schemes: str):  # noqa: N802 - reads as a type in annotations
+def Uri(*schemes: str):  # named like a type: it is used as one in annotations
     """A string field holding a URI of one of ``schemes``."""
     unknown = set(schemes) - set(_SCHEMES)
     assert not unknown, f"unknown URI schemes {unknown}"

@@ -44,8 +44,9 @@ def validate_job(data: Any) -> tuple[DiffusionTrainingJob | None, list[Problem]]
         return None, [Problem((), f"expected a {KIND} mapping, got {_describe(data)}")]
     kind, api_version = data.get("kind"), data.get("apiVersion")
     if kind != KIND:
-        return None, [Problem(("kind",), f"{kind!r} is not a {KIND}; only {KIND} manifests "
-                                         "are checked here")]
+        return None, [
+            Problem(("kind",), f"{kind!r} is not a {KIND}; only {KIND} manifests are checked here")
+        ]
     if api_version != API_VERSION:
         return None, [Problem(("apiVersion",), f"must be {API_VERSION} (got {api_version!r})")]
     try:
@@ -136,8 +137,15 @@ def _number(value: float) -> str:
 
 
 def _describe(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string",
-             list: "list", dict: "mapping", type(None): "null"}
+    names = {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "list",
+        dict: "mapping",
+        type(None): "null",
+    }
     name = names.get(type(value), type(value).__name__)
     if isinstance(value, dict | list):
         return f"a {name}"
@@ -162,9 +170,7 @@ def _fields_at(loc: Loc) -> list[str]:
             return []
         if isinstance(part, int):
             continue
-        field = next(
-            (f for name, f in model.model_fields.items() if part in (name, f.alias)), None
-        )
+        field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
         model = _model_in(field.annotation) if field else None
     if model is None:
         return []

@@ -1,0 +1,284 @@
+"""The CRD's CEL rules: they compile, they agree with the Python validators on every
+cross-field rule, and they make the spec immutable except for suspend and TTL."""
+
+from pathlib import Path
+
+import cel
+import pytest
+import yaml
+
+from difftrain.api.crd import openapi_schema
+from difftrain.api.validation import validate_job
+from tests.builders import DELETE, job, merge
+from tests.kube_schema import all_rules, apply_defaults, failed_rules
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+SCHEMA = openapi_schema()
+
+
+def cel_failures(manifest, old=None):
+    new = apply_defaults(SCHEMA, manifest)
+    return failed_rules(SCHEMA, new, apply_defaults(SCHEMA, old) if old else None)
+
+
+def model_problem_paths(manifest):
+    _, problems = validate_job(manifest)
+    return [problem.path for problem in problems]
+
+
+@pytest.mark.parametrize("rule", all_rules(SCHEMA))
+def test_rule_compiles(rule):
+    cel.compile(rule)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [pytest.param(yaml.safe_load(p.read_text()), id=p.name) for p in EXAMPLES]
+    + [pytest.param(job(), id="minimal")],
+)
+def test_valid_manifests_pass_every_rule(manifest):
+    assert cel_failures(manifest) == []
+    assert model_problem_paths(manifest) == []
+
+
+DB = {"instancePrompt": "a photo of sks dog"}
+TI = {"placeholderToken": "<t>", "initializerToken": "cat"}
+
+# (id, manifest, the one CEL message expected, the one field path the models report)
+CROSS_FIELD = [
+    (
+        "dreambooth-block-missing",
+        job(spec={"method": "dreambooth"}),
+        "method dreambooth needs a spec.dreambooth block",
+        "spec.dreambooth",
+    ),
+    (
+        "ti-block-missing",
+        job(spec={"method": "textualInversion"}),
+        "method textualInversion needs a spec.textualInversion block",
+        "spec.textualInversion",
+    ),
+    (
+        "lora-on-ti",
+        job(spec={"method": "textualInversion", "textualInversion": TI, "lora": {}}),
+        "spec.lora applies only to method lora or dreambooth",
+        "spec.lora",
+    ),
+    (
+        "dreambooth-on-lora",
+        job(spec={"dreambooth": DB}),
+        "spec.dreambooth applies only to method dreambooth",
+        "spec.dreambooth",
+    ),
+    (
+        "ti-on-lora",
+        job(spec={"textualInversion": TI}),
+        "spec.textualInversion applies only to method textualInversion",
+        "spec.textualInversion",
+    ),
+    (
+        "lora-with-full-dreambooth",
+        job(spec={"method": "dreambooth", "dreambooth": {**DB, "unet": "full"}, "lora": {}}),
+        "spec.lora applies only when spec.dreambooth.unet is lora",
+        "spec.lora",
+    ),
+    (
+        "components-on-lora",
+        job(spec={"model": {"components": {"unet": {"a": 1}}}}),
+        "spec.model.components applies only to method full (training from scratch)",
+        "spec.model.components",
+    ),
+    (
+        "ema-on-lora",
+        job(spec={"training": {"ema": {"enabled": True}}}),
+        "spec.training.ema applies only when full weights are trained (finetune, full, dreambooth "
+        "with unet full)",
+        "spec.training.ema.enabled",
+    ),
+    (
+        "kohya-on-finetune",
+        job(spec={"method": "finetune", "output": {"formats": ["kohya"]}}),
+        "spec.output.formats: kohya applies only when a LoRA is trained",
+        "spec.output.formats",
+    ),
+    (
+        "single-file-on-ti",
+        job(
+            spec={
+                "method": "textualInversion",
+                "textualInversion": TI,
+                "output": {"formats": ["singleFile"]},
+            }
+        ),
+        "spec.output.formats: singleFile applies only when full weights are trained",
+        "spec.output.formats",
+    ),
+    (
+        "steps-and-epochs",
+        job(spec={"training": {"epochs": 1}}),
+        "set exactly one of spec.training.steps and spec.training.epochs",
+        "spec.training",
+    ),
+    (
+        "no-steps-no-epochs",
+        job(spec={"training": {"steps": DELETE}}),
+        "set exactly one of spec.training.steps and spec.training.epochs",
+        "spec.training",
+    ),
+    (
+        "step-scheduler",
+        job(spec={"training": {"scheduler": {"type": "step"}}}),
+        "spec.training.scheduler.stepSize is required when type is step",
+        "spec.training.scheduler.stepSize",
+    ),
+    (
+        "revision-not-hf",
+        job(spec={"model": {"revision": "main"}}),
+        "spec.model.revision only applies to an hf:// base",
+        "spec.model.revision",
+    ),
+    (
+        "class-data-no-prompt",
+        job(spec={"method": "dreambooth", "dreambooth": {**DB, "classData": "file:///dogs"}}),
+        "spec.dreambooth.classData needs spec.dreambooth.classPrompt",
+        "spec.dreambooth.classData",
+    ),
+    (
+        "evaluation-empty",
+        job(spec={"evaluation": {}}),
+        "spec.evaluation needs fid or clipScore (or leave evaluation out)",
+        "spec.evaluation",
+    ),
+    (
+        "bucketing-order",
+        job(spec={"dataset": {"bucketing": {"minResolution": 512, "maxResolution": 256}}}),
+        "spec.dataset.bucketing.minResolution must be <= maxResolution",
+        "spec.dataset.bucketing.minResolution",
+    ),
+    (
+        "gpu-limit",
+        job(spec={"resources": {"limits": {"nvidia.com/gpu": 1}}}),
+        "set GPUs with spec.resources.gpusPerNode, not limits",
+        "spec.resources.limits",
+    ),
+    (
+        "gpu-request",
+        job(spec={"resources": {"requests": {"nvidia.com/gpu": 1}}}),
+        "set GPUs with spec.resources.gpusPerNode, not requests",
+        "spec.resources.requests",
+    ),
+    (
+        "name-too-long",
+        job({"metadata": {"name": "x" * 59}}),
+        "metadata.name is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "
+        "characters",
+        "metadata.name",
+    ),
+    (
+        "name-too-long-for-restarts",
+        job(
+            {"metadata": {"name": "x" * 57}},
+            spec={"runPolicy": {"maxRestarts": 99}, "resources": {"nodes": 10}},
+        ),
+        "metadata.name is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "
+        "characters",
+        "metadata.name",
+    ),
+    (
+        "name-not-a-label",
+        job({"metadata": {"name": "my_job"}}),
+        "metadata.name must start with a lowercase letter and hold only lowercase letters, digits "
+        "and '-' (it names a Service)",
+        "metadata.name",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message", "path"),
+    [pytest.param(m, msg, p, id=name) for name, m, msg, p in CROSS_FIELD],
+)
+def test_cel_and_models_reject_the_same_manifests(manifest, message, path):
+    assert cel_failures(manifest) == [message]
+    assert model_problem_paths(manifest) == [path]
+
+
+@pytest.mark.parametrize(
+    ("name", "nodes", "max_restarts"),
+    [("x" * 58, 1, 3), ("x" * 57, 10, 3), ("x" * 56, 10, 99), ("a", 512, 99)],
+)
+def test_longest_allowed_names_pass_both(name, nodes, max_restarts):
+    manifest = job(
+        {"metadata": {"name": name}},
+        spec={"resources": {"nodes": nodes}, "runPolicy": {"maxRestarts": max_restarts}},
+    )
+
+    assert cel_failures(manifest) == []
+    assert model_problem_paths(manifest) == []
+
+
+BASE = job(spec={"runPolicy": {"ttlSecondsAfterFinished": 60}})
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        pytest.param({}, [], id="same-manifest-reapplied"),
+        pytest.param({"runPolicy": {"suspend": True}}, [], id="suspend"),
+        pytest.param({"runPolicy": {"ttlSecondsAfterFinished": 3600}}, [], id="ttl"),
+        pytest.param({"runPolicy": {"ttlSecondsAfterFinished": DELETE}}, [], id="ttl-removed"),
+        pytest.param(
+            {"training": {"learningRate": 1e-3}},
+            ["spec.training is immutable; create a new job to change it"],
+            id="training",
+        ),
+        pytest.param(
+            {"method": "finetune"},
+            ["spec.method is immutable; create a new job to change it"],
+            id="method",
+        ),
+        pytest.param(
+            {"dataset": {"uri": "file:///other"}},
+            ["spec.dataset is immutable; create a new job to change it"],
+            id="dataset",
+        ),
+        pytest.param(
+            {"evaluation": {"clipScore": {"modelUri": "hf://o/clip"}}},
+            ["spec.evaluation is immutable; create a new job to change it"],
+            id="optional-block-added",
+        ),
+        pytest.param(
+            {"resources": {"nodes": 2}},
+            ["spec.resources is immutable; create a new job to change it"],
+            id="nodes",
+        ),
+        pytest.param(
+            {"runPolicy": {"maxRestarts": 5}},
+            ["spec.runPolicy.maxRestarts is immutable"],
+            id="max-restarts",
+        ),
+        pytest.param(
+            {"runPolicy": {"queueName": "q"}},
+            ["spec.runPolicy.queueName is immutable"],
+            id="queue-added",
+        ),
+        pytest.param(
+            {"checkpoints": {"everySteps": 500}}, [], id="default-written-out-is-no-change"
+        ),
+    ],
+)
+def test_spec_is_immutable_except_suspend_and_ttl(change, expected):
+    updated = merge(BASE, {"spec": change})
+
+    assert cel_failures(updated, old=BASE) == expected
+
+
+def test_every_spec_field_but_run_policy_is_covered_by_an_immutability_rule():
+    spec = SCHEMA["properties"]["spec"]
+    guarded = {
+        rule["rule"].split("has(self.")[1].split(")")[0]
+        for rule in spec["x-kubernetes-validations"]
+        if "oldSelf" in rule["rule"]
+    }
+
+    assert guarded == set(spec["properties"]) - {"runPolicy"}

@@ -1,0 +1,387 @@
+"""`difftrain validate`: every bad input is rejected with exit 2 and a line naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from difftrain.cli import main
+from tests.builders import DELETE, job
+
+# (id, manifest, the problem expected after "FILE:LINE: ")
+BAD_MANIFESTS = [
+    (
+        "unknown-field",
+        job(spec={"trainng": {"steps": 1}}),
+        "spec.trainng: unknown field; did you mean 'training'?",
+    ),
+    (
+        "unknown-field-no-match",
+        job(spec={"dataset": {"zzz": 1}}),
+        "spec.dataset.zzz: unknown field; allowed here: uri, resolution, centerCrop, randomFlip, "
+        "captionDropout, bucketing, repeats, maxSkippedFraction",
+    ),
+    (
+        "wrong-type",
+        job(spec={"training": {"steps": "ten"}}),
+        "spec.training.steps: must be an integer (got string 'ten')",
+    ),
+    (
+        "quoted-number",
+        job(spec={"training": {"batchSize": "4"}}),
+        "spec.training.batchSize: must be an integer (got string '4')",
+    ),
+    (
+        "missing-method-block",
+        job(spec={"method": "textualInversion"}),
+        "spec.textualInversion: is required for method textualInversion",
+    ),
+    (
+        "missing-dreambooth-block",
+        job(spec={"method": "dreambooth"}),
+        "spec.dreambooth: is required for method dreambooth",
+    ),
+    (
+        "lora-on-textual-inversion",
+        job(
+            spec={
+                "method": "textualInversion",
+                "lora": {"rank": 4},
+                "textualInversion": {"placeholderToken": "<x>", "initializerToken": "cat"},
+            }
+        ),
+        "spec.lora: applies only to method lora or dreambooth; remove it (method is "
+        "textualInversion)",
+    ),
+    (
+        "lora-on-full-dreambooth",
+        job(
+            spec={
+                "method": "dreambooth",
+                "lora": {"rank": 4},
+                "dreambooth": {"instancePrompt": "a sks dog", "unet": "full"},
+            }
+        ),
+        "spec.lora: applies only when spec.dreambooth.unet is lora",
+    ),
+    (
+        "zero-learning-rate",
+        job(spec={"training": {"learningRate": 0}}),
+        "spec.training.learningRate: must be > 0 (got 0)",
+    ),
+    (
+        "negative-learning-rate",
+        job(spec={"training": {"learningRate": -1.0e-4}}),
+        "spec.training.learningRate: must be > 0 (got -0.0001)",
+    ),
+    (
+        "resolution-500",
+        job(spec={"dataset": {"resolution": 500}}),
+        "spec.dataset.resolution: must be a multiple of 8 (got 500); use 496 or 504",
+    ),
+    (
+        "steps-and-epochs",
+        job(spec={"training": {"steps": 10, "epochs": 2}}),
+        "spec.training: set exactly one of steps and epochs (both are set)",
+    ),
+    (
+        "neither-steps-nor-epochs",
+        job(spec={"training": {"steps": DELETE}}),
+        "spec.training: set exactly one of steps and epochs (neither is set)",
+    ),
+    (
+        "unsupported-scheme",
+        job(spec={"dataset": {"uri": "gs://bucket/data"}}),
+        "spec.dataset.uri: scheme 'gs' is not supported here; use one of s3://, file://, "
+        "builtin: (got 'gs://bucket/data')",
+    ),
+    (
+        "hf-dataset",
+        job(spec={"dataset": {"uri": "hf://org/data"}}),
+        "spec.dataset.uri: scheme 'hf' is not supported here; use one of s3://, file://, "
+        "builtin: (got 'hf://org/data')",
+    ),
+    (
+        "no-scheme",
+        job(spec={"output": {"uri": "/tmp/out"}}),
+        "spec.output.uri: no scheme is not supported here; use one of s3://, file:// "
+        "(got '/tmp/out')",
+    ),
+    (
+        "bad-bucket",
+        job(spec={"output": {"uri": "s3://B"}}),
+        "spec.output.uri: 's3://B' is not a valid s3 URI; expected e.g. "
+        "s3://my-bucket/path/to/prefix",
+    ),
+    (
+        "unknown-preset",
+        job(spec={"model": {"base": "preset:huge"}}),
+        "spec.model.base: unknown preset 'preset:huge'; known presets: tiny-sd, tiny-sdxl",
+    ),
+    (
+        "nodes-0",
+        job(spec={"resources": {"nodes": 0}}),
+        "spec.resources.nodes: must be >= 1 (got 0)",
+    ),
+    (
+        "over-long-name",
+        job({"metadata": {"name": "n" * 60}}),
+        f"metadata.name: is too long: pod hostname '{'n' * 60}-a4-0' would have 65 characters "
+        "(limit 63); shorten the name to at most 58 characters",
+    ),
+    (
+        "long-name-many-nodes",
+        job({"metadata": {"name": "n" * 58}}, spec={"resources": {"nodes": 100}}),
+        f"metadata.name: is too long: pod hostname '{'n' * 58}-a4-99' would have 64 characters "
+        "(limit 63); shorten the name to at most 57 characters",
+    ),
+    (
+        "name-not-dns-label",
+        job({"metadata": {"name": "1-Job"}}),
+        "metadata.name: '1-Job' must start with a lowercase letter and hold only lowercase "
+        "letters, digits and '-' (it names a Service)",
+    ),
+    (
+        "other-kind",
+        job({"kind": "Deployment"}),
+        "kind: 'Deployment' is not a DiffusionTrainingJob; only DiffusionTrainingJob manifests "
+        "are checked here",
+    ),
+    (
+        "other-api-version",
+        job({"apiVersion": "difftrain.io/v1"}),
+        "apiVersion: must be difftrain.io/v1alpha1 (got 'difftrain.io/v1')",
+    ),
+    ("missing-spec", job({"spec": DELETE}), "spec: required field is missing"),
+    ("missing-fields", job(spec={"dataset": DELETE}), "spec.dataset: required field is missing"),
+    (
+        "scalar-document",
+        "just a string\n",
+        "expected a DiffusionTrainingJob mapping, got string 'just a string'",
+    ),
+    (
+        "revision-without-hf",
+        job(spec={"model": {"revision": "main"}}),
+        "spec.model.revision: only applies to an hf:// base; remove it",
+    ),
+    (
+        "components-without-full",
+        job(spec={"model": {"components": {"unet": {}}}}),
+        "spec.model.components: applies only to method full (training from scratch); remove it "
+        "or use method full",
+    ),
+    (
+        "step-scheduler-without-size",
+        job(spec={"training": {"scheduler": {"type": "step"}}}),
+        "spec.training.scheduler.stepSize: is required when type is step",
+    ),
+    (
+        "ema-on-lora",
+        job(spec={"training": {"ema": {"enabled": True}}}),
+        "spec.training.ema.enabled: EMA applies only when full weights are trained (finetune, "
+        "full, dreambooth with unet full)",
+    ),
+    (
+        "kohya-on-finetune",
+        job(spec={"method": "finetune", "output": {"formats": ["kohya"]}}),
+        "spec.output.formats: kohya applies only when a LoRA is trained",
+    ),
+    (
+        "single-file-on-lora",
+        job(spec={"output": {"formats": ["singleFile"]}}),
+        "spec.output.formats: singleFile applies only when full weights are trained",
+    ),
+    (
+        "unknown-format",
+        job(spec={"output": {"formats": ["ckpt"]}}),
+        "spec.output.formats[0]: must be one of 'diffusers', 'kohya' or 'singleFile' (got 'ckpt')",
+    ),
+    (
+        "class-data-without-prompt",
+        job(
+            spec={
+                "method": "dreambooth",
+                "dreambooth": {"instancePrompt": "a sks dog", "classData": "s3://b-1/dogs"},
+            }
+        ),
+        "spec.dreambooth.classData: needs spec.dreambooth.classPrompt (the class the images show)",
+    ),
+    (
+        "placeholder-with-space",
+        job(
+            spec={
+                "method": "textualInversion",
+                "textualInversion": {"placeholderToken": "my cat", "initializerToken": "cat"},
+            }
+        ),
+        "spec.textualInversion.placeholderToken: must be a single token without spaces "
+        "(got 'my cat')",
+    ),
+    (
+        "evaluation-without-metric",
+        job(spec={"evaluation": {"numImages": 10}}),
+        "spec.evaluation: needs fid or clipScore (or leave evaluation out)",
+    ),
+    (
+        "bucketing-min-over-max",
+        job(spec={"dataset": {"bucketing": {"minResolution": 1024, "maxResolution": 512}}}),
+        "spec.dataset.bucketing.minResolution: must be <= maxResolution (512)",
+    ),
+    (
+        "gpu-in-limits",
+        job(spec={"resources": {"limits": {"nvidia.com/gpu": 8}}}),
+        "spec.resources.limits: set GPUs with spec.resources.gpusPerNode, not limits",
+    ),
+    (
+        "bad-quantity",
+        job(spec={"resources": {"requests": {"memory": "lots"}}}),
+        "spec.resources.requests.memory: 'lots' is not a quantity; write e.g. 4, 500m or 16Gi",
+    ),
+    (
+        "bad-toleration-effect",
+        job(spec={"resources": {"tolerations": [{"key": "gpu", "effect": "NoRun"}]}}),
+        "spec.resources.tolerations[0].effect: must be one of 'NoSchedule', 'PreferNoSchedule' "
+        "or 'NoExecute' (got 'NoRun')",
+    ),
+    (
+        "too-many-restarts",
+        job(spec={"runPolicy": {"maxRestarts": 100}}),
+        "spec.runPolicy.maxRestarts: must be <= 99 (got 100)",
+    ),
+    (
+        "bad-queue-name",
+        job(spec={"runPolicy": {"queueName": "Team A"}}),
+        "spec.runPolicy.queueName: 'Team A' does not match the pattern "
+        "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    ),
+    (
+        "empty-instance-prompt",
+        job(spec={"method": "dreambooth", "dreambooth": {"instancePrompt": ""}}),
+        "spec.dreambooth.instancePrompt: must not be empty",
+    ),
+    (
+        "bool-as-string",
+        job(spec={"dataset": {"randomFlip": "yes"}}),
+        "spec.dataset.randomFlip: must be true or false (got string 'yes')",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "expected"),
+    [pytest.param(m, e, id=name) for name, m, e in BAD_MANIFESTS],
+)
+def test_bad_manifest_is_rejected_naming_the_field(write_manifest, capsys, manifest, expected):
+    path = write_manifest(manifest)
+
+    assert main(["validate", str(path)]) == 2
+
+    lines = capsys.readouterr().err.splitlines()
+    location, _, problem = lines[0].partition(": ")
+    assert (lines, problem) == ([lines[0]], expected)
+    assert location.startswith(f"{path}:")
+
+
+def test_problem_lines_point_at_the_field(write_manifest, capsys):
+    path = write_manifest(
+        "apiVersion: difftrain.io/v1alpha1\n"
+        "kind: DiffusionTrainingJob\n"
+        "metadata:\n"
+        "  name: demo\n"
+        "spec:\n"
+        "  method: lora\n"
+        "  model:\n"
+        "    base: preset:tiny-sd\n"
+        "  dataset:\n"
+        "    uri: builtin:shapes\n"
+        "    resolution: 500\n"
+        "  training:\n"
+        "    steps: 10\n"
+        "    learningRate: 0\n"
+        "  output:\n"
+        "    uri: file://out\n"
+    )
+
+    assert main(["validate", str(path)]) == 2
+
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}:11: spec.dataset.resolution: must be a multiple of 8 (got 500); use 496 or 504",
+        f"{path}:14: spec.training.learningRate: must be > 0 (got 0)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            "spec:\n  method: [lora\n  model: {}\n",
+            ":3:8: invalid YAML: expected ',' or ']', but got ':'",
+            id="unclosed-flow-sequence",
+        ),
+        pytest.param(
+            "a: 1\n\tb: 2\n",
+            ":2:1: invalid YAML: found character '\\t' that cannot start any token",
+            id="tab-indent",
+        ),
+        pytest.param(
+            "spec:\n  method: lora\n  method: full\n",
+            ":3: duplicate key 'method'; keep one of them",
+            id="duplicate-key",
+        ),
+        pytest.param("# only a comment\n", ": no YAML documents found", id="empty"),
+    ],
+)
+def test_malformed_yaml_names_file_and_line(write_manifest, capsys, text, expected):
+    path = write_manifest(text)
+
+    assert main(["validate", str(path)]) == 2
+
+    assert capsys.readouterr().err.splitlines() == [f"{path}{expected}"]
+
+
+def test_missing_file_is_reported(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+
+    assert main(["validate", str(missing)]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith(f"{missing}: cannot read: ")
+    assert "No such file" in err
+
+
+def test_every_document_and_file_is_checked(write_manifest, capsys):
+    valid = write_manifest(job(), name="valid.yaml")
+    several = write_manifest(
+        [job(spec={"resources": {"nodes": 0}}), job(), job({"kind": "Pod"})], name="multi.yaml"
+    )
+
+    assert main(["validate", str(valid), str(several)]) == 2
+
+    problems = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert problems == [
+        "spec.resources.nodes: must be >= 1 (got 0)",
+        "kind: 'Pod' is not a DiffusionTrainingJob; only DiffusionTrainingJob manifests are "
+        "checked here",
+    ]
+
+
+def test_valid_manifest_exits_zero(write_manifest, capsys):
+    path = write_manifest(job())
+
+    assert main(["validate", str(path)]) == 0
+
+    assert capsys.readouterr().out == "1 file(s) valid\n"
+
+
+def test_installed_console_script_validates(write_manifest):
+    bad = write_manifest(job(spec={"resources": {"nodes": 0}}))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "difftrain.cli", "validate", str(bad)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.endswith("spec.resources.nodes: must be >= 1 (got 0)\n")
