@@ -34,6 +34,7 @@ ALLOWED_KEYWORDS = {
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
     "required",
     "properties",
     "items",
@@ -100,6 +101,24 @@ def test_every_schema_node_is_structural(path, node):
 def test_every_spec_field_is_described(path, node):
     for name, child in node.get("properties", {}).items():
         assert child.get("description"), f"{path}.{name} has no description"
+
+
+@pytest.mark.parametrize(
+    ("path", "node"),
+    list(_nodes(openapi_schema()["properties"]["spec"], "spec")),
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_every_spec_value_is_bounded(path, node):
+    """The API server estimates each CEL rule's worst-case cost from these bounds (the
+    immutability rules compare whole groups) and refuses a CRD whose rules could cost too
+    much; unbounded strings, lists or maps make that estimate huge."""
+    kind = node.get("type")
+    if kind == "string":
+        assert "maxLength" in node or "enum" in node, path
+    elif kind == "array":
+        assert "maxItems" in node, path
+    elif kind == "object" and "additionalProperties" in node:
+        assert "maxProperties" in node, path
 
 
 def test_crd_identity_and_columns():

@@ -83,17 +83,19 @@ class ResourcesSpec(ApiModel):
         None, description="Image pull policy; the operator's default when absent."
     )
     requests: dict[str, Quantity] = Field(
-        {}, description="Container resource requests (cpu, memory, ...)."
+        {}, max_length=32, description="Container resource requests (cpu, memory, ...)."
     )
     limits: dict[str, Quantity] = Field(
-        {}, description="Container resource limits (cpu, memory, ...)."
+        {}, max_length=32, description="Container resource limits (cpu, memory, ...)."
     )
     shared_memory: Quantity | None = Field(
         None,
         description="Size limit of the memory-backed /dev/shm; half the memory limit or "
         "8Gi when absent.",
     )
-    node_selector: LabelMap = Field({}, description="Node labels the pods must match.")
+    node_selector: LabelMap = Field(
+        {}, max_length=64, description="Node labels the pods must match."
+    )
     tolerations: list[Toleration] = Field([], max_length=64, description="Tolerations of the pods.")
     priority_class_name: ShortStr | None = Field(None, description="PriorityClass of the pods.")
     service_account_name: ShortStr | None = Field(
