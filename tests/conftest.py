@@ -1,5 +1,10 @@
+import hashlib
+import os
+
 import pytest
 import yaml
+
+from tests.s3server import start_s3_server
 
 
 @pytest.fixture
@@ -18,3 +23,35 @@ def write_manifest(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_cloud_metadata():
+    """boto3 must never look for instance credentials off this machine."""
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    os.environ.setdefault("AWS_CONFIG_FILE", os.devnull)
+    os.environ.setdefault("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    server = start_s3_server()
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Admin credentials and the endpoint in the environment, as the operator sets them."""
+    for name, value in s3_server.admin.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    return s3_server
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket named after the test."""
+    name = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:20]
+    return s3_server.create_bucket(name)

@@ -19,3 +19,24 @@ class InvalidSpec(DifftrainError):
 
     reason = "InvalidSpec"
     exit_code = 2
+
+
+class DatasetError(DifftrainError):
+    """The dataset cannot be used (empty, too many unreadable images)."""
+
+    reason = "DatasetError"
+    exit_code = 3
+
+
+class StorageAccessDenied(DifftrainError):
+    """The object store refused us: bad credentials, no permission, no such bucket."""
+
+    reason = "StorageAccessDenied"
+    exit_code = 4
+
+
+class StorageUnavailable(DifftrainError):
+    """The object store could not be reached; retrying later may work."""
+
+    reason = "StorageUnavailable"
+    exit_code = 1

@@ -1,0 +1,356 @@
+"""Object storage behind dataset, model and output URIs: ``s3://`` and ``file://``.
+
+A :class:`Store` is rooted at a URI and speaks in ``/``-separated keys below it. Writes
+never leave a partial object that looks complete: local files are written beside their
+target and renamed into place, and S3 objects (multipart or not) only appear once whole.
+Errors become :class:`~difftrain.errors.StorageAccessDenied` (exit 4, permanent: bad
+credentials, no permission, no such bucket) or
+:class:`~difftrain.errors.StorageUnavailable` (retryable); messages name the bucket and
+operation, never a secret.
+"""
+
+import contextlib
+import os
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from difftrain.errors import StorageAccessDenied, StorageUnavailable
+
+PARALLEL_TRANSFERS = 8
+MULTIPART_BYTES = 64 * 1024 * 1024
+LIST_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach the object store (from ``spec.storage``); credentials come from the
+    environment (``AWS_ACCESS_KEY_ID``...) or the pod's identity, never from here."""
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    path_style: bool = False
+
+    @classmethod
+    def from_spec(cls, storage) -> "S3Settings":
+        return cls(storage.endpoint, storage.region, storage.path_style)
+
+
+def open_store(uri: str, settings: S3Settings | None = None) -> "Store":
+    """The store rooted at ``uri`` (``s3://bucket/prefix`` or ``file://path``)."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        return S3Store(bucket, prefix.strip("/"), settings or S3Settings())
+    if uri.startswith("file://"):
+        return FileStore(Path(uri[len("file://") :]))
+    raise ValueError(f"not a storage URI: {uri!r} (expected s3:// or file://)")
+
+
+class Store(ABC):
+    """Objects under one root URI."""
+
+    uri: str
+
+    @abstractmethod
+    def child(self, prefix: str) -> "Store":
+        """The store rooted at ``prefix`` below this one."""
+
+    @abstractmethod
+    def keys(self, prefix: str = "") -> list[str]:
+        """Every key below the folder ``prefix`` (recursively), sorted."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether the object ``key`` exists."""
+
+    @abstractmethod
+    def download(self, key: str, path: Path) -> None:
+        """Copy object ``key`` to the local file ``path``; FileNotFoundError if absent."""
+
+    @abstractmethod
+    def upload(self, path: Path, key: str) -> None:
+        """Copy the local file ``path`` to object ``key``."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The content of object ``key``; FileNotFoundError if absent."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write object ``key``."""
+
+    @abstractmethod
+    def delete(self, keys: list[str]) -> None:
+        """Delete the objects ``keys`` (missing ones are fine)."""
+
+    def download_tree(self, prefix: str, destination: Path) -> list[Path]:
+        """Copy every object under ``prefix`` into ``destination``, in parallel."""
+        keys = self.keys(prefix)
+        base = prefix.strip("/")
+        targets = [destination / key[len(base) :].lstrip("/") for key in keys]
+        _parallel(self.download, list(zip(keys, targets, strict=True)))
+        return targets
+
+    def upload_tree(self, source: Path, prefix: str) -> list[str]:
+        """Copy every file under the local folder ``source`` below ``prefix``, in parallel."""
+        files = sorted(p for p in source.rglob("*") if p.is_file())
+        keys = [_join(prefix, p.relative_to(source).as_posix()) for p in files]
+        _parallel(self.upload, list(zip(files, keys, strict=True)))
+        return keys
+
+    def delete_tree(self, prefix: str) -> None:
+        """Delete every object under ``prefix``."""
+        self.delete(self.keys(prefix))
+
+
+def _join(*parts: str) -> str:
+    return "/".join(part.strip("/") for part in parts if part.strip("/"))
+
+
+def _parallel(transfer, jobs: list[tuple]) -> None:
+    if len(jobs) <= 1:
+        for job in jobs:
+            transfer(*job)
+        return
+    with ThreadPoolExecutor(PARALLEL_TRANSFERS) as pool:
+        for future in [pool.submit(transfer, *job) for job in jobs]:
+            future.result()
+
+
+class FileStore(Store):
+    """A local (or mounted) folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.uri = f"file://{root}"
+
+    def child(self, prefix: str) -> "FileStore":
+        return FileStore(self.root / prefix.strip("/"))
+
+    def _path(self, key: str) -> Path:
+        return self.root / key.strip("/")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def download(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise FileNotFoundError(f"{self.uri}/{key} does not exist")
+        with _atomic_target(path) as temporary:
+            shutil.copyfile(source, temporary)
+
+    def upload(self, path: Path, key: str) -> None:
+        with self._writing(key) as temporary:
+            shutil.copyfile(path, temporary)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"{self.uri}/{key} does not exist") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._writing(key) as temporary:
+            temporary.write_bytes(data)
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _writing(self, key: str) -> Iterator[Path]:
+        try:
+            with _atomic_target(self._path(key)) as temporary:
+                yield temporary
+        except OSError as error:  # permissions, a read-only or full disk, a file in the way
+            raise StorageAccessDenied(
+                f"cannot write {self.uri}/{key}: {error.strerror or error}"
+            ) from None
+
+
+@contextlib.contextmanager
+def _atomic_target(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+# S3 error codes that retrying will not fix.
+_DENIED = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
+}
+
+
+class S3Store(Store):
+    """A prefix in an S3 bucket (AWS or any S3-compatible store)."""
+
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings):
+        self.bucket, self.prefix, self.settings = bucket, prefix, settings
+        self.uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=self.settings.endpoint,
+                region_name=self.settings.region,
+                config=Config(
+                    retries={"mode": "adaptive", "max_attempts": 8},
+                    s3={"addressing_style": "path" if self.settings.path_style else "auto"},
+                    connect_timeout=10,
+                    read_timeout=120,
+                    max_pool_connections=2 * PARALLEL_TRANSFERS,
+                ),
+            )
+        return self._client
+
+    def child(self, prefix: str) -> "S3Store":
+        store = S3Store(self.bucket, _join(self.prefix, prefix), self.settings)
+        store._client = self._client
+        return store
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        query = full + "/" if full else ""  # "a/b" must not match "a/bc"
+        keys = []
+        with self._errors("list", query):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=query, PaginationConfig={"PageSize": LIST_PAGE_SIZE}
+            )
+            for page in pages:
+                keys += [item["Key"] for item in page.get("Contents", [])]
+        start = len(self.prefix) + 1 if self.prefix else 0
+        return sorted(key[start:] for key in keys)
+
+    def exists(self, key: str) -> bool:
+        if not self._key(key):
+            return False
+        try:
+            with self._errors("head", self._key(key)):
+                self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def download(self, key: str, path: Path) -> None:
+        with self._errors("download", self._key(key)), _atomic_target(path) as temporary:
+            self.client.download_file(
+                self.bucket, self._key(key), str(temporary), Config=self._transfer_config()
+            )
+
+    def upload(self, path: Path, key: str) -> None:
+        with self._errors("upload", self._key(key)):
+            self.client.upload_file(
+                str(path), self.bucket, self._key(key), Config=self._transfer_config()
+            )
+
+    def read_bytes(self, key: str) -> bytes:
+        with self._errors("read", self._key(key)):
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("write", self._key(key)):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # the DeleteObjects limit
+            batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
+            with self._errors("delete", batch[0]["Key"]):
+                self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+
+    @staticmethod
+    def _transfer_config():
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(
+            multipart_threshold=MULTIPART_BYTES,
+            multipart_chunksize=max(MULTIPART_BYTES, 5 * 1024 * 1024),  # S3's smallest part
+            max_concurrency=4,
+        )
+
+    @contextlib.contextmanager
+    def _errors(self, operation: str, key: str) -> Iterator[None]:
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            EndpointConnectionError,
+            NoCredentialsError,
+        )
+
+        where = f"s3://{self.bucket}/{key}"
+        try:
+            yield
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(f"{where} does not exist") from None
+            if code == "NoSuchBucket":
+                raise StorageAccessDenied(
+                    f"{operation} {where}: bucket '{self.bucket}' does not exist"
+                ) from None
+            if code in _DENIED or status == 403:
+                raise StorageAccessDenied(
+                    f"{operation} {where}: access denied ({code or status}); check the "
+                    "credentials (spec.storage.secretRef) and the bucket's policy"
+                ) from None
+            raise StorageUnavailable(f"{operation} {where} failed: {code} {status}") from None
+        except S3UploadFailedError as error:
+            if "AccessDenied" in str(error) or "InvalidAccessKeyId" in str(error):
+                raise StorageAccessDenied(f"{operation} {where}: access denied") from None
+            if "NoSuchBucket" in str(error):
+                raise StorageAccessDenied(
+                    f"{operation} {where}: bucket '{self.bucket}' does not exist"
+                ) from None
+            raise StorageUnavailable(f"{operation} {where} failed: {error}") from None
+        except NoCredentialsError:
+            raise StorageAccessDenied(
+                f"{operation} {where}: no S3 credentials; set spec.storage.secretRef (or give "
+                "the pod an identity with access)"
+            ) from None
+        except EndpointConnectionError:
+            endpoint = self.settings.endpoint or "the AWS endpoint"
+            raise StorageUnavailable(
+                f"{operation} {where}: cannot reach {endpoint}; check spec.storage.endpoint"
+            ) from None
+        except BotoCoreError as error:
+            raise StorageUnavailable(f"{operation} {where} failed: {error}") from None

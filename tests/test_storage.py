@@ -1,0 +1,176 @@
+"""difftrain.storage against a local folder and a real S3 protocol server."""
+
+import os
+
+import pytest
+
+from difftrain import storage
+from difftrain.errors import StorageAccessDenied, StorageUnavailable
+from difftrain.storage import S3Settings, open_store
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/root")
+    server = request.getfixturevalue("s3_env")
+    bucket = request.getfixturevalue("bucket")
+    return open_store(f"s3://{bucket}/root", S3Settings(endpoint=server.endpoint))
+
+
+def test_write_read_list_delete(store):
+    store.write_bytes("a/one.txt", b"1")
+    store.write_bytes("a/two.txt", b"22")
+    store.write_bytes("ab/three.txt", b"333")
+
+    assert store.read_bytes("a/two.txt") == b"22"
+    assert store.keys() == ["a/one.txt", "a/two.txt", "ab/three.txt"]
+    assert store.keys("a") == ["a/one.txt", "a/two.txt"]  # not ab/
+    assert (store.exists("a/one.txt"), store.exists("a/none"), store.exists("a")) == (
+        True,
+        False,
+        False,
+    )
+
+    store.delete(["a/one.txt", "never-there"])
+    store.delete_tree("ab")
+
+    assert store.keys() == ["a/two.txt"]
+
+
+def test_child_store_is_rooted_below(store):
+    child = store.child("checkpoints/step-1")
+    child.write_bytes("state.pt", b"s")
+
+    assert store.keys() == ["checkpoints/step-1/state.pt"]
+    assert child.keys() == ["state.pt"]
+    assert child.uri == store.uri + "/checkpoints/step-1"
+
+
+def test_missing_object_is_file_not_found(store, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.bin does not exist"):
+        store.read_bytes("missing.bin")
+    with pytest.raises(FileNotFoundError, match=r"missing\.bin does not exist"):
+        store.download("missing.bin", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_tree_round_trip_in_parallel(store, tmp_path):
+    source = tmp_path / "src"
+    for index in range(20):
+        (source / f"d{index % 3}").mkdir(parents=True, exist_ok=True)
+        (source / f"d{index % 3}" / f"f{index}.bin").write_bytes(os.urandom(100 + index))
+
+    keys = store.upload_tree(source, "model")
+    files = store.download_tree("model", tmp_path / "dst")
+
+    assert len(keys) == len(files) == 20
+    for path in source.rglob("*.bin"):
+        copy = tmp_path / "dst" / path.relative_to(source)
+        assert copy.read_bytes() == path.read_bytes()
+
+
+def test_listing_follows_pages(store, monkeypatch):
+    monkeypatch.setattr(storage, "LIST_PAGE_SIZE", 2)
+    for index in range(7):
+        store.write_bytes(f"k/{index}", b"")
+
+    assert store.keys("k") == [f"k/{index}" for index in range(7)]
+
+
+def test_large_upload_is_multipart(s3_env, bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 1024 * 1024)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(11 * 1024 * 1024))
+    store = open_store(f"s3://{bucket}/m", S3Settings(endpoint=s3_env.endpoint))
+
+    store.upload(big, "big.bin")
+
+    head = s3_env.client().head_object(Bucket=bucket, Key="m/big.bin")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts
+    store.download("big.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
+
+
+def test_path_style_addressing(s3_env, bucket):
+    store = open_store(f"s3://{bucket}/p", S3Settings(endpoint=s3_env.endpoint, path_style=True))
+
+    store.write_bytes("x", b"ok")
+
+    assert store.read_bytes("x") == b"ok"
+
+
+def test_wrong_credentials_are_denied_without_leaking_them(s3_env, bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    store = open_store(f"s3://{bucket}/data", S3Settings(endpoint=s3_env.endpoint))
+
+    with pytest.raises(StorageAccessDenied) as raised:
+        store.keys()
+
+    message = str(raised.value)
+    assert message == (
+        f"list s3://{bucket}/data/: access denied (InvalidAccessKeyId); check the credentials "
+        "(spec.storage.secretRef) and the bucket's policy"
+    )
+    assert raised.value.exit_code == 4
+
+
+def test_missing_bucket_is_named(s3_env):
+    store = open_store("s3://no-such-bucket/x", S3Settings(endpoint=s3_env.endpoint))
+
+    with pytest.raises(StorageAccessDenied, match="bucket 'no-such-bucket' does not exist"):
+        store.write_bytes("a", b"")
+
+
+def test_read_only_user_cannot_write(s3_env, bucket, monkeypatch):
+    for name, value in s3_env.reader.env().items():
+        monkeypatch.setenv(name, value)
+    store = open_store(f"s3://{bucket}/out", S3Settings(endpoint=s3_env.endpoint))
+
+    assert store.keys() == []
+    with pytest.raises(StorageAccessDenied, match=rf"write s3://{bucket}/out/a: access denied"):
+        store.write_bytes("a", b"")
+
+
+def test_missing_credentials_are_reported(s3_env, bucket, monkeypatch):
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    store = open_store(f"s3://{bucket}/x", S3Settings(endpoint=s3_env.endpoint))
+
+    with pytest.raises(StorageAccessDenied, match=r"no S3 credentials; set spec\.storage\.secretRef"):
+        store.keys()
+
+
+def test_unreachable_endpoint_is_retryable(s3_env, monkeypatch):
+    store = open_store("s3://bucket-x/x", S3Settings(endpoint="http://127.0.0.1:9"))
+
+    with pytest.raises(StorageUnavailable, match=r"cannot reach http://127\.0\.0\.1:9;") as raised:
+        store.read_bytes("a")
+
+    assert raised.value.exit_code == 1
+
+
+def test_unwritable_local_output_is_denied(tmp_path):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    store = open_store(f"file://{tmp_path}/blocker/out")
+
+    with pytest.raises(StorageAccessDenied, match=r"cannot write file://.*/blocker/out/x: "):
+        store.write_bytes("x", b"data")
+
+
+def test_failed_local_write_leaves_nothing(tmp_path):
+    store = open_store(f"file://{tmp_path}")
+
+    with pytest.raises(StorageAccessDenied):
+        store.upload(tmp_path / "not-there", "copy.bin")
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_file_uri_is_relative_to_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    open_store("file://out/run").write_bytes("a.txt", b"x")
+
+    assert (tmp_path / "out" / "run" / "a.txt").read_bytes() == b"x"
