@@ -138,7 +138,9 @@ def test_missing_credentials_are_reported(s3_env, bucket, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     store = open_store(f"s3://{bucket}/x", S3Settings(endpoint=s3_env.endpoint))
 
-    with pytest.raises(StorageAccessDenied, match=r"no S3 credentials; set spec\.storage\.secretRef"):
+    with pytest.raises(
+        StorageAccessDenied, match=r"no S3 credentials; set spec\.storage\.secretRef"
+    ):
         store.keys()
 
 
