@@ -1,0 +1,74 @@
+"""The diffusion training objective as pure functions over tensors.
+
+Shapes: latents, noise, predictions ``(B, C, H, W)``; timesteps ``(B,)`` integers;
+``alphas_cumprod`` ``(T,)``, the noise schedule's cumulative product of alphas.
+"""
+
+import torch
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator | None, offset: float = 0.0):
+    """Gaussian noise like ``latents``; with ``offset`` > 0, plus a per-channel constant
+    ("offset noise"), which lets the model learn very dark and very bright images."""
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
+    if offset:
+        shift = torch.randn(
+            latents.shape[:2], generator=generator, device=latents.device, dtype=latents.dtype
+        )
+        noise = noise + offset * shift[:, :, None, None]
+    return noise
+
+
+def _at(values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``values[timesteps]`` shaped ``(B, 1, 1, 1)`` for broadcasting over images."""
+    return values.to(timesteps.device)[timesteps].float()[:, None, None, None]
+
+
+def add_noise(latents, noise, timesteps, alphas_cumprod) -> torch.Tensor:
+    """The forward process: ``sqrt(a) * x0 + sqrt(1 - a) * noise`` with ``a = alphas_cumprod[t]``."""
+    alpha = _at(alphas_cumprod, timesteps)
+    noisy = alpha.sqrt() * latents.float() + (1 - alpha).sqrt() * noise.float()
+    return noisy.to(latents.dtype)
+
+
+def target(prediction_type: str, latents, noise, timesteps, alphas_cumprod) -> torch.Tensor:
+    """What the model should output: the noise (epsilon) or the velocity (v_prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        alpha = _at(alphas_cumprod, timesteps)
+        velocity = alpha.sqrt() * noise.float() - (1 - alpha).sqrt() * latents.float()
+        return velocity.to(noise.dtype)
+    raise ValueError(f"unknown prediction type {prediction_type!r}")
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ``a / (1 - a)`` per sample, shape ``(B,)``."""
+    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha / (1 - alpha)
+
+
+def min_snr_weights(timesteps, alphas_cumprod, gamma: float, prediction_type: str):
+    """Min-SNR-gamma loss weights (Hang et al. 2023), shape ``(B,)``.
+
+    For epsilon the MSE is weighted by ``min(snr, gamma) / snr``; for v-prediction, whose
+    loss already carries a factor ``snr + 1``, by ``min(snr, gamma) / (snr + 1)``.
+    """
+    ratio = snr(timesteps, alphas_cumprod)
+    clipped = torch.clamp(ratio, max=gamma)
+    return clipped / (ratio + 1 if prediction_type == "v_prediction" else ratio)
+
+
+def per_sample_mse(prediction: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample, in fp32, shape ``(B,)``."""
+    return ((prediction.float() - expected.float()) ** 2).mean(dim=(1, 2, 3))
+
+
+def diffusion_loss(prediction, expected, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's loss: per-sample MSE, optionally weighted, averaged over the batch."""
+    losses = per_sample_mse(prediction, expected)
+    if weights is not None:
+        losses = losses * weights
+    return losses.mean()

@@ -1,0 +1,124 @@
+"""Built-in tiny models (``preset:tiny-sd``, ``preset:tiny-sdxl``), made from configs.
+
+They have the architecture of SD 1.x and SDXL at a fraction of the size, random weights
+from a fixed seed and the offline tokenizer, so every code path runs on a CPU in seconds
+and nothing is downloaded. :func:`write_preset` saves one as an ordinary diffusers folder,
+so presets load through exactly the same code as real models.
+"""
+
+from pathlib import Path
+
+import torch
+
+from difftrain.trainer.tokenizer import build_tokenizer
+
+_SEED = 0
+
+_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+    "steps_offset": 1,
+}
+
+_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "sample_size": 32,
+}
+
+_UNET_SD = {
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+}
+
+_UNET_SDXL = {
+    **_UNET_SD,
+    "attention_head_dim": [2, 4],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "transformer_layers_per_block": [1, 1],
+    # six size/crop numbers embedded with 8 dims each, plus the pooled text embedding
+    "projection_class_embeddings_input_dim": 6 * 8 + 32,
+    "cross_attention_dim": 64,  # both text encoders' hidden states, concatenated
+}
+
+
+def _text_config(tokenizer, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    extra = {"projection_dim": projection_dim} if projection_dim else {}
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def build_preset(name: str):
+    """A diffusers pipeline for preset ``name`` with seeded random weights."""
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        vae = AutoencoderKL(**_VAE)
+        scheduler = DDPMScheduler(**_SCHEDULER)
+        if name == "tiny-sd":
+            return StableDiffusionPipeline(
+                vae=vae,
+                text_encoder=CLIPTextModel(_text_config(tokenizer)),
+                tokenizer=tokenizer,
+                unet=UNet2DConditionModel(**_UNET_SD),
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        if name == "tiny-sdxl":
+            return StableDiffusionXLPipeline(
+                vae=vae,
+                text_encoder=CLIPTextModel(_text_config(tokenizer)),
+                text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, 32)),
+                tokenizer=tokenizer,
+                tokenizer_2=build_tokenizer(),
+                unet=UNet2DConditionModel(**_UNET_SDXL),
+                scheduler=scheduler,
+            )
+    raise ValueError(f"unknown preset {name!r}")
+
+
+def write_preset(name: str, folder: Path) -> Path:
+    """Save preset ``name`` as a diffusers folder at ``folder``."""
+    build_preset(name).save_pretrained(folder, safe_serialization=True)
+    return folder
