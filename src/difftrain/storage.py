@@ -170,7 +170,15 @@ class FileStore(Store):
 
     def delete(self, keys: list[str]) -> None:
         for key in keys:
-            self._path(key).unlink(missing_ok=True)
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            for parent in path.parents:  # drop folders left empty, like S3 "folders" go
+                if parent == self.root or not parent.is_relative_to(self.root):
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
 
     @contextlib.contextmanager
     def _writing(self, key: str) -> Iterator[Path]:

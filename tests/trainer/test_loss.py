@@ -41,8 +41,9 @@ def test_target_by_prediction_type(prediction_type, expected):
 
 def test_unknown_prediction_type_is_refused():
     with pytest.raises(ValueError, match="unknown prediction type 'sample'"):
-        loss.target("sample", torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1),
-                    torch.tensor([0]), ALPHAS)
+        loss.target(
+            "sample", torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), torch.tensor([0]), ALPHAS
+        )
 
 
 def test_snr_and_min_snr_weights():

@@ -27,7 +27,7 @@ def _at(values: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(latents, noise, timesteps, alphas_cumprod) -> torch.Tensor:
-    """The forward process: ``sqrt(a) * x0 + sqrt(1 - a) * noise`` with ``a = alphas_cumprod[t]``."""
+    """The forward process ``sqrt(a) * x0 + sqrt(1 - a) * noise``, ``a = alphas_cumprod[t]``."""
     alpha = _at(alphas_cumprod, timesteps)
     noisy = alpha.sqrt() * latents.float() + (1 - alpha).sqrt() * noise.float()
     return noisy.to(latents.dtype)

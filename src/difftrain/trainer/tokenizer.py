@@ -8,6 +8,7 @@ captions short and lets Textual Inversion use words like "cat" as initializer to
 
 import collections
 import functools
+import itertools
 
 from transformers import CLIPTokenizer
 
@@ -53,7 +54,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     merges = []
     while True:
         pairs = collections.Counter(
-            (left, right) for symbols in corpus for left, right in zip(symbols, symbols[1:])
+            pair for symbols in corpus for pair in itertools.pairwise(symbols)
         )
         if not pairs:
             return merges

@@ -1,0 +1,63 @@
+"""``builtin:shapes``: a deterministic synthetic dataset of coloured shapes.
+
+Each image is one filled shape (colour x shape x size x position) on a plain background,
+captioned "a red circle on a white background". Image ``i`` is always the same picture,
+so runs, tests and benchmarks are reproducible without any download.
+"""
+
+import itertools
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 205, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 135, 25),
+}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.35, "large": 0.65}  # shape extent as a fraction of the image side
+DEFAULT_COUNT = 2048
+IMAGE_SIZE = 64
+
+_COMBINATIONS = list(itertools.product(COLOURS, SHAPES, SIZES, BACKGROUNDS))
+
+
+def caption(colour: str, shape: str, background: str) -> str:
+    return f"a {colour} {shape} on a {background} background"
+
+
+def render(index: int, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
+    """Image ``index`` of the dataset and its caption."""
+    colour, shape, extent, background = _COMBINATIONS[index % len(_COMBINATIONS)]
+    jitter = random.Random(index)
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    side = SIZES[extent] * size
+    left = jitter.uniform(0, size - side)
+    top = jitter.uniform(0, size - side)
+    box = (left, top, left + side, top + side)
+    draw = ImageDraw.Draw(image)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(left + side / 2, top), (left + side, top + side), (left, top + side)], fill)
+    return image, caption(colour, shape, background)
+
+
+def write_dataset(folder: Path, count: int = DEFAULT_COUNT, size: int = IMAGE_SIZE) -> Path:
+    """Write ``count`` images in the images/ + captions/ layout under ``folder``."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "captions").mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image, text = render(index, size)
+        image.save(folder / "images" / f"{index:06d}.png")
+        (folder / "captions" / f"{index:06d}.txt").write_text(text + "\n")
+    return folder

@@ -1,0 +1,69 @@
+"""``python -m difftrain.trainer``: train the job in ``$DIFFTRAIN_CONFIG``.
+
+Exit codes follow the operator-trainer contract: 0 success, 2 invalid spec or config,
+3 dataset error, 4 storage access denied, anything else retryable. The reason is also
+written as one line of JSON to the termination log (``$DIFFTRAIN_TERMINATION_LOG``,
+default ``/dev/termination-log``) for the operator to show.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from difftrain.errors import DifftrainError, InvalidSpec
+
+TERMINATION_LOG = "/dev/termination-log"
+MESSAGE_LIMIT = 3500  # the kubelet keeps 4096 bytes of a termination message
+
+
+def write_termination_log(reason: str, message: str) -> None:
+    path = Path(os.environ.get("DIFFTRAIN_TERMINATION_LOG", TERMINATION_LOG))
+    line = json.dumps({"reason": reason, "message": message[:MESSAGE_LIMIT]})
+    with contextlib.suppress(OSError):  # not in a pod, or not writable: the log still tells
+        path.write_text(line + "\n")
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_progress_bar()
+        library.set_verbosity_error()
+
+
+def main() -> int:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        from difftrain.api.config import TrainerConfig
+        from difftrain.trainer.loop import run
+
+        _quiet_libraries()
+        source = os.environ.get("DIFFTRAIN_CONFIG")
+        if not source:
+            raise InvalidSpec("DIFFTRAIN_CONFIG is not set: it must name the job.json to train")
+        try:
+            text = Path(source).read_text()
+        except OSError as error:
+            raise InvalidSpec(f"cannot read DIFFTRAIN_CONFIG {source}: {error.strerror}") from None
+        run(TrainerConfig.from_json(text, source))
+        return 0
+    except DifftrainError as error:
+        logging.getLogger("difftrain").error("%s: %s", error.reason, error)
+        write_termination_log(error.reason, str(error))
+        return error.exit_code
+    except Exception as error:
+        traceback.print_exc()
+        write_termination_log("Error", f"{type(error).__name__}: {error}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The final artifacts under ``OUTPUT/model/``: weights in the requested formats, a model
+card, and ``difftrain.json`` (the reproducibility record)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from difftrain import __version__
+from difftrain.api.config import TrainerConfig
+from difftrain.errors import InvalidSpec
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
+
+
+def formats_for(config: TrainerConfig) -> list[str]:
+    """The export formats: the spec's, or the method's standard set."""
+    spec = config.spec
+    formats = spec.output.formats or (["diffusers", "kohya"] if spec.trains_lora else ["diffusers"])
+    if "singleFile" in formats:
+        raise InvalidSpec(
+            "spec.output.formats: singleFile export is not available in this trainer version; "
+            "use diffusers"
+        )
+    return formats
+
+
+def spec_hash(config: TrainerConfig) -> str:
+    text = config.spec.model_dump_json(by_alias=True, exclude_none=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _peft_state(module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(module)
+
+
+def export_lora(components, trainable, formats: list[str], folder: Path, name: str, dtype):
+    """LoRA weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a kohya file."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+
+    peft = {part: _peft_state(module) for part, module in trainable.modules.items()}
+    cast = {
+        part: {k: v.detach().to("cpu", dtype) for k, v in state.items()}
+        for part, state in peft.items()
+    }
+    if "diffusers" in formats:
+        layers = {
+            f"{part}_lora_layers": convert_state_dict_to_diffusers(state)
+            for part, state in cast.items()
+        }
+        pipeline = (
+            StableDiffusionXLPipeline
+            if components.architecture == "sdxl"
+            else StableDiffusionPipeline
+        )
+        pipeline.save_lora_weights(folder, safe_serialization=True, **layers)
+    if "kohya" in formats:
+        prefixed = {
+            f"{part}.{key}": value for part, state in cast.items() for key, value in state.items()
+        }
+        kohya = convert_state_dict_to_kohya(prefixed)
+        save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
+
+
+def export_pipeline(components, unet, folder: Path, dtype) -> None:
+    """A complete diffusers pipeline folder with the trained UNet, in ``dtype``."""
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(components.folder, unet=unet)
+    pipeline.to(dtype=dtype)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+
+
+def model_card(config: TrainerConfig, facts: dict) -> str:
+    """README.md for the model folder."""
+    spec = config.spec
+    training = spec.training
+    rows = [
+        ("Base model", spec.model.base),
+        ("Method", spec.method),
+        ("Architecture", facts["architecture"]),
+        ("Training images", facts["images"]),
+        ("Resolution", spec.dataset.resolution),
+        ("Steps", facts["steps"]),
+        (
+            "Batch size (per device x devices x accumulation)",
+            f"{training.batch_size} x {facts['processes']} x "
+            f"{training.gradient_accumulation_steps}",
+        ),
+        ("Learning rate", f"{training.learning_rate} ({training.scheduler.type})"),
+        ("Optimizer", training.optimizer.type),
+        ("Mixed precision", training.mixed_precision),
+        ("Final loss", f"{facts['final_loss']:.4f}" if facts["final_loss"] is not None else "-"),
+        ("Exported as", ", ".join(facts["formats"])),
+    ]
+    if spec.trains_lora:
+        lora = spec.lora
+        rank = lora.rank if lora else 16
+        rows.insert(2, ("LoRA rank / alpha", f"{rank} / {(lora.alpha if lora else None) or rank}"))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    usage = (
+        'pipe.load_lora_weights("model/")'
+        if spec.trains_lora
+        else 'DiffusionPipeline.from_pretrained("model/")'
+    )
+    return (
+        f"# {config.name}\n\n"
+        f"Trained with difftrain {__version__} from `{spec.model.base}`.\n\n"
+        f"| | |\n| --- | --- |\n{table}\n\n"
+        f"Load it with diffusers: `{usage}`.\n\n"
+        f"Reproducibility record: `difftrain.json` (spec hash {spec_hash(config)[:12]}).\n"
+    )
+
+
+def record(config: TrainerConfig, facts: dict) -> str:
+    """difftrain.json: what produced this model."""
+    return json.dumps(
+        {
+            "name": config.name,
+            "namespace": config.namespace,
+            "uid": config.uid,
+            "difftrainVersion": __version__,
+            "specHash": spec_hash(config),
+            "datasetFingerprint": facts["dataset_fingerprint"],
+            "images": facts["images"],
+            "steps": facts["steps"],
+            "finalLoss": facts["final_loss"],
+            "startTime": facts["start_time"],
+            "endTime": facts["end_time"],
+            "image": facts.get("image"),
+            "spec": config.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+        },
+        indent=2,
+    )

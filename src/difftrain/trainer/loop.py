@@ -1,0 +1,395 @@
+"""The training loop: set up, resume, train step by step, checkpoint, export.
+
+It reads top to bottom: build everything from the config, resume if a checkpoint
+exists, then loop over optimiser steps (each of ``gradientAccumulationSteps`` micro-
+batches), checkpointing every N steps and when asked to stop (SIGTERM), and finally
+export the model. Only the main process writes shared outputs.
+"""
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from difftrain.api.config import TrainerConfig
+from difftrain.errors import DifftrainError
+from difftrain.storage import S3Settings, Store, open_store
+from difftrain.trainer import checkpoint, data, export, methods, models, optim
+from difftrain.trainer.cache import cached_folder
+from difftrain.trainer.conditioning import encode_text, sdxl_time_ids
+from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
+
+log = logging.getLogger(__name__)
+
+
+class Stopped(DifftrainError):
+    """Training stopped on SIGTERM after writing a checkpoint; a restart resumes."""
+
+    reason = "Stopped"
+    exit_code = 143
+
+
+@dataclass
+class Paths:
+    """Node-local folders (emptyDirs in a pod)."""
+
+    cache: Path
+    scratch: Path
+
+    @classmethod
+    def from_env(cls) -> "Paths":
+        base = Path(os.environ.get("DIFFTRAIN_SCRATCH", "/tmp/difftrain"))
+        cache = Path(os.environ.get("DIFFTRAIN_CACHE", base / "cache"))
+        rank = os.environ.get("RANK", "0")
+        return cls(cache=cache, scratch=base / f"scratch-rank{rank}")
+
+
+@dataclass
+class Trainer:
+    """Everything the loop and checkpoints touch."""
+
+    config: TrainerConfig
+    accelerator: object
+    components: object
+    trainable: methods.Trainable  # the bare modules: checkpoints and export use these
+    wrapped: dict  # the same modules as the accelerator prepared them (DDP): training uses these
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generator: torch.Generator
+    batches: data.ShardedBatches
+    dataset: data.TrainingSet
+    total_steps: int
+    output: Store
+    paths: Paths
+    stop_requested: bool = False
+    losses: list = field(default_factory=list)
+
+
+def fetch_dataset(uri: str, settings: S3Settings, cache: Path) -> Path:
+    """A local folder holding the dataset at ``uri``."""
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    if uri == "builtin:shapes":
+        from difftrain.shapes import write_dataset
+
+        return cached_folder(cache, uri, write_dataset)
+    store = open_store(uri, settings)
+    return cached_folder(cache, uri, lambda folder: store.download_tree("", folder))
+
+
+def _usable_examples(accelerator, spec, folder: Path) -> list[data.Example]:
+    """The dataset's readable examples; every process checks a share of the images."""
+    from accelerate.utils import gather_object
+
+    examples = data.find_examples(folder)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = [rank + world * i for i in data.unreadable(examples[rank::world])]
+    bad = set(gather_object(mine)) if world > 1 else set(mine)
+    usable = [e for i, e in enumerate(examples) if i not in bad]
+    data.check_usable(usable, [examples[i] for i in sorted(bad)], spec.dataset.max_skipped_fraction)
+    return usable
+
+
+def fingerprint(examples: list[data.Example], folder: Path) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(str(example.image.relative_to(folder)).encode())
+        digest.update(str(example.image.stat().st_size).encode())
+        digest.update(example.caption.encode())
+    return digest.hexdigest()
+
+
+def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
+    """Set up the trainer from the config; also returns facts for the model card."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    spec = config.spec
+    training = spec.training
+    accelerator = Accelerator(mixed_precision=training.mixed_precision)
+    set_seed(training.seed)
+    settings = S3Settings.from_spec(spec.storage)
+    export.formats_for(config)  # refuse unsupported formats before training, not after
+
+    model_folder = models.fetch_model(spec.model, settings, paths.cache / "models")
+    components = models.load_components(model_folder, spec.model)
+    data_folder = fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
+    examples = _usable_examples(accelerator, spec, data_folder)
+    batches = data.ShardedBatches(
+        size=len(examples),
+        repeats=spec.dataset.repeats,
+        batch_size=training.batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=training.seed,
+    )
+    batches.check()
+    dataset = data.TrainingSet(
+        examples,
+        data.Transform(
+            spec.dataset.resolution,
+            spec.dataset.center_crop,
+            spec.dataset.random_flip,
+            spec.dataset.caption_dropout,
+        ),
+    )
+
+    trainable = methods.prepare(components, spec)
+    if training.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        training.mixed_precision, torch.float32
+    )
+    components.vae.to(accelerator.device, dtype=frozen_dtype)
+    for encoder in components.text_encoders:
+        encoder.to(accelerator.device, dtype=torch.float32 if trainable.lora else frozen_dtype)
+    groups = [
+        {
+            "params": trainable.parameters(name),
+            "lr": training.learning_rate
+            if name == "unet"
+            else (training.text_encoder_learning_rate or training.learning_rate),
+        }
+        for name in trainable.modules
+    ]
+    optimizer = optim.build_optimizer(training, groups)
+    names = list(trainable.modules)
+    *prepared, optimizer = accelerator.prepare(*trainable.modules.values(), optimizer)
+    wrapped = dict(zip(names, prepared, strict=True))
+    # Text encoders being trained must run through their wrappers to sync gradients.
+    for index, name in enumerate(("text_encoder", "text_encoder_2")):
+        if name in wrapped:
+            components.text_encoders[index] = wrapped[name]
+
+    per_epoch = batches.batches_per_epoch // training.gradient_accumulation_steps
+    total = training.steps or training.epochs * max(1, per_epoch)
+    scheduler = optim.build_scheduler(optimizer, training, total)
+    generator = torch.Generator(device=accelerator.device).manual_seed(
+        training.seed * 7919 + accelerator.process_index
+    )
+    trainer = Trainer(
+        config=config,
+        accelerator=accelerator,
+        components=components,
+        trainable=trainable,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generator=generator,
+        batches=batches,
+        dataset=dataset,
+        total_steps=total,
+        output=open_store(spec.output.uri, settings),
+        paths=paths,
+    )
+    facts = {
+        "architecture": components.architecture,
+        "images": len(examples),
+        "processes": accelerator.num_processes,
+        "dataset_fingerprint": fingerprint(examples, data_folder),
+    }
+    return trainer, facts
+
+
+def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> float:
+    """One micro-batch: forward, loss, backward (gradients synchronised when ``sync``)."""
+    components, accelerator = trainer.components, trainer.accelerator
+    spec = trainer.config.spec
+    device = accelerator.device
+    unet = trainer.wrapped["unet"]
+    stack = contextlib.ExitStack()
+    if not sync:
+        for module in trainer.wrapped.values():
+            stack.enter_context(accelerator.no_sync(module))
+    with stack, accelerator.autocast():
+        pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
+        with torch.no_grad():
+            latents = components.vae.encode(pixels).latent_dist.sample(trainer.generator)
+        latents = latents.float() * components.vae.config.scaling_factor
+        schedule = components.noise_scheduler
+        alphas = schedule.alphas_cumprod
+        noise = sample_noise(latents, trainer.generator, spec.training.noise_offset)
+        timesteps = torch.randint(
+            0,
+            schedule.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=trainer.generator,
+            device=device,
+        )
+        noisy = add_noise(latents, noise, timesteps, alphas)
+        trains_text = "text_encoder" in trainer.wrapped
+        with torch.enable_grad() if trains_text else torch.no_grad():
+            conditioning = encode_text(components, batch["captions"], device)
+        if components.architecture == "sdxl":
+            conditioning["added_cond_kwargs"]["time_ids"] = sdxl_time_ids(
+                batch["original_sizes"], batch["crops_top_left"], spec.dataset.resolution
+            ).to(device)
+        prediction = unet(noisy, timesteps, **conditioning).sample
+        expected = target(components.prediction_type, latents, noise, timesteps, alphas)
+        weights = None
+        if spec.training.snr_gamma:
+            weights = min_snr_weights(
+                timesteps, alphas, spec.training.snr_gamma, components.prediction_type
+            )
+        loss = diffusion_loss(prediction, expected, weights)
+        accelerator.backward(loss / accumulation)
+    return loss.detach().item()
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    max_norm = trainer.config.spec.training.max_grad_norm
+    if max_norm:
+        parameters = [
+            p for m in trainer.wrapped.values() for p in m.parameters() if p.requires_grad
+        ]
+        trainer.accelerator.clip_grad_norm_(parameters, max_norm)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+
+def _agree_to_stop(trainer: Trainer) -> bool:
+    """Whether any process was asked to stop (all processes must checkpoint together)."""
+    flag = torch.tensor([1.0 if trainer.stop_requested else 0.0], device=trainer.accelerator.device)
+    return bool(trainer.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one line per logged step, kept locally and uploaded whole."""
+
+    def __init__(self, path: Path, store: Store, resume_step: int):
+        self.path, self.store = path, store
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        if resume_step and store.exists("metrics.jsonl"):
+            lines = [
+                line
+                for line in store.read_bytes("metrics.jsonl").decode().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def append(self, entry: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def upload(self) -> None:
+        self.store.upload(self.path, "metrics.jsonl")
+
+
+def run(config: TrainerConfig, paths: Paths | None = None) -> None:
+    """Train the job described by ``config``; raises DifftrainError subclasses on failure."""
+    paths = paths or Paths.from_env()
+    start_time = datetime.datetime.now(datetime.UTC).isoformat()
+    trainer, facts = build(config, paths)
+    accelerator = trainer.accelerator
+    spec = config.spec
+    main = accelerator.is_main_process
+    rank = accelerator.process_index
+    position = checkpoint.Position()
+    steps = checkpoint.complete_steps(trainer.output) if spec.checkpoints.resume == "auto" else []
+    if steps:
+        position = checkpoint.load(trainer.output, paths.scratch, steps[-1], trainer, rank)
+        log.info("resumed from checkpoint step %d", position.step)
+    metrics = MetricsLog(paths.scratch / "metrics.jsonl", trainer.output, position.step)
+
+    def request_stop(*_):
+        log.warning("SIGTERM: finishing this step, then writing a checkpoint")
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    accumulation = spec.training.gradient_accumulation_steps
+    log_every = max(1, trainer.total_steps // 2000)
+    last_saved = position.step
+    micro, window_losses, tick = 0, [], time.perf_counter()
+
+    def save():
+        checkpoint.save(
+            trainer.output, paths.scratch, position, trainer, rank, accelerator.wait_for_everyone
+        )
+        if main:
+            metrics.upload()
+            checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
+
+    for module in trainer.wrapped.values():
+        module.train()
+    while position.step < trainer.total_steps:
+        for keys in trainer.batches.epoch(position.epoch, position.batch):
+            batch = data.collate([trainer.dataset[key] for key in keys])
+            micro += 1
+            sync = micro == accumulation
+            window_losses.append(train_step(trainer, batch, accumulation, sync))
+            position.batch += 1
+            if not sync:
+                continue
+            optimizer_step(trainer)
+            micro = 0
+            position.step += 1
+            if main and (position.step % log_every == 0 or position.step == trainer.total_steps):
+                elapsed = time.perf_counter() - tick
+                images = len(window_losses) * spec.training.batch_size * accelerator.num_processes
+                entry = {
+                    "step": position.step,
+                    "epoch": position.epoch,
+                    "loss": sum(window_losses) / len(window_losses),
+                    "lr": trainer.scheduler.get_last_lr()[0],
+                    "imagesPerSecond": images / elapsed if elapsed else None,
+                }
+                metrics.append(entry)
+                trainer.losses.append(entry["loss"])
+                log.info("step %d/%d loss %.4f", position.step, trainer.total_steps, entry["loss"])
+                window_losses, tick = [], time.perf_counter()
+            stop = _agree_to_stop(trainer)
+            if stop or position.step % spec.checkpoints.every_steps == 0:
+                save()
+                last_saved = position.step
+            if stop:
+                raise Stopped(f"stopped at step {position.step} on SIGTERM; checkpoint written")
+            if position.step >= trainer.total_steps:
+                break
+        else:
+            position.epoch += 1
+            position.batch = 0
+    if last_saved != position.step:
+        save()  # a crash while exporting resumes here instead of training again
+    if main:
+        facts.update(
+            steps=position.step,
+            final_loss=trainer.losses[-1] if trainer.losses else None,
+            start_time=start_time,
+            end_time=datetime.datetime.now(datetime.UTC).isoformat(),
+            image=os.environ.get("DIFFTRAIN_IMAGE"),
+        )
+        _export(trainer, facts)
+        metrics.upload()
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _export(trainer: Trainer, facts: dict) -> None:
+    config = trainer.config
+    formats = export.formats_for(config)
+    folder = trainer.paths.scratch / "model"
+    folder.mkdir(parents=True, exist_ok=True)
+    dtype = export.DTYPES[config.spec.output.dtype]
+    trainable = trainer.trainable
+    if trainable.lora:
+        export.export_lora(trainer.components, trainable, formats, folder, config.name, dtype)
+    else:
+        export.export_pipeline(trainer.components, trainable.modules["unet"], folder, dtype)
+    facts["formats"] = formats
+    (folder / "README.md").write_text(export.model_card(config, facts))
+    store = trainer.output.child("model")
+    store.upload_tree(folder, "")
+    # difftrain.json goes last: its presence says the model folder is complete.
+    store.write_bytes("difftrain.json", export.record(config, facts).encode())
+    log.info("model exported to %s", store.uri)

@@ -1,0 +1,103 @@
+"""Training methods: what each makes trainable, and which weights it checkpoints.
+
+A method prepares the loaded components (freezing, adding adapters) and names the
+modules whose trainable parameters the optimiser updates and checkpoints save. The
+training loop is the same for all of them.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from difftrain.api.methods import LoraSpec
+from difftrain.api.spec import DiffusionTrainingJobSpec
+from difftrain.errors import InvalidSpec
+
+log = logging.getLogger(__name__)
+
+# Attention projections of CLIP text encoders, where text-encoder LoRA goes.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class Trainable:
+    """The modules being trained, by component name (``unet``, ``text_encoder``, ...)."""
+
+    modules: dict[str, torch.nn.Module]
+    lora: bool
+
+    def parameters(self, name: str) -> list[torch.nn.Parameter]:
+        return [p for p in self.modules[name].parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors, keyed ``component.parameter``, for checkpoints."""
+        return {
+            f"{name}.{key}": value.detach()
+            for name, module in self.modules.items()
+            for key, value in module.named_parameters()
+            if value.requires_grad
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(
+                f"checkpoint holds other weights than this job trains "
+                f"(missing {sorted(expected - set(state))[:3]}, "
+                f"extra {sorted(set(state) - expected)[:3]})"
+            )
+        with torch.no_grad():
+            for name, module in self.modules.items():
+                for key, value in module.named_parameters():
+                    if value.requires_grad:
+                        value.copy_(state[f"{name}.{key}"])
+
+
+def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
+    """Freeze and adapt ``components`` for ``spec.method``; the trainable modules."""
+    components.vae.requires_grad_(False)
+    for encoder in components.text_encoders:
+        encoder.requires_grad_(False)
+    if spec.method == "lora":
+        return _lora(components, spec)
+    if spec.method == "finetune":
+        components.unet.requires_grad_(True)
+        return Trainable({"unet": components.unet}, lora=False)
+    raise InvalidSpec(
+        f"spec.method: {spec.method} is not supported by this trainer version; use lora or finetune"
+    )
+
+
+def _lora(components, spec: DiffusionTrainingJobSpec) -> Trainable:
+    from peft import LoraConfig
+
+    settings = spec.lora or LoraSpec()
+    alpha = settings.alpha or settings.rank
+    components.unet.requires_grad_(False)
+    try:
+        components.unet.add_adapter(
+            LoraConfig(
+                r=settings.rank,
+                lora_alpha=alpha,
+                lora_dropout=settings.dropout,
+                init_lora_weights="gaussian",
+                target_modules=settings.target_modules,
+            )
+        )
+    except ValueError as error:  # peft: no module matched
+        raise InvalidSpec(f"spec.lora.targetModules: {error}") from None
+    modules = {"unet": components.unet}
+    if settings.train_text_encoder:
+        for index, encoder in enumerate(components.text_encoders):
+            encoder.add_adapter(
+                LoraConfig(
+                    r=settings.rank,
+                    lora_alpha=alpha,
+                    lora_dropout=settings.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=TEXT_ENCODER_TARGETS,
+                )
+            )
+            modules["text_encoder" + (f"_{index + 1}" if index else "")] = encoder
+    return Trainable(modules, lora=True)
