@@ -76,11 +76,28 @@ def _tensor_bytes(value) -> bytes:
     return buffer.getvalue()
 
 
-def save(store: Store, scratch: Path, position: Position, trainer, rank: int, barrier) -> None:
-    """Write the checkpoint for ``position``; ``barrier()`` synchronises all processes.
+def fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A cheap summary of weights (sums and sums of squares): equal weights, equal text."""
+    total = sum(float(v.double().sum()) for v in state.values())
+    squares = sum(float(v.double().square().sum()) for v in state.values())
+    return f"{total:.17g}/{squares:.17g}"
 
+
+class OutOfSync(RuntimeError):
+    """Processes hold different weights: a bug or a hardware fault, never to be saved."""
+
+
+def save(store: Store, scratch: Path, position: Position, trainer, rank: int, gather) -> None:
+    """Write the checkpoint for ``position``.
+
+    ``gather(obj)`` collects one object from every process (and so synchronises them);
     ``trainer`` provides ``trainable``, ``optimizer``, ``scheduler`` and ``generator``.
+    Replicas must hold identical weights; the checkpoint is refused if they do not.
     """
+    prints = gather(fingerprint(trainer.trainable.state_dict()))
+    log.info("step %d: weights fingerprint %s", position.step, prints[rank])
+    if len(set(prints)) > 1:
+        raise OutOfSync(f"step {position.step}: processes hold different weights: {prints}")
     prefix = step_prefix(position.step)
     target = store.child(prefix)
     target.write_bytes(f"rng-{rank}.pt", _tensor_bytes(rng_state(trainer.generator)))
@@ -95,7 +112,7 @@ def save(store: Store, scratch: Path, position: Position, trainer, rank: int, ba
         torch.save(trainer.scheduler.state_dict(), local / "scheduler.pt")
         (local / "position.json").write_text(json.dumps(asdict(position)))
         target.upload_tree(local, "")
-    barrier()
+    gather(None)  # every process's files are up before COMPLETE
     if rank == 0:
         target.write_bytes(MARKER, b"")
         log.info("checkpoint complete: %s", target.uri)

@@ -85,14 +85,21 @@ def fetch_dataset(uri: str, settings: S3Settings, cache: Path) -> Path:
     return cached_folder(cache, uri, lambda folder: store.download_tree("", folder))
 
 
-def _usable_examples(accelerator, spec, folder: Path) -> list[data.Example]:
-    """The dataset's readable examples; every process checks a share of the images."""
+def gather_from_all(accelerator, value) -> list:
+    """``value`` from every process, in rank order (a synchronisation point)."""
+    if accelerator.num_processes == 1:
+        return [value]
     from accelerate.utils import gather_object
 
+    return gather_object([value])
+
+
+def _usable_examples(accelerator, spec, folder: Path) -> list[data.Example]:
+    """The dataset's readable examples; every process checks a share of the images."""
     examples = data.find_examples(folder)
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = [rank + world * i for i in data.unreadable(examples[rank::world])]
-    bad = set(gather_object(mine)) if world > 1 else set(mine)
+    bad = {index for share in gather_from_all(accelerator, mine) for index in share}
     usable = [e for i, e in enumerate(examples) if i not in bad]
     data.check_usable(usable, [examples[i] for i in sorted(bad)], spec.dataset.max_skipped_fraction)
     return usable
@@ -311,10 +318,11 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     last_saved = position.step
     micro, window_losses, tick = 0, [], time.perf_counter()
 
+    def gather(value):
+        return gather_from_all(accelerator, value)
+
     def save():
-        checkpoint.save(
-            trainer.output, paths.scratch, position, trainer, rank, accelerator.wait_for_everyone
-        )
+        checkpoint.save(trainer.output, paths.scratch, position, trainer, rank, gather)
         if main:
             metrics.upload()
             checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
