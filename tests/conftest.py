@@ -55,3 +55,17 @@ def bucket(s3_server, request):
     """A fresh bucket named after the test."""
     name = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:20]
     return s3_server.create_bucket(name)
+
+
+@pytest.fixture(scope="session")
+def trainer_cache(tmp_path_factory):
+    """One node-local trainer cache for the session: presets are built once."""
+    return tmp_path_factory.mktemp("trainer-cache")
+
+
+@pytest.fixture(scope="session")
+def shapes_folder(tmp_path_factory):
+    """A small shapes dataset on disk (images/ + captions/)."""
+    from difftrain.shapes import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("shapes"), count=32, size=32)

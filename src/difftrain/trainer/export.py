@@ -54,18 +54,33 @@ def export_lora(components, trainable, formats: list[str], folder: Path, name: s
             f"{part}_lora_layers": convert_state_dict_to_diffusers(state)
             for part, state in cast.items()
         }
+        # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
+        metadata = {
+            f"{part}_lora_adapter_metadata": module.peft_config["default"].to_dict()
+            for part, module in trainable.modules.items()
+        }
         pipeline = (
             StableDiffusionXLPipeline
             if components.architecture == "sdxl"
             else StableDiffusionPipeline
         )
-        pipeline.save_lora_weights(folder, safe_serialization=True, **layers)
+        pipeline.save_lora_weights(folder, safe_serialization=True, **layers, **metadata)
     if "kohya" in formats:
         prefixed = {
             f"{part}.{key}": value for part, state in cast.items() for key, value in state.items()
         }
         kohya = convert_state_dict_to_kohya(prefixed)
+        # diffusers writes alpha = rank here; kohya loaders scale by alpha / rank, so the
+        # real lora_alpha must be stored or the LoRA applies at the wrong strength.
+        for key in kohya:
+            if key.endswith(".alpha"):
+                part = _KOHYA_PARTS[key.split("_", 2)[1]]
+                alpha = trainable.modules[part].peft_config["default"].lora_alpha
+                kohya[key] = torch.tensor(float(alpha), dtype=dtype)
         save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
+
+
+_KOHYA_PARTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
 def export_pipeline(components, unet, folder: Path, dtype) -> None:

@@ -1,0 +1,56 @@
+"""Run the real trainer entry point (``python -m difftrain.trainer``) on a test job."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from difftrain.api.config import TrainerConfig
+from tests.builders import job, merge
+
+# A LoRA job on the tiny SD preset that trains in seconds on a CPU.
+FAST_SPEC = {
+    "dataset": {"resolution": 32},
+    "training": {"steps": 6, "batchSize": 4, "learningRate": 1e-3, "mixedPrecision": "no"},
+    "checkpoints": {"everySteps": 1000},
+    "resources": {"gpusPerNode": 0},
+}
+
+
+def write_config(folder: Path, spec: dict, name: str = "test-job") -> Path:
+    """job.json for ``spec`` merged over :data:`FAST_SPEC` and the minimal job."""
+    manifest = job(spec=merge(FAST_SPEC, spec))
+    config = TrainerConfig.model_validate({"name": name, "spec": manifest["spec"]})
+    path = folder / "job.json"
+    path.write_text(config.to_json())
+    return path
+
+
+def trainer_env(config: Path, work: Path, cache: Path, extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(
+        DIFFTRAIN_CONFIG=str(config),
+        DIFFTRAIN_SCRATCH=str(work / "scratch"),
+        DIFFTRAIN_CACHE=str(cache),
+        DIFFTRAIN_TERMINATION_LOG=str(work / "termination-log"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra or {})
+    return env
+
+
+def start(config: Path, work: Path, cache: Path, extra: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "difftrain.trainer"],
+        env=trainer_env(config, work, cache, extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def run(config: Path, work: Path, cache: Path, extra: dict | None = None):
+    """Run the trainer to the end; returns (exit code, output)."""
+    process = start(config, work, cache, extra)
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output

@@ -1,0 +1,142 @@
+"""LoRA training end to end: S3 in, S3 out, and artifacts that load where users load them."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from difftrain.storage import S3Settings, open_store
+from difftrain.trainer.presets import build_preset
+from tests.trainer import runner
+
+
+@pytest.fixture
+def s3_job(tmp_path, s3_env, bucket, shapes_folder):
+    """A LoRA job reading its dataset from S3 and writing its outputs there."""
+    settings = S3Settings(endpoint=s3_env.endpoint, path_style=True)
+    open_store(f"s3://{bucket}/data/shapes", settings).upload_tree(shapes_folder, "")
+    spec = {
+        "dataset": {"uri": f"s3://{bucket}/data/shapes"},
+        "output": {"uri": f"s3://{bucket}/runs/lora"},
+        "storage": {"endpoint": s3_env.endpoint, "pathStyle": True},
+        "lora": {"rank": 4},
+        "checkpoints": {"everySteps": 4},
+    }
+    return runner.write_config(tmp_path, spec, name="lora-s3"), open_store(
+        f"s3://{bucket}/runs/lora", settings
+    )
+
+
+def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job):
+    config, output = s3_job
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    assert output.keys() == [
+        "checkpoints/step-00000004/COMPLETE",
+        "checkpoints/step-00000004/optimizer.pt",
+        "checkpoints/step-00000004/position.json",
+        "checkpoints/step-00000004/rng-0.pt",
+        "checkpoints/step-00000004/scheduler.pt",
+        "checkpoints/step-00000004/trainable.safetensors",
+        "checkpoints/step-00000006/COMPLETE",
+        "checkpoints/step-00000006/optimizer.pt",
+        "checkpoints/step-00000006/position.json",
+        "checkpoints/step-00000006/rng-0.pt",
+        "checkpoints/step-00000006/scheduler.pt",
+        "checkpoints/step-00000006/trainable.safetensors",
+        "metrics.jsonl",
+        "model/README.md",
+        "model/difftrain.json",
+        "model/lora-s3.safetensors",
+        "model/pytorch_lora_weights.safetensors",
+    ]
+    model = tmp_path / "model"
+    output.download_tree("model", model)
+    record = json.loads((model / "difftrain.json").read_text())
+    assert (record["steps"], record["images"], record["name"]) == (6, 32, "lora-s3")
+    losses = [json.loads(line) for line in output.read_bytes("metrics.jsonl").splitlines()]
+    assert [entry["step"] for entry in losses] == [1, 2, 3, 4, 5, 6]
+    card = (model / "README.md").read_text()
+    assert "| Method | lora |" in card and "| LoRA rank / alpha | 4 / 4 |" in card
+
+    pipeline = build_preset("tiny-sd")
+    before = _sample(pipeline)
+    pipeline.load_lora_weights(model)
+    after = _sample(pipeline)
+    assert (after - before).abs().max() > 1e-3
+
+
+def _sample(pipeline) -> torch.Tensor:
+    images = pipeline(
+        "a red circle on a white background",
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    return images
+
+
+def test_kohya_file_has_one_triple_per_adapted_layer(tmp_path, trainer_cache, shapes_folder):
+    config = runner.write_config(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{tmp_path}/out"},
+            "lora": {"rank": 4, "alpha": 8},
+            "training": {"steps": 2},
+        },
+        name="kohya",
+    )
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    kohya = load_file(tmp_path / "out" / "model" / "kohya.safetensors")
+    unet = build_preset("tiny-sd").unet
+    adapted = [
+        name
+        for name, _ in unet.named_modules()
+        if name.split(".")[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")
+    ]
+    expected = {
+        f"lora_unet_{name.replace('.', '_')}.{part}"
+        for name in adapted
+        for part in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
+    assert set(kohya) == expected
+    alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
+    assert alphas == {8.0}
+    assert kohya[next(k for k in kohya if k.endswith("lora_down.weight"))].shape[0] == 4
+    pipeline = build_preset("tiny-sd")
+    pipeline.load_lora_weights(tmp_path / "out" / "model")
+    loaded = next(iter(pipeline.unet.peft_config.values()))
+    assert (loaded.r, loaded.lora_alpha) == (4, 8)
+
+
+def test_tiny_sdxl_lora_runs_end_to_end(tmp_path, trainer_cache, shapes_folder):
+    config = runner.write_config(
+        tmp_path,
+        {
+            "model": {"base": "preset:tiny-sdxl"},
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{tmp_path}/out"},
+            "lora": {"rank": 4, "trainTextEncoder": True},
+            "training": {"steps": 3},
+        },
+    )
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    model = tmp_path / "out" / "model"
+    pipeline = build_preset("tiny-sdxl")
+    before = _sample(pipeline)
+    pipeline.load_lora_weights(model)
+    assert (_sample(pipeline) - before).abs().max() > 1e-4
+    keys = load_file(model / "test-job.safetensors")
+    assert {k.split("_", 2)[1] for k in keys} == {"unet", "te1", "te2"}
