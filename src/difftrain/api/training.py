@@ -136,7 +136,8 @@ class CheckpointSpec(ApiModel):
     resume: Literal["auto", "never"] = Field(
         "auto",
         description="auto: start from the latest complete checkpoint if one exists; "
-        "never: always start fresh (existing checkpoints are left alone).",
+        "never: always start from the base model (this run's checkpoints then replace "
+        "earlier ones).",
     )
 
 

@@ -121,14 +121,18 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
 
     spec = config.spec
     training = spec.training
-    accelerator = Accelerator(mixed_precision=training.mixed_precision)
-    set_seed(training.seed)
     settings = S3Settings.from_spec(spec.storage)
     export.formats_for(config)  # refuse unsupported formats before training, not after
-
+    # Fetch before torch.distributed starts: downloads are per node (not per rank), and
+    # libraries skip writing files on ranks other than 0 once it has.
     model_folder = models.fetch_model(spec.model, settings, paths.cache / "models")
-    components = models.load_components(model_folder, spec.model)
     data_folder = fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
+    on_cpu = spec.resources.gpus_per_node == 0 or not torch.cuda.is_available()
+    # Without cpu=True, Accelerate ignores torchrun's WORLD_SIZE on CPUs and each
+    # process would train alone.
+    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=on_cpu)
+    set_seed(training.seed)
+    components = models.load_components(model_folder, spec.model)
     examples = _usable_examples(accelerator, spec, data_folder)
     batches = data.ShardedBatches(
         size=len(examples),

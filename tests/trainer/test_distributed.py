@@ -1,0 +1,55 @@
+"""Two torchrun "nodes" on this machine (gloo) train one model together."""
+
+import re
+import socket
+import subprocess
+import sys
+
+from tests.trainer import runner
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder, trainer_cache):
+    output = tmp_path / "out"
+    config = runner.write_config(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{output}"},
+            "training": {"steps": 4, "batchSize": 4},
+            "checkpoints": {"everySteps": 2},
+            "resources": {"nodes": 2},
+        },
+    )
+    port = _free_port()
+    nodes = []
+    for rank in range(2):
+        work = tmp_path / f"node{rank}"  # each node (pod) has its own disks
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+            "--master_addr=127.0.0.1", f"--master_port={port}",
+            "--module", "difftrain.trainer",
+        ]  # fmt: skip
+        env = runner.trainer_env(config, work, work / "cache")
+        nodes.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    prints = [re.findall(r"step 4: weights fingerprint (\S+)", log) for log in logs]
+    assert len(prints[0]) == 1 and prints[0] == prints[1], prints
+    assert sorted(p.name for p in (output / "checkpoints" / "step-00000004").iterdir()) == [
+        "COMPLETE", "optimizer.pt", "position.json", "rng-0.pt", "rng-1.pt", "scheduler.pt",
+        "trainable.safetensors",
+    ]  # fmt: skip
+    assert ["model exported" in log for log in logs] == [True, False]
+    assert not (tmp_path / "node1" / "scratch-rank1" / "model").exists()

@@ -1,0 +1,109 @@
+"""Preemption safety: a killed run resumes from its latest complete checkpoint and ends
+with exactly the weights of a run that was never interrupted."""
+
+import json
+import signal
+
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer import runner
+
+STEPS = 12
+
+
+def _config(folder, shapes_folder, output):
+    return runner.write_config(
+        folder,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}", "randomFlip": True},
+            "output": {"uri": f"file://{output}"},
+            "training": {"steps": STEPS, "batchSize": 8},
+            "checkpoints": {"everySteps": 5, "keepLast": 5},
+            "lora": {"rank": 4, "dropout": 0.1},
+        },
+    )
+
+
+def _run_until(process, marker: str, sig: int) -> str:
+    """Read the trainer's log until ``marker`` appears, then send ``sig``."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if marker in line:
+            process.send_signal(sig)
+            break
+    rest, _ = process.communicate(timeout=120)
+    return "".join(seen) + rest
+
+
+def _weights(output, step):
+    return load_file(output / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors")
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes_folder):
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    config = _config(reference, shapes_folder, reference / "out")
+    code, log = runner.run(config, reference, trainer_cache)
+    assert code == 0, log
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    output = interrupted / "out"
+    config = _config(interrupted, shapes_folder, output)
+
+    first = runner.start(config, interrupted, trainer_cache)
+    log = _run_until(first, f"step 7/{STEPS} ", signal.SIGKILL)
+
+    assert first.returncode == -signal.SIGKILL, log
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005"]
+    # A checkpoint interrupted mid-write: files but no COMPLETE. It must be ignored.
+    partial = output / "checkpoints" / "step-00000009"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"half a file")
+
+    code, log = runner.run(config, interrupted, trainer_cache)
+
+    assert code == 0, log
+    assert "resumed from checkpoint step 5" in log
+    assert not partial.exists()  # pruned once newer checkpoints completed
+    expected, got = _weights(reference / "out", STEPS), _weights(output, STEPS)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    steps = [
+        json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, STEPS + 1))  # the lost steps 6-7 are logged once
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, trainer_cache, shapes_folder):
+    output = tmp_path / "out"
+    config = _config(tmp_path, shapes_folder, output)
+
+    process = runner.start(config, tmp_path, trainer_cache)
+    log = _run_until(process, f"step 2/{STEPS} ", signal.SIGTERM)
+
+    assert process.returncode == 143, log
+    checkpoints = sorted((output / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").exists(), log
+    position = json.loads((checkpoints[0] / "position.json").read_text())
+    assert 2 <= position["step"] < 5
+    assert checkpoints[0].name == f"step-{position['step']:08d}"
+    reason = json.loads((tmp_path / "termination-log").read_text())
+    assert reason["reason"] == "Stopped"
+
+
+def test_resume_never_starts_fresh(tmp_path, trainer_cache, shapes_folder):
+    output = tmp_path / "out"
+    config = _config(tmp_path, shapes_folder, output)
+    code, log = runner.run(config, tmp_path, trainer_cache)
+    assert code == 0, log
+    spec = json.loads(config.read_text())
+    spec["spec"]["checkpoints"]["resume"] = "never"
+    config.write_text(json.dumps(spec))
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    assert "resumed" not in log
+    assert f"step 1/{STEPS} " in log
