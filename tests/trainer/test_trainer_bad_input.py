@@ -1,0 +1,185 @@
+"""Bad input to the trainer: the contract's exit code, and a message naming what to fix,
+in the log and in the termination log the operator reads."""
+
+import json
+import shutil
+
+import pytest
+
+from tests.trainer import runner
+
+
+@pytest.fixture
+def dataset(tmp_path, shapes_folder):
+    """A writable copy of the small shapes dataset."""
+    return shutil.copytree(shapes_folder, tmp_path / "data")
+
+
+def _run(tmp_path, cache, spec, extra_env=None):
+    spec = {"output": {"uri": f"file://{tmp_path}/out"}, **spec}
+    config = runner.write_config(tmp_path, spec)
+    code, log = runner.run(config, tmp_path, cache, extra_env)
+    termination = tmp_path / "termination-log"
+    reason = json.loads(termination.read_text()) if termination.exists() else None
+    return code, log, reason
+
+
+def test_a_few_corrupt_images_are_skipped_and_named(tmp_path, trainer_cache, dataset):
+    (dataset / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (dataset / "captions" / "broken.txt").write_text("a broken file")
+
+    code, log, reason = _run(tmp_path, trainer_cache, {"dataset": {"uri": f"file://{dataset}"}})
+
+    assert (code, reason) == (0, None), log
+    assert f"skipping unreadable image {dataset}/images/broken.png" in log
+
+
+def test_too_many_corrupt_images_fail_with_dataset_error(tmp_path, trainer_cache, dataset):
+    (dataset / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    spec = {"dataset": {"uri": f"file://{dataset}", "maxSkippedFraction": 0.0}}
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec)
+
+    assert code == 3, log
+    assert reason == {
+        "reason": "DatasetError",
+        "message": "1 of 33 images cannot be read, more than spec.dataset.maxSkippedFraction "
+        "(0.0); e.g. broken.jpg",
+    }
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_caption_is_a_warning(tmp_path, trainer_cache, dataset):
+    (dataset / "captions" / "000003.txt").unlink()
+
+    code, log, _ = _run(tmp_path, trainer_cache, {"dataset": {"uri": f"file://{dataset}"}})
+
+    assert code == 0, log
+    assert "no caption for images/000003.png (expected captions/000003.txt)" in log
+
+
+def test_empty_dataset(tmp_path, trainer_cache):
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+
+    code, log, reason = _run(
+        tmp_path, trainer_cache, {"dataset": {"uri": f"file://{tmp_path}/empty"}}
+    )
+
+    assert code == 3, log
+    assert reason["message"].startswith("the dataset has no images")
+
+
+def test_dataset_smaller_than_a_batch(tmp_path, trainer_cache, dataset):
+    spec = {"dataset": {"uri": f"file://{dataset}"}, "training": {"batchSize": 64}}
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec)
+
+    assert code == 3, log
+    assert "fewer than one batch for each of 1 processes" in reason["message"]
+
+
+def test_wrong_credentials(tmp_path, trainer_cache, s3_env, bucket):
+    secret = "wrong-secret-never-shown"
+    spec = {
+        "dataset": {"uri": f"s3://{bucket}/data"},
+        "storage": {"endpoint": s3_env.endpoint},
+    }
+    env = {"AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": secret}
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec, env)
+
+    assert code == 4, log
+    assert reason["reason"] == "StorageAccessDenied"
+    assert reason["message"].startswith(f"list s3://{bucket}/data/: access denied")
+    assert secret not in log and "AKIAWRONG" not in log
+
+
+def test_missing_bucket(tmp_path, trainer_cache, s3_env):
+    spec = {
+        "dataset": {"uri": "s3://no-such-bucket/data"},
+        "storage": {"endpoint": s3_env.endpoint},
+    }
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec)
+
+    assert code == 4, log
+    assert "bucket 'no-such-bucket' does not exist" in reason["message"]
+
+
+def test_missing_base_model(tmp_path, trainer_cache, dataset):
+    (tmp_path / "no-model").mkdir()
+    spec = {
+        "model": {"base": f"file://{tmp_path}/no-model"},
+        "dataset": {"uri": f"file://{dataset}"},
+    }
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec)
+
+    assert code == 2, log
+    assert reason == {
+        "reason": "InvalidSpec",
+        "message": f"spec.model.base: no diffusers model at file://{tmp_path}/no-model "
+        "(model_index.json not found); point it at a folder written by "
+        "DiffusionPipeline.save_pretrained",
+    }
+
+
+def test_hub_model_offline(tmp_path, trainer_cache, dataset):
+    spec = {"model": {"base": "hf://org/model"}, "dataset": {"uri": f"file://{dataset}"}}
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec, {"HF_HUB_OFFLINE": "1"})
+
+    assert code == 1, log
+    assert reason["message"].startswith(
+        "cannot download hf://org/model: the Hugging Face Hub is not reachable from here"
+    )
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        pytest.param(
+            {"method": "dreambooth", "dreambooth": {"instancePrompt": "a sks dog"}},
+            "spec.method: dreambooth is not supported by this trainer version; use lora or "
+            "finetune",
+            id="method",
+        ),
+        pytest.param(
+            {"method": "finetune", "output": {"formats": ["singleFile"]}},
+            "spec.output.formats: singleFile export is not available in this trainer version; "
+            "use diffusers",
+            id="single-file",
+        ),
+        pytest.param(
+            {"lora": {"targetModules": ["no_such_layer"]}},
+            "spec.lora.targetModules: ",
+            id="lora-targets",
+        ),
+    ],
+)
+def test_unsupported_settings_fail_before_training(tmp_path, trainer_cache, dataset, spec, message):
+    spec = {"dataset": {"uri": f"file://{dataset}"}, **spec}
+
+    code, log, reason = _run(tmp_path, trainer_cache, spec)
+
+    assert code == 2, log
+    assert reason["message"].startswith(message)
+    assert "step 1/" not in log
+
+
+def test_invalid_config_file(tmp_path, trainer_cache):
+    config = tmp_path / "job.json"
+    config.write_text(json.dumps({"name": "x", "spec": {"method": "lora"}}))
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 2, log
+    reason = json.loads((tmp_path / "termination-log").read_text())
+    assert reason["message"].startswith(f"{config}: spec.model: required field is missing")
+
+
+def test_missing_config_variable(tmp_path, trainer_cache):
+    code, log = runner.run(tmp_path / "job.json", tmp_path, trainer_cache, {"DIFFTRAIN_CONFIG": ""})
+
+    assert code == 2
+    assert "DIFFTRAIN_CONFIG is not set" in log
