@@ -68,7 +68,7 @@ def test_any_mode_becomes_rgb(tmp_path, mode, colour, expected):
     assert (image.mode, image.getpixel((0, 0))) == ("RGB", expected)
 
 
-def test_unreadable_images_are_listed(tmp_path):
+def test_sizes_are_upright_and_unreadable_images_have_none(tmp_path):
     good = _image(tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"garbage")
     truncated = tmp_path / "cut.jpg"
@@ -76,7 +76,7 @@ def test_unreadable_images_are_listed(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:300])
     examples = [data.Example(p, "") for p in (good, tmp_path / "bad.png", truncated)]
 
-    assert data.unreadable(examples) == [1, 2]
+    assert data.image_sizes(examples) == [(40, 20), None, None]
 
 
 @pytest.mark.parametrize(
@@ -107,15 +107,26 @@ def test_within_the_skip_budget_is_fine():
 def test_transform_resizes_crops_and_scales(tmp_path):
     path = _image(tmp_path / "wide.png", size=(64, 32), colour=(255, 0, 0))
     example = data.Example(path, "red")
-    transform = data.Transform(16, center_crop=True, random_flip=False, caption_dropout=0.0)
+    transform = data.Transform(center_crop=True, random_flip=False, caption_dropout=0.0)
 
-    sample = transform(example, random.Random(0))
+    sample = transform(example, random.Random(0), (16, 16))
 
     assert sample["pixels"].shape == (3, 16, 16)
     assert torch.allclose(sample["pixels"][:, 5, 5], torch.tensor([1.0, -1.0, -1.0]))
     assert sample["original_size"] == (32, 64)
     assert sample["crop_top_left"] == (0, 8)  # the centre of a 32x16 resize
     assert sample["caption"] == "red"
+    assert sample["target_size"] == (16, 16)
+
+
+def test_transform_fills_a_bucket_of_another_shape(tmp_path):
+    path = _image(tmp_path / "tall.png", size=(30, 90))
+    transform = data.Transform(center_crop=True, random_flip=False, caption_dropout=0.0)
+
+    sample = transform(data.Example(path, ""), random.Random(0), (16, 40))
+
+    assert sample["pixels"].shape == (3, 40, 16)
+    assert (sample["target_size"], sample["crop_top_left"]) == ((40, 16), (4, 0))
 
 
 def test_random_crop_flip_and_dropout_follow_the_seed(tmp_path):
@@ -123,11 +134,11 @@ def test_random_crop_flip_and_dropout_follow_the_seed(tmp_path):
     image.paste((255, 255, 255), (0, 0, 24, 32))  # left half white
     image.save(tmp_path / "half.png")
     example = data.Example(tmp_path / "half.png", "half")
-    transform = data.Transform(16, center_crop=False, random_flip=True, caption_dropout=0.5)
+    transform = data.Transform(center_crop=False, random_flip=True, caption_dropout=0.5)
 
-    samples = [transform(example, random.Random(seed)) for seed in range(40)]
+    samples = [transform(example, random.Random(seed), (16, 16)) for seed in range(40)]
 
-    again = transform(example, random.Random(7))
+    again = transform(example, random.Random(7), (16, 16))
     assert torch.equal(again["pixels"], samples[7]["pixels"])
     assert {s["caption"] for s in samples} == {"", "half"}
     assert len({s["crop_top_left"] for s in samples}) > 1
@@ -135,21 +146,28 @@ def test_random_crop_flip_and_dropout_follow_the_seed(tmp_path):
     assert any(flipped) and not all(flipped)
 
 
+def _square(count, side=8):
+    return ((side, side),) * count
+
+
 def test_shards_are_disjoint_and_epochs_differ():
     def shard(rank, epoch):
-        batches = data.ShardedBatches(10, repeats=2, batch_size=3, world_size=2, rank=rank, seed=1)
+        batches = data.Batches(
+            _square(10), repeats=2, batch_size=3, world_size=2, rank=rank, seed=1
+        )
         return [key for batch in batches.epoch(epoch) for key in batch]
 
     first, second = shard(0, 0), shard(1, 0)
 
-    assert len(first) == len(second) == 9  # 20 positions / 2 ranks = 10, 3 whole batches
-    assert {index for index, _ in first + second} <= set(range(10))
-    assert not {seed for _, seed in first} & {seed for _, seed in second}
+    assert len(first) == len(second) == 9  # 6 whole batches of the 20 positions, 3 each
+    assert {key[0] for key in first + second} <= set(range(10))
+    assert not {key[1] for key in first} & {key[1] for key in second}
+    assert {key[2:] for key in first} == {(8, 8)}
     assert shard(0, 0) == first and shard(0, 1) != first
 
 
 def test_resuming_mid_epoch_continues_the_same_order():
-    batches = data.ShardedBatches(20, repeats=1, batch_size=2, world_size=1, rank=0, seed=3)
+    batches = data.Batches(_square(20), repeats=1, batch_size=2, world_size=1, rank=0, seed=3)
 
     whole = list(batches.epoch(4))
 
@@ -157,7 +175,35 @@ def test_resuming_mid_epoch_continues_the_same_order():
 
 
 def test_dataset_smaller_than_a_batch_per_process():
-    batches = data.ShardedBatches(5, repeats=1, batch_size=2, world_size=4, rank=0, seed=0)
+    batches = data.Batches(_square(5), repeats=1, batch_size=2, world_size=4, rank=0, seed=0)
 
     with pytest.raises(DatasetError, match="fewer than one batch for each of 4 processes"):
         batches.check()
+
+
+def test_bucket_sizes_keep_the_area_and_bounds():
+    buckets = data.bucket_sizes(512, 256, 1024, 64)
+
+    assert (512, 512) in buckets and (256, 1024) in buckets and (1024, 256) in buckets
+    assert all(w * h <= 512 * 512 and w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert all(256 <= side <= 1024 for bucket in buckets for side in bucket)
+
+
+@pytest.mark.parametrize(
+    ("size", "bucket"),
+    [((1000, 1000), (512, 512)), ((1920, 1080), (640, 384)), ((600, 2400), (256, 1024))],
+)
+def test_images_go_to_the_nearest_aspect_ratio(size, bucket):
+    assert data.nearest_bucket(size, data.bucket_sizes(512, 256, 1024, 64)) == bucket
+
+
+def test_a_batch_never_mixes_buckets():
+    targets = ((8, 8),) * 7 + ((16, 4),) * 5
+    batches = data.Batches(targets, repeats=3, batch_size=2, world_size=2, rank=0, seed=0)
+    other = data.Batches(targets, repeats=3, batch_size=2, world_size=2, rank=1, seed=0)
+
+    mine, theirs = list(batches.epoch(0)), list(other.epoch(0))
+
+    assert len(mine) == len(theirs) == batches.batches_per_epoch == 8  # (10 + 7) // 2
+    assert all(len({key[2:] for key in batch}) == 1 for batch in mine + theirs)
+    assert {key[2:] for batch in mine + theirs for key in batch} == {(8, 8), (16, 4)}

@@ -13,8 +13,8 @@ from tests.trainer import runner
 
 def evaluation_loss(components, examples, seed: int = 0) -> float:
     """Loss on a fixed batch: fixed images, noise and timesteps."""
-    transform = Transform(32, center_crop=True, random_flip=False, caption_dropout=0.0)
-    samples = [transform(example, rng=None) for example in examples]
+    transform = Transform(center_crop=True, random_flip=False, caption_dropout=0.0)
+    samples = [transform(example, None, (32, 32)) for example in examples]
     pixels = torch.stack([s["pixels"] for s in samples])
     generator = torch.Generator().manual_seed(seed)
     schedule = components.noise_scheduler

@@ -1,11 +1,13 @@
 """LoRA training end to end: S3 in, S3 out, and artifacts that load where users load them."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from difftrain.shapes import render
 from difftrain.storage import S3Settings, open_store
 from difftrain.trainer.presets import build_preset
 from tests.trainer import runner
@@ -118,21 +120,30 @@ def test_kohya_file_has_one_triple_per_adapted_layer(tmp_path, trainer_cache, sh
     assert (loaded.r, loaded.lora_alpha) == (4, 8)
 
 
-def test_tiny_sdxl_lora_runs_end_to_end(tmp_path, trainer_cache, shapes_folder):
+def test_tiny_sdxl_lora_with_buckets_runs_end_to_end(tmp_path, trainer_cache, shapes_folder):
+    mixed = shutil.copytree(shapes_folder, tmp_path / "mixed")
+    for index, size in enumerate([(48, 24)] * 8 + [(24, 48)] * 8):
+        image, caption = render(index, 48)
+        image.resize(size).save(mixed / "images" / f"wide{index}.png")
+        (mixed / "captions" / f"wide{index}.txt").write_text(caption)
     config = runner.write_config(
         tmp_path,
         {
             "model": {"base": "preset:tiny-sdxl"},
-            "dataset": {"uri": f"file://{shapes_folder}"},
+            "dataset": {
+                "uri": f"file://{mixed}",
+                "bucketing": {"enabled": True, "minResolution": 16, "maxResolution": 64, "step": 8},
+            },
             "output": {"uri": f"file://{tmp_path}/out"},
             "lora": {"rank": 4, "trainTextEncoder": True},
-            "training": {"steps": 3},
+            "training": {"steps": 4, "gradientCheckpointing": True},
         },
     )
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
+    assert "48 images at 32x32 (32), 40x24 (8), 24x40 (8)" in log
     model = tmp_path / "out" / "model"
     pipeline = build_preset("tiny-sdxl")
     before = _sample(pipeline)

@@ -75,10 +75,10 @@ class BucketingSpec(ApiModel):
 
     enabled: bool = Field(False, description="Group images into aspect-ratio buckets.")
     min_resolution: int = Field(
-        256, ge=64, le=8192, multiple_of=8, description="Shortest bucket side, pixels."
+        256, ge=8, le=8192, multiple_of=8, description="Shortest bucket side, pixels."
     )
     max_resolution: int = Field(
-        1024, ge=64, le=8192, multiple_of=8, description="Longest bucket side, pixels."
+        1024, ge=8, le=8192, multiple_of=8, description="Longest bucket side, pixels."
     )
     step: int = Field(64, ge=8, le=1024, multiple_of=8, description="Bucket side increment.")
 

@@ -36,11 +36,10 @@ def encode_text(components, captions: list[str], device) -> dict:
     }
 
 
-def sdxl_time_ids(original_sizes, crops_top_left, resolution: int) -> torch.Tensor:
+def sdxl_time_ids(original_sizes, crops_top_left, target_sizes) -> torch.Tensor:
     """SDXL's micro-conditioning ``(B, 6)``: original (h, w), crop (top, left), target (h, w).
 
-    ``original_sizes`` and ``crops_top_left`` are ``(B, 2)``; the crop is measured in the
-    resized image, as in SDXL's training.
+    Each argument is ``(B, 2)``; the crop is measured in the resized image, as in SDXL's
+    training.
     """
-    target = torch.tensor([resolution, resolution]).expand(len(original_sizes), 2)
-    return torch.cat([original_sizes, crops_top_left, target], dim=1).float()
+    return torch.cat([original_sizes, crops_top_left, target_sizes], dim=1).float()

@@ -2,10 +2,12 @@
 
 Two layouts are read: ``images/x.png`` with ``captions/x.txt``, or ``x.png`` with
 ``x.txt`` beside it. Unreadable images are skipped with a warning naming the file (and
-counted); a missing caption is a warning and an empty caption. The order of samples is a
-pure function of (seed, epoch, position), so a resumed run sees the same batches.
+counted); a missing caption is a warning and an empty caption. Images train square, or
+with aspect-ratio bucketing at the bucket nearest their shape. The order of samples is
+a pure function of (seed, epoch, position), so a resumed run sees the same batches.
 """
 
+import collections
 import logging
 import math
 import random
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 EXAMPLES_IN_ERRORS = 5
+Size = tuple[int, int]  # (width, height) in pixels
+Key = tuple[int, int, int, int]  # (example index, sample seed, width, height)
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,16 @@ def load_rgb(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def unreadable(examples: list[Example]) -> list[int]:
-    """Indices of the examples whose image cannot be decoded, each logged."""
-    bad = []
-    for index, example in enumerate(examples):
+def image_sizes(examples: list[Example]) -> list[tuple[int, int] | None]:
+    """Each example's upright (width, height), or None (logged) if it cannot be decoded."""
+    sizes = []
+    for example in examples:
         try:
-            load_rgb(example.image)
+            sizes.append(load_rgb(example.image).size)
         except Exception as error:  # PIL raises many types for broken files
             log.warning("skipping unreadable image %s: %s", example.image, error)
-            bad.append(index)
-    return bad
+            sizes.append(None)
+    return sizes
 
 
 def check_usable(examples: list[Example], skipped: list[Example], max_fraction: float) -> None:
@@ -95,45 +99,64 @@ def check_usable(examples: list[Example], skipped: list[Example], max_fraction: 
         )
 
 
+def bucket_sizes(resolution: int, smallest: int, largest: int, step: int) -> list[Size]:
+    """Aspect-ratio buckets: (width, height) pairs in multiples of ``step``, each side in
+    [smallest, largest], each about ``resolution``**2 pixels (never more)."""
+    area = resolution * resolution
+    sizes = set()
+    for width in range(smallest, largest + 1, step):
+        height = min(largest, area // width // step * step)
+        if height >= smallest:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
+
+
+def nearest_bucket(size: Size, buckets: list[Size]) -> Size:
+    """The bucket closest to ``size`` in aspect ratio (the larger one on a tie)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
 @dataclass(frozen=True)
 class Transform:
-    """Resize the short side to ``resolution``, crop a square, maybe flip."""
+    """Scale an image to cover the target size, crop to it, maybe flip; maybe drop the caption."""
 
-    resolution: int
     center_crop: bool
     random_flip: bool
     caption_dropout: float
 
-    def __call__(self, example: Example, rng: random.Random) -> dict:
+    def __call__(self, example: Example, rng: random.Random, size: Size) -> dict:
+        width, height = size
         image = load_rgb(example.image)
         original = (image.height, image.width)
-        scale = self.resolution / min(image.size)
-        size = (
-            max(self.resolution, round(image.width * scale)),
-            max(self.resolution, round(image.height * scale)),
+        scale = max(width / image.width, height / image.height)
+        resized = (
+            max(width, round(image.width * scale)),
+            max(height, round(image.height * scale)),
         )
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
+        image = image.resize(resized, Image.Resampling.BICUBIC)
+        spare_x, spare_y = resized[0] - width, resized[1] - height
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
             left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        image = image.crop((left, top, left + width, top + height))
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(self.resolution, self.resolution, 3).permute(2, 0, 1)
+        pixels = pixels.view(height, width, 3).permute(2, 0, 1)
         dropped = self.caption_dropout and rng.random() < self.caption_dropout
         return {
             "pixels": pixels.float() / 127.5 - 1.0,
             "caption": "" if dropped else example.caption,
             "original_size": original,
             "crop_top_left": (top, left),
+            "target_size": (height, width),
         }
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Examples served by ``(index, sample_seed)`` keys from :class:`ShardedBatches`."""
+    """Examples served by ``(index, sample seed, width, height)`` keys from :class:`Batches`."""
 
     def __init__(self, examples: list[Example], transform: Transform):
         self.examples, self.transform = examples, transform
@@ -141,9 +164,9 @@ class TrainingSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        return self.transform(self.examples[index], random.Random(seed))
+    def __getitem__(self, key: Key) -> dict:
+        index, seed, width, height = key
+        return self.transform(self.examples[index], random.Random(seed), (width, height))
 
 
 def collate(samples: list[dict]) -> dict:
@@ -152,19 +175,21 @@ def collate(samples: list[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "original_sizes": torch.tensor([s["original_size"] for s in samples]),
         "crops_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
+        "target_sizes": torch.tensor([s["target_size"] for s in samples]),
     }
 
 
 @dataclass(frozen=True)
-class ShardedBatches:
+class Batches:
     """Which samples each process trains on, epoch by epoch.
 
-    Every epoch is a seeded permutation of ``size * repeats`` positions; process ``rank``
-    takes every ``world_size``-th one and groups them into batches (an incomplete last
-    batch is dropped so that every process takes the same number of steps).
+    ``targets[i]`` is the (width, height) example ``i`` trains at: one size for all, or
+    its aspect-ratio bucket. Every epoch is a seeded permutation of ``len(targets) *
+    repeats`` positions, grouped by target size into batches (incomplete ones dropped),
+    shuffled, and dealt to the processes in turn; every process gets the same number.
     """
 
-    size: int
+    targets: tuple[Size, ...]
     repeats: int
     batch_size: int
     world_size: int
@@ -173,27 +198,32 @@ class ShardedBatches:
 
     @property
     def batches_per_epoch(self) -> int:
-        return (self.size * self.repeats // self.world_size) // self.batch_size
+        counts = collections.Counter(self.targets)
+        whole = sum(count * self.repeats // self.batch_size for count in counts.values())
+        return whole // self.world_size
 
     def check(self) -> None:
         if self.batches_per_epoch == 0:
             raise DatasetError(
-                f"the dataset has {self.size} usable images (x{self.repeats} repeats), fewer "
-                f"than one batch for each of {self.world_size} processes "
+                f"the dataset has {len(self.targets)} usable images (x{self.repeats} repeats), "
+                f"fewer than one batch for each of {self.world_size} processes "
                 f"(spec.training.batchSize {self.batch_size}); add images, raise "
                 "spec.dataset.repeats or lower the batch size"
             )
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
-        """Batches of ``(example index, sample seed)`` from batch ``start`` of ``epoch``."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[list[Key]]:
+        """Batches of keys from batch ``start`` of ``epoch``."""
+        size = len(self.targets)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.size * self.repeats, generator=generator)
-        mine = order[self.rank :: self.world_size].tolist()
-        for batch in range(start, self.batches_per_epoch):
-            positions = mine[batch * self.batch_size : (batch + 1) * self.batch_size]
-            yield [(p % self.size, hash((self.seed, epoch, p))) for p in positions]
-
-
-def epochs_for(steps: int, batches_per_epoch: int, accumulation: int) -> int:
-    """How many epochs ``steps`` optimiser steps span."""
-    return math.ceil(steps * accumulation / batches_per_epoch)
+        by_target = collections.defaultdict(list)
+        for position in torch.randperm(size * self.repeats, generator=generator).tolist():
+            by_target[self.targets[position % size]].append(position)
+        batches = [
+            positions[i : i + self.batch_size]
+            for _, positions in sorted(by_target.items())
+            for i in range(0, len(positions) - self.batch_size + 1, self.batch_size)
+        ]
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        dealt = [batches[i] for i in order][self.rank :: self.world_size]
+        for batch in dealt[start : self.batches_per_epoch]:
+            yield [(p % size, hash((self.seed, epoch, p)), *self.targets[p % size]) for p in batch]

@@ -6,6 +6,7 @@ batches), checkpointing every N steps and when asked to stop (SIGTERM), and fina
 export the model. Only the main process writes shared outputs.
 """
 
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -64,7 +65,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: object
     generator: torch.Generator
-    batches: data.ShardedBatches
+    batches: data.Batches
     dataset: data.TrainingSet
     total_steps: int
     output: Store
@@ -94,15 +95,28 @@ def gather_from_all(accelerator, value) -> list:
     return gather_object([value])
 
 
-def _usable_examples(accelerator, spec, folder: Path) -> list[data.Example]:
-    """The dataset's readable examples; every process checks a share of the images."""
+def _usable_examples(accelerator, spec, folder: Path):
+    """The dataset's readable examples and their sizes; each process checks a share."""
     examples = data.find_examples(folder)
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = [rank + world * i for i in data.unreadable(examples[rank::world])]
-    bad = {index for share in gather_from_all(accelerator, mine) for index in share}
-    usable = [e for i, e in enumerate(examples) if i not in bad]
-    data.check_usable(usable, [examples[i] for i in sorted(bad)], spec.dataset.max_skipped_fraction)
-    return usable
+    shares = gather_from_all(accelerator, data.image_sizes(examples[rank::world]))
+    sizes = [shares[i % world][i // world] for i in range(len(examples))]
+    usable = [(e, size) for e, size in zip(examples, sizes, strict=True) if size is not None]
+    skipped = [e for e, size in zip(examples, sizes, strict=True) if size is None]
+    data.check_usable([e for e, _ in usable], skipped, spec.dataset.max_skipped_fraction)
+    return [e for e, _ in usable], [size for _, size in usable]
+
+
+def training_sizes(dataset, sizes: list[data.Size]) -> tuple[data.Size, ...]:
+    """The (width, height) each image trains at: square, or its aspect-ratio bucket."""
+    side = dataset.resolution
+    if not dataset.bucketing.enabled:
+        return tuple((side, side) for _ in sizes)
+    bucketing = dataset.bucketing
+    buckets = data.bucket_sizes(
+        side, bucketing.min_resolution, bucketing.max_resolution, bucketing.step
+    )
+    return tuple(data.nearest_bucket(size, buckets) for size in sizes)
 
 
 def fingerprint(examples: list[data.Example], folder: Path) -> str:
@@ -133,9 +147,12 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
     accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=on_cpu)
     set_seed(training.seed)
     components = models.load_components(model_folder, spec.model)
-    examples = _usable_examples(accelerator, spec, data_folder)
-    batches = data.ShardedBatches(
-        size=len(examples),
+    examples, sizes = _usable_examples(accelerator, spec, data_folder)
+    targets = training_sizes(spec.dataset, sizes)
+    counts = collections.Counter(targets).most_common()
+    log.info("%d images at %s", len(examples), ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts))
+    batches = data.Batches(
+        targets=targets,
         repeats=spec.dataset.repeats,
         batch_size=training.batch_size,
         world_size=accelerator.num_processes,
@@ -146,10 +163,7 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
     dataset = data.TrainingSet(
         examples,
         data.Transform(
-            spec.dataset.resolution,
-            spec.dataset.center_crop,
-            spec.dataset.random_flip,
-            spec.dataset.caption_dropout,
+            spec.dataset.center_crop, spec.dataset.random_flip, spec.dataset.caption_dropout
         ),
     )
 
@@ -241,7 +255,7 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
             conditioning = encode_text(components, batch["captions"], device)
         if components.architecture == "sdxl":
             conditioning["added_cond_kwargs"]["time_ids"] = sdxl_time_ids(
-                batch["original_sizes"], batch["crops_top_left"], spec.dataset.resolution
+                batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"]
             ).to(device)
         prediction = unet(noisy, timesteps, **conditioning).sample
         expected = target(components.prediction_type, latents, noise, timesteps, alphas)
