@@ -1,6 +1,9 @@
 """Full UNet fine-tuning: the model learns, and the exported pipeline reloads and runs."""
 
+import json
+
 import torch
+from safetensors.torch import load_file
 
 from difftrain.api.data import ModelSpec
 from difftrain.trainer import loss
@@ -63,3 +66,41 @@ def test_finetune_lowers_loss_and_exports_a_pipeline(tmp_path, trainer_cache, sh
     ).images[0]
     assert image.shape == (32, 32, 3)
     assert (tmp_path / "out" / "model" / "README.md").exists()
+
+
+def test_ema_weights_are_checkpointed_and_exported(tmp_path, trainer_cache, shapes_folder):
+    output = tmp_path / "out"
+    config = runner.write_config(
+        tmp_path,
+        {
+            "method": "finetune",
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{output}", "dtype": "fp32"},
+            "training": {"steps": 4, "ema": {"enabled": True, "decay": 0.9}},
+            "checkpoints": {"everySteps": 2},
+        },
+    )
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    last = output / "checkpoints" / "step-00000004"
+    raw = load_file(last / "trainable.safetensors")
+    shadow = torch.load(last / "ema.pt", weights_only=False)["shadow_params"]
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(output / "model" / "unet")
+    names = [name for name, _ in exported.named_parameters()]
+    for name, param, average in zip(names, exported.parameters(), shadow, strict=True):
+        assert torch.equal(param, average), name
+    assert any(not torch.equal(raw[f"unet.{n}"], a) for n, a in zip(names, shadow, strict=True))
+
+    # Training longer resumes from the last checkpoint, EMA included.
+    settings = json.loads(config.read_text())
+    settings["spec"]["training"]["steps"] = 6
+    config.write_text(json.dumps(settings))
+    code, log = runner.run(config, tmp_path, trainer_cache)
+    assert code == 0, log
+    assert "resumed from checkpoint step 4" in log
+    resumed = torch.load(output / "checkpoints" / "step-00000006" / "ema.pt", weights_only=False)
+    assert resumed["optimization_step"] == 6

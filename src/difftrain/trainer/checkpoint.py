@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 FOLDER = "checkpoints"
 MARKER = "COMPLETE"
 WEIGHTS = "trainable.safetensors"
+EMA = "ema.pt"
 
 
 @dataclass
@@ -91,8 +92,9 @@ def save(store: Store, scratch: Path, position: Position, trainer, rank: int, ga
     """Write the checkpoint for ``position``.
 
     ``gather(obj)`` collects one object from every process (and so synchronises them);
-    ``trainer`` provides ``trainable``, ``optimizer``, ``scheduler`` and ``generator``.
-    Replicas must hold identical weights; the checkpoint is refused if they do not.
+    ``trainer`` provides ``trainable``, ``optimizer``, ``scheduler``, ``generator`` and
+    ``ema`` (None without EMA). Replicas must hold identical weights; the checkpoint is
+    refused if they do not.
     """
     prints = gather(fingerprint(trainer.trainable.state_dict()))
     log.info("step %d: weights fingerprint %s", position.step, prints[rank])
@@ -111,6 +113,8 @@ def save(store: Store, scratch: Path, position: Position, trainer, rank: int, ga
         torch.save(trainer.optimizer.state_dict(), local / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), local / "scheduler.pt")
         (local / "position.json").write_text(json.dumps(asdict(position)))
+        if trainer.ema is not None:
+            torch.save(trainer.ema.state_dict(), local / EMA)
         target.upload_tree(local, "")
     gather(None)  # every process's files are up before COMPLETE
     if rank == 0:
@@ -129,6 +133,9 @@ def load(store: Store, scratch: Path, step: int, trainer, rank: int) -> Position
     trainer.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True))
     trainer.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
     restore_rng(torch.load(local / f"rng-{rank}.pt", weights_only=False), trainer.generator)
+    if trainer.ema is not None:
+        source.download(EMA, local / EMA)
+        trainer.ema.load_state_dict(torch.load(local / EMA, weights_only=False))
     return Position(**json.loads((local / "position.json").read_text()))
 
 

@@ -70,6 +70,7 @@ class Trainer:
     total_steps: int
     output: Store
     paths: Paths
+    ema: object | None = None  # diffusers EMAModel of the UNet, when spec.training.ema asks
     stop_requested: bool = False
     losses: list = field(default_factory=list)
 
@@ -215,6 +216,17 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
         output=open_store(spec.output.uri, settings),
         paths=paths,
     )
+    if training.ema.enabled:
+        from diffusers.training_utils import EMAModel
+
+        unet = trainable.modules["unet"]
+        trainer.ema = EMAModel(
+            unet.parameters(),
+            decay=training.ema.decay,
+            model_cls=type(unet),
+            model_config=unet.config,
+        )
+        trainer.ema.to(accelerator.device)
     facts = {
         "architecture": components.architecture,
         "images": len(examples),
@@ -279,6 +291,8 @@ def optimizer_step(trainer: Trainer) -> None:
     trainer.optimizer.step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
+    if trainer.ema is not None:
+        trainer.ema.step(trainer.trainable.modules["unet"].parameters())
 
 
 def _agree_to_stop(trainer: Trainer) -> bool:
@@ -411,7 +425,10 @@ def _export(trainer: Trainer, facts: dict) -> None:
     if trainable.lora:
         export.export_lora(trainer.components, trainable, formats, folder, config.name, dtype)
     else:
-        export.export_pipeline(trainer.components, trainable.modules["unet"], folder, dtype)
+        unet = trainable.modules["unet"]
+        if trainer.ema is not None:
+            trainer.ema.copy_to(unet.parameters())  # export the average, as asked
+        export.export_pipeline(trainer.components, unet, folder, dtype)
     facts["formats"] = formats
     (folder / "README.md").write_text(export.model_card(config, facts))
     store = trainer.output.child("model")
