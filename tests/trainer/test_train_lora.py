@@ -1,4 +1,5 @@
-"""LoRA training end to end: S3 in, S3 out, and artifacts that load where users load them."""
+"""LoRA training end to end: model and data from S3, outputs to S3, and artifacts that
+load where users load them."""
 
 import json
 import shutil
@@ -9,7 +10,7 @@ from safetensors.torch import load_file
 
 from difftrain.shapes import render
 from difftrain.storage import S3Settings, open_store
-from difftrain.trainer.presets import build_preset
+from difftrain.trainer.presets import build_preset, write_preset
 from tests.trainer import runner
 
 
@@ -18,7 +19,10 @@ def s3_job(tmp_path, s3_env, bucket, shapes_folder):
     """A LoRA job reading its dataset from S3 and writing its outputs there."""
     settings = S3Settings(endpoint=s3_env.endpoint, path_style=True)
     open_store(f"s3://{bucket}/data/shapes", settings).upload_tree(shapes_folder, "")
+    model = write_preset("tiny-sd", tmp_path / "tiny-sd")
+    open_store(f"s3://{bucket}/models/tiny-sd", settings).upload_tree(model, "")
     spec = {
+        "model": {"base": f"s3://{bucket}/models/tiny-sd"},
         "dataset": {"uri": f"s3://{bucket}/data/shapes"},
         "output": {"uri": f"s3://{bucket}/runs/lora"},
         "storage": {"endpoint": s3_env.endpoint, "pathStyle": True},
@@ -90,7 +94,7 @@ def test_kohya_file_has_one_triple_per_adapted_layer(tmp_path, trainer_cache, sh
             "dataset": {"uri": f"file://{shapes_folder}"},
             "output": {"uri": f"file://{tmp_path}/out"},
             "lora": {"rank": 4, "alpha": 8},
-            "training": {"steps": 2},
+            "training": {"steps": 2, "mixedPrecision": "bf16"},
         },
         name="kohya",
     )
