@@ -151,6 +151,11 @@ def test_hub_model_offline(tmp_path, trainer_cache, dataset):
             id="single-file",
         ),
         pytest.param(
+            {"method": "finetune", "training": {"strategy": "fsdp"}},
+            "spec.training.strategy: fsdp is not supported by this trainer version; use ddp",
+            id="fsdp",
+        ),
+        pytest.param(
             {"lora": {"targetModules": ["no_such_layer"]}},
             "spec.lora.targetModules: ",
             id="lora-targets",

@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 
 from difftrain import __version__
 from difftrain.api.config import TrainerConfig
-from difftrain.errors import InvalidSpec
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
@@ -19,13 +18,7 @@ DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 def formats_for(config: TrainerConfig) -> list[str]:
     """The export formats: the spec's, or the method's standard set."""
     spec = config.spec
-    formats = spec.output.formats or (["diffusers", "kohya"] if spec.trains_lora else ["diffusers"])
-    if "singleFile" in formats:
-        raise InvalidSpec(
-            "spec.output.formats: singleFile export is not available in this trainer version; "
-            "use diffusers"
-        )
-    return formats
+    return spec.output.formats or (["diffusers", "kohya"] if spec.trains_lora else ["diffusers"])
 
 
 def spec_hash(config: TrainerConfig) -> str:

@@ -137,7 +137,7 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
     spec = config.spec
     training = spec.training
     settings = S3Settings.from_spec(spec.storage)
-    export.formats_for(config)  # refuse unsupported formats before training, not after
+    methods.check_supported(spec)
     # Fetch before torch.distributed starts: downloads are per node (not per rank), and
     # libraries skip writing files on ranks other than 0 once it has.
     model_folder = models.fetch_model(spec.model, settings, paths.cache / "models")

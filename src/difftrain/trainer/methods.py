@@ -61,12 +61,27 @@ def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
         encoder.requires_grad_(False)
     if spec.method == "lora":
         return _lora(components, spec)
-    if spec.method == "finetune":
-        components.unet.requires_grad_(True)
-        return Trainable({"unet": components.unet}, lora=False)
-    raise InvalidSpec(
-        f"spec.method: {spec.method} is not supported by this trainer version; use lora or finetune"
-    )
+    components.unet.requires_grad_(True)  # finetune (check_supported ruled out the rest)
+    return Trainable({"unet": components.unet}, lora=False)
+
+
+def check_supported(spec: DiffusionTrainingJobSpec) -> None:
+    """Refuse, before any work, settings the API accepts but this trainer cannot do yet."""
+    if spec.method not in ("lora", "finetune"):
+        raise InvalidSpec(
+            f"spec.method: {spec.method} is not supported by this trainer version; "
+            "use lora or finetune"
+        )
+    if spec.training.strategy != "ddp":
+        raise InvalidSpec(
+            f"spec.training.strategy: {spec.training.strategy} is not supported by this "
+            "trainer version; use ddp"
+        )
+    if "singleFile" in (spec.output.formats or []):
+        raise InvalidSpec(
+            "spec.output.formats: singleFile export is not available in this trainer version; "
+            "use diffusers"
+        )
 
 
 def _lora(components, spec: DiffusionTrainingJobSpec) -> Trainable:
