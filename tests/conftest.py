@@ -1,5 +1,6 @@
 import hashlib
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,3 +70,25 @@ def shapes_folder(tmp_path_factory):
     from difftrain.shapes import write_dataset
 
     return write_dataset(tmp_path_factory.mktemp("shapes"), count=32, size=32)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite golden files instead of comparing"
+    )
+
+
+@pytest.fixture
+def golden(request):
+    """Compare text with tests/golden/NAME, or rewrite it with --update-golden."""
+    update = request.config.getoption("--update-golden")
+
+    def check(name: str, text: str) -> None:
+        path = Path(__file__).parent / "golden" / name
+        if update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        assert path.exists(), f"no golden file {path}; run pytest --update-golden"
+        assert text == path.read_text(), f"{name} changed; review, then pytest --update-golden"
+
+    return check

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from difftrain import __version__
 from difftrain.api.crd import CRD_PATH, render_crd
-from difftrain.api.manifests import check_file
+from difftrain.api.manifests import check_file, read_documents
 from difftrain.api.reference import REFERENCE_PATH, render_reference
+from difftrain.api.validation import load_job
 from difftrain.errors import InvalidSpec
+from difftrain.yamltext import dump_all
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -20,6 +22,25 @@ def _validate(args: argparse.Namespace) -> int:
         return InvalidSpec.exit_code
     if not args.quiet:
         print(f"{len(args.files)} file(s) valid")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from difftrain.operator.builders import Defaults, children
+
+    problems = check_file(Path(args.file))
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        return InvalidSpec.exit_code
+    documents = read_documents(Path(args.file).read_text(encoding="utf-8"), args.file)
+    defaults = Defaults(**({"image": args.image} if args.image else {}))
+    manifests = [
+        manifest
+        for document in documents
+        for manifest in children(load_job(document.data), args.attempt, defaults)
+    ]
+    sys.stdout.write(dump_all(manifests))
     return 0
 
 
@@ -53,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     validate.set_defaults(run=_validate)
+
+    render = commands.add_parser(
+        "render",
+        help="print the Kubernetes objects the operator would create",
+        description="Print the ConfigMap, Service and Job the operator creates for each job "
+        "in FILE, as multi-document YAML (a dry run).",
+    )
+    render.add_argument("file", metavar="FILE")
+    render.add_argument("--attempt", type=int, default=1, help="gang attempt (default 1)")
+    render.add_argument("--image", help="trainer image when the job names none")
+    render.set_defaults(run=_render)
 
     for name, path, render, what in (
         ("crd", CRD_PATH, render_crd, "the CustomResourceDefinition"),

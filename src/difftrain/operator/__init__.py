@@ -1,0 +1,1 @@
+"""The operator: reconcile DiffusionTrainingJobs into gangs of torchrun pods."""

@@ -1,0 +1,284 @@
+"""Desired children of a DiffusionTrainingJob, as pure functions of (job, attempt, defaults).
+
+For attempt N the operator wants: ConfigMap ``<job>-config`` (the trainer's job.json),
+headless Service ``<job>`` (stable DNS for the rendezvous), and Indexed batch/v1 Job
+``<job>-a<N>`` with one pod per node, each running ``torchrun --module difftrain.trainer``.
+Nothing here reads the clock, the environment or the cluster.
+"""
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from difftrain import __version__
+from difftrain.api.config import TrainerConfig
+from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob, pod_hostname
+from difftrain.operator.quantity import format_bytes, parse_quantity
+
+CONTAINER = "trainer"
+RENDEZVOUS_PORT = 29500
+METRICS_PORT = 9400
+CONFIG_MOUNT = "/etc/difftrain"
+GPU_RESOURCE = "nvidia.com/gpu"
+# Long enough for the trainer to finish its step and upload a checkpoint on SIGTERM.
+GRACE_SECONDS = 300
+DEFAULT_SHM = Decimal(8 * 2**30)
+PERMANENT_EXIT_CODES = [2, 3, 4]  # invalid spec, dataset error, storage access denied
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+JOB_NAME_LABEL = "difftrain.io/job-name"
+ATTEMPT_LABEL = "difftrain.io/attempt"
+RUN_AS = 1000
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Operator-wide settings for trainer pods; a job's spec.resources overrides them."""
+
+    image: str = f"difftrain-trainer:{__version__}"
+    image_pull_policy: str = "IfNotPresent"
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def job_name(name: str, attempt: int) -> str:
+    return f"{name}-a{attempt}"
+
+
+def labels(job: DiffusionTrainingJob) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "difftrain",
+        "app.kubernetes.io/instance": job.metadata.name,
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/part-of": "difftrain",
+        "app.kubernetes.io/managed-by": "difftrain-operator",
+        JOB_NAME_LABEL: job.metadata.name,
+    }
+
+
+def _metadata(job: DiffusionTrainingJob, name: str, extra_labels: dict | None = None) -> dict:
+    metadata = {
+        "name": name,
+        "namespace": job.metadata.namespace or "default",
+        "labels": {**labels(job), **(extra_labels or {})},
+    }
+    if job.metadata.uid:  # unknown before the API server creates the job (a dry run)
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": job.metadata.name,
+                "uid": job.metadata.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return metadata
+
+
+def config_map(job: DiffusionTrainingJob, attempt: int) -> dict:
+    """The trainer's only input: the validated spec and the job's identity."""
+    config = TrainerConfig(
+        name=job.metadata.name,
+        namespace=job.metadata.namespace or "default",
+        uid=job.metadata.uid or "",
+        attempt=attempt,
+        spec=job.spec,
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.metadata.name)),
+        "data": {"job.json": config.to_json()},
+    }
+
+
+def service(job: DiffusionTrainingJob) -> dict:
+    """Headless Service giving every pod the DNS name ``<hostname>.<job>``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, job.metadata.name),
+        "spec": {
+            "clusterIP": "None",
+            # The rendezvous must resolve before pods are Ready (they never are, otherwise).
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_NAME_LABEL: job.metadata.name},
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+            ],
+        },
+    }
+
+
+def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
+    spec = job.spec
+    name = job.metadata.name
+    env = [
+        {"name": "PET_NNODES", "value": str(spec.resources.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(max(1, spec.resources.gpus_per_node))},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+        {"name": "PET_MASTER_ADDR", "value": f"{pod_hostname(name, attempt, 0)}.{name}"},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "DIFFTRAIN_CONFIG", "value": f"{CONFIG_MOUNT}/job.json"},
+        {"name": "DIFFTRAIN_SCRATCH", "value": "/scratch"},
+        {"name": "DIFFTRAIN_CACHE", "value": "/cache"},
+        {"name": "DIFFTRAIN_IMAGE", "value": image},
+        {"name": "HOME", "value": "/scratch/home"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "AWS_REGION", "value": spec.storage.region},
+    ]
+    if spec.storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
+    secret = spec.storage.secret_ref
+    if secret:
+        keys = [
+            ("AWS_ACCESS_KEY_ID", secret.access_key_id_key, False),
+            ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key, False),
+        ]
+        if secret.session_token_key:
+            keys.append(("AWS_SESSION_TOKEN", secret.session_token_key, False))
+        env += [
+            {
+                "name": variable,
+                "valueFrom": {
+                    "secretKeyRef": {"name": secret.name, "key": key, "optional": optional}
+                },
+            }
+            for variable, key, optional in keys
+        ]
+    return env
+
+
+def _resources(job: DiffusionTrainingJob) -> dict:
+    resources = job.spec.resources
+    requests, limits = dict(resources.requests), dict(resources.limits)
+    if resources.gpus_per_node:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = resources.gpus_per_node
+    return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
+
+
+def shared_memory(job: DiffusionTrainingJob) -> str:
+    """Size of /dev/shm: the spec's, else half the memory limit, else 8Gi."""
+    resources = job.spec.resources
+    if resources.shared_memory is not None:
+        return str(resources.shared_memory)
+    memory = resources.limits.get("memory")
+    return format_bytes(parse_quantity(memory) / 2 if memory is not None else DEFAULT_SHM)
+
+
+def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> dict:
+    resources = job.spec.resources
+    image = resources.image or defaults.image
+    container = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": resources.image_pull_policy or defaults.image_pull_policy,
+        # Prompts, URIs and names reach the trainer only through the config file: no shell.
+        "command": ["torchrun", "--module", "difftrain.trainer"],
+        "env": _env(job, attempt, image),
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+        ],
+        "resources": _resources(job),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/scratch"},
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "terminationMessagePolicy": "File",
+    }
+    pod = {
+        "restartPolicy": "Never",
+        "subdomain": job.metadata.name,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(job.metadata.name)}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shared_memory(job)}},
+            {"name": "scratch", "emptyDir": {}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    optional = {
+        "serviceAccountName": resources.service_account_name,
+        "priorityClassName": resources.priority_class_name,
+        "nodeSelector": resources.node_selector,
+        "tolerations": [
+            t.model_dump(by_alias=True, exclude_none=True) for t in resources.tolerations
+        ],
+    }
+    pod.update({key: value for key, value in optional.items() if value})
+    return pod
+
+
+def initially_suspended(job: DiffusionTrainingJob) -> bool:
+    """A new attempt's Job starts suspended when the user suspended the job, or when Kueue
+    must admit it first (Kueue then unsuspends it)."""
+    policy = job.spec.run_policy
+    return policy.suspend or policy.queue_name is not None
+
+
+def trainer_job(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> dict:
+    """The Indexed Job running attempt ``attempt`` of the gang."""
+    policy = job.spec.run_policy
+    nodes = job.spec.resources.nodes
+    attempt_labels = {ATTEMPT_LABEL: str(attempt)}
+    metadata = _metadata(job, job_name(job.metadata.name, attempt), attempt_labels)
+    if policy.queue_name:
+        metadata["labels"][QUEUE_LABEL] = policy.queue_name
+    spec = {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimit": 0,  # one failed pod breaks the gang; the operator restarts it whole
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": PERMANENT_EXIT_CODES,
+                    },
+                },
+                {
+                    "action": "Ignore",
+                    "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                },
+            ]
+        },
+        "suspend": initially_suspended(job),
+        "template": {
+            "metadata": {"labels": {**labels(job), **attempt_labels}},
+            "spec": _pod_spec(job, attempt, defaults),
+        },
+    }
+    if policy.active_deadline_seconds:
+        spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
+
+
+def children(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> list[dict]:
+    """Everything attempt ``attempt`` needs, in the order to create it."""
+    return [config_map(job, attempt), service(job), trainer_job(job, attempt, defaults)]

@@ -1,0 +1,141 @@
+"""The operator's desired children: golden files, Kubernetes schema, and the contract."""
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from difftrain.api.validation import load_job
+from difftrain.cli import main
+from difftrain.operator.builders import Defaults, children, shared_memory
+from difftrain.yamltext import dump_all
+from tests.builders import job, merge
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+IDENTITY = {"metadata": {"namespace": "ml", "uid": "6f1c2d3e-0000-4000-8000-000000000001"}}
+
+
+def _example(name: str, patch: dict | None = None) -> dict:
+    return merge(yaml.safe_load((EXAMPLES / name).read_text()), merge(IDENTITY, patch or {}))
+
+
+CASES = {
+    "cpu-one-node": job(IDENTITY, spec={"resources": {"gpusPerNode": 0}}),
+    "two-nodes-eight-gpus": _example("multinode.yaml"),
+    "kueue": _example("kueue.yaml"),
+    "suspended": job(IDENTITY, spec={"runPolicy": {"suspend": True}}),
+    "secrets-and-endpoint": _example(
+        "sd15-lora-s3.yaml",
+        {"spec": {"storage": {"secretRef": {"sessionTokenKey": "AWS_SESSION_TOKEN"}},
+                  "runPolicy": {"activeDeadlineSeconds": 86400}}},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_children_match_golden_files(case, golden):
+    rendered = dump_all(children(load_job(CASES[case]), attempt=2, defaults=Defaults()))
+
+    golden(f"builders/{case}.yaml", rendered)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_children_pass_kubernetes_schema_strictly(case):
+    for manifest in children(load_job(CASES[case]), attempt=1, defaults=Defaults()):
+        kubernetes_validate.validate(manifest, "1.33.0", strict=True)
+
+
+def _trainer_job(manifest: dict, attempt: int = 1) -> dict:
+    return children(load_job(manifest), attempt, Defaults())[2]
+
+
+def _env(job_manifest: dict) -> dict:
+    container = job_manifest["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def test_torchrun_contract():
+    trainer = _trainer_job(CASES["two-nodes-eight-gpus"], attempt=3)
+    env = _env(trainer)
+    pod = trainer["spec"]["template"]["spec"]
+
+    assert trainer["metadata"]["name"] == "sdxl-finetune-16gpu-a3"
+    assert (trainer["spec"]["completions"], trainer["spec"]["parallelism"]) == (2, 2)
+    assert trainer["spec"]["completionMode"] == "Indexed"
+    assert pod["containers"][0]["command"] == ["torchrun", "--module", "difftrain.trainer"]
+    assert {k: env[k] for k in env if k.startswith("PET_")} == {
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "8",
+        "PET_NODE_RANK": {"fieldRef": {"fieldPath":
+                          "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+        "PET_MASTER_ADDR": "sdxl-finetune-16gpu-a3-0.sdxl-finetune-16gpu",
+        "PET_MASTER_PORT": "29500",
+    }  # fmt: skip
+    assert pod["subdomain"] == "sdxl-finetune-16gpu"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_permanent_exit_codes_fail_fast_and_disruptions_are_ignored():
+    rules = _trainer_job(job(IDENTITY))["spec"]["podFailurePolicy"]["rules"]
+
+    assert rules == [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]  # fmt: skip
+
+
+def test_credentials_only_by_reference():
+    manifests = children(load_job(CASES["secrets-and-endpoint"]), 1, Defaults())
+    env = _env(manifests[2])
+
+    assert env["AWS_SECRET_ACCESS_KEY"] == {
+        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY",
+                         "optional": False}
+    }  # fmt: skip
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.storage.svc:9000"
+    assert "secretKeyRef" not in manifests[0]["data"]["job.json"]
+
+
+def test_prompts_never_reach_a_shell():
+    hostile = "$(touch /tmp/pwned); `id` && echo"
+    manifest = job(IDENTITY, spec={"validation": {"prompts": [hostile]}})
+
+    trainer = _trainer_job(manifest)
+    config = children(load_job(manifest), 1, Defaults())[0]
+
+    assert hostile not in yaml.safe_dump(trainer)
+    assert hostile in config["data"]["job.json"]
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [({}, "8Gi"), ({"limits": {"memory": "64Gi"}}, "32Gi"),
+     ({"limits": {"memory": "3G"}}, "1430Mi"), ({"sharedMemory": "2Gi"}, "2Gi")],
+)  # fmt: skip
+def test_shared_memory_size(resources, expected):
+    assert shared_memory(load_job(job(spec={"resources": resources}))) == expected
+
+
+def test_first_attempt_of_a_queued_job_waits_for_kueue():
+    trainer = _trainer_job(CASES["kueue"])
+
+    assert trainer["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
+    assert trainer["spec"]["suspend"] is True
+
+
+def test_dry_run_leaves_out_owner_references(capsys):
+    assert main(["render", str(EXAMPLES / "quickstart.yaml"), "--attempt", "2"]) == 0
+
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["kind"] for d in documents] == ["ConfigMap", "Service", "Job"]
+    assert documents[2]["metadata"]["name"] == "quickstart-a2"
+    assert all("ownerReferences" not in d["metadata"] for d in documents)
+
+
+def test_render_refuses_an_invalid_manifest(write_manifest, capsys):
+    path = write_manifest(job(spec={"resources": {"nodes": 0}}))
+
+    assert main(["render", str(path)]) == 2
+    assert capsys.readouterr().err.endswith("spec.resources.nodes: must be >= 1 (got 0)\n")
