@@ -1,0 +1,210 @@
+"""Status from observations: a table of what the operator sees and what it concludes."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from difftrain.api.validation import load_job
+from difftrain.operator.status import next_status, observe, set_condition, ttl_expired
+from tests.builders import job
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+EARLIER = "2026-11-26T11:00:00Z"
+
+
+def batch_job(*conditions: tuple[str, str], suspend=False, queue=None) -> dict:
+    labels = {"kueue.x-k8s.io/queue-name": queue} if queue else {}
+    return {
+        "metadata": {"labels": labels},
+        "spec": {"suspend": suspend},
+        "status": {"conditions": [{"type": t, "status": "True", "reason": r}
+                                  for t, r in conditions]},
+    }  # fmt: skip
+
+
+def pod(phase="Running", exit_code=None, reason=None, message=None, waiting=None,
+        unschedulable=False, age=timedelta(minutes=1)) -> dict:  # fmt: skip
+    container = {"name": "trainer", "image": "trainer:1", "state": {}}
+    if exit_code is not None:
+        terminated = {"exitCode": exit_code, "reason": reason or "Error"}
+        if message is not None:
+            terminated["message"] = message
+        container["state"]["terminated"] = terminated
+    if waiting:
+        container["state"]["waiting"] = {"reason": waiting, "message": "not found"}
+    conditions = []
+    if unschedulable:
+        conditions.append(
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+            }
+        )
+    created = (NOW - age).isoformat().replace("+00:00", "Z")
+    return {
+        "metadata": {"creationTimestamp": created},
+        "status": {"phase": phase, "containerStatuses": [container], "conditions": conditions},
+    }
+
+
+def trainer_says(reason: str, message: str) -> str:
+    return json.dumps({"reason": reason, "message": message})
+
+
+FAILED = ("Failed", "BackoffLimitExceeded")
+CASES = [
+    # id, batch job, pods, restarts so far, expected (phase, reason, action)
+    ("no-job-yet", None, [], 0, ("Pending", "Creating", "none")),
+    ("pods-starting", batch_job(), [pod("Pending")], 0, ("Pending", "PodsStarting", "none")),
+    ("unschedulable", batch_job(), [pod("Pending", unschedulable=True)], 0,
+     ("Pending", "Unschedulable", "none")),
+    ("image-pull-young", batch_job(), [pod("Pending", waiting="ErrImagePull")], 0,
+     ("Pending", "ErrImagePull", "none")),
+    ("image-pull-past-grace", batch_job(),
+     [pod("Pending", waiting="ImagePullBackOff", age=timedelta(minutes=10))], 0,
+     ("Failed", "ImagePullBackOff", "none")),
+    ("running", batch_job(), [pod(), pod()], 0, ("Running", "Training", "none")),
+    ("partly-running", batch_job(), [pod(), pod("Pending")], 0,
+     ("Pending", "PodsStarting", "none")),
+    ("succeeded", batch_job(("Complete", "Completed")), [pod("Succeeded")], 0,
+     ("Succeeded", "Completed", "none")),
+    ("dataset-error", batch_job(("Failed", "PodFailurePolicy")),
+     [pod("Failed", 3, message=trainer_says("DatasetError", "the dataset has no images"))], 0,
+     ("Failed", "DatasetError", "none")),
+    ("invalid-spec-without-message", batch_job(("Failed", "PodFailurePolicy")),
+     [pod("Failed", 2)], 0, ("Failed", "InvalidSpec", "none")),
+    ("storage-denied", batch_job(("FailureTarget", "PodFailurePolicy")),
+     [pod("Failed", 4, message=trainer_says("StorageAccessDenied", "list s3://b/: denied"))], 0,
+     ("Failed", "StorageAccessDenied", "none")),
+    ("oom-restarts", batch_job(FAILED), [pod("Failed", 137, reason="OOMKilled")], 0,
+     ("Restarting", "OOMKilled", "restart")),
+    ("crash-restarts", batch_job(FAILED), [pod("Failed", 1, message="Traceback ...")], 2,
+     ("Restarting", "Error", "restart")),
+    ("crash-after-max-restarts", batch_job(FAILED), [pod("Failed", 137)], 3,
+     ("Failed", "MaxRestartsExceeded", "none")),
+    ("deadline", batch_job(("Failed", "DeadlineExceeded")), [pod("Failed", 143)], 0,
+     ("Failed", "DeadlineExceeded", "none")),
+    ("suspended", batch_job(suspend=True), [], 0, ("Suspended", "Suspended", "none")),
+    ("queued-in-kueue", batch_job(suspend=True, queue="team-a"), [], 0,
+     ("Pending", "WaitingForAdmission", "none")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("batch", "pods", "restarts", "expected"),
+    [pytest.param(b, p, r, e, id=name) for name, b, p, r, e in CASES],
+)
+def test_phase_reason_and_action(batch, pods, restarts, expected):
+    spec = load_job(job({"metadata": {"generation": 1}}))
+
+    status, action = next_status(spec, {"restarts": restarts}, observe(batch, pods, NOW), NOW)
+
+    assert (status["phase"], _reason(status), action) == expected
+
+
+def _reason(status: dict) -> str:
+    """The reason of the most telling condition: a True one, else Running's, else Created's."""
+    by_type = {c["type"]: c for c in status["conditions"]}
+    for kind in ("Failed", "Succeeded", "Restarting", "Suspended", "Running"):
+        if by_type.get(kind, {}).get("status") == "True":
+            return by_type[kind]["reason"]
+    return by_type.get("Running", by_type["Created"])["reason"]
+
+
+def test_messages_carry_the_trainers_words():
+    seen = observe(batch_job(("Failed", "PodFailurePolicy")),
+                   [pod("Failed", 3, message=trainer_says("DatasetError", "no images in s3://b/"))],
+                   NOW)  # fmt: skip
+    status, _ = next_status(load_job(job()), {}, seen, NOW)
+
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["reason"], failed["message"]) == ("DatasetError", "no images in s3://b/")
+
+
+def test_max_restarts_message_names_the_last_failure():
+    seen = observe(batch_job(FAILED), [pod("Failed", 1, message="boom")], NOW)
+
+    status, _ = next_status(load_job(job()), {"restarts": 3}, seen, NOW)
+
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["message"] == "gave up after 3 restarts; last failure: Error: exit code 1: boom"
+
+
+def test_whole_status_of_a_running_job():
+    spec = load_job(job({"metadata": {"generation": 4}}))
+
+    status, _ = next_status(spec, {"attempt": 1, "restarts": 0},
+                            observe(batch_job(), [pod()], NOW), NOW)  # fmt: skip
+
+    stamp = "2026-11-26T12:00:00Z"
+    assert status == {
+        "attempt": 1,
+        "restarts": 0,
+        "phase": "Running",
+        "observedGeneration": 4,
+        "startTime": stamp,
+        "conditions": [
+            {"type": "Created", "status": "True", "reason": "JobCreated",
+             "message": "the attempt's Job exists", "lastTransitionTime": stamp,
+             "observedGeneration": 4},
+            {"type": "Running", "status": "True", "reason": "Training",
+             "message": "1 pods running", "lastTransitionTime": stamp, "observedGeneration": 4},
+        ],
+    }  # fmt: skip
+
+
+def test_transition_time_changes_only_with_status():
+    first = set_condition([], "Running", True, "A", "a", NOW, 1)
+    later = NOW + timedelta(minutes=5)
+
+    same = set_condition(first, "Running", True, "B", "b", later, 2)
+    flipped = set_condition(same, "Running", False, "C", "c", later, 2)
+
+    assert same[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
+    assert same[0]["reason"] == "B"
+    assert flipped[0]["lastTransitionTime"] == "2026-11-26T12:05:00Z"
+
+
+def test_conditions_that_stop_being_true_are_cleared():
+    spec = load_job(job())
+    running, _ = next_status(spec, {}, observe(batch_job(), [pod()], NOW), NOW)
+
+    done, _ = next_status(spec, running, observe(batch_job(("Complete", "Completed")), [], NOW),
+                          NOW + timedelta(hours=1))  # fmt: skip
+
+    by_type = {c["type"]: c["status"] for c in done["conditions"]}
+    assert by_type == {"Created": "True", "Running": "False", "Succeeded": "True"}
+    assert done["startTime"] == "2026-11-26T12:00:00Z"
+    assert done["completionTime"] == "2026-11-26T13:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("ttl", "phase", "finished", "expired"),
+    [(None, "Succeeded", EARLIER, False), (3600, "Succeeded", EARLIER, True),
+     (3601, "Failed", EARLIER, False), (0, "Running", EARLIER, False)],
+)  # fmt: skip
+def test_ttl_after_finished(ttl, phase, finished, expired):
+    spec = load_job(job(spec={"runPolicy": {"ttlSecondsAfterFinished": ttl}} if ttl is not None
+                        else {}))  # fmt: skip
+
+    assert ttl_expired(spec, {"phase": phase, "completionTime": finished}, NOW) is expired
+
+
+def test_unschedulable_is_a_condition_not_a_failure():
+    spec = load_job(job())
+    waiting, action = next_status(
+        spec, {}, observe(batch_job(), [pod("Pending", unschedulable=True)], NOW), NOW
+    )
+
+    scheduled, _ = next_status(spec, waiting, observe(batch_job(), [pod()], NOW), NOW)
+
+    assert action == "none"
+    unschedulable = next(c for c in waiting["conditions"] if c["type"] == "Unschedulable")
+    assert (unschedulable["status"], unschedulable["message"]) == (
+        "True",
+        "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+    )
+    assert {c["type"]: c["status"] for c in scheduled["conditions"]}["Unschedulable"] == "False"
