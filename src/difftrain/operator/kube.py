@@ -1,0 +1,161 @@
+"""All of the operator's Kubernetes API I/O, in one place.
+
+Writes are server-side applies with the field manager ``difftrain`` (idempotent: applying
+the same object twice changes nothing, so a restarted operator creates no duplicates).
+The blocking ``kubernetes`` client runs in worker threads.
+"""
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+from difftrain.api.crd import PLURAL
+from difftrain.api.job import API_VERSION, KIND
+
+FIELD_MANAGER = "difftrain"
+
+_PATHS = {
+    ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
+    ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
+    ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods",
+    ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{namespace}/jobs",
+    (API_VERSION, KIND): f"/apis/{API_VERSION}/namespaces/{{namespace}}/{PLURAL}",
+}
+
+
+class ApiError(Exception):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def api_client(host: str | None = None):
+    """A ``kubernetes`` ApiClient: for ``host`` if given, else in-cluster or kubeconfig."""
+    from kubernetes import client, config
+
+    if host:
+        return client.ApiClient(client.Configuration(host=host))
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+@dataclass
+class Kube:
+    """The API calls the operator makes; each is one HTTP request."""
+
+    client: object  # kubernetes.client.ApiClient
+
+    async def _call(self, method: str, path: str, *, body=None, query=(), content_type=None):
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        return await asyncio.to_thread(self._request, method, path, body, list(query), headers)
+
+    def _request(self, method: str, path: str, body, query: list, headers: dict):
+        client = self.client
+        # Bodies stay dicts: the client writes them as JSON, which is also valid YAML (apply).
+        method, url, headers, body, _ = client.param_serialize(
+            method, path, query_params=query, header_params=headers, body=body,
+            auth_settings=["BearerToken"],
+        )  # fmt: skip
+        response = client.call_api(method, url, header_params=headers, body=body)
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiError(response.status, f"{method} {path}: {response.status} {response.data!r}")
+        return json.loads(response.data) if response.data else None
+
+    async def _get(self, path: str):
+        try:
+            return await self._call("GET", path)
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    @staticmethod
+    def _collection(api_version: str, kind: str, namespace: str) -> str:
+        return _PATHS[api_version, kind].format(namespace=namespace)
+
+    async def apply(self, manifest: dict) -> dict:
+        """Create or update ``manifest`` by server-side apply."""
+        metadata = manifest["metadata"]
+        path = self._collection(manifest["apiVersion"], manifest["kind"], metadata["namespace"])
+        return await self._call(
+            "PATCH", f"{path}/{metadata['name']}", body=manifest,
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            content_type="application/apply-patch+yaml",
+        )  # fmt: skip
+
+    async def get_job(self, namespace: str, name: str) -> dict | None:
+        return await self._get(f"{self._collection('batch/v1', 'Job', namespace)}/{name}")
+
+    async def set_job_suspended(self, namespace: str, name: str, suspended: bool) -> None:
+        await self._call(
+            "PATCH", f"{self._collection('batch/v1', 'Job', namespace)}/{name}",
+            body={"spec": {"suspend": suspended}}, content_type="application/merge-patch+json",
+        )  # fmt: skip
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete an attempt's Job and, in the background, its pods."""
+        path = f"{self._collection('batch/v1', 'Job', namespace)}/{name}"
+        try:
+            await self._call("DELETE", path, query=[("propagationPolicy", "Background")])
+        except ApiError as error:
+            if error.status != 404:
+                raise
+
+    async def list_pods(self, namespace: str, labels: dict[str, str]) -> list[dict]:
+        selector = ",".join(f"{key}={value}" for key, value in labels.items())
+        found = await self._call(
+            "GET", self._collection("v1", "Pod", namespace), query=[("labelSelector", selector)]
+        )
+        pods = found.get("items", []) if found else []
+        # Filter here too: the selector is an optimisation, the labels are the truth.
+        return [
+            pod for pod in pods
+            if all(pod.get("metadata", {}).get("labels", {}).get(k) == v for k, v in labels.items())
+        ]  # fmt: skip
+
+    async def get_training_job(self, namespace: str, name: str) -> dict | None:
+        return await self._get(f"{self._collection(API_VERSION, KIND, namespace)}/{name}")
+
+    async def list_training_jobs(self) -> list[dict]:
+        """Every DiffusionTrainingJob the operator watches (all namespaces)."""
+        found = await self._call("GET", f"/apis/{API_VERSION}/{PLURAL}")
+        return found.get("items", []) if found else []
+
+    async def patch_status(self, namespace: str, name: str, status: dict) -> None:
+        path = self._collection(API_VERSION, KIND, namespace)
+        await self._call(
+            "PATCH", f"{path}/{name}/status", body={"status": status},
+            content_type="application/merge-patch+json",
+        )  # fmt: skip
+
+    async def post_event(self, job: dict, kind: str, reason: str, message: str, now: str) -> None:
+        """A core/v1 Event about ``job`` (kubectl describe shows it)."""
+        metadata = job["metadata"]
+        await self._call(
+            "POST", f"/api/v1/namespaces/{metadata['namespace']}/events",
+            body={
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{metadata['name']}.",
+                             "namespace": metadata["namespace"]},
+                "involvedObject": {"apiVersion": API_VERSION, "kind": KIND,
+                                   "name": metadata["name"], "namespace": metadata["namespace"],
+                                   "uid": metadata.get("uid")},
+                "type": kind, "reason": reason, "message": message[:1024],
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                "source": {"component": "difftrain-operator"},
+                "reportingComponent": "difftrain-operator",
+            },
+        )  # fmt: skip
+
+    async def delete_training_job(self, namespace: str, name: str) -> None:
+        path = self._collection(API_VERSION, KIND, namespace)
+        await self._call("DELETE", f"{path}/{name}", query=[("propagationPolicy", "Background")])
