@@ -44,6 +44,13 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    from difftrain.operator.main import run
+
+    run(args.namespace, args.resync_seconds, args.metrics_port, args.health_port)
+    return 0
+
+
 def _writer(render: Callable[[], str]) -> Callable[[argparse.Namespace], int]:
     def write(args: argparse.Namespace) -> int:
         text = render()
@@ -85,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--attempt", type=int, default=1, help="gang attempt (default 1)")
     render.add_argument("--image", help="trainer image when the job names none")
     render.set_defaults(run=_render)
+
+    operator = commands.add_parser(
+        "operator",
+        help="run the operator",
+        description="Reconcile DiffusionTrainingJobs into gangs of torchrun pods. Uses the "
+        "in-cluster service account, or the current kubeconfig context.",
+    )
+    operator.add_argument(
+        "--namespace", action="append", default=[], metavar="NS",
+        help="watch this namespace (repeatable); all namespaces when absent",
+    )  # fmt: skip
+    operator.add_argument(
+        "--resync-seconds", type=float, default=30.0,
+        help="how often every job is reconciled regardless of events",
+    )  # fmt: skip
+    operator.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics")
+    operator.add_argument("--health-port", type=int, default=8081, help="liveness /healthz")
+    operator.set_defaults(run=_operator)
 
     for name, path, render, what in (
         ("crd", CRD_PATH, render_crd, "the CustomResourceDefinition"),
