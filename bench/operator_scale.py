@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,18 +24,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kmock import Server  # noqa: E402
-
-from tests.builders import job  # noqa: E402
-from tests.kube_emulator import ApiServer  # noqa: E402
+from kmock import Server
+from tests.builders import job
+from tests.kube_emulator import ApiServer
+from tests.net import free_port
 
 JOBS = "/apis/difftrain.io/v1alpha1/namespaces/bench/diffusiontrainingjobs"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _one_run(count: int) -> dict:
@@ -51,7 +44,7 @@ async def _one_run(count: int) -> dict:
         }))  # fmt: skip
         operator = subprocess.Popen(
             [sys.executable, "-m", "difftrain.cli", "operator", "--resync-seconds", "3600",
-             "--metrics-port", str(_free_port()), "--health-port", str(_free_port())],
+             "--metrics-port", str(free_port()), "--health-port", str(free_port())],
             env={**os.environ, "KUBECONFIG": str(folder / "kubeconfig")},
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -62,8 +55,9 @@ async def _one_run(count: int) -> dict:
 
             async def create(index: int) -> None:
                 body = job({"metadata": {"name": f"job-{index}"}})
-                async with session.post(JOBS, data=json.dumps(body),
-                                        headers={"Content-Type": "application/json"}) as r:
+                async with session.post(
+                    JOBS, data=json.dumps(body), headers={"Content-Type": "application/json"}
+                ) as r:
                     assert r.status == 201, await r.text()
 
             await asyncio.gather(*(create(i) for i in range(count)))
@@ -73,7 +67,7 @@ async def _one_run(count: int) -> dict:
         elapsed = time.perf_counter() - started
         requests = len(list(k8s)) - before - count  # the benchmark's own creates excluded
         operator.terminate()
-        _, status, usage = await asyncio.to_thread(os.wait4, operator.pid, 0)
+        _, _, usage = await asyncio.to_thread(os.wait4, operator.pid, 0)
         return {
             "jobs": count,
             "seconds": elapsed,

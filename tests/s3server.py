@@ -6,7 +6,6 @@ work, and unknown keys are refused (``InvalidAccessKeyId``).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 
 import boto3
+
+from tests.net import free_port
 
 # moto lets this many requests through unauthenticated: enough to create the users.
 _SETUP_REQUESTS = 7
@@ -55,14 +56,8 @@ class S3Server:
         return name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_s3_server() -> S3Server:
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(_SETUP_REQUESTS))
     process = subprocess.Popen(

@@ -2,7 +2,6 @@
 liveness endpoint."""
 
 import asyncio
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -10,16 +9,11 @@ import urllib.request
 import pytest
 import yaml
 
+from tests.net import free_port
 from tests.operator.conftest import eventually
 from tests.operator.test_operator import DTJ, _get, create
 
 pytestmark = pytest.mark.asyncio
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _fetch(url: str) -> str | None:
@@ -38,7 +32,7 @@ async def test_operator_command_reconciles_and_serves_metrics(k8s, tmp_path):
         "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
         "users": [{"name": "test", "user": {"token": "test-token"}}],
     }))  # fmt: skip
-    metrics, health = _free_port(), _free_port()
+    metrics, health = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "difftrain.cli", "operator", "--resync-seconds", "1",
          "--metrics-port", str(metrics), "--health-port", str(health)],

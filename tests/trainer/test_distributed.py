@@ -1,17 +1,11 @@
 """Two torchrun "nodes" on this machine (gloo) train one model together."""
 
 import re
-import socket
 import subprocess
 import sys
 
+from tests.net import free_port
 from tests.trainer import runner
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder, trainer_cache):
@@ -26,7 +20,7 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
             "resources": {"nodes": 2},
         },
     )
-    port = _free_port()
+    port = free_port()
     nodes = []
     for rank in range(2):
         work = tmp_path / f"node{rank}"  # each node (pod) has its own disks
