@@ -19,7 +19,7 @@ import yaml
 from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, action
 
 VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
-RESOURCES = {
+RESOURCES = {  # path: (kind, subresources, namespaced)
     "difftrain.io/v1alpha1/diffusiontrainingjobs": ("DiffusionTrainingJob", {"status"}),
     "v1/configmaps": ("ConfigMap", set()),
     "v1/services": ("Service", set()),
@@ -27,6 +27,7 @@ RESOURCES = {
     "v1/events": ("Event", set()),
     "batch/v1/jobs": ("Job", {"status"}),
 }
+CLUSTER_RESOURCES = {"v1/namespaces": "Namespace"}  # Kopf looks for it at start-up
 
 
 @attrs.define(kw_only=True)
@@ -40,6 +41,10 @@ class ApiServer(KubernetesEmulator):
                 kind=kind, singular=kind.lower(), namespaced=True, verbs=VERBS,
                 subresources=subresources,
             )  # fmt: skip
+        for path, kind in CLUSTER_RESOURCES.items():
+            self.resources[path] = ResourceInfo(
+                kind=kind, singular=kind.lower(), namespaced=False, verbs=VERBS
+            )
 
     def _version(self) -> str:
         return str(next(self._versions))

@@ -13,7 +13,9 @@ from difftrain.operator.metrics import OperatorMetrics
 from difftrain.operator.reconcile import Controller
 from tests.kube_emulator import ApiServer
 
-RESYNC_SECONDS = 0.3
+# Long enough that tests see what events alone trigger; a test that needs the periodic
+# resync (time-based transitions) asks for a short one with @pytest.mark.resync(seconds).
+RESYNC_SECONDS = 3600.0
 
 
 @pytest_asyncio.fixture
@@ -27,8 +29,8 @@ class Operator:
     """The real operator (Kopf, handlers, controller) in a thread of its own: Kopf cancels
     the tasks of its event loop when it stops, and the emulator must keep serving."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, resync_seconds: float = RESYNC_SECONDS):
+        self.url, self.resync_seconds = url, resync_seconds
         self.metrics = OperatorMetrics()
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -38,7 +40,7 @@ class Operator:
         configure(settings)
         settings.watching.connect_timeout = 5
         settings.networking.request_timeout = 10
-        register(registry, RESYNC_SECONDS)
+        register(registry, self.resync_seconds)
 
         @kopf.on.login(registry=registry)
         def login(**_):
@@ -62,8 +64,10 @@ class Operator:
 
 
 @pytest_asyncio.fixture
-async def operator(k8s):
-    running = Operator(str(k8s.url).rstrip("/"))
+async def operator(k8s, request):
+    marker = request.node.get_closest_marker("resync")
+    resync = marker.args[0] if marker else RESYNC_SECONDS
+    running = Operator(str(k8s.url).rstrip("/"), resync)
     await running.start()
     yield running
     if running._thread.is_alive():

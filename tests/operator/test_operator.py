@@ -127,7 +127,7 @@ async def test_dataset_error_fails_without_restart(k8s, operator):
     await eventually(lambda: phase_of(k8s) == "Failed")
     assert condition(k8s, "Failed")["reason"] == "DatasetError"
     assert condition(k8s, "Failed")["message"] == "the dataset has no images"
-    await asyncio.sleep(0.5)  # a resync or two
+    await asyncio.sleep(0.5)  # time for a wrong restart to show
     assert _get(k8s, "batch/v1/jobs", "demo-a2") is None
     assert operator.metrics.failures.labels(reason="DatasetError")._value.get() == 1
 
@@ -199,6 +199,7 @@ async def test_kueue_admission_is_left_to_kueue(k8s, operator):
     assert _get(k8s, "batch/v1/jobs", "demo-a1")["spec"]["suspend"] is False
 
 
+@pytest.mark.resync(0.3)  # the TTL runs out with no event to say so
 async def test_ttl_deletes_the_finished_job(k8s, operator):
     await create(k8s, spec={"runPolicy": {"ttlSecondsAfterFinished": 0}})
     await eventually(lambda: _get(k8s, "batch/v1/jobs", "demo-a1"))

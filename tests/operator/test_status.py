@@ -208,3 +208,20 @@ def test_unschedulable_is_a_condition_not_a_failure():
         "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
     )
     assert {c["type"]: c["status"] for c in scheduled["conditions"]}["Unschedulable"] == "False"
+
+
+def test_restarting_lasts_until_the_new_attempt_runs_and_keeps_its_cause():
+    spec = load_job(job())
+    failed = observe(batch_job(FAILED), [pod("Failed", 137, reason="OOMKilled")], NOW)
+    restarting, action = next_status(spec, {"attempt": 1, "restarts": 0}, failed, NOW)
+    restarting = {**restarting, "attempt": 2, "restarts": 1}  # what the controller records
+
+    starting, _ = next_status(spec, restarting, observe(batch_job(), [pod("Pending")], NOW), NOW)
+    running, _ = next_status(spec, starting, observe(batch_job(), [pod()], NOW), NOW)
+
+    assert action == "restart"
+    assert starting["phase"] == "Restarting"
+    cause = next(c for c in starting["conditions"] if c["type"] == "Restarting")
+    assert (cause["status"], cause["reason"]) == ("True", "OOMKilled")
+    assert running["phase"] == "Running"
+    assert {c["type"]: c["status"] for c in running["conditions"]}["Restarting"] == "False"

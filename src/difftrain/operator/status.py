@@ -181,6 +181,8 @@ def _phase_and_action(job: DiffusionTrainingJob, status: dict, seen: Observation
         return "Suspended", "Suspended", seen.reason, seen.message, "none"
     if seen.state == "waiting":
         return "Pending", "Suspended", seen.reason, seen.message, "none"
+    if restarts:  # a new attempt is starting: still restarting until it runs
+        return "Restarting", "Restarting", seen.reason, seen.message, "none"
     return "Pending", None, seen.reason, seen.message, "none"
 
 
@@ -200,6 +202,9 @@ def next_status(
     wanted["Unschedulable"] = seen.reason == "Unschedulable"
     for kind, true in wanted.items():
         old = next((c for c in conditions if c["type"] == kind), None)
+        still_true = true and old and old["status"] == "True"
+        if still_true and seen.state != "failed":
+            continue  # keep why it became true (e.g. the failure behind a restart)
         if true or (old and old["status"] == "True"):  # set, or clear one that was set
             conditions = set_condition(conditions, kind, true, reason, message, now, generation)
     if seen.state == "pending":  # say what Running waits for
