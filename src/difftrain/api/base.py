@@ -17,8 +17,6 @@ class ApiModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         strict=True,
-        validate_default=False,
-        use_attribute_docstrings=False,
     )
 
 
