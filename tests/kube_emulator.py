@@ -17,6 +17,7 @@ import attrs
 import jsonpatch
 import yaml
 from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, action
+from kmock._internal import parsing
 
 VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
 RESOURCES = {  # path: (kind, subresources, namespaced)
@@ -28,6 +29,23 @@ RESOURCES = {  # path: (kind, subresources, namespaced)
     "batch/v1/jobs": ("Job", {"status"}),
 }
 CLUSTER_RESOURCES = {"v1/namespaces": "Namespace"}  # Kopf looks for it at start-up
+
+
+_parse_path = parsing.parse_path
+
+
+def _parse_namespaces(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads ``/api/v1/namespaces[/NAME]`` as the start of a namespaced path and
+    fails; it is the cluster-scoped Namespace resource (Kopf watches it when it serves
+    chosen namespaces)."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath("", "v1", "namespaces", None, name, None)
+    return _parse_path(path)
+
+
+parsing.parse_path = _parse_namespaces  # kmock looks it up at each request
 
 
 @attrs.define(kw_only=True)

@@ -29,8 +29,8 @@ class Operator:
     """The real operator (Kopf, handlers, controller) in a thread of its own: Kopf cancels
     the tasks of its event loop when it stops, and the emulator must keep serving."""
 
-    def __init__(self, url: str, resync_seconds: float = RESYNC_SECONDS):
-        self.url, self.resync_seconds = url, resync_seconds
+    def __init__(self, url: str, resync_seconds: float = RESYNC_SECONDS, namespaces=()):
+        self.url, self.resync_seconds, self.namespaces = url, resync_seconds, list(namespaces)
         self.metrics = OperatorMetrics()
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
@@ -40,7 +40,7 @@ class Operator:
         configure(settings)
         settings.watching.connect_timeout = 5
         settings.networking.request_timeout = 10
-        register(registry, self.resync_seconds)
+        register(registry, self.resync_seconds, self.namespaces)
 
         @kopf.on.login(registry=registry)
         def login(**_):
@@ -51,7 +51,8 @@ class Operator:
         self._thread = threading.Thread(
             target=kopf.run, daemon=True,
             kwargs={"registry": registry, "settings": settings, "standalone": True,
-                    "clusterwide": True, "stop_flag": self._stop, "ready_flag": ready,
+                    "clusterwide": not self.namespaces, "namespaces": self.namespaces,
+                    "stop_flag": self._stop, "ready_flag": ready,
                     "memo": kopf.Memo(controller=controller)},
         )  # fmt: skip
         self._thread.start()

@@ -7,7 +7,7 @@ import aiohttp
 import pytest
 
 from tests.builders import job
-from tests.operator.conftest import eventually
+from tests.operator.conftest import Operator, eventually
 
 NS = "ml"
 DTJ = "difftrain.io/v1alpha1/diffusiontrainingjobs"
@@ -32,9 +32,9 @@ async def _send(k8s, method: str, path: str, body=None, content_type="applicatio
             return await response.json()
 
 
-async def create(k8s, name="demo", spec=None, patch=None):
+async def create(k8s, name="demo", spec=None, patch=None, namespace=NS):
     manifest = job({"metadata": {"name": name, **(patch or {})}}, spec=spec)
-    return await _send(k8s, "POST", JOBS, manifest)
+    return await _send(k8s, "POST", JOBS.replace(f"/{NS}/", f"/{namespace}/"), manifest)
 
 
 async def job_status(k8s, name: str, conditions: list[tuple[str, str]], active: int = 0):
@@ -249,3 +249,24 @@ async def test_a_burst_of_jobs_all_get_children(k8s, operator):
     await eventually(lambda: all(_get(k8s, "batch/v1/jobs", f"{n}-a1") for n in names), 60)
     await eventually(lambda: all(phase_of(k8s, n) == "Pending" for n in names), 30)
     assert operator.metrics.jobs.labels(phase="Pending")._value.get() == 50
+
+
+async def test_an_operator_for_some_namespaces_leaves_the_others_alone(k8s):
+    for namespace in (NS, "other"):
+        k8s.objects["v1/namespaces", None, namespace] = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": namespace},
+        }
+    running = Operator(str(k8s.url).rstrip("/"), resync_seconds=0.2, namespaces=[NS])
+    await running.start()
+    try:
+        await create(k8s, "mine")
+        await create(k8s, "theirs", namespace="other")
+
+        await eventually(lambda: _get(k8s, "batch/v1/jobs", "mine-a1"))
+        await asyncio.sleep(0.6)  # a few resyncs too
+        assert _get(k8s, "batch/v1/jobs", "theirs-a1", namespace="other") is None
+        assert "status" not in _get(k8s, DTJ, "theirs", namespace="other")
+    finally:
+        await running.stop()

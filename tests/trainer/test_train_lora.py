@@ -155,3 +155,22 @@ def test_tiny_sdxl_lora_with_buckets_runs_end_to_end(tmp_path, trainer_cache, sh
     assert (_sample(pipeline) - before).abs().max() > 1e-4
     keys = load_file(model / "test-job.safetensors")
     assert {k.split("_", 2)[1] for k in keys} == {"unet", "te1", "te2"}
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, trainer_cache, shapes_folder):
+    config = runner.write_config(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{tmp_path}/out"},
+            "training": {"steps": 3, "batchSize": 2, "gradientAccumulationSteps": 3},
+        },
+    )
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    position = tmp_path / "out" / "checkpoints" / "step-00000003" / "position.json"
+    assert json.loads(position.read_text()) == {"step": 3, "epoch": 0, "batch": 9}
+    steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in steps] == [1, 2, 3]

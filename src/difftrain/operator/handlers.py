@@ -26,8 +26,11 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING
 
 
-def register(registry: kopf.OperatorRegistry, resync_seconds: float) -> None:
-    """Register the handlers on ``registry``; they find the Controller in ``memo.controller``."""
+def register(
+    registry: kopf.OperatorRegistry, resync_seconds: float, namespaces: list[str] | None = None
+) -> None:
+    """Register the handlers on ``registry``; they find the Controller in ``memo.controller``.
+    ``namespaces`` limits the resync as Kopf's own namespaces limit the watches."""
 
     @kopf.on.event(*RESOURCE, registry=registry)
     async def job_changed(type, body, memo, **_):
@@ -48,7 +51,7 @@ def register(registry: kopf.OperatorRegistry, resync_seconds: float) -> None:
 
     @kopf.on.startup(registry=registry)
     async def start_resync(memo, **_):
-        memo.resync = asyncio.create_task(_resync_forever(memo, resync_seconds))
+        memo.resync = asyncio.create_task(_resync_forever(memo, resync_seconds, namespaces))
 
     @kopf.on.cleanup(registry=registry)
     async def stop_resync(memo, **_):
@@ -62,11 +65,15 @@ async def _reconcile(memo, namespace: str, name: str) -> None:
         log.exception("reconciling %s/%s failed", namespace, name)
 
 
-async def _resync_forever(memo, every: float) -> None:
+async def _resync_forever(memo, every: float, namespaces: list[str] | None) -> None:
+    kube = memo.controller.kube
     while True:
         await asyncio.sleep(every)
         try:
-            jobs = await memo.controller.kube.list_training_jobs()
+            if namespaces:
+                jobs = [j for ns in namespaces for j in await kube.list_training_jobs(ns)]
+            else:
+                jobs = await kube.list_training_jobs()
         except Exception:
             log.exception("listing DiffusionTrainingJobs failed")
             continue

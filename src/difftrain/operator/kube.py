@@ -124,9 +124,14 @@ class Kube:
     async def get_training_job(self, namespace: str, name: str) -> dict | None:
         return await self._get(f"{self._collection(API_VERSION, KIND, namespace)}/{name}")
 
-    async def list_training_jobs(self) -> list[dict]:
-        """Every DiffusionTrainingJob the operator watches (all namespaces)."""
-        found = await self._call("GET", f"/apis/{API_VERSION}/{PLURAL}")
+    async def list_training_jobs(self, namespace: str | None = None) -> list[dict]:
+        """The DiffusionTrainingJobs of ``namespace``, or of all namespaces."""
+        path = (
+            self._collection(API_VERSION, KIND, namespace)
+            if namespace
+            else f"/apis/{API_VERSION}/{PLURAL}"
+        )
+        found = await self._call("GET", path)
         return found.get("items", []) if found else []
 
     async def patch_status(self, namespace: str, name: str, status: dict) -> None:

@@ -28,7 +28,7 @@ def run(namespaces: list[str], resync_seconds: float, metrics_port: int, health_
     )
     registry, settings = kopf.OperatorRegistry(), kopf.OperatorSettings()
     configure(settings)
-    register(registry, resync_seconds)
+    register(registry, resync_seconds, namespaces)
     kopf.on.login(registry=registry)(kopf.login_via_client)
     metrics = OperatorMetrics()
     start_http_server(metrics_port, registry=metrics.registry)
