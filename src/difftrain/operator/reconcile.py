@@ -131,9 +131,12 @@ class Controller:
             condition = _latest(new)
             kind = "Warning" if new["phase"] in ("Failed", "Restarting") else "Normal"
             reason = condition.get("reason", new["phase"])
-            await self.kube.post_event(
-                body, kind, reason, condition.get("message", ""), _stamp(now)
-            )
+            try:
+                await self.kube.post_event(
+                    body, kind, reason, condition.get("message", ""), _stamp(now)
+                )
+            except Exception:  # an Event is a courtesy: never fail a reconcile over it
+                log.warning("could not post an event for %s/%s", namespace, name, exc_info=True)
             if new["phase"] == "Failed":
                 self.metrics.failures.labels(reason=reason).inc()
 
