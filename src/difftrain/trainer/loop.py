@@ -175,8 +175,11 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
         training.mixed_precision, torch.float32
     )
     components.vae.to(accelerator.device, dtype=frozen_dtype)
+    trained = [id(module) for module in trainable.modules.values()]
     for encoder in components.text_encoders:
-        encoder.to(accelerator.device, dtype=torch.float32 if trainable.lora else frozen_dtype)
+        encoder.to(
+            accelerator.device, dtype=torch.float32 if id(encoder) in trained else frozen_dtype
+        )
     groups = [
         {
             "params": trainable.parameters(name),
