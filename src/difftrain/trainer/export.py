@@ -12,7 +12,6 @@ from difftrain import __version__
 from difftrain.api.config import TrainerConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DIFFUSERS_LORA = "pytorch_lora_weights.safetensors"
 
 
 def formats_for(config: TrainerConfig) -> list[str]:
