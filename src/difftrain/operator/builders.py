@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from difftrain import __version__
+from difftrain.api.cluster import GPU_RESOURCE
 from difftrain.api.config import TrainerConfig
 from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob, pod_hostname
 from difftrain.operator.quantity import format_bytes, parse_quantity
@@ -18,7 +19,6 @@ CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9400
 CONFIG_MOUNT = "/etc/difftrain"
-GPU_RESOURCE = "nvidia.com/gpu"
 # Long enough for the trainer to finish its step and upload a checkpoint on SIGTERM.
 GRACE_SECONDS = 300
 DEFAULT_SHM = Decimal(8 * 2**30)
