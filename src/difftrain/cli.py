@@ -44,6 +44,14 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset_shapes(args: argparse.Namespace) -> int:
+    from difftrain.shapes import write_dataset
+
+    folder = write_dataset(Path(args.folder), args.count, args.size)
+    print(f"wrote {args.count} images and captions to {folder} (images/ + captions/)")
+    return 0
+
+
 def _operator(args: argparse.Namespace) -> int:
     from difftrain.operator.main import run
 
@@ -92,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--attempt", type=int, default=1, help="gang attempt (default 1)")
     render.add_argument("--image", help="trainer image when the job names none")
     render.set_defaults(run=_render)
+
+    dataset = commands.add_parser("dataset", help="write a built-in dataset to a folder")
+    kinds = dataset.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    shapes = kinds.add_parser(
+        "shapes",
+        help="coloured shapes with captions (builtin:shapes)",
+        description="Write the deterministic builtin:shapes dataset in the images/ + "
+        "captions/ layout, e.g. to upload it to S3 and train on it like your own data.",
+    )
+    shapes.add_argument("folder", metavar="DIR")
+    shapes.add_argument("--count", type=int, default=2048, help="images (default 2048)")
+    shapes.add_argument("--size", type=int, default=64, help="side in pixels (default 64)")
+    shapes.set_defaults(run=_dataset_shapes)
 
     operator = commands.add_parser(
         "operator",

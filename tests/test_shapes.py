@@ -1,0 +1,30 @@
+"""The builtin:shapes dataset and `difftrain dataset shapes`."""
+
+from PIL import Image
+
+from difftrain.cli import main
+from difftrain.shapes import BACKGROUNDS, COLOURS, render
+
+
+def test_images_are_deterministic_and_match_their_captions():
+    image, caption = render(7, size=32)
+    again, same = render(7, size=32)
+
+    assert (image.tobytes(), caption) == (again.tobytes(), same)
+    colour, shape, background = caption.split()[1], caption.split()[2], caption.split()[-2]
+    assert shape in ("circle", "square", "triangle")
+    pixels = {image.getpixel((x, y)) for x in range(32) for y in range(32)}
+    assert COLOURS[colour] in pixels and BACKGROUNDS[background] in pixels
+
+
+def test_dataset_command_writes_the_images_and_captions_layout(tmp_path, capsys):
+    assert (
+        main(["dataset", "shapes", str(tmp_path / "shapes"), "--count", "5", "--size", "16"]) == 0
+    )
+
+    images = sorted((tmp_path / "shapes" / "images").iterdir())
+    captions = sorted((tmp_path / "shapes" / "captions").iterdir())
+    assert [p.stem for p in images] == [p.stem for p in captions] == [f"00000{i}" for i in range(5)]
+    assert Image.open(images[0]).size == (16, 16)
+    assert captions[0].read_text() == render(0)[1] + "\n"
+    assert "wrote 5 images" in capsys.readouterr().out
