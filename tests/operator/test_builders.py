@@ -63,7 +63,7 @@ def test_torchrun_contract():
     assert trainer["metadata"]["name"] == "sdxl-finetune-16gpu-a3"
     assert (trainer["spec"]["completions"], trainer["spec"]["parallelism"]) == (2, 2)
     assert trainer["spec"]["completionMode"] == "Indexed"
-    assert pod["containers"][0]["command"] == ["torchrun", "--module", "difftrain.trainer"]
+    assert pod["containers"][0]["command"] == ["python", "-m", "difftrain.launch"]
     assert {k: env[k] for k in env if k.startswith("PET_")} == {
         "PET_NNODES": "2",
         "PET_NPROC_PER_NODE": "8",

@@ -25,10 +25,9 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
     for rank in range(2):
         work = tmp_path / f"node{rank}"  # each node (pod) has its own disks
         command = [
-            sys.executable, "-m", "torch.distributed.run",
+            sys.executable, "-m", "difftrain.launch",  # the pods' entry point (torchrun)
             "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
             "--master_addr=127.0.0.1", f"--master_port={port}",
-            "--module", "difftrain.trainer",
         ]  # fmt: skip
         env = runner.trainer_env(config, work, work / "cache")
         nodes.append(

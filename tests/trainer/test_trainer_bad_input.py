@@ -3,9 +3,12 @@ in the log and in the termination log the operator reads."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
+from tests.net import free_port
 from tests.trainer import runner
 
 
@@ -188,3 +191,24 @@ def test_missing_config_variable(tmp_path, trainer_cache):
 
     assert code == 2
     assert "DIFFTRAIN_CONFIG is not set" in log
+
+
+def test_pod_entry_point_keeps_the_trainers_exit_code(tmp_path, trainer_cache):
+    """torchrun alone exits 1 for any failed worker; the pods' launcher passes 3 through."""
+    (tmp_path / "empty").mkdir()
+    config = runner.write_config(
+        tmp_path,
+        {"dataset": {"uri": f"file://{tmp_path}/empty"},
+         "output": {"uri": f"file://{tmp_path}/out"}},
+    )  # fmt: skip
+    env = runner.trainer_env(config, tmp_path, trainer_cache, {
+        "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
+        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port()),
+    })  # fmt: skip
+
+    result = subprocess.run([sys.executable, "-m", "difftrain.launch"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    reason = json.loads((tmp_path / "termination-log").read_text())
+    assert reason["reason"] == "DatasetError"

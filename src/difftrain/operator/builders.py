@@ -176,8 +176,9 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": resources.image_pull_policy or defaults.image_pull_policy,
+        # torchrun --module difftrain.trainer, keeping the trainer's exit code (launch.py).
         # Prompts, URIs and names reach the trainer only through the config file: no shell.
-        "command": ["torchrun", "--module", "difftrain.trainer"],
+        "command": ["python", "-m", "difftrain.launch"],
         "env": _env(job, attempt, image),
         "ports": [
             {"name": "metrics", "containerPort": METRICS_PORT},

@@ -73,7 +73,8 @@ def failure(pods: list[dict]) -> Observation:
             continue
         code = terminated.get("exitCode")
         reason, message = _trainer_message(terminated)
-        if code in PERMANENT_REASONS:
+        # The trainer's own reason counts even if a launcher changed the exit code.
+        if code in PERMANENT_REASONS or reason in PERMANENT_REASONS.values():
             return Observation("failed", reason or PERMANENT_REASONS[code], message, True)
         if terminated.get("reason") == "OOMKilled":
             return Observation("failed", "OOMKilled", message or "the trainer ran out of memory")
