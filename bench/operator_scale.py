@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kmock import Server
 from tests.builders import job
 from tests.kube_emulator import ApiServer
-from tests.net import free_port
+
+from difftrain.local import free_port
 
 JOBS = "/apis/difftrain.io/v1alpha1/namespaces/bench/diffusiontrainingjobs"
 

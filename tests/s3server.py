@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import boto3
 
-from tests.net import free_port
+from difftrain.local import free_port
 
 # moto lets this many requests through unauthenticated: enough to create the users.
 _SETUP_REQUESTS = 7

@@ -44,6 +44,26 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from difftrain import local
+
+    problems = check_file(Path(args.file))
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return InvalidSpec.exit_code
+    documents = read_documents(Path(args.file).read_text(encoding="utf-8"), args.file)
+    if len(documents) != 1:
+        print(f"{args.file}: holds {len(documents)} jobs; run one at a time", file=sys.stderr)
+        return InvalidSpec.exit_code
+    job = local.with_nodes(load_job(documents[0].data), args.nodes)
+    try:
+        return local.run(job, Path(args.workdir), local.free_port())
+    except InvalidSpec as error:
+        print(error, file=sys.stderr)
+        return error.exit_code
+
+
 def _dataset_shapes(args: argparse.Namespace) -> int:
     from difftrain.shapes import write_dataset
 
@@ -100,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--attempt", type=int, default=1, help="gang attempt (default 1)")
     render.add_argument("--image", help="trainer image when the job names none")
     render.set_defaults(run=_render)
+
+    run = commands.add_parser(
+        "run",
+        help="run a job on this machine",
+        description="Run the job in FILE here, one local process per node, launched as its "
+        "pods would be. Ctrl-C checkpoints; running again resumes.",
+    )
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--nodes", type=int, help="override spec.resources.nodes")
+    run.add_argument("--workdir", default=".difftrain",
+                     help="local scratch, cache and config (default .difftrain)")  # fmt: skip
+    run.set_defaults(run=_run)
 
     dataset = commands.add_parser("dataset", help="write a built-in dataset to a folder")
     kinds = dataset.add_subparsers(dest="dataset", required=True, metavar="DATASET")

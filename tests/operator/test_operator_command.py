@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 import yaml
 
-from tests.net import free_port
+from difftrain.local import free_port
 from tests.operator.conftest import eventually
 from tests.operator.test_operator import DTJ, _get, create
 

@@ -4,7 +4,7 @@ import re
 import subprocess
 import sys
 
-from tests.net import free_port
+from difftrain.local import free_port
 from tests.trainer import runner
 
 

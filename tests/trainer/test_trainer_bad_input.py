@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.net import free_port
+from difftrain.local import free_port
 from tests.trainer import runner
 
 

@@ -1,0 +1,131 @@
+"""``difftrain run``: a job on this machine, launched exactly as its pods would be.
+
+The operator's builder renders the job's Job; each completion index becomes a local
+process running the pod's container command with the pod's environment, resolved here:
+the completion index for the node rank, this machine's environment for Secret keys,
+local folders for the pod's volumes, and 127.0.0.1 with a free port for the rendezvous.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from difftrain.api.job import DiffusionTrainingJob
+from difftrain.errors import InvalidSpec
+from difftrain.operator.builders import COMPLETION_INDEX, Defaults, children
+
+PERMANENT = (2, 3, 4)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def with_nodes(job: DiffusionTrainingJob, nodes: int | None) -> DiffusionTrainingJob:
+    if not nodes:
+        return job
+    resources = job.spec.resources.model_copy(update={"nodes": nodes})
+    return job.model_copy(update={"spec": job.spec.model_copy(update={"resources": resources})})
+
+
+def node_environment(container: dict, index: int, folders: dict[str, Path], port: int) -> dict:
+    """The pod's environment for node ``index``, resolved for this machine."""
+    mounts = {m["mountPath"]: folders[m["name"]] for m in container["volumeMounts"]
+              if m["name"] in folders}  # fmt: skip
+    env = dict(os.environ)
+    for entry in container["env"]:
+        name = entry["name"]
+        if "value" in entry:
+            env[name] = _local_path(entry["value"], mounts)
+        elif entry["valueFrom"].get("fieldRef", {}).get("fieldPath") == COMPLETION_INDEX:
+            env[name] = str(index)
+        elif "secretKeyRef" in entry["valueFrom"]:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            if name not in os.environ and not ref.get("optional"):
+                raise InvalidSpec(
+                    f"{name} is not set: in a cluster it comes from key {ref['key']} of Secret "
+                    f"{ref['name']} (spec.storage.secretRef); export {name} to run here"
+                )
+        else:
+            raise InvalidSpec(f"cannot resolve {name} outside a cluster: {entry['valueFrom']}")
+    env.update(
+        PET_MASTER_ADDR="127.0.0.1",
+        PET_MASTER_PORT=str(port),
+        DIFFTRAIN_TERMINATION_LOG=str(folders["scratch"] / "termination-log"),
+    )
+    return env
+
+
+def _local_path(value: str, mounts: dict[str, Path]) -> str:
+    for mount, folder in mounts.items():
+        if value == mount or value.startswith(mount + "/"):
+            return str(folder) + value[len(mount) :]
+    return value
+
+
+def _stream(process: subprocess.Popen, prefix: str) -> None:
+    for line in process.stdout:
+        sys.stdout.write(f"{prefix}{line}")
+        sys.stdout.flush()
+
+
+def combined_exit_code(codes: list[int]) -> int:
+    """One code for all nodes: a permanent failure first, then any failure."""
+    for code in codes:
+        if code in PERMANENT:
+            return code
+    return next((code for code in codes if code), 0)
+
+
+def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
+    """Run ``job`` with one local process per node; the exit code of the contract."""
+    config_map, _, trainer_job = children(job, attempt=1, defaults=Defaults())
+    container = trainer_job["spec"]["template"]["spec"]["containers"][0]
+    base = workdir / job.metadata.name
+    (base / "config").mkdir(parents=True, exist_ok=True)
+    (base / "config" / "job.json").write_text(config_map["data"]["job.json"])
+    command = [sys.executable if part == "python" else part for part in container["command"]]
+    processes = []
+    for index in range(job.spec.resources.nodes):
+        node = base / f"node{index}"
+        folders = {"config": base / "config", "scratch": node / "scratch",
+                   "cache": base / "cache", "tmp": node / "tmp"}  # fmt: skip
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        env = node_environment(container, index, folders, port)
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        reader = threading.Thread(target=_stream, args=(process, f"[node {index}] "), daemon=True)
+        reader.start()
+        processes.append((process, reader, folders["scratch"] / "termination-log"))
+    stopping = threading.Event()
+
+    def stop(*_):  # Ctrl-C or SIGTERM: every node checkpoints, as on preemption
+        if not stopping.is_set():
+            stopping.set()
+            print("stopping: the trainer writes a checkpoint first; run again to resume",
+                  file=sys.stderr)  # fmt: skip
+            for process, _, _ in processes:
+                process.send_signal(signal.SIGTERM)
+
+    # Installed explicitly: a shell may start this process with SIGINT ignored.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        codes = [process.wait() for process, _, _ in processes]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for (_, reader, termination), code in zip(processes, codes, strict=True):
+        reader.join(timeout=5)
+        if code and termination.exists():
+            reason = json.loads(termination.read_text())
+            print(f"{reason['reason']}: {reason['message']}", file=sys.stderr)
+    return combined_exit_code(codes)

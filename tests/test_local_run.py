@@ -1,0 +1,118 @@
+"""`difftrain run`: the job's pods as local processes, launched as the operator would."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from difftrain.api.validation import load_job
+from difftrain.local import combined_exit_code, node_environment
+from difftrain.operator.builders import Defaults, children
+from tests.builders import job, merge
+from tests.trainer.runner import FAST_SPEC
+
+
+def _manifest(tmp_path, spec: dict) -> dict:
+    return job({"metadata": {"name": "local"}}, spec=merge(FAST_SPEC, spec))
+
+
+def _difftrain_run(tmp_path, manifest, *args, env=None, popen=False):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    command = [sys.executable, "-m", "difftrain.cli", "run", str(path),
+               "--workdir", str(tmp_path / "work"), *args]  # fmt: skip
+    full_env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if popen:
+        return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_local_nodes_train_together(tmp_path, shapes_folder):
+    output = tmp_path / "out"
+    manifest = _manifest(tmp_path, {
+        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
+        "training": {"steps": 3}, "checkpoints": {"everySteps": 3}})  # fmt: skip
+
+    result = _difftrain_run(tmp_path, manifest, "--nodes", "2")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    checkpoint = output / "checkpoints" / "step-00000003"
+    assert {"rng-0.pt", "rng-1.pt", "COMPLETE"} <= {p.name for p in checkpoint.iterdir()}
+    assert (output / "model" / "difftrain.json").exists()
+    assert "[node 0] " in result.stdout and "[node 1] " in result.stdout
+    assert result.stdout.count("model exported") == 1
+
+
+def test_trainer_failure_is_reported_with_its_exit_code(tmp_path):
+    (tmp_path / "empty").mkdir()
+    manifest = _manifest(tmp_path, {"dataset": {"uri": f"file://{tmp_path}/empty"},
+                                    "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
+
+    result = _difftrain_run(tmp_path, manifest)
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "DatasetError: the dataset has no images" in result.stderr
+
+
+def test_ctrl_c_checkpoints_and_a_rerun_resumes(tmp_path, shapes_folder):
+    output = tmp_path / "out"
+    manifest = _manifest(tmp_path, {
+        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
+        "training": {"steps": 20, "batchSize": 8}, "checkpoints": {"everySteps": 100}})  # fmt: skip
+
+    process = _difftrain_run(tmp_path, manifest, popen=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "step 3/20 " in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=120)
+    log = "".join(seen) + rest
+
+    checkpoints = sorted((output / "checkpoints").iterdir())
+    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").exists(), log
+    step = json.loads((checkpoints[0] / "position.json").read_text())["step"]
+    rerun = _difftrain_run(tmp_path, manifest)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"resumed from checkpoint step {step}" in rerun.stdout
+
+
+def test_missing_secret_variable_is_named_before_anything_starts(tmp_path, monkeypatch):
+    manifest = _manifest(tmp_path, {"storage": {"secretRef": {"name": "s3-creds"}}})
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    container = children(load_job(manifest), 1, Defaults())[2]["spec"]["template"]["spec"][
+        "containers"][0]  # fmt: skip
+
+    with pytest.raises(Exception) as raised:
+        node_environment(container, 0, {"scratch": tmp_path}, 1234)
+
+    assert str(raised.value) == (
+        "AWS_ACCESS_KEY_ID is not set: in a cluster it comes from key AWS_ACCESS_KEY_ID of "
+        "Secret s3-creds (spec.storage.secretRef); export AWS_ACCESS_KEY_ID to run here"
+    )
+
+
+def test_pod_environment_is_mapped_to_this_machine(tmp_path):
+    container = children(load_job(_manifest(tmp_path, {})), 1, Defaults())[2]["spec"][
+        "template"]["spec"]["containers"][0]  # fmt: skip
+    folders = {"config": tmp_path / "config", "scratch": tmp_path / "n3", "cache": tmp_path / "c"}
+
+    env = node_environment(container, 3, folders, 4321)
+
+    assert env["PET_NODE_RANK"] == "3"
+    assert (env["PET_MASTER_ADDR"], env["PET_MASTER_PORT"]) == ("127.0.0.1", "4321")
+    assert env["DIFFTRAIN_CONFIG"] == f"{tmp_path}/config/job.json"
+    assert env["HOME"] == f"{tmp_path}/n3/home"
+    assert env["DIFFTRAIN_CACHE"] == f"{tmp_path}/c"
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"), [([0, 0], 0), ([1, 3], 3), ([143, 0], 143), ([0, 4], 4)]
+)
+def test_one_exit_code_for_all_nodes(codes, expected):
+    assert combined_exit_code(codes) == expected
