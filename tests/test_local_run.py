@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from difftrain.api.validation import load_job
-from difftrain.local import combined_exit_code, node_environment
+from difftrain.local import combined_exit_code, node_environment, progress_line, read_progress
 from difftrain.operator.builders import Defaults, children
 from tests.builders import job, merge
 from tests.trainer.runner import FAST_SPEC
@@ -80,6 +80,7 @@ def test_ctrl_c_checkpoints_and_a_rerun_resumes(tmp_path, shapes_folder):
     rerun = _difftrain_run(tmp_path, manifest)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from checkpoint step {step}" in rerun.stdout
+    assert "progress: step " in log + rerun.stderr  # read from the trainer's /metrics
 
 
 def test_missing_secret_variable_is_named_before_anything_starts(tmp_path, monkeypatch):
@@ -116,3 +117,18 @@ def test_pod_environment_is_mapped_to_this_machine(tmp_path):
 )
 def test_one_exit_code_for_all_nodes(codes, expected):
     assert combined_exit_code(codes) == expected
+
+
+def test_progress_line_from_the_trainers_metrics():
+    text = (
+        '# TYPE difftrain_step gauge\ndifftrain_step{job="a",namespace="n"} 12.0\n'
+        'difftrain_total_steps{job="a",namespace="n"} 40.0\n'
+        'difftrain_loss{job="a",namespace="n"} 0.123456\n'
+        'difftrain_images_per_second{job="a",namespace="n"} 25.06\n'
+        'difftrain_eta_seconds{job="a",namespace="n"} 72.4\n'
+    )
+
+    line = progress_line(read_progress(text))
+
+    assert line == "progress: step 12/40 (30%), loss 0.1235, 25.1 images/s, ETA 1m12s"
+    assert progress_line({}) is None

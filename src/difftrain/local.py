@@ -36,7 +36,9 @@ def with_nodes(job: DiffusionTrainingJob, nodes: int | None) -> DiffusionTrainin
     return job.model_copy(update={"spec": job.spec.model_copy(update={"resources": resources})})
 
 
-def node_environment(container: dict, index: int, folders: dict[str, Path], port: int) -> dict:
+def node_environment(
+    container: dict, index: int, folders: dict[str, Path], port: int, metrics_port: int = 0
+) -> dict:
     """The pod's environment for node ``index``, resolved for this machine."""
     mounts = {m["mountPath"]: folders[m["name"]] for m in container["volumeMounts"]
               if m["name"] in folders}  # fmt: skip
@@ -61,6 +63,8 @@ def node_environment(container: dict, index: int, folders: dict[str, Path], port
         PET_MASTER_PORT=str(port),
         DIFFTRAIN_TERMINATION_LOG=str(folders["scratch"] / "termination-log"),
     )
+    if metrics_port:  # each local "node" needs its own metrics port
+        env["DIFFTRAIN_METRICS_PORT"] = str(metrics_port)
     return env
 
 
@@ -75,6 +79,49 @@ def _stream(process: subprocess.Popen, prefix: str) -> None:
     for line in process.stdout:
         sys.stdout.write(f"{prefix}{line}")
         sys.stdout.flush()
+
+
+def read_progress(text: str) -> dict[str, float]:
+    """The trainer's gauges from a Prometheus exposition, by name without the prefix."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.name.removeprefix("difftrain_"): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("difftrain_")
+    }
+
+
+def progress_line(values: dict[str, float]) -> str | None:
+    """One line for people: step, percent, loss, throughput and ETA."""
+    if not values.get("total_steps"):
+        return None
+    step, total = int(values.get("step", 0)), int(values["total_steps"])
+    parts = [f"step {step}/{total} ({100 * step // total}%)"]
+    if "loss" in values:
+        parts.append(f"loss {values['loss']:.4f}")
+    if "images_per_second" in values:
+        parts.append(f"{values['images_per_second']:.1f} images/s")
+    if "eta_seconds" in values:
+        minutes, seconds = divmod(int(values["eta_seconds"]), 60)
+        parts.append(f"ETA {minutes}m{seconds:02d}s")
+    return "progress: " + ", ".join(parts)
+
+
+def _watch_progress(url: str, done: threading.Event, every: float = 0.5) -> None:
+    import urllib.request
+
+    last = None
+    while not done.wait(every):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                line = progress_line(read_progress(response.read().decode()))
+        except OSError:
+            continue  # not serving yet, or finished
+        if line and line != last:
+            print(line, file=sys.stderr, flush=True)
+            last = line
 
 
 def combined_exit_code(codes: list[int]) -> int:
@@ -94,18 +141,26 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
     (base / "config" / "job.json").write_text(config_map["data"]["job.json"])
     command = [sys.executable if part == "python" else part for part in container["command"]]
     processes = []
+    metrics_ports = [free_port() for _ in range(job.spec.resources.nodes)]
     for index in range(job.spec.resources.nodes):
         node = base / f"node{index}"
         folders = {"config": base / "config", "scratch": node / "scratch",
                    "cache": base / "cache", "tmp": node / "tmp"}  # fmt: skip
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-        env = node_environment(container, index, folders, port)
+        env = node_environment(container, index, folders, port, metrics_ports[index])
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
         reader = threading.Thread(target=_stream, args=(process, f"[node {index}] "), daemon=True)
         reader.start()
         processes.append((process, reader, folders["scratch"] / "termination-log"))
+    finished = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_progress,
+        args=(f"http://127.0.0.1:{metrics_ports[0]}/metrics", finished),
+        daemon=True,
+    )
+    watcher.start()
     stopping = threading.Event()
 
     def stop(*_):  # Ctrl-C or SIGTERM: every node checkpoints, as on preemption
@@ -121,6 +176,7 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
     try:
         codes = [process.wait() for process, _, _ in processes]
     finally:
+        finished.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     for (_, reader, termination), code in zip(processes, codes, strict=True):

@@ -27,6 +27,7 @@ from difftrain.trainer import checkpoint, data, export, methods, models, optim
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import encode_text, sdxl_time_ids
 from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
+from difftrain.trainer.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,11 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     accumulation = spec.training.gradient_accumulation_steps
     log_every = max(1, trainer.total_steps // 2000)
-    last_saved = position.step
+    last_saved = last_logged = position.step
+    telemetry = Telemetry(config.namespace, config.name)
+    if main:
+        telemetry.serve()
+        telemetry.update(step=position.step, total_steps=trainer.total_steps)
     micro, window_losses, tick = 0, [], time.perf_counter()
 
     def gather(value):
@@ -388,6 +393,17 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
                 }
                 metrics.append(entry)
                 trainer.losses.append(entry["loss"])
+                per_step = elapsed / (position.step - last_logged)
+                telemetry.update(
+                    step=position.step,
+                    epoch=position.epoch,
+                    loss=entry["loss"],
+                    learning_rate=entry["lr"],
+                    images_per_second=entry["imagesPerSecond"],
+                    seconds_per_step=per_step,
+                    eta_seconds=per_step * (trainer.total_steps - position.step),
+                )
+                last_logged = position.step
                 log.info("step %d/%d loss %.4f", position.step, trainer.total_steps, entry["loss"])
                 window_losses, tick = [], time.perf_counter()
             stop = _agree_to_stop(trainer)
