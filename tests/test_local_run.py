@@ -132,3 +132,32 @@ def test_progress_line_from_the_trainers_metrics():
 
     assert line == "progress: step 12/40 (30%), loss 0.1235, 25.1 images/s, ETA 1m12s"
     assert progress_line({}) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "code", "message"),
+    [
+        pytest.param({"output": {"uri": "file://{tmp}/blocker/out"}}, 4,
+                     "StorageAccessDenied: cannot write file://{tmp}/blocker/out: "
+                     "{tmp}/blocker is not a writable folder", id="unwritable-output"),
+        pytest.param({"dataset": {"uri": "s3://bucket-x/data"},
+                      "storage": {"endpoint": "http://127.0.0.1:9"}}, 1,
+                     "StorageUnavailable: list s3://bucket-x/data/: cannot reach "
+                     "http://127.0.0.1:9; check spec.storage.endpoint", id="unreachable-s3"),
+    ],
+)  # fmt: skip
+def test_storage_problems_fail_before_training(tmp_path, spec, code, message):
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    spec = json.loads(json.dumps(spec).replace("{tmp}", str(tmp_path)))
+    spec.setdefault("output", {"uri": f"file://{tmp_path}/out"})
+
+    result = _difftrain_run(
+        tmp_path,
+        _manifest(tmp_path, spec),
+        env={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+    )
+
+    assert result.returncode == code, result.stdout + result.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in result.stderr
+    assert "step 1/" not in result.stdout
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -176,3 +176,24 @@ def test_relative_file_uri_is_relative_to_cwd(tmp_path, monkeypatch):
     open_store("file://out/run").write_bytes("a.txt", b"x")
 
     assert (tmp_path / "out" / "run" / "a.txt").read_bytes() == b"x"
+
+
+def test_writability_is_checked_without_leaving_anything(store):
+    store.check_writable()
+
+    assert store.keys() == []
+
+
+def test_a_file_in_the_way_is_not_writable(tmp_path):
+    (tmp_path / "blocker").write_text("")
+
+    with pytest.raises(StorageAccessDenied, match=r"blocker is not a writable folder"):
+        open_store(f"file://{tmp_path}/blocker/out/run").check_writable()
+
+
+def test_read_only_credentials_are_not_writable(s3_env, bucket, monkeypatch):
+    for name, value in s3_env.reader.env().items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(StorageAccessDenied, match="access denied"):
+        open_store(f"s3://{bucket}/out", S3Settings(endpoint=s3_env.endpoint)).check_writable()

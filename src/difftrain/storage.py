@@ -87,6 +87,10 @@ class Store(ABC):
     def delete(self, keys: list[str]) -> None:
         """Delete the objects ``keys`` (missing ones are fine)."""
 
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise StorageAccessDenied now if writes here would fail; leaves nothing behind."""
+
     def download_tree(self, prefix: str, destination: Path) -> list[Path]:
         """Copy every object under ``prefix`` into ``destination``, in parallel."""
         keys = self.keys(prefix)
@@ -133,6 +137,13 @@ class FileStore(Store):
 
     def _path(self, key: str) -> Path:
         return self.root / key.strip("/")
+
+    def check_writable(self) -> None:
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise StorageAccessDenied(
+                f"cannot write {self.uri}: {existing} is not a writable folder"
+            )
 
     def keys(self, prefix: str = "") -> list[str]:
         base = self._path(prefix)
@@ -252,6 +263,11 @@ class S3Store(Store):
 
     def _key(self, key: str) -> str:
         return _join(self.prefix, key)
+
+    def check_writable(self) -> None:
+        probe = ".difftrain-write-check"
+        self.write_bytes(probe, b"")
+        self.delete([probe])
 
     def keys(self, prefix: str = "") -> list[str]:
         full = self._key(prefix)

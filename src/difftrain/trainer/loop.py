@@ -141,6 +141,9 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
     methods.check_supported(spec)
     # Fetch before torch.distributed starts: downloads are per node (not per rank), and
     # libraries skip writing files on ranks other than 0 once it has.
+    output = open_store(spec.output.uri, settings)
+    if os.environ.get("RANK", "0") == "0":
+        output.check_writable()  # fail before hours of training, not at the first checkpoint
     model_folder = models.fetch_model(spec.model, settings, paths.cache / "models")
     data_folder = fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
     on_cpu = spec.resources.gpus_per_node == 0 or not torch.cuda.is_available()
@@ -217,7 +220,7 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
         batches=batches,
         dataset=dataset,
         total_steps=total,
-        output=open_store(spec.output.uri, settings),
+        output=output,
         paths=paths,
     )
     if training.ema.enabled:
