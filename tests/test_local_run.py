@@ -1,6 +1,7 @@
 """`difftrain run`: the job's pods as local processes, launched as the operator would."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def _difftrain_run(tmp_path, manifest, *args, env=None, popen=False):
     path.write_text(yaml.safe_dump(manifest))
     command = [sys.executable, "-m", "difftrain.cli", "run", str(path),
                "--workdir", str(tmp_path / "work"), *args]  # fmt: skip
-    full_env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if popen:
         return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip

@@ -7,9 +7,8 @@ from pathlib import Path
 
 from difftrain import __version__
 from difftrain.api.crd import CRD_PATH, render_crd
-from difftrain.api.manifests import check_file, read_documents
+from difftrain.api.manifests import check_file, read_jobs
 from difftrain.api.reference import REFERENCE_PATH, render_reference
-from difftrain.api.validation import load_job
 from difftrain.errors import InvalidSpec
 from difftrain.yamltext import dump_all
 
@@ -25,21 +24,22 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _valid_jobs(file: str) -> list | None:
+    """The jobs in ``file``, or None after printing its problems."""
+    jobs, problems = read_jobs(Path(file))
+    for line in problems:
+        print(line, file=sys.stderr)
+    return None if problems else jobs
+
+
 def _render(args: argparse.Namespace) -> int:
     from difftrain.operator.builders import Defaults, children
 
-    problems = check_file(Path(args.file))
-    if problems:
-        for line in problems:
-            print(line, file=sys.stderr)
+    jobs = _valid_jobs(args.file)
+    if jobs is None:
         return InvalidSpec.exit_code
-    documents = read_documents(Path(args.file).read_text(encoding="utf-8"), args.file)
     defaults = Defaults(**({"image": args.image} if args.image else {}))
-    manifests = [
-        manifest
-        for document in documents
-        for manifest in children(load_job(document.data), args.attempt, defaults)
-    ]
+    manifests = [m for job in jobs for m in children(job, args.attempt, defaults)]
     sys.stdout.write(dump_all(manifests))
     return 0
 
@@ -47,18 +47,15 @@ def _render(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from difftrain import local
 
-    problems = check_file(Path(args.file))
-    for line in problems:
-        print(line, file=sys.stderr)
-    if problems:
+    jobs = _valid_jobs(args.file)
+    if jobs is None:
         return InvalidSpec.exit_code
-    documents = read_documents(Path(args.file).read_text(encoding="utf-8"), args.file)
-    if len(documents) != 1:
-        print(f"{args.file}: holds {len(documents)} jobs; run one at a time", file=sys.stderr)
+    if len(jobs) != 1:
+        print(f"{args.file}: holds {len(jobs)} jobs; run one at a time", file=sys.stderr)
         return InvalidSpec.exit_code
-    job = local.with_nodes(load_job(documents[0].data), args.nodes)
     try:
-        return local.run(job, Path(args.workdir), local.free_port())
+        return local.run(local.with_nodes(jobs[0], args.nodes), Path(args.workdir),
+                         local.free_port())  # fmt: skip
     except InvalidSpec as error:
         print(error, file=sys.stderr)
         return error.exit_code

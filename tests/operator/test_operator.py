@@ -2,6 +2,7 @@
 and the kubelet by writing Job and pod status, and check what the operator does."""
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -24,7 +25,7 @@ def _get(k8s, resource: str, name: str, namespace: str = NS) -> dict | None:
 
 async def _send(k8s, method: str, path: str, body=None, content_type="application/json"):
     async with aiohttp.ClientSession(str(k8s.url)) as session:
-        data = None if body is None else __import__("json").dumps(body)
+        data = None if body is None else json.dumps(body)
         async with session.request(
             method, path, data=data, headers={"Content-Type": content_type}
         ) as response:

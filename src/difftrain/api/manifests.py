@@ -6,6 +6,7 @@ from typing import Any
 
 import yaml
 
+from difftrain.api.job import DiffusionTrainingJob
 from difftrain.api.validation import Loc, Problem, validate_job
 from difftrain.errors import InvalidSpec
 
@@ -80,24 +81,32 @@ def _reject_duplicate_keys(node: yaml.Node, source: str) -> None:
             _reject_duplicate_keys(item, source)
 
 
-def check_file(path: Path) -> list[str]:
-    """Validate every job in a manifest file; one ``FILE:LINE: field: problem`` line each."""
+def read_jobs(path: Path) -> tuple[list[DiffusionTrainingJob], list[str]]:
+    """The jobs in a manifest file, and one ``FILE:LINE: field: problem`` line per problem
+    (the file is read and parsed once)."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        return [f"{source}: cannot read: {error}"]
+        return [], [f"{source}: cannot read: {error}"]
     try:
         documents = read_documents(text, source)
     except InvalidSpec as error:
-        return [str(error)]
+        return [], [str(error)]
     if not documents:
-        return [f"{source}: no YAML documents found"]
-    lines = []
+        return [], [f"{source}: no YAML documents found"]
+    jobs, lines = [], []
     for document in documents:
-        _, problems = validate_job(document.data)
+        job, problems = validate_job(document.data)
         lines += [_located(document, problem) for problem in problems]
-    return lines
+        if job is not None:
+            jobs.append(job)
+    return jobs, lines
+
+
+def check_file(path: Path) -> list[str]:
+    """Validate every job in a manifest file; one ``FILE:LINE: field: problem`` line each."""
+    return read_jobs(path)[1]
 
 
 def _located(document: Document, problem: Problem) -> str:

@@ -17,15 +17,18 @@ from difftrain.operator import builders
 from difftrain.operator.builders import Defaults
 from difftrain.operator.kube import Kube
 from difftrain.operator.metrics import OperatorMetrics
-from difftrain.operator.status import TERMINAL, next_status, observe, set_condition, ttl_expired
+from difftrain.operator.status import (
+    TERMINAL,
+    next_status,
+    observe,
+    set_condition,
+    timestamp,
+    ttl_expired,
+)
 
 log = logging.getLogger(__name__)
 
 _SPEC_KEYS = ("apiVersion", "kind", "metadata", "spec")
-
-
-def _stamp(now: datetime) -> str:
-    return now.isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -116,7 +119,7 @@ class Controller:
             status.get("conditions", []), "Failed", True, "InvalidSpec", message, now, generation
         )
         new = {**status, "phase": "Failed", "conditions": conditions}
-        new.setdefault("completionTime", _stamp(now))
+        new.setdefault("completionTime", timestamp(now))
         return new
 
     async def _publish(self, body: dict, old: dict, new: dict, now: datetime) -> None:
@@ -133,7 +136,7 @@ class Controller:
             reason = condition.get("reason", new["phase"])
             try:
                 await self.kube.post_event(
-                    body, kind, reason, condition.get("message", ""), _stamp(now)
+                    body, kind, reason, condition.get("message", ""), timestamp(now)
                 )
             except Exception:  # an Event is a courtesy: never fail a reconcile over it
                 log.warning("could not post an event for %s/%s", namespace, name, exc_info=True)

@@ -36,6 +36,11 @@ class Observation:
     permanent: bool = False  # a failure that restarting will not fix
 
 
+def timestamp(now: datetime) -> str:
+    """RFC 3339 in UTC with a Z, as the API server writes times."""
+    return now.isoformat().replace("+00:00", "Z")
+
+
 def _time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
@@ -152,7 +157,7 @@ def set_condition(
         "status": value,
         "reason": reason,
         "message": message,
-        "lastTransitionTime": changed_at or now.isoformat().replace("+00:00", "Z"),
+        "lastTransitionTime": changed_at or timestamp(now),
     }
     if generation is not None:
         new["observedGeneration"] = generation
@@ -210,7 +215,7 @@ def next_status(
             conditions = set_condition(conditions, kind, true, reason, message, now, generation)
     if seen.state == "pending":  # say what Running waits for
         conditions = set_condition(conditions, "Running", False, reason, message, now, generation)
-    stamp = now.isoformat().replace("+00:00", "Z")
+    stamp = timestamp(now)
     new = {**status, "phase": phase, "conditions": conditions}
     if generation is not None:
         new["observedGeneration"] = generation
