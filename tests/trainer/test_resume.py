@@ -4,12 +4,15 @@ with exactly the weights of a run that was never interrupted."""
 import json
 import signal
 
-import torch
 from safetensors.torch import load_file
 
 from tests.trainer import runner
 
 STEPS = 12
+# One thread: results are bitwise reproducible between runs only at a fixed thread count,
+# and multi-threaded CPU kernels (MKL, oneDNN) may pick their split of the work at run
+# time, which changes the order of floating-point sums.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _config(folder, shapes_folder, output):
@@ -45,14 +48,14 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes
     reference = tmp_path / "reference"
     reference.mkdir()
     config = _config(reference, shapes_folder, reference / "out")
-    code, log = runner.run(config, reference, trainer_cache)
+    code, log = runner.run(config, reference, trainer_cache, ONE_THREAD)
     assert code == 0, log
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     output = interrupted / "out"
     config = _config(interrupted, shapes_folder, output)
 
-    first = runner.start(config, interrupted, trainer_cache)
+    first = runner.start(config, interrupted, trainer_cache, ONE_THREAD)
     log = _run_until(first, f"step 7/{STEPS} ", signal.SIGKILL)
 
     assert first.returncode == -signal.SIGKILL, log
@@ -62,14 +65,15 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes
     partial.mkdir()
     (partial / "trainable.safetensors").write_bytes(b"half a file")
 
-    code, log = runner.run(config, interrupted, trainer_cache)
+    code, log = runner.run(config, interrupted, trainer_cache, ONE_THREAD)
 
     assert code == 0, log
     assert "resumed from checkpoint step 5" in log
     assert not partial.exists()  # pruned once newer checkpoints completed
     expected, got = _weights(reference / "out", STEPS), _weights(output, STEPS)
     assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    differences = {k: float((expected[k] - got[k]).abs().max()) for k in expected}
+    assert not any(differences.values()), {k: d for k, d in differences.items() if d}
     steps = [
         json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()
     ]
