@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +91,12 @@ class Store(ABC):
     def check_writable(self) -> None:
         """Raise StorageAccessDenied now if writes here would fail; leaves nothing behind."""
 
-    def download_tree(self, prefix: str, destination: Path) -> list[Path]:
-        """Copy every object under ``prefix`` into ``destination``, in parallel."""
-        keys = self.keys(prefix)
+    def download_tree(
+        self, prefix: str, destination: Path, select: Callable[[str], bool] | None = None
+    ) -> list[Path]:
+        """Copy every object under ``prefix`` (or those ``select`` accepts) into
+        ``destination``, in parallel."""
+        keys = [key for key in self.keys(prefix) if select is None or select(key)]
         base = prefix.strip("/")
         targets = [destination / key[len(base) :].lstrip("/") for key in keys]
         _parallel(self.download, list(zip(keys, targets, strict=True)))

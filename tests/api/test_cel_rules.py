@@ -77,6 +77,18 @@ CROSS_FIELD = [
         "spec.textualInversion",
     ),
     (
+        "full-on-lora",
+        job(spec={"full": {}}),
+        "spec.full applies only to method full",
+        "spec.full",
+    ),
+    (
+        "full-reuse-twice",
+        job(spec={"method": "full", "full": {"reuse": ["vae", "vae"]}}),
+        "spec.full.reuse lists a component twice",
+        "spec.full.reuse",
+    ),
+    (
         "lora-with-full-dreambooth",
         job(spec={"method": "dreambooth", "dreambooth": {**DB, "unet": "full"}, "lora": {}}),
         "spec.lora applies only when spec.dreambooth.unet is lora",

@@ -53,6 +53,7 @@ def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job):
         "checkpoints/step-00000006/rng-0.pt",
         "checkpoints/step-00000006/scheduler.pt",
         "checkpoints/step-00000006/trainable.safetensors",
+        "loss.png",
         "metrics.jsonl",
         "model/README.md",
         "model/difftrain.json",

@@ -1,10 +1,10 @@
-"""Per-method settings: LoRA, DreamBooth and Textual Inversion."""
+"""Per-method settings: LoRA, DreamBooth, Textual Inversion and training from scratch."""
 
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from difftrain.api.base import ApiModel, ShortStr, raise_problems, with_rules
+from difftrain.api.base import ApiModel, ShortStr, raise_problems, section, with_rules
 from difftrain.api.uris import Uri
 
 PROMPT_MAX = 2048
@@ -115,4 +115,53 @@ class TextualInversionSpec(ApiModel):
     def _one_word(cls, value):
         if isinstance(value, str) and value and any(c.isspace() for c in value):
             raise ValueError(f"must be a single token without spaces (got '{value}')")
+        return value
+
+
+class AutoencoderSpec(ApiModel):
+    """The first stage of method full: training the autoencoder (VAE) from scratch."""
+
+    steps: int = Field(
+        2000, ge=1, le=10_000_000, description="Optimiser steps of the autoencoder stage."
+    )
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1, description="Learning rate of the autoencoder stage (AdamW)."
+    )
+    kl_weight: float = Field(
+        1e-6,
+        ge=0,
+        le=1,
+        description="Weight of the KL term that keeps the latent space close to a normal "
+        "distribution, next to the pixel reconstruction loss.",
+    )
+
+
+class FullSpec(ApiModel):
+    """Training a new model from scratch (method full)."""
+
+    model_config = with_rules(
+        {
+            "rule": "self.reuse.all(c, self.reuse.exists_one(d, d == c))",
+            "message": "spec.full.reuse lists a component twice",
+            "fieldPath": ".reuse",
+        }
+    )
+
+    reuse: list[Literal["vae", "textEncoders"]] = Field(
+        [],
+        max_length=2,
+        description="Components taken with their trained weights from spec.model.base and "
+        "kept frozen (e.g. a released model's VAE and text encoders). Every other component "
+        "starts from random initialisation and trains: the VAE in a first, autoencoder stage; "
+        "the UNet and text encoders together in the diffusion stage.",
+    )
+    autoencoder: AutoencoderSpec = section(
+        AutoencoderSpec, "The autoencoder stage; it runs when the VAE is not reused."
+    )
+
+    @field_validator("reuse")
+    @classmethod
+    def _unique(cls, value):
+        if len(set(value)) != len(value):
+            raise ValueError("lists a component twice")
         return value

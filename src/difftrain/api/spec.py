@@ -7,7 +7,7 @@ from pydantic import Field, model_validator
 from difftrain.api.base import ApiModel, immutable_rule, raise_problems, section, with_rules
 from difftrain.api.cluster import ResourcesSpec, RunPolicySpec
 from difftrain.api.data import DatasetSpec, ModelSpec, OutputSpec, StorageSpec
-from difftrain.api.methods import DreamBoothSpec, LoraSpec, TextualInversionSpec
+from difftrain.api.methods import DreamBoothSpec, FullSpec, LoraSpec, TextualInversionSpec
 from difftrain.api.training import (
     CheckpointSpec,
     EvaluationSpec,
@@ -22,6 +22,7 @@ _BLOCK_METHODS = {
     "lora": ("lora", "dreambooth"),
     "dreambooth": ("dreambooth",),
     "textualInversion": ("textualInversion",),
+    "full": ("full",),
 }
 _REQUIRED_BLOCK = {"dreambooth": "dreambooth", "textualInversion": "textualInversion"}
 
@@ -47,6 +48,7 @@ _IMMUTABLE_FIELDS = [
     "lora",
     "dreambooth",
     "textualInversion",
+    "full",
     "training",
     "checkpoints",
     "validation",
@@ -127,6 +129,9 @@ class DiffusionTrainingJobSpec(ApiModel):
     textual_inversion: TextualInversionSpec | None = Field(
         None, description="Textual Inversion settings (method textualInversion)."
     )
+    full: FullSpec | None = Field(
+        None, description="Training from scratch (method full); defaults when absent."
+    )
     training: TrainingSpec = Field(description="The optimisation loop.")
     checkpoints: CheckpointSpec = section(CheckpointSpec, "Checkpointing and resume.")
     validation: ValidationSpec = section(ValidationSpec, "Sample images during training.")
@@ -137,6 +142,11 @@ class DiffusionTrainingJobSpec(ApiModel):
     storage: StorageSpec = section(StorageSpec, "The S3-compatible object store.")
     resources: ResourcesSpec = section(ResourcesSpec, "Pods, devices and placement.")
     run_policy: RunPolicySpec = section(RunPolicySpec, "Restarts, deadlines, suspend, queue.")
+
+    @property
+    def full_settings(self) -> FullSpec:
+        """spec.full, or its defaults when absent."""
+        return self.full or FullSpec()
 
     @property
     def trains_lora(self) -> bool:
@@ -167,6 +177,7 @@ class DiffusionTrainingJobSpec(ApiModel):
             "lora": self.lora,
             "dreambooth": self.dreambooth,
             "textualInversion": self.textual_inversion,
+            "full": self.full,
         }
         required = _REQUIRED_BLOCK.get(self.method)
         if required and present[required] is None:

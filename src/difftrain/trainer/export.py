@@ -79,7 +79,11 @@ def export_pipeline(components, unet, folder: Path, dtype) -> None:
     """A complete diffusers pipeline folder with the trained UNet, in ``dtype``."""
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(components.folder, unet=unet)
+    save_pipeline(DiffusionPipeline.from_pretrained(components.folder, unet=unet), folder, dtype)
+
+
+def save_pipeline(pipeline, folder: Path, dtype) -> None:
+    """Save ``pipeline`` as a diffusers folder in ``dtype``."""
     pipeline.to(dtype=dtype)
     pipeline.save_pretrained(folder, safe_serialization=True)
 

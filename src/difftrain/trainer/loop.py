@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,17 @@ import torch
 from difftrain.api.config import TrainerConfig
 from difftrain.errors import DifftrainError
 from difftrain.storage import S3Settings, Store, open_store
-from difftrain.trainer import checkpoint, data, export, methods, models, optim
+from difftrain.trainer import (
+    autoencoder,
+    checkpoint,
+    data,
+    export,
+    methods,
+    models,
+    optim,
+    plots,
+    sampling,
+)
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import encode_text, sdxl_time_ids
 from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
@@ -55,8 +66,22 @@ class Paths:
 
 
 @dataclass
+class Shared:
+    """What every stage of a run uses: processes, model parts, data and the output."""
+
+    config: TrainerConfig
+    paths: Paths
+    accelerator: object
+    components: object
+    batches: data.Batches
+    dataset: data.TrainingSet
+    output: Store
+    facts: dict  # for the model card
+
+
+@dataclass
 class Trainer:
-    """Everything the loop and checkpoints touch."""
+    """Everything the loop and checkpoints touch, for one stage of a run."""
 
     config: TrainerConfig
     accelerator: object
@@ -69,11 +94,20 @@ class Trainer:
     batches: data.Batches
     dataset: data.TrainingSet
     total_steps: int
-    output: Store
+    output: Store  # the stage's root: OUTPUT, or OUTPUT/autoencoder
     paths: Paths
+    scratch: Path  # the stage's local folder
+    step: Callable  # one micro-batch: (trainer, batch, accumulation, sync) -> loss
+    stage: str = "diffusion"
     ema: object | None = None  # diffusers EMAModel of the UNet, when spec.training.ema asks
-    stop_requested: bool = False
+    samples: bool = False  # whether validation samples are taken
     losses: list = field(default_factory=list)
+
+
+class StopFlag:
+    """Set by SIGTERM; every stage checks it after each step."""
+
+    requested = False
 
 
 def fetch_dataset(uri: str, settings: S3Settings, cache: Path) -> Path:
@@ -130,8 +164,8 @@ def fingerprint(examples: list[data.Example], folder: Path) -> str:
     return digest.hexdigest()
 
 
-def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
-    """Set up the trainer from the config; also returns facts for the model card."""
+def prepare(config: TrainerConfig, paths: Paths) -> Shared:
+    """Fetch the model and data, start the process group, load the parts and the data."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -144,14 +178,20 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
     output = open_store(spec.output.uri, settings)
     if os.environ.get("RANK", "0") == "0":
         output.check_writable()  # fail before hours of training, not at the first checkpoint
-    model_folder = models.fetch_model(spec.model, settings, paths.cache / "models")
+    reuse = spec.full_settings.reuse
+    model_folder = models.fetch_model(
+        spec.model, settings, paths.cache / "models", weights=spec.method != "full" or bool(reuse)
+    )
     data_folder = fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
     on_cpu = spec.resources.gpus_per_node == 0 or not torch.cuda.is_available()
     # Without cpu=True, Accelerate ignores torchrun's WORLD_SIZE on CPUs and each
     # process would train alone.
     accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=on_cpu)
     set_seed(training.seed)
-    components = models.load_components(model_folder, spec.model)
+    if spec.method == "full":
+        components = models.new_components(model_folder, spec.model, reuse, training.seed)
+    else:
+        components = models.load_components(model_folder, spec.model)
     examples, sizes = _usable_examples(accelerator, spec, data_folder)
     targets = training_sizes(spec.dataset, sizes)
     counts = collections.Counter(targets).most_common()
@@ -171,7 +211,33 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
             spec.dataset.center_crop, spec.dataset.random_flip, spec.dataset.caption_dropout
         ),
     )
+    facts = {
+        "architecture": components.architecture,
+        "images": len(examples),
+        "processes": accelerator.num_processes,
+        "dataset_fingerprint": fingerprint(examples, data_folder),
+    }
+    return Shared(config, paths, accelerator, components, batches, dataset, output, facts)
 
+
+def stage_steps(shared: Shared, steps: int | None) -> int:
+    """Optimiser steps of a stage: ``steps``, or the spec's epochs of the data."""
+    training = shared.config.spec.training
+    per_epoch = shared.batches.batches_per_epoch // training.gradient_accumulation_steps
+    return steps or training.epochs * max(1, per_epoch)
+
+
+def _generator(shared: Shared) -> torch.Generator:
+    accelerator = shared.accelerator
+    return torch.Generator(device=accelerator.device).manual_seed(
+        shared.config.spec.training.seed * 7919 + accelerator.process_index
+    )
+
+
+def build_diffusion(shared: Shared) -> Trainer:
+    """The trainer of the diffusion model: what the method trains, on frozen parts."""
+    spec, accelerator, components = shared.config.spec, shared.accelerator, shared.components
+    training = spec.training
     trainable = methods.prepare(components, spec)
     if training.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
@@ -201,27 +267,24 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
     for index, name in enumerate(("text_encoder", "text_encoder_2")):
         if name in wrapped:
             components.text_encoders[index] = wrapped[name]
-
-    per_epoch = batches.batches_per_epoch // training.gradient_accumulation_steps
-    total = training.steps or training.epochs * max(1, per_epoch)
-    scheduler = optim.build_scheduler(optimizer, training, total)
-    generator = torch.Generator(device=accelerator.device).manual_seed(
-        training.seed * 7919 + accelerator.process_index
-    )
+    total = stage_steps(shared, training.steps)
     trainer = Trainer(
-        config=config,
+        config=shared.config,
         accelerator=accelerator,
         components=components,
         trainable=trainable,
         wrapped=wrapped,
         optimizer=optimizer,
-        scheduler=scheduler,
-        generator=generator,
-        batches=batches,
-        dataset=dataset,
+        scheduler=optim.build_scheduler(optimizer, training, total),
+        generator=_generator(shared),
+        batches=shared.batches,
+        dataset=shared.dataset,
         total_steps=total,
-        output=output,
-        paths=paths,
+        output=shared.output,
+        paths=shared.paths,
+        scratch=shared.paths.scratch,
+        step=train_step,
+        samples=bool(spec.validation.prompts),
     )
     if training.ema.enabled:
         from diffusers.training_utils import EMAModel
@@ -234,13 +297,60 @@ def build(config: TrainerConfig, paths: Paths) -> tuple[Trainer, dict]:
             model_config=unet.config,
         )
         trainer.ema.to(accelerator.device)
-    facts = {
-        "architecture": components.architecture,
-        "images": len(examples),
-        "processes": accelerator.num_processes,
-        "dataset_fingerprint": fingerprint(examples, data_folder),
-    }
-    return trainer, facts
+    return trainer
+
+
+def build_autoencoder(shared: Shared) -> Trainer:
+    """The trainer of the autoencoder stage (method full without a reused VAE)."""
+    spec, accelerator = shared.config.spec, shared.accelerator
+    settings = spec.full_settings.autoencoder
+    vae = shared.components.vae
+    vae.requires_grad_(True)
+    vae.to(accelerator.device, dtype=torch.float32)
+    trainable = methods.Trainable({"vae": vae}, lora=False)
+    optimizer = optim.build_optimizer(
+        spec.training, [{"params": trainable.parameters("vae"), "lr": settings.learning_rate}]
+    )
+    objective, optimizer = accelerator.prepare(autoencoder.Objective(vae), optimizer)
+    return Trainer(
+        config=shared.config,
+        accelerator=accelerator,
+        components=shared.components,
+        trainable=trainable,
+        wrapped={"vae": objective},
+        optimizer=optimizer,
+        scheduler=optim.build_scheduler(optimizer, spec.training, settings.steps),
+        generator=_generator(shared),
+        batches=shared.batches,
+        dataset=shared.dataset,
+        total_steps=settings.steps,
+        output=shared.output.child(autoencoder.FOLDER),
+        paths=shared.paths,
+        scratch=shared.paths.scratch / autoencoder.FOLDER,
+        step=autoencoder_step,
+        stage="autoencoder",
+    )
+
+
+def _synchronising(trainer: Trainer, sync: bool) -> contextlib.ExitStack:
+    """A context in which gradients are synchronised across processes only if ``sync``."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for module in trainer.wrapped.values():
+            stack.enter_context(trainer.accelerator.no_sync(module))
+    return stack
+
+
+def autoencoder_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> float:
+    """One micro-batch of the autoencoder stage: reconstruct, loss, backward."""
+    accelerator = trainer.accelerator
+    weight = trainer.config.spec.full_settings.autoencoder.kl_weight
+    with _synchronising(trainer, sync), accelerator.autocast():
+        pixels = batch["pixels"].to(accelerator.device)
+        reconstruction, kl = trainer.wrapped["vae"](pixels, trainer.generator)
+        loss = autoencoder.loss(pixels, reconstruction, kl, weight)
+        accelerator.backward(loss / accumulation)
+    return loss.detach().item()
 
 
 def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> float:
@@ -249,11 +359,7 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
     spec = trainer.config.spec
     device = accelerator.device
     unet = trainer.wrapped["unet"]
-    stack = contextlib.ExitStack()
-    if not sync:
-        for module in trainer.wrapped.values():
-            stack.enter_context(accelerator.no_sync(module))
-    with stack, accelerator.autocast():
+    with _synchronising(trainer, sync), accelerator.autocast():
         pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
         with torch.no_grad():
             latents = components.vae.encode(pixels).latent_dist.sample(trainer.generator)
@@ -302,10 +408,10 @@ def optimizer_step(trainer: Trainer) -> None:
         trainer.ema.step(trainer.trainable.modules["unet"].parameters())
 
 
-def _agree_to_stop(trainer: Trainer) -> bool:
+def _agree_to_stop(accelerator, stop: StopFlag) -> bool:
     """Whether any process was asked to stop (all processes must checkpoint together)."""
-    flag = torch.tensor([1.0 if trainer.stop_requested else 0.0], device=trainer.accelerator.device)
-    return bool(trainer.accelerator.reduce(flag, reduction="sum").item() > 0)
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 class MetricsLog:
@@ -331,44 +437,102 @@ class MetricsLog:
         self.store.upload(self.path, "metrics.jsonl")
 
 
+@dataclass
+class Progress:
+    """Where a stage's steps fall in the whole run, for the progress gauges: the
+    autoencoder stage comes first, and the diffusion stage's steps follow it."""
+
+    telemetry: Telemetry
+    offset: int
+    total: int
+
+    def update(self, step: int, **values) -> None:
+        self.telemetry.update(step=self.offset + step, total_steps=self.total, **values)
+
+
 def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     """Train the job described by ``config``; raises DifftrainError subclasses on failure."""
     paths = paths or Paths.from_env()
     start_time = datetime.datetime.now(datetime.UTC).isoformat()
-    trainer, facts = build(config, paths)
-    accelerator = trainer.accelerator
+    shared = prepare(config, paths)
     spec = config.spec
+    accelerator = shared.accelerator
     main = accelerator.is_main_process
-    rank = accelerator.process_index
-    position = checkpoint.Position()
-    steps = checkpoint.complete_steps(trainer.output) if spec.checkpoints.resume == "auto" else []
-    if steps:
-        position = checkpoint.load(trainer.output, paths.scratch, steps[-1], trainer, rank)
-        log.info("resumed from checkpoint step %d", position.step)
-    metrics = MetricsLog(paths.scratch / "metrics.jsonl", trainer.output, position.step)
+    stop = StopFlag()
 
     def request_stop(*_):
         log.warning("SIGTERM: finishing this step, then writing a checkpoint")
-        trainer.stop_requested = True
+        stop.requested = True
 
     signal.signal(signal.SIGTERM, request_stop)
-    accumulation = spec.training.gradient_accumulation_steps
-    log_every = max(1, trainer.total_steps // 2000)
-    last_saved = last_logged = position.step
     telemetry = Telemetry(config.namespace, config.name)
     if main:
         telemetry.serve()
-        telemetry.update(step=position.step, total_steps=trainer.total_steps)
+    first_stage = 0
+    diffusion_steps = stage_steps(shared, spec.training.steps)
+    if spec.method == "full" and "vae" not in spec.full_settings.reuse:
+        first_stage = spec.full_settings.autoencoder.steps
+        total = first_stage + diffusion_steps
+        if not autoencoder.is_done(shared.output):
+            trainer = build_autoencoder(shared)
+            train(trainer, Progress(telemetry, 0, total), stop)
+            if main:
+                _export_autoencoder(trainer)
+            accelerator.wait_for_everyone()
+            accelerator.free_memory()  # drop the stage's wrapped model and optimiser
+            del trainer
+        shared.components.vae = autoencoder.load(shared.output, paths.scratch)
+    trainer = build_diffusion(shared)
+    steps = train(trainer, Progress(telemetry, first_stage, first_stage + diffusion_steps), stop)
+    if main:
+        shared.facts.update(
+            steps=steps,
+            final_loss=trainer.losses[-1] if trainer.losses else None,
+            start_time=start_time,
+            end_time=datetime.datetime.now(datetime.UTC).isoformat(),
+            image=os.environ.get("DIFFTRAIN_IMAGE"),
+        )
+        _export(trainer, shared.facts)
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
+    """Run one stage to its last step from its latest checkpoint; the steps done.
+
+    Raises :class:`Stopped` after checkpointing when ``stop`` was requested.
+    """
+    accelerator = trainer.accelerator
+    spec = trainer.config.spec
+    main = accelerator.is_main_process
+    rank = accelerator.process_index
+    label = "" if trainer.stage == "diffusion" else f"{trainer.stage} "
+    position = checkpoint.Position()
+    steps = checkpoint.complete_steps(trainer.output) if spec.checkpoints.resume == "auto" else []
+    if steps:
+        position = checkpoint.load(trainer.output, trainer.scratch, steps[-1], trainer, rank)
+        log.info("%sresumed from checkpoint step %d", label, position.step)
+    metrics = MetricsLog(trainer.scratch / "metrics.jsonl", trainer.output, position.step)
+    accumulation = spec.training.gradient_accumulation_steps
+    log_every = max(1, trainer.total_steps // 2000)
+    last_saved = last_logged = last_sampled = position.step
+    if main:
+        progress.update(position.step)
     micro, window_losses, tick = 0, [], time.perf_counter()
 
     def gather(value):
         return gather_from_all(accelerator, value)
 
     def save():
-        checkpoint.save(trainer.output, paths.scratch, position, trainer, rank, gather)
+        checkpoint.save(trainer.output, trainer.scratch, position, trainer, rank, gather)
         if main:
-            metrics.upload()
+            _upload_curve(trainer, metrics)
             checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
+
+    def sample():
+        if main:
+            log.info("samples written to %s", sampling.validate(trainer, position.step))
 
     for module in trainer.wrapped.values():
         module.train()
@@ -377,7 +541,7 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
             batch = data.collate([trainer.dataset[key] for key in keys])
             micro += 1
             sync = micro == accumulation
-            window_losses.append(train_step(trainer, batch, accumulation, sync))
+            window_losses.append(trainer.step(trainer, batch, accumulation, sync))
             position.batch += 1
             if not sync:
                 continue
@@ -397,23 +561,29 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
                 metrics.append(entry)
                 trainer.losses.append(entry["loss"])
                 per_step = elapsed / (position.step - last_logged)
-                telemetry.update(
-                    step=position.step,
+                progress.update(
+                    position.step,
                     epoch=position.epoch,
                     loss=entry["loss"],
                     learning_rate=entry["lr"],
                     images_per_second=entry["imagesPerSecond"],
                     seconds_per_step=per_step,
-                    eta_seconds=per_step * (trainer.total_steps - position.step),
+                    eta_seconds=per_step * (progress.total - progress.offset - position.step),
                 )
                 last_logged = position.step
-                log.info("step %d/%d loss %.4f", position.step, trainer.total_steps, entry["loss"])
+                log.info(
+                    "%sstep %d/%d loss %.4f", label, position.step, trainer.total_steps,
+                    entry["loss"],
+                )  # fmt: skip
                 window_losses, tick = [], time.perf_counter()
-            stop = _agree_to_stop(trainer)
-            if stop or position.step % spec.checkpoints.every_steps == 0:
+            if trainer.samples and position.step % spec.validation.every_steps == 0:
+                sample()
+                last_sampled = position.step
+            halt = _agree_to_stop(accelerator, stop)
+            if halt or position.step % spec.checkpoints.every_steps == 0:
                 save()
                 last_saved = position.step
-            if stop:
+            if halt:
                 raise Stopped(f"stopped at step {position.step} on SIGTERM; checkpoint written")
             if position.step >= trainer.total_steps:
                 break
@@ -422,19 +592,36 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
             position.batch = 0
     if last_saved != position.step:
         save()  # a crash while exporting resumes here instead of training again
+    if trainer.samples and last_sampled != position.step:
+        sample()  # the final model's samples
     if main:
-        facts.update(
-            steps=position.step,
-            final_loss=trainer.losses[-1] if trainer.losses else None,
-            start_time=start_time,
-            end_time=datetime.datetime.now(datetime.UTC).isoformat(),
-            image=os.environ.get("DIFFTRAIN_IMAGE"),
-        )
-        _export(trainer, facts)
-        metrics.upload()
-    accelerator.wait_for_everyone()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        _upload_curve(trainer, metrics)
+    return position.step
+
+
+def _upload_curve(trainer: Trainer, metrics: "MetricsLog") -> None:
+    """Upload ``metrics.jsonl`` and its picture, ``loss.png``."""
+    metrics.upload()
+    title = f"{trainer.config.name}: {trainer.stage} loss"
+    image = plots.write_loss_curve(metrics.path, trainer.scratch / "loss.png", title)
+    trainer.output.upload(image, "loss.png")
+
+
+def _export_autoencoder(trainer: Trainer) -> None:
+    shared_batches = trainer.batches.epoch(0, 0)
+    pixels = (
+        data.collate([trainer.dataset[key] for key in keys])["pixels"]
+        for _, keys in zip(range(autoencoder.SCALE_BATCHES), shared_batches, strict=False)
+    )
+    vae = trainer.trainable.modules["vae"]
+    factor = autoencoder.scaling_factor(vae, pixels, trainer.generator)
+    facts = {
+        "stage": "autoencoder",
+        "steps": trainer.total_steps,
+        "finalLoss": trainer.losses[-1] if trainer.losses else None,
+        "scalingFactor": factor,
+    }
+    autoencoder.export(vae, factor, trainer.scratch / "model", trainer.output, facts)
 
 
 def _export(trainer: Trainer, facts: dict) -> None:
@@ -450,7 +637,11 @@ def _export(trainer: Trainer, facts: dict) -> None:
         unet = trainable.modules["unet"]
         if trainer.ema is not None:
             trainer.ema.copy_to(unet.parameters())  # export the average, as asked
-        export.export_pipeline(trainer.components, unet, folder, dtype)
+        if config.spec.method == "full":
+            export.save_pipeline(sampling.pipeline_for(trainer.components, trainable.modules),
+                                 folder, dtype)  # fmt: skip
+        else:
+            export.export_pipeline(trainer.components, unet, folder, dtype)
     facts["formats"] = formats
     (folder / "README.md").write_text(export.model_card(config, facts))
     store = trainer.output.child("model")

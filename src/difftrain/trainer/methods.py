@@ -62,15 +62,20 @@ def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
     if spec.method == "lora":
         return _lora(components, spec)
     components.unet.requires_grad_(True)  # finetune (check_supported ruled out the rest)
-    return Trainable({"unet": components.unet}, lora=False)
+    modules = {"unet": components.unet}
+    if spec.method == "full" and "textEncoders" not in spec.full_settings.reuse:
+        for index, encoder in enumerate(components.text_encoders):
+            encoder.requires_grad_(True)  # a new model's text encoders learn with it
+            modules["text_encoder" + (f"_{index + 1}" if index else "")] = encoder
+    return Trainable(modules, lora=False)
 
 
 def check_supported(spec: DiffusionTrainingJobSpec) -> None:
     """Refuse, before any work, settings the API accepts but this trainer cannot do yet."""
-    if spec.method not in ("lora", "finetune"):
+    if spec.method not in ("lora", "finetune", "full"):
         raise InvalidSpec(
             f"spec.method: {spec.method} is not supported by this trainer version; "
-            "use lora or finetune"
+            "use lora, finetune or full"
         )
     if spec.training.strategy != "ddp":
         raise InvalidSpec(

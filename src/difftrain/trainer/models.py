@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 _LIBRARIES = ("diffusers", "transformers")
 
 
-def fetch_model(model: ModelSpec, settings: S3Settings, cache: Path) -> Path:
-    """A local diffusers folder holding ``model.base``."""
+# Weight files: what a from-scratch job that reuses nothing need not download.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5")
+
+
+def fetch_model(model: ModelSpec, settings: S3Settings, cache: Path, weights: bool = True) -> Path:
+    """A local diffusers folder holding ``model.base``; without ``weights``, only its
+    configs and tokenizers (enough to build a new model of the same architecture)."""
     uri = model.base
     if uri.startswith("preset:"):
         name = uri.removeprefix("preset:")
@@ -37,12 +42,20 @@ def fetch_model(model: ModelSpec, settings: S3Settings, cache: Path) -> Path:
         store = open_store(uri, settings)
         if not store.exists("model_index.json"):
             raise _not_a_model(uri)
-        folder = cached_folder(cache, uri, lambda target: store.download_tree("", target))
+
+        def fill(target: Path) -> None:
+            store.download_tree("", target, None if weights else _not_weights)
+
+        folder = cached_folder(cache, uri if weights else uri + "#configs", fill)
     else:
-        folder = _from_hub(uri.removeprefix("hf://"), model.revision, cache)
+        folder = _from_hub(uri.removeprefix("hf://"), model.revision, cache, weights)
     if not (folder / "model_index.json").is_file():
         raise _not_a_model(uri)
     return folder
+
+
+def _not_weights(key: str) -> bool:
+    return not key.endswith(_WEIGHT_SUFFIXES)
 
 
 def _not_a_model(uri: str) -> InvalidSpec:
@@ -52,12 +65,17 @@ def _not_a_model(uri: str) -> InvalidSpec:
     )
 
 
-def _from_hub(repo: str, revision: str | None, cache: Path) -> Path:
+def _from_hub(repo: str, revision: str | None, cache: Path, weights: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    patterns = None if weights else ["*.json", "*.txt", "*.model"]
     try:
-        return Path(snapshot_download(repo, revision=revision, cache_dir=cache / "hub"))
+        return Path(
+            snapshot_download(
+                repo, revision=revision, cache_dir=cache / "hub", allow_patterns=patterns
+            )
+        )
     except LocalEntryNotFoundError:
         raise StorageUnavailable(
             f"cannot download hf://{repo}: the Hugging Face Hub is not reachable from here "
@@ -137,3 +155,111 @@ def load_components(folder: Path, model: ModelSpec) -> Components:
             _load_part(folder, index, n.replace("text_encoder", "tokenizer"), None) for n in names
         ],
     )
+
+
+def _config_of(folder: Path, name: str, override: dict | None) -> dict:
+    """The config of component ``name``: the spec's inline one, else the base's."""
+    if override is not None:
+        return dict(override)
+    return json.loads((folder / name / "config.json").read_text())
+
+
+def _build(index: dict, name: str, config: dict, field: str):
+    """Component ``name`` with random weights, from ``config``."""
+    library, class_name = index[name]
+    if library not in _LIBRARIES:
+        raise InvalidSpec(f"spec.model.base: component {name} comes from {library!r}")
+    cls = getattr(importlib.import_module(library), class_name)
+    try:
+        if library == "diffusers":
+            return cls.from_config(config)
+        return cls(cls.config_class.from_dict(config))
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise InvalidSpec(f"{field}: cannot build a {class_name} from it: {error}") from None
+
+
+def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) -> Components:
+    """Components for training from scratch: the architecture of the base in ``folder``
+    (or the spec's inline configs) with random weights, except the parts in ``reuse``
+    (``vae``, ``textEncoders``), which keep the base's trained weights."""
+    import torch
+
+    index = read_index(folder)
+    inline = model.components
+    configs = {
+        name: _config_of(folder, name, getattr(inline, name, None) if inline else None)
+        for name in ("unet", "vae")
+    }
+    architecture = detect_architecture(index, configs["unet"])
+    if model.architecture in ("sd", "sdxl") and model.architecture != architecture:
+        raise InvalidSpec(
+            f"spec.model.architecture is {model.architecture} but the configs describe an "
+            f"{architecture} model; set architecture to auto or {architecture}"
+        )
+    names = ["text_encoder", "text_encoder_2"] if architecture == "sdxl" else ["text_encoder"]
+    missing = [n for n in ("unet", "vae", "scheduler", *names) if n not in index]
+    if missing:
+        raise InvalidSpec(f"spec.model.base: {model.base} has no {', '.join(missing)} component")
+    if inline is not None and inline.scheduler is not None:
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(inline.scheduler)
+    else:
+        scheduler = _load_part(folder, index, "scheduler", None)
+    tokenizers = [
+        _load_part(folder, index, n.replace("text_encoder", "tokenizer"), None) for n in names
+    ]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # every process builds the same initial weights
+        unet = _build(index, "unet", configs["unet"], "spec.model.components.unet")
+        if "vae" in reuse:
+            vae = _load_part(folder, index, "vae", model.variant)
+        else:
+            vae = _build(index, "vae", configs["vae"], "spec.model.components.vae")
+        encoders = []
+        for name in names:
+            if "textEncoders" in reuse:
+                encoders.append(_load_part(folder, index, name, model.variant))
+                continue
+            override = getattr(inline, name, None) if inline else None
+            config = _config_of(folder, name, override)
+            encoders.append(_build(index, name, config, f"spec.model.components.{name}"))
+    components = Components(
+        folder=folder,
+        architecture=architecture,
+        prediction_type=scheduler.config.prediction_type
+        if model.prediction_type == "auto"
+        else model.prediction_type,
+        unet=unet,
+        vae=vae,
+        noise_scheduler=scheduler,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+    )
+    check_fit(components)
+    return components
+
+
+def check_fit(components: Components) -> None:
+    """Refuse component configs that cannot work together, naming the fields to fix."""
+    unet, vae = components.unet.config, components.vae.config
+    if unet.in_channels != vae.latent_channels:
+        raise InvalidSpec(
+            f"spec.model.components: the UNet's in_channels ({unet.in_channels}) must equal "
+            f"the VAE's latent_channels ({vae.latent_channels})"
+        )
+    widths = [encoder.config.hidden_size for encoder in components.text_encoders]
+    if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != sum(widths):
+        raise InvalidSpec(
+            f"spec.model.components: the UNet's cross_attention_dim ({unet.cross_attention_dim})"
+            f" must equal the text encoders' hidden_size ({' + '.join(map(str, widths))})"
+        )
+    for index, (encoder, tokenizer) in enumerate(
+        zip(components.text_encoders, components.tokenizers, strict=True)
+    ):
+        if encoder.config.vocab_size < len(tokenizer):
+            name = "text_encoder" + (f"_{index + 1}" if index else "")
+            raise InvalidSpec(
+                f"spec.model.components.{name}: vocab_size {encoder.config.vocab_size} is "
+                f"smaller than the tokenizer's {len(tokenizer)} tokens"
+            )

@@ -1,0 +1,151 @@
+"""Images from the model being trained: validation samples under ``samples/step-N/``.
+
+Sampling builds an ordinary diffusers pipeline around the training components (the bare
+modules, never their distributed wrappers), so what the samples show is what the
+exported model will do. It draws from its own seeded generators inside a forked random
+state: taking samples never changes the training run, and a resumed run stays identical.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from difftrain.storage import Store
+
+ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+# Images generated per pipeline call; bounds memory with many prompts.
+CHUNK = 16
+
+
+def pipeline_for(components, modules: dict | None = None):
+    """An SD or SDXL pipeline over ``components``, with ``modules`` (bare trained modules
+    by component name) in place of the loaded ones, and a fast multistep sampler."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    modules = modules or {}
+    encoders = [
+        modules.get(name, encoder)
+        for name, encoder in zip(ENCODER_NAMES, components.text_encoders, strict=False)
+    ]
+    parts = {
+        "vae": modules.get("vae", components.vae),
+        "unet": modules.get("unet", components.unet),
+        "scheduler": DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        "text_encoder": encoders[0],
+        "tokenizer": components.tokenizers[0],
+    }
+    if components.architecture == "sdxl":
+        pipeline = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=encoders[1], tokenizer_2=components.tokenizers[1]
+        )
+    else:
+        pipeline = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def generate(
+    pipeline,
+    prompts: list[str],
+    *,
+    size: int,
+    seed: int,
+    per_prompt: int = 1,
+    steps: int = 25,
+    guidance: float = 7.5,
+    negative: str = "",
+) -> list[tuple[str, int, Image.Image]]:
+    """``per_prompt`` images for each prompt, as (prompt, seed, image); image ``k`` always
+    uses seed ``seed + k``, so runs and steps are comparable."""
+    wanted = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
+    device = pipeline.unet.device
+    results = []
+    modes = {m: m.training for m in pipeline.components.values() if hasattr(m, "training")}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for module in modes:
+            module.eval()
+        try:
+            for start in range(0, len(wanted), CHUNK):
+                chunk = wanted[start : start + CHUNK]
+                with torch.no_grad():
+                    images = pipeline(
+                        [p for p, _ in chunk],
+                        negative_prompt=[negative] * len(chunk) if negative else None,
+                        height=size,
+                        width=size,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance,
+                        generator=[torch.Generator(device).manual_seed(s) for _, s in chunk],
+                    ).images
+                results += [(p, s, image) for (p, s), image in zip(chunk, images, strict=True)]
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+    return results
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """The images tiled in rows of ``columns`` (about square when not given)."""
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    sheet = Image.new("RGB", (columns * width, rows * height), (255, 255, 255))
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    return sheet
+
+
+def write_samples(
+    results: list[tuple[str, int, Image.Image]], folder: Path, per_prompt: int
+) -> None:
+    """PNG per image, ``grid.png`` (a row per prompt when several images each) and
+    ``prompts.json`` naming each file's prompt and seed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = []
+    for k, (prompt, seed, image) in enumerate(results):
+        name = f"{k // per_prompt:03d}-{k % per_prompt:02d}.png"
+        image.save(folder / name)
+        index.append({"file": name, "prompt": prompt, "seed": seed})
+    columns = per_prompt if per_prompt > 1 else None
+    # Small models sample small images: enlarge the grid so that a person can see it.
+    sheet = grid([image for _, _, image in results], columns)
+    scale = max(1, 256 // results[0][2].size[0])
+    sheet = sheet.resize((sheet.width * scale, sheet.height * scale), Image.Resampling.NEAREST)
+    sheet.save(folder / "grid.png")
+    (folder / "prompts.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def sample_prefix(step: int) -> str:
+    return f"samples/step-{step:08d}"
+
+
+def validate(trainer, step: int) -> str:
+    """Generate the spec's validation samples at ``step`` and upload them; their URI."""
+    spec = trainer.config.spec
+    validation = spec.validation
+    pipeline = pipeline_for(trainer.components, trainer.trainable.modules)
+    with trainer.accelerator.autocast():
+        results = generate(
+            pipeline,
+            validation.prompts,
+            size=spec.dataset.resolution,
+            seed=validation.seed,
+            per_prompt=validation.images_per_prompt,
+            steps=validation.inference_steps,
+            guidance=validation.guidance_scale,
+            negative=validation.negative_prompt,
+        )
+    folder = trainer.scratch / sample_prefix(step)
+    write_samples(results, folder, validation.images_per_prompt)
+    store: Store = trainer.output.child(sample_prefix(step))
+    store.upload_tree(folder, "")
+    return store.uri
