@@ -13,8 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --editable '.[operator,trainer,dev]'
 	touch $@
 
-quickstart: $(VENV)/.installed  ## set up, then check the quickstart job
-	$(BIN)/difftrain validate examples/quickstart.yaml
+quickstart: $(VENV)/.installed  ## set up, then train the quickstart model (out/quickstart/)
+	$(BIN)/difftrain run examples/quickstart.yaml
 
 test: $(VENV)/.installed  ## set up, then lint and run the whole test suite
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
 from PIL import Image
 
 from difftrain.cli import main
-from difftrain.shapes import BACKGROUNDS, COLOURS, render
+from difftrain.shapes import BACKGROUNDS, COLOURS, render, shape_colour
 
 
 def test_images_are_deterministic_and_match_their_captions():
@@ -28,3 +28,18 @@ def test_dataset_command_writes_the_images_and_captions_layout(tmp_path, capsys)
     assert Image.open(images[0]).size == (16, 16)
     assert captions[0].read_text() == render(0)[1] + "\n"
     assert "wrote 5 images" in capsys.readouterr().out
+
+
+def test_shape_colour_names_the_colour_drawn_on_the_background():
+    for index in range(0, 108, 5):  # every colour, shape and background
+        image, caption = render(index, size=32)
+        words = caption.split()
+        assert shape_colour(image, words[-2]) == words[1], caption
+
+
+def test_shape_colour_of_a_blank_image_is_none_and_noise_is_judged_by_its_mean():
+    assert shape_colour(Image.new("RGB", (16, 16), BACKGROUNDS["white"]), "white") is None
+    reddish = Image.new("RGB", (16, 16), BACKGROUNDS["black"])
+    for x in range(8):
+        reddish.putpixel((x, 0), (200, 60, 50) if x % 2 else (240, 30, 30))
+    assert shape_colour(reddish, "black") == "red"

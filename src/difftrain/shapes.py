@@ -61,3 +61,25 @@ def write_dataset(folder: Path, count: int = DEFAULT_COUNT, size: int = IMAGE_SI
         image.save(folder / "images" / f"{index:06d}.png")
         (folder / "captions" / f"{index:06d}.txt").write_text(text + "\n")
     return folder
+
+
+def shape_colour(image: Image.Image, background: str, margin: float = 60.0) -> str | None:
+    """The palette colour nearest to the mean of the pixels that are not ``background``
+    (the shape's region), or None when no pixel stands out from the background.
+
+    This is how a person would judge a sample of "a red circle on a white background":
+    whatever is drawn on the background should be red.
+    """
+    ground = BACKGROUNDS[background]
+    pixels = [
+        p
+        for p in image.convert("RGB").get_flattened_data()
+        if sum((a - b) ** 2 for a, b in zip(p, ground, strict=True)) > margin**2
+    ]
+    if not pixels:
+        return None
+    mean = [sum(channel) / len(pixels) for channel in zip(*pixels, strict=True)]
+    return min(
+        COLOURS,
+        key=lambda name: sum((a - b) ** 2 for a, b in zip(mean, COLOURS[name], strict=True)),
+    )

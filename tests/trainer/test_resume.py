@@ -4,6 +4,7 @@ with exactly the weights of a run that was never interrupted."""
 import json
 import signal
 
+import torch
 from safetensors.torch import load_file
 
 from tests.trainer import runner
@@ -111,3 +112,27 @@ def test_resume_never_starts_fresh(tmp_path, trainer_cache, shapes_folder):
     assert code == 0, log
     assert "resumed" not in log
     assert f"step 1/{STEPS} " in log
+
+
+def test_taking_samples_does_not_change_the_training_run(tmp_path, trainer_cache, shapes_folder):
+    weights = []
+    for name, validation in (("plain", {}), ("sampled", {"prompts": ["a red circle"]})):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = runner.write_config(
+            folder,
+            {
+                "dataset": {"uri": f"file://{shapes_folder}"},
+                "output": {"uri": f"file://{folder / 'out'}"},
+                "training": {"steps": 4},
+                "lora": {"rank": 4, "dropout": 0.1},
+                "validation": {**validation, "everySteps": 2, "inferenceSteps": 2},
+            },
+        )
+        code, log = runner.run(config, folder, trainer_cache, ONE_THREAD)
+        assert code == 0, log
+        weights.append(_weights(folder / "out", 4))
+
+    plain, sampled = weights
+    assert sorted((tmp_path / "sampled" / "out" / "samples").iterdir())[0].name == "step-00000002"
+    assert all(torch.equal(plain[k], sampled[k]) for k in plain)

@@ -1,0 +1,93 @@
+"""The quickstart, timed: wall time, peak memory, and whether its samples follow prompts.
+
+    python bench/quickstart.py [--manifest examples/quickstart.yaml] [--nodes N]
+
+Runs ``difftrain run`` on the manifest with its output moved to a temporary folder,
+samples the resident memory of the whole process tree (the CLI and every node's
+processes together) twice a second, and afterwards judges the final samples: for each
+prompt "a COLOUR SHAPE on a BACKGROUND background", the palette colour nearest to the
+mean of the pixels that stand out from the background must be COLOUR.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from difftrain.shapes import shape_colour
+
+
+def tree_rss(process: psutil.Process) -> int:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def judge(samples: Path) -> tuple[int, int, list[str]]:
+    """(right, total, wrong prompts) for the samples in ``samples``."""
+    from PIL import Image
+
+    index = json.loads((samples / "prompts.json").read_text())
+    wrong = []
+    for entry in index:
+        words = entry["prompt"].split()
+        colour, background = words[1], words[-2]
+        if shape_colour(Image.open(samples / entry["file"]), background) != colour:
+            wrong.append(entry["prompt"])
+    return len(index) - len(wrong), len(index), wrong
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", default="examples/quickstart.yaml")
+    parser.add_argument("--nodes", type=int)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as temp:
+        work = Path(temp)
+        manifest = yaml.safe_load(Path(args.manifest).read_text())
+        manifest["spec"]["output"]["uri"] = f"file://{work / 'out'}"
+        path = work / "job.yaml"
+        path.write_text(yaml.safe_dump(manifest))
+        difftrain = Path(sys.executable).parent / "difftrain"
+        command = [str(difftrain), "run", str(path), "--workdir", str(work)]
+        if args.nodes:
+            command += ["--nodes", str(args.nodes)]
+        start = time.perf_counter()
+        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        watched, peak = psutil.Process(child.pid), 0
+        while child.poll() is None:
+            peak = max(peak, tree_rss(watched))
+            time.sleep(0.5)
+        wall = time.perf_counter() - start
+        if child.returncode != 0:
+            sys.exit(f"difftrain run failed ({child.returncode}): {child.stderr.read().decode()}")
+        samples = max((work / "out" / "samples").iterdir())
+        right, total, wrong = judge(samples)
+        entries = [json.loads(x) for x in (work / "out" / "metrics.jsonl").open()]
+        print(
+            json.dumps(
+                {
+                    "wall_seconds": round(wall, 1),
+                    "peak_memory_mib": round(peak / 2**20),
+                    "final_loss": round(entries[-1]["loss"], 4),
+                    "samples": samples.name,
+                    "colour_right": f"{right}/{total}",
+                    "colour_wrong": wrong,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The loss curve picture and the sample files: pure functions over small inputs."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from difftrain.trainer import plots, sampling
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    assert plots.smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])
+    # 0.9 * 0.1 * 2 + 0.1 * 4 over 1 - 0.81, by hand
+    assert plots.smooth([2.0, 4.0]) == pytest.approx([2.0, (0.18 + 0.4) / 0.19])
+
+
+def _colour_pixels(image: Image.Image, colour) -> int:
+    return sum(1 for pixel in image.get_flattened_data() if pixel == colour)
+
+
+def test_loss_curve_draws_the_falling_loss():
+    entries = [{"step": s, "loss": 1.0 / s} for s in range(1, 101)]
+
+    image = plots.loss_curve(entries, "job: diffusion loss")
+
+    assert image.size == (plots.WIDTH, plots.HEIGHT)
+    assert _colour_pixels(image, plots.SMOOTH) > 200
+    # The curve falls: its first point is high on the left, its last low on the right.
+    left = [
+        y for y in range(plots.HEIGHT) if image.getpixel((plots.MARGIN_LEFT + 2, y)) != (255,) * 3
+    ]
+    assert min(left) < plots.HEIGHT // 3  # fmt: skip
+
+
+def test_loss_curve_without_steps_says_so():
+    image = plots.loss_curve([], "job")
+
+    assert _colour_pixels(image, plots.SMOOTH) == 0
+    assert _colour_pixels(image, plots.INK) > 0
+
+
+def test_write_loss_curve_reads_metrics_jsonl(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(
+        "".join(json.dumps({"step": s, "loss": 2.0 - s / 10}) + "\n" for s in range(1, 6))
+    )
+
+    path = plots.write_loss_curve(metrics, tmp_path / "loss.png", "job")
+
+    assert Image.open(path).size == (plots.WIDTH, plots.HEIGHT)  # fmt: skip
+
+
+def test_samples_are_written_with_their_prompts_and_a_grid(tmp_path):
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
+    results = [
+        (f"prompt {k // 2}", 100 + k, Image.new("RGB", (32, 32), colour))
+        for k, colour in enumerate(colours)
+    ]
+
+    sampling.write_samples(results, tmp_path, per_prompt=2)
+
+    index = json.loads((tmp_path / "prompts.json").read_text())
+    assert [e["file"] for e in index] == ["000-00.png", "000-01.png", "001-00.png", "001-01.png"]
+    assert [e["prompt"] for e in index] == ["prompt 0", "prompt 0", "prompt 1", "prompt 1"]
+    assert [e["seed"] for e in index] == [100, 101, 102, 103]
+    assert Image.open(tmp_path / "001-00.png").getpixel((5, 5)) == (0, 0, 255)
+    sheet = Image.open(tmp_path / "grid.png")
+    # A row per prompt, enlarged 8x so that 32-pixel images can be seen.
+    assert sheet.size == (2 * 256, 2 * 256)
+    assert sheet.getpixel((300, 10)) == (0, 255, 0)
+    assert sheet.getpixel((10, 300)) == (0, 0, 255)
+
+
+def test_grid_is_about_square_for_one_image_per_prompt():
+    images = [Image.new("RGB", (8, 8)) for _ in range(5)]
+
+    assert sampling.grid(images).size == (3 * 8, 2 * 8)
