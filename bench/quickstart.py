@@ -6,7 +6,7 @@ Runs ``difftrain run`` on the manifest with its output moved to a temporary fold
 samples the resident memory of the whole process tree (the CLI and every node's
 processes together) twice a second, and afterwards judges the final samples: for each
 prompt "a COLOUR SHAPE on a BACKGROUND background", the palette colour nearest to the
-mean of the pixels that stand out from the background must be COLOUR.
+mean of the pixels that stand out from the image's background must be COLOUR.
 """
 
 import argparse
@@ -41,8 +41,7 @@ def judge(samples: Path) -> tuple[int, int, list[str]]:
     wrong = []
     for entry in index:
         words = entry["prompt"].split()
-        colour, background = words[1], words[-2]
-        if shape_colour(Image.open(samples / entry["file"]), background) != colour:
+        if shape_colour(Image.open(samples / entry["file"])) != words[1]:
             wrong.append(entry["prompt"])
     return len(index) - len(wrong), len(index), wrong
 

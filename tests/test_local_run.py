@@ -10,7 +10,13 @@ import pytest
 import yaml
 
 from difftrain.api.validation import load_job
-from difftrain.local import combined_exit_code, node_environment, progress_line, read_progress
+from difftrain.local import (
+    combined_exit_code,
+    node_environment,
+    progress_line,
+    read_progress,
+    threads_per_process,
+)
 from difftrain.operator.builders import Defaults, children
 from tests.builders import job, merge
 from tests.trainer.runner import FAST_SPEC
@@ -111,6 +117,19 @@ def test_pod_environment_is_mapped_to_this_machine(tmp_path):
     assert env["DIFFTRAIN_CONFIG"] == f"{tmp_path}/config/job.json"
     assert env["HOME"] == f"{tmp_path}/n3/home"
     assert env["DIFFTRAIN_CACHE"] == f"{tmp_path}/c"
+
+
+def test_local_nodes_share_the_cpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    job = load_job(_manifest(tmp_path, {"resources": {"nodes": 2, "gpusPerNode": 0}}))
+    container = children(job, 1, Defaults())[2]["spec"]["template"]["spec"]["containers"][0]
+    folders = {"scratch": tmp_path}
+
+    assert threads_per_process(job) == 4
+    assert node_environment(container, 0, folders, 1, threads=4)["OMP_NUM_THREADS"] == "4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice wins
+    assert node_environment(container, 0, folders, 1, threads=4)["OMP_NUM_THREADS"] == "1"
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 from PIL import Image
 
 from difftrain.cli import main
-from difftrain.shapes import BACKGROUNDS, COLOURS, render, shape_colour
+from difftrain.shapes import BACKGROUNDS, COLOURS, border_colour, render, shape_colour
 
 
 def test_images_are_deterministic_and_match_their_captions():
@@ -43,3 +43,11 @@ def test_shape_colour_of_a_blank_image_is_none_and_noise_is_judged_by_its_mean()
     for x in range(8):
         reddish.putpixel((x, 0), (200, 60, 50) if x % 2 else (240, 30, 30))
     assert shape_colour(reddish, "black") == "red"
+
+
+def test_without_a_named_background_the_border_is_the_background():
+    for index in range(0, 108, 5):
+        image, caption = render(index, size=32)
+        words = caption.split()
+        assert border_colour(image) == BACKGROUNDS[words[-2]], caption
+        assert shape_colour(image) == words[1], caption

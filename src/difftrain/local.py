@@ -37,9 +37,15 @@ def with_nodes(job: DiffusionTrainingJob, nodes: int | None) -> DiffusionTrainin
 
 
 def node_environment(
-    container: dict, index: int, folders: dict[str, Path], port: int, metrics_port: int = 0
+    container: dict,
+    index: int,
+    folders: dict[str, Path],
+    port: int,
+    metrics_port: int = 0,
+    threads: int = 0,
 ) -> dict:
-    """The pod's environment for node ``index``, resolved for this machine."""
+    """The pod's environment for node ``index``, resolved for this machine; ``threads``
+    CPU threads per process unless ``OMP_NUM_THREADS`` is set already."""
     mounts = {m["mountPath"]: folders[m["name"]] for m in container["volumeMounts"]
               if m["name"] in folders}  # fmt: skip
     env = dict(os.environ)
@@ -65,7 +71,15 @@ def node_environment(
     )
     if metrics_port:  # each local "node" needs its own metrics port
         env["DIFFTRAIN_METRICS_PORT"] = str(metrics_port)
+    if threads and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)  # local nodes share the CPUs, not oversubscribe
     return env
+
+
+def threads_per_process(job: DiffusionTrainingJob) -> int:
+    """This machine's CPUs shared out over every process of every local node."""
+    processes = job.spec.resources.nodes * max(1, job.spec.resources.gpus_per_node)
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def _local_path(value: str, mounts: dict[str, Path]) -> str:
@@ -148,7 +162,9 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
                    "cache": base / "cache", "tmp": node / "tmp"}  # fmt: skip
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-        env = node_environment(container, index, folders, port, metrics_ports[index])
+        env = node_environment(
+            container, index, folders, port, metrics_ports[index], threads_per_process(job)
+        )
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
         reader = threading.Thread(target=_stream, args=(process, f"[node {index}] "), daemon=True)

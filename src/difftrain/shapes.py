@@ -52,25 +52,46 @@ def render(index: int, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
     return image, caption(colour, shape, background)
 
 
-def write_dataset(folder: Path, count: int = DEFAULT_COUNT, size: int = IMAGE_SIZE) -> Path:
-    """Write ``count`` images in the images/ + captions/ layout under ``folder``."""
+def write_dataset(
+    folder: Path,
+    count: int = DEFAULT_COUNT,
+    size: int = IMAGE_SIZE,
+    extents: tuple[str, ...] = tuple(SIZES),
+) -> Path:
+    """Write ``count`` images in the images/ + captions/ layout under ``folder``, drawing
+    only shapes of the given ``extents`` (``small``, ``large``)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "captions").mkdir(parents=True, exist_ok=True)
-    for index in range(count):
+    indices = (i for i in itertools.count() if _COMBINATIONS[i % len(_COMBINATIONS)][2] in extents)
+    for index in itertools.islice(indices, count):
         image, text = render(index, size)
         image.save(folder / "images" / f"{index:06d}.png")
         (folder / "captions" / f"{index:06d}.txt").write_text(text + "\n")
     return folder
 
 
-def shape_colour(image: Image.Image, background: str, margin: float = 60.0) -> str | None:
-    """The palette colour nearest to the mean of the pixels that are not ``background``
-    (the shape's region), or None when no pixel stands out from the background.
+def border_colour(image: Image.Image) -> tuple[int, int, int]:
+    """The median colour of the image's outermost pixels: its background, for an image
+    like this dataset's, where a shape covers at most part of the border."""
+    rgb = image.convert("RGB")
+    width, height = rgb.size
+    frame = [(x, y) for x in range(width) for y in (0, height - 1)]
+    frame += [(x, y) for y in range(1, height - 1) for x in (0, width - 1)]
+    pixels = [rgb.getpixel(point) for point in frame]
+    return tuple(sorted(channel)[len(channel) // 2] for channel in zip(*pixels, strict=True))
+
+
+def shape_colour(
+    image: Image.Image, background: str | None = None, margin: float = 60.0
+) -> str | None:
+    """The palette colour nearest to the mean of the pixels that stand out from the
+    background (the shape's region), or None when none does. The background is the named
+    one, or else the image's own (:func:`border_colour`).
 
     This is how a person would judge a sample of "a red circle on a white background":
     whatever is drawn on the background should be red.
     """
-    ground = BACKGROUNDS[background]
+    ground = BACKGROUNDS[background] if background else border_colour(image)
     pixels = [
         p
         for p in image.convert("RGB").get_flattened_data()

@@ -49,8 +49,8 @@ def start(config: Path, work: Path, cache: Path, extra: dict | None = None) -> s
     )
 
 
-def run(config: Path, work: Path, cache: Path, extra: dict | None = None):
+def run(config: Path, work: Path, cache: Path, extra: dict | None = None, timeout: int = 300):
     """Run the trainer to the end; returns (exit code, output)."""
     process = start(config, work, cache, extra)
-    output, _ = process.communicate(timeout=300)
+    output, _ = process.communicate(timeout=timeout)
     return process.returncode, output

@@ -8,6 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difftrain.api.data import ModelSpec
+from difftrain.errors import InvalidSpec
+from difftrain.storage import S3Settings
+from difftrain.trainer.models import fetch_model, new_components
 from difftrain.trainer.presets import write_preset
 from tests.builders import merge
 from tests.trainer import runner
@@ -71,6 +75,7 @@ def test_full_trains_autoencoder_then_model_and_exports_a_pipeline(
         assert any(not torch.equal(base[k], trained[k]) for k in base), part
     card = (model / "README.md").read_text()
     assert "| Method | full |" in card
+    assert "| Trained from scratch | UNet, text encoders, VAE |" in card
 
 
 def test_a_restart_skips_the_finished_autoencoder_stage(tmp_path, trainer_cache, shapes_folder):
@@ -109,6 +114,8 @@ def test_reused_components_keep_the_base_weights(tmp_path, trainer_cache, shapes
     for part, same in (("vae", True), ("text_encoder", True), ("unet", False)):
         base, trained = _tensors(preset / part), _tensors(output / "model" / part)
         assert all(torch.equal(base[k], trained[k]) for k in base) == same, part
+    card = (output / "model" / "README.md").read_text()
+    assert "| Trained from scratch | UNet; vae and textEncoders from the base |" in card
 
 
 SMALL_UNET = {
@@ -181,10 +188,19 @@ def test_full_sdxl(tmp_path, trainer_cache, shapes_folder):
         ),
     ],
 )
-def test_bad_architecture_configs_fail_before_training(
-    tmp_path, trainer_cache, shapes_folder, components, message
-):
+def test_architecture_configs_that_cannot_work_are_refused(trainer_cache, components, message):
+    folder = fetch_model(ModelSpec(base="preset:tiny-sd"), S3Settings(), trainer_cache / "models")
+    model = ModelSpec(base="preset:tiny-sd", components=components)
+
+    with pytest.raises(InvalidSpec) as error:
+        new_components(folder, model, reuse=[], seed=0)
+
+    assert str(error.value).startswith(message)
+
+
+def test_a_bad_architecture_fails_the_job_before_training(tmp_path, trainer_cache, shapes_folder):
     output = tmp_path / "out"
+    components = {"unet": {**SMALL_UNET, "in_channels": 8}}
     spec = _spec(shapes_folder, output, model={"base": "preset:tiny-sd", "components": components})
     config = runner.write_config(tmp_path, spec)
 
@@ -192,6 +208,6 @@ def test_bad_architecture_configs_fail_before_training(
 
     assert code == 2, log
     reason = json.loads((tmp_path / "termination-log").read_text())
-    assert reason["message"].startswith(message), reason
+    assert reason["message"].startswith("spec.model.components: the UNet's in_channels"), reason
     assert "step 1/" not in log
     assert not (output / "checkpoints").exists()

@@ -114,6 +114,11 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         lora = spec.lora
         rank = lora.rank if lora else 16
         rows.insert(2, ("LoRA rank / alpha", f"{rank} / {(lora.alpha if lora else None) or rank}"))
+    if spec.method == "full":
+        reused = spec.full_settings.reuse
+        rows.insert(2, ("Trained from scratch", _from_scratch(reused)))
+        if "vae" not in reused:
+            rows.insert(3, ("Autoencoder stage steps", spec.full_settings.autoencoder.steps))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     usage = (
         'pipe.load_lora_weights("model/")'
@@ -127,6 +132,13 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         f"Load it with diffusers: `{usage}`.\n\n"
         f"Reproducibility record: `difftrain.json` (spec hash {spec_hash(config)[:12]}).\n"
     )
+
+
+def _from_scratch(reused: list[str]) -> str:
+    parts = ["UNet"] + [name for key, name in (("textEncoders", "text encoders"),
+                                              ("vae", "VAE")) if key not in reused]  # fmt: skip
+    kept = f"; {' and '.join(reused)} from the base" if reused else ""
+    return ", ".join(parts) + kept
 
 
 def record(config: TrainerConfig, facts: dict) -> str:

@@ -1,0 +1,62 @@
+"""The quickstart's model learns what it is told: a shortened run of
+examples/quickstart.yaml draws the prompted colours."""
+
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from difftrain.api.validation import load_job
+from difftrain.shapes import COLOURS, SHAPES, shape_colour, write_dataset
+from tests.builders import merge
+from tests.trainer import runner
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
+# The quickstart's recipe at 16 pixels, on one process, with fewer steps: a few minutes
+# on two cores. The smallest sizes that pass with a margin; see DEVELOPERS.md.
+SHORT = {"resolution": 32, "autoencoder_steps": 500, "steps": 1200}
+
+# Every colour, once on white and once on black, with shapes taking turns.
+PROMPTS = [
+    f"a {colour} {SHAPES[(i + k) % len(SHAPES)]} on a {background} background"
+    for i, colour in enumerate(COLOURS)
+    for k, background in enumerate(("white", "black"))
+]
+
+
+def test_quickstart_is_a_valid_two_node_job_that_samples_and_fits_a_laptop():
+    job = load_job(yaml.safe_load(QUICKSTART.read_text()))
+    spec = job.spec
+
+    assert spec.method == "full" and spec.dataset.uri == "builtin:shapes"
+    assert spec.resources.nodes == 2 and spec.resources.gpus_per_node == 0
+    assert spec.validation.prompts and spec.output.uri.startswith("file://")
+
+
+def test_shortened_quickstart_draws_the_prompted_colours(tmp_path, trainer_cache):
+    # builtin:shapes with its large shapes only: more of each image shows the prompted
+    # colour, so colours are learned in fewer steps.
+    data = write_dataset(tmp_path / "shapes", count=1024, extents=("large",))
+    manifest = yaml.safe_load(QUICKSTART.read_text())
+    spec = merge(
+        manifest["spec"],
+        {
+            "full": {"autoencoder": {"steps": SHORT["autoencoder_steps"]}},
+            "dataset": {"uri": f"file://{data}", "resolution": SHORT["resolution"]},
+            "training": {"steps": SHORT["steps"], "batchSize": 16},
+            "validation": {"prompts": PROMPTS, "everySteps": SHORT["steps"]},
+            "checkpoints": {"everySteps": SHORT["steps"]},
+            "output": {"uri": f"file://{tmp_path}/out"},
+            "resources": {"nodes": 1},
+        },
+    )
+    config = runner.write_config(tmp_path, spec, name="quickstart")
+
+    code, log = runner.run(config, tmp_path, trainer_cache, timeout=600)
+
+    assert code == 0, log
+    samples = tmp_path / "out" / "samples" / f"step-{SHORT['steps']:08d}"
+    drawn = [shape_colour(Image.open(samples / f"{k:03d}-00.png")) for k in range(len(PROMPTS))]
+    wanted = [prompt.split()[1] for prompt in PROMPTS]
+    right = sum(d == w for d, w in zip(drawn, wanted, strict=True))
+    assert right >= 0.8 * len(PROMPTS), list(zip(wanted, drawn, strict=True))
