@@ -124,6 +124,9 @@ class Transform:
     center_crop: bool
     random_flip: bool
     caption_dropout: float
+    # Textual Inversion: captions are these templates with ``subject`` filled in.
+    templates: tuple[str, ...] = ()
+    subject: str = ""
 
     def __call__(self, example: Example, rng: random.Random, size: Size) -> dict:
         width, height = size
@@ -145,10 +148,13 @@ class Transform:
             image = ImageOps.mirror(image)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         pixels = pixels.view(height, width, 3).permute(2, 0, 1)
+        caption = example.caption
+        if self.templates:
+            caption = rng.choice(self.templates).format(self.subject)
         dropped = self.caption_dropout and rng.random() < self.caption_dropout
         return {
             "pixels": pixels.float() / 127.5 - 1.0,
-            "caption": "" if dropped else example.caption,
+            "caption": "" if dropped else caption,
             "original_size": original,
             "crop_top_left": (top, left),
             "target_size": (height, width),

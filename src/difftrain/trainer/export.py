@@ -119,12 +119,19 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         rows.insert(2, ("Trained from scratch", _from_scratch(reused)))
         if "vae" not in reused:
             rows.insert(3, ("Autoencoder stage steps", spec.full_settings.autoencoder.steps))
+    usage = 'DiffusionPipeline.from_pretrained("model/")'
+    if spec.trains_lora:
+        usage = 'pipe.load_lora_weights("model/")'
+    elif spec.method == "textualInversion":
+        settings = spec.textual_inversion
+        rows.insert(2, ("Placeholder / vectors", f"{settings.placeholder_token} / {settings.vectors}"))
+        usage = 'pipe.load_textual_inversion("model/learned_embeds.safetensors")'
+        if facts["architecture"] == "sdxl":
+            usage = (
+                'pipe.load_textual_inversion(embeds["clip_l"], token=TOKEN, ...)` for the first '
+                'text encoder and `embeds["clip_g"]` with `text_encoder_2`/`tokenizer_2'
+            )
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
-    usage = (
-        'pipe.load_lora_weights("model/")'
-        if spec.trains_lora
-        else 'DiffusionPipeline.from_pretrained("model/")'
-    )
     return (
         f"# {config.name}\n\n"
         f"Trained with difftrain {__version__} from `{spec.model.base}`.\n\n"

@@ -34,6 +34,7 @@ from difftrain.trainer import (
     optim,
     plots,
     sampling,
+    textual_inversion,
 )
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import encode_text, sdxl_time_ids
@@ -205,10 +206,19 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
         seed=training.seed,
     )
     batches.check()
+    templates, subject = (), ""
+    if spec.method == "textualInversion":
+        settings = spec.textual_inversion
+        templates = textual_inversion.TEMPLATES[settings.template]
+        subject = textual_inversion.subject(settings)
     dataset = data.TrainingSet(
         examples,
         data.Transform(
-            spec.dataset.center_crop, spec.dataset.random_flip, spec.dataset.caption_dropout
+            spec.dataset.center_crop,
+            spec.dataset.random_flip,
+            spec.dataset.caption_dropout,
+            templates,
+            subject,
         ),
     )
     facts = {
@@ -402,6 +412,7 @@ def optimizer_step(trainer: Trainer) -> None:
         ]
         trainer.accelerator.clip_grad_norm_(parameters, max_norm)
     trainer.optimizer.step()
+    trainer.trainable.after_step()
     trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     if trainer.ema is not None:
@@ -633,6 +644,8 @@ def _export(trainer: Trainer, facts: dict) -> None:
     trainable = trainer.trainable
     if trainable.lora:
         export.export_lora(trainer.components, trainable, formats, folder, config.name, dtype)
+    elif config.spec.method == "textualInversion":
+        textual_inversion.export(trainable, config.spec.textual_inversion, folder, dtype)
     else:
         unet = trainable.modules["unet"]
         if trainer.ema is not None:

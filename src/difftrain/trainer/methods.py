@@ -39,6 +39,9 @@ class Trainable:
             if value.requires_grad
         }
 
+    def after_step(self) -> None:
+        """Called after each optimiser step; methods that must undo part of it do so here."""
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.state_dict())
         if set(state) != expected:
@@ -61,6 +64,11 @@ def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
         encoder.requires_grad_(False)
     if spec.method == "lora":
         return _lora(components, spec)
+    if spec.method == "textualInversion":
+        from difftrain.trainer import textual_inversion
+
+        components.unet.requires_grad_(False)
+        return textual_inversion.prepare(components, spec.textual_inversion)
     components.unet.requires_grad_(True)  # finetune (check_supported ruled out the rest)
     modules = {"unet": components.unet}
     if spec.method == "full" and "textEncoders" not in spec.full_settings.reuse:
@@ -72,10 +80,10 @@ def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
 
 def check_supported(spec: DiffusionTrainingJobSpec) -> None:
     """Refuse, before any work, settings the API accepts but this trainer cannot do yet."""
-    if spec.method not in ("lora", "finetune", "full"):
+    if spec.method not in ("lora", "finetune", "full", "textualInversion"):
         raise InvalidSpec(
             f"spec.method: {spec.method} is not supported by this trainer version; "
-            "use lora, finetune or full"
+            "use lora, finetune, full or textualInversion"
         )
     if spec.training.strategy != "ddp":
         raise InvalidSpec(

@@ -1,0 +1,162 @@
+"""Textual Inversion: new token embeddings for a concept, the rest of the model frozen.
+
+The placeholder token (and, for N vectors, ``TOKEN_1`` ... ``TOKEN_{N-1}``) is added to
+every tokenizer, its embedding rows start as copies of the initializer token's, and only
+those rows train: after each optimiser step every other row is put back exactly, so the
+text encoders stay bit-identical apart from the new rows (weight decay and momentum
+never leak into them). Captions are prompt templates with the placeholder in them.
+The result is ``learned_embeds.safetensors`` in the layout ``load_textual_inversion``
+reads: ``{TOKEN: (N, D)}`` for one text encoder, ``{"clip_l": ..., "clip_g": ...}`` for
+SDXL's two (the layout SDXL embedding files share across tools).
+"""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from difftrain.errors import InvalidSpec
+from difftrain.trainer.methods import Trainable
+
+FILE = "learned_embeds.safetensors"
+SDXL_KEYS = ("clip_l", "clip_g")
+
+TEMPLATES = {
+    "object": (
+        "a photo of a {}",
+        "a picture of a {}",
+        "an image of the {}",
+        "a close-up photo of a {}",
+        "a photo of the {}",
+        "a cropped photo of a {}",
+        "a bright photo of a {}",
+        "a dark photo of the {}",
+        "a small {}",
+        "a large {}",
+        "a rendering of a {}",
+        "a good photo of the {}",
+    ),
+    "style": (
+        "a painting in the style of {}",
+        "a picture in the style of {}",
+        "an image in the style of {}",
+        "a rendering in the style of {}",
+        "a drawing in the style of {}",
+        "a small painting in the style of {}",
+        "a large painting in the style of {}",
+        "a cropped painting in the style of {}",
+        "art in the style of {}",
+        "a good picture in the style of {}",
+    ),
+}
+
+
+def tokens(settings) -> list[str]:
+    """The tokens added for ``spec.textualInversion``: one per vector."""
+    first = settings.placeholder_token
+    return [first] + [f"{first}_{index}" for index in range(1, settings.vectors)]
+
+
+def subject(settings) -> str:
+    """What stands in the captions for the concept: all its tokens, in order."""
+    return " ".join(tokens(settings))
+
+
+class EmbeddingRows(Trainable):
+    """The new rows of each text encoder's token embedding, and nothing else.
+
+    Checkpoints hold just these rows (not the whole vocabulary), and :meth:`after_step`
+    restores every other row after each optimiser step.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], rows: list[int]):
+        super().__init__(modules, lora=False)
+        self.rows = rows
+        self.frozen = {
+            name: module.get_input_embeddings().weight.detach().clone()
+            for name, module in modules.items()
+        }
+
+    def _weights(self, name: str) -> torch.nn.Parameter:
+        return self.modules[name].get_input_embeddings().weight
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            f"{name}.token_embedding.rows": self._weights(name).detach()[self.rows]
+            for name in self.modules
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.state_dict()):
+            raise ValueError(f"checkpoint holds other weights than this job trains: {sorted(state)}")
+        with torch.no_grad():
+            for name in self.modules:
+                self._weights(name)[self.rows] = state[f"{name}.token_embedding.rows"].to(
+                    self._weights(name).dtype
+                )
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for name in self.modules:
+                weights = self._weights(name)
+                frozen = self.frozen[name]
+                if frozen.device != weights.device or frozen.dtype != weights.dtype:
+                    frozen = self.frozen[name] = frozen.to(weights)  # once, not every step
+                learned = weights[self.rows].clone()
+                weights.copy_(frozen)
+                weights[self.rows] = learned
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """The learned vectors ``(N, D)`` of each text encoder, by component name."""
+        return {name: self._weights(name).detach()[self.rows].float().cpu() for name in self.modules}
+
+
+def prepare(components, settings) -> EmbeddingRows:
+    """Add the placeholder tokens, initialise their rows, and freeze everything else."""
+    new = tokens(settings)
+    rows = None
+    modules = {}
+    pairs = zip(components.tokenizers, components.text_encoders, strict=True)
+    for index, (tokenizer, encoder) in enumerate(pairs):
+        taken = [token for token in new if token in tokenizer.get_vocab()]
+        if taken:
+            raise InvalidSpec(
+                f"spec.textualInversion.placeholderToken: {taken[0]!r} is already in the "
+                "tokenizer's vocabulary; choose a token that is not a word, e.g. <my-concept>"
+            )
+        start = tokenizer.encode(settings.initializer_token, add_special_tokens=False)
+        if len(start) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(start)
+            raise InvalidSpec(
+                f"spec.textualInversion.initializerToken: {settings.initializer_token!r} is "
+                f"{len(start)} tokens ({' '.join(pieces)}), not one; choose a single-token word "
+                "close to the concept"
+            )
+        tokenizer.add_tokens(new)
+        ids = tokenizer.convert_tokens_to_ids(new)
+        if rows is not None and ids != rows:
+            raise InvalidSpec("spec.model.base: the tokenizers disagree on their vocabularies")
+        rows = ids
+        encoder.resize_token_embeddings(len(tokenizer))
+        weights = encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            weights[ids] = weights[start[0]].clone()
+        encoder.requires_grad_(False)
+        weights.requires_grad_(True)
+        modules["text_encoder" + (f"_{index + 1}" if index else "")] = encoder
+    return EmbeddingRows(modules, rows)
+
+
+def export(trainable: EmbeddingRows, settings, folder: Path, dtype) -> Path:
+    """Write ``learned_embeds.safetensors`` for the loaders (see the module's docstring)."""
+    vectors = trainable.embeddings()
+    if len(vectors) == 1:
+        state = {settings.placeholder_token: vectors["text_encoder"].to(dtype)}
+    else:
+        state = {
+            key: vectors[name].to(dtype)
+            for key, name in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), strict=True)
+        }
+    path = folder / FILE
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    return path
