@@ -10,6 +10,7 @@ mean of the pixels that stand out from the image's background must be COLOUR.
 """
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,10 +27,8 @@ from difftrain.shapes import shape_colour
 def tree_rss(process: psutil.Process) -> int:
     total = 0
     for member in [process, *process.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += member.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 

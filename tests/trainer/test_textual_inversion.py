@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from difftrain.api.data import ModelSpec
 from difftrain.api.methods import TextualInversionSpec
-from difftrain.errors import InvalidSpec
 from difftrain.trainer import textual_inversion
 from difftrain.trainer.models import load_components
 from difftrain.trainer.presets import write_preset
@@ -36,9 +35,8 @@ def test_only_the_new_rows_change_and_they_start_from_the_initializer(tiny_sd):
     circle = tokenizer.convert_tokens_to_ids("circle</w>")
     assert trainable.rows == rows and weights.shape[0] == before.shape[0] + 2
     assert torch.equal(weights[rows[0]], before[circle])
-    assert [n for n, p in encoder.named_parameters() if p.requires_grad] == [
-        "text_model.embeddings.token_embedding.weight"
-    ]
+    trained = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    assert len(trained) == 1 and trained[0].endswith("token_embedding.weight")
     # Steps of AdamW with weight decay: without the restore, every row would shrink.
     optimizer = torch.optim.AdamW(trainable.parameters("text_encoder"), lr=1e-2)
     ids = tokenizer(["a photo of a <shape> <shape>_1 on white"], return_tensors="pt").input_ids
@@ -111,7 +109,9 @@ def _image(pipeline, prompt: str):
     ).images[0]
 
 
-def test_learned_embedding_loads_into_a_fresh_pipeline(tmp_path, trainer_cache, shapes_folder, tiny_sd):
+def test_learned_embedding_loads_into_a_fresh_pipeline(
+    tmp_path, trainer_cache, shapes_folder, tiny_sd
+):
     output = _train(tmp_path, trainer_cache, shapes_folder, "preset:tiny-sd")
 
     learned = load_file(output / "model" / "learned_embeds.safetensors")

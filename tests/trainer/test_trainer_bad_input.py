@@ -144,7 +144,7 @@ def test_hub_model_offline(tmp_path, trainer_cache, dataset):
         pytest.param(
             {"method": "dreambooth", "dreambooth": {"instancePrompt": "a sks dog"}},
             "spec.method: dreambooth is not supported by this trainer version; use lora, "
-            "finetune or full",
+            "finetune, full or textualInversion",
             id="method",
         ),
         pytest.param(

@@ -124,7 +124,9 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         usage = 'pipe.load_lora_weights("model/")'
     elif spec.method == "textualInversion":
         settings = spec.textual_inversion
-        rows.insert(2, ("Placeholder / vectors", f"{settings.placeholder_token} / {settings.vectors}"))
+        rows.insert(
+            2, ("Placeholder / vectors", f"{settings.placeholder_token} / {settings.vectors}")
+        )
         usage = 'pipe.load_textual_inversion("model/learned_embeds.safetensors")'
         if facts["architecture"] == "sdxl":
             usage = (

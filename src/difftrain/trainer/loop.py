@@ -255,6 +255,8 @@ def build_diffusion(shared: Shared) -> Trainer:
         training.mixed_precision, torch.float32
     )
     components.vae.to(accelerator.device, dtype=frozen_dtype)
+    if "unet" not in trainable.modules:  # textual inversion: a frozen UNet
+        components.unet.to(accelerator.device, dtype=frozen_dtype)
     trained = [id(module) for module in trainable.modules.values()]
     for encoder in components.text_encoders:
         encoder.to(
@@ -368,7 +370,7 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
     components, accelerator = trainer.components, trainer.accelerator
     spec = trainer.config.spec
     device = accelerator.device
-    unet = trainer.wrapped["unet"]
+    unet = trainer.wrapped.get("unet", components.unet)
     with _synchronising(trainer, sync), accelerator.autocast():
         pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
         with torch.no_grad():

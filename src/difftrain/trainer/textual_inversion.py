@@ -88,7 +88,9 @@ class EmbeddingRows(Trainable):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.state_dict()):
-            raise ValueError(f"checkpoint holds other weights than this job trains: {sorted(state)}")
+            raise ValueError(
+                f"checkpoint holds other weights than this job trains: {sorted(state)}"
+            )
         with torch.no_grad():
             for name in self.modules:
                 self._weights(name)[self.rows] = state[f"{name}.token_embedding.rows"].to(
@@ -108,7 +110,9 @@ class EmbeddingRows(Trainable):
 
     def embeddings(self) -> dict[str, torch.Tensor]:
         """The learned vectors ``(N, D)`` of each text encoder, by component name."""
-        return {name: self._weights(name).detach()[self.rows].float().cpu() for name in self.modules}
+        return {
+            name: self._weights(name).detach()[self.rows].float().cpu() for name in self.modules
+        }
 
 
 def prepare(components, settings) -> EmbeddingRows:
@@ -118,7 +122,12 @@ def prepare(components, settings) -> EmbeddingRows:
     modules = {}
     pairs = zip(components.tokenizers, components.text_encoders, strict=True)
     for index, (tokenizer, encoder) in enumerate(pairs):
-        taken = [token for token in new if token in tokenizer.get_vocab()]
+        vocabulary = tokenizer.get_vocab()
+        taken = [
+            token
+            for token in new
+            if token in vocabulary or len(tokenizer.encode(token, add_special_tokens=False)) == 1
+        ]
         if taken:
             raise InvalidSpec(
                 f"spec.textualInversion.placeholderToken: {taken[0]!r} is already in the "
@@ -137,7 +146,7 @@ def prepare(components, settings) -> EmbeddingRows:
         if rows is not None and ids != rows:
             raise InvalidSpec("spec.model.base: the tokenizers disagree on their vocabularies")
         rows = ids
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         weights = encoder.get_input_embeddings().weight
         with torch.no_grad():
             weights[ids] = weights[start[0]].clone()
