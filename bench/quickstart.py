@@ -12,6 +12,7 @@ mean of the pixels that stand out from the image's background must be COLOUR.
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", default="examples/quickstart.yaml")
     parser.add_argument("--nodes", type=int)
+    parser.add_argument("--grid", type=Path, help="copy the final sample grid here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
@@ -71,6 +73,8 @@ def main() -> None:
             sys.exit(f"difftrain run failed ({child.returncode}): {child.stderr.read().decode()}")
         samples = max((work / "out" / "samples").iterdir())
         right, total, wrong = judge(samples)
+        if args.grid:
+            shutil.copyfile(samples / "grid.png", args.grid)
         entries = [json.loads(x) for x in (work / "out" / "metrics.jsonl").open()]
         print(
             json.dumps(
