@@ -1,9 +1,11 @@
 """The training loop: set up, resume, train step by step, checkpoint, export.
 
-It reads top to bottom: build everything from the config, resume if a checkpoint
-exists, then loop over optimiser steps (each of ``gradientAccumulationSteps`` micro-
-batches), checkpointing every N steps and when asked to stop (SIGTERM), and finally
-export the model. Only the main process writes shared outputs.
+It reads top to bottom: fetch and load everything the config names (:func:`prepare`),
+build the trainer of each stage (the diffusion model; for method full, first the
+autoencoder), and :func:`train` each: resume if a checkpoint exists, then loop over
+optimiser steps (each of ``gradientAccumulationSteps`` micro-batches), sampling and
+checkpointing every N steps and when asked to stop (SIGTERM). Finally export the model.
+Only the main process writes shared outputs.
 """
 
 import collections
