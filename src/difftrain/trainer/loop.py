@@ -12,6 +12,7 @@ import collections
 import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -623,11 +624,9 @@ def _upload_curve(trainer: Trainer, metrics: "MetricsLog") -> None:
 
 
 def _export_autoencoder(trainer: Trainer) -> None:
-    shared_batches = trainer.batches.epoch(0, 0)
-    pixels = (
-        data.collate([trainer.dataset[key] for key in keys])["pixels"]
-        for _, keys in zip(range(autoencoder.SCALE_BATCHES), shared_batches, strict=False)
-    )
+    """Measure the latent scale on the first batches of the data, then save the VAE."""
+    first = itertools.islice(trainer.batches.epoch(0, 0), autoencoder.SCALE_BATCHES)
+    pixels = (data.collate([trainer.dataset[key] for key in keys])["pixels"] for keys in first)
     vae = trainer.trainable.modules["vae"]
     factor = autoencoder.scaling_factor(vae, pixels, trainer.generator)
     facts = {
