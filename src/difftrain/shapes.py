@@ -93,14 +93,14 @@ def shape_colour(
     """
     ground = BACKGROUNDS[background] if background else border_colour(image)
     pixels = [
-        p
-        for p in image.convert("RGB").get_flattened_data()
-        if sum((a - b) ** 2 for a, b in zip(p, ground, strict=True)) > margin**2
+        p for p in image.convert("RGB").get_flattened_data() if _distance2(p, ground) > margin**2
     ]
     if not pixels:
         return None
     mean = [sum(channel) / len(pixels) for channel in zip(*pixels, strict=True)]
-    return min(
-        COLOURS,
-        key=lambda name: sum((a - b) ** 2 for a, b in zip(mean, COLOURS[name], strict=True)),
-    )
+    return min(COLOURS, key=lambda name: _distance2(mean, COLOURS[name]))
+
+
+def _distance2(a, b) -> float:
+    """Squared distance of two RGB colours."""
+    return sum((x - y) ** 2 for x, y in zip(a, b, strict=True))

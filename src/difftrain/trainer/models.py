@@ -112,14 +112,19 @@ def detect_architecture(index: dict, unet_config: dict) -> str:
     return "sd"
 
 
-def _load_part(folder: Path, index: dict, name: str, variant: str | None):
+def _component_class(index: dict, name: str) -> tuple[str, type]:
+    """The library and class ``model_index.json`` names for component ``name``."""
     library, class_name = index[name]
     if library not in _LIBRARIES:
         raise InvalidSpec(
             f"spec.model.base: component {name} comes from {library!r}; only {_LIBRARIES} "
             "components can be loaded"
         )
-    cls = getattr(importlib.import_module(library), class_name)
+    return library, getattr(importlib.import_module(library), class_name)
+
+
+def _load_part(folder: Path, index: dict, name: str, variant: str | None):
+    library, cls = _component_class(index, name)
     options = {"variant": variant} if variant and library == "diffusers" else {}
     if name.startswith("tokenizer"):
         return cls.from_pretrained(folder / name)
@@ -166,16 +171,13 @@ def _config_of(folder: Path, name: str, override: dict | None) -> dict:
 
 def _build(index: dict, name: str, config: dict, field: str):
     """Component ``name`` with random weights, from ``config``."""
-    library, class_name = index[name]
-    if library not in _LIBRARIES:
-        raise InvalidSpec(f"spec.model.base: component {name} comes from {library!r}")
-    cls = getattr(importlib.import_module(library), class_name)
+    library, cls = _component_class(index, name)
     try:
         if library == "diffusers":
             return cls.from_config(config)
         return cls(cls.config_class.from_dict(config))
     except (TypeError, ValueError, KeyError, AttributeError) as error:
-        raise InvalidSpec(f"{field}: cannot build a {class_name} from it: {error}") from None
+        raise InvalidSpec(f"{field}: cannot build a {cls.__name__} from it: {error}") from None
 
 
 def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) -> Components:
