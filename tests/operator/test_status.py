@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from difftrain.api.validation import load_job
-from difftrain.operator.status import next_status, observe, set_condition, ttl_expired
+from difftrain.operator.status import events, next_status, observe, set_condition, ttl_expired
 from tests.builders import job
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -228,3 +228,37 @@ def test_restarting_lasts_until_the_new_attempt_runs_and_keeps_its_cause():
     assert (cause["status"], cause["reason"]) == ("True", "OOMKilled")
     assert running["phase"] == "Running"
     assert {c["type"]: c["status"] for c in running["conditions"]}["Restarting"] == "False"
+
+
+def test_an_event_for_each_condition_that_becomes_true():
+    spec = load_job(job())
+    # The first reconcile can find the pods already running when it creates the Job.
+    running, _ = next_status(spec, {}, observe(batch_job(), [pod()], NOW), NOW)
+    again, _ = next_status(spec, running, observe(batch_job(), [pod()], NOW), NOW)
+    done, _ = next_status(spec, running, observe(batch_job(("Complete", "Completed")), [], NOW),
+                          NOW)  # fmt: skip
+
+    assert events({}, running) == [
+        ("Normal", "JobCreated", "the attempt's Job exists"),
+        ("Normal", "Training", "1 pods running"),
+    ]
+    assert events(running, again) == []
+    assert [reason for _, reason, _ in events(running, done)] == ["Completed"]
+
+
+def test_warnings_for_unschedulable_and_for_every_restart():
+    spec = load_job(job())
+    waiting, _ = next_status(
+        spec, {}, observe(batch_job(), [pod("Pending", unschedulable=True)], NOW), NOW
+    )
+    failed = observe(batch_job(FAILED), [pod("Failed", 137, reason="OOMKilled")], NOW)
+    first, _ = next_status(spec, {"attempt": 1, "restarts": 0}, failed, NOW)
+    first = {**first, "attempt": 2, "restarts": 1}  # what the controller records
+    second, _ = next_status(spec, first, failed, NOW)
+    second = {**second, "attempt": 3, "restarts": 2}
+
+    assert ("Warning", "Unschedulable") in [e[:2] for e in events({}, waiting)]
+    assert [e[:2] for e in events(waiting, first)] == [("Warning", "OOMKilled")]
+    # Restarting was already True: the second restart is an Event all the same.
+    assert [e[:2] for e in events(first, second)] == [("Warning", "OOMKilled")]
+    assert events(second, second) == []

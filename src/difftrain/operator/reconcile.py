@@ -19,6 +19,7 @@ from difftrain.operator.kube import Kube
 from difftrain.operator.metrics import OperatorMetrics
 from difftrain.operator.status import (
     TERMINAL,
+    events,
     next_status,
     observe,
     set_condition,
@@ -123,28 +124,18 @@ class Controller:
         return new
 
     async def _publish(self, body: dict, old: dict, new: dict, now: datetime) -> None:
-        """Write the status only when it changed; an Event per phase change."""
+        """Write the status only when it changed, with an Event for each transition."""
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         self.metrics.set_phase(namespace, name, new.get("phase"))
         if new == old:
             return
         await self.kube.patch_status(namespace, name, new)
-        if new.get("phase") != old.get("phase"):
-            condition = _latest(new)
-            kind = "Warning" if new["phase"] in ("Failed", "Restarting") else "Normal"
-            reason = condition.get("reason", new["phase"])
+        for kind, reason, message in events(old, new):
             try:
-                await self.kube.post_event(
-                    body, kind, reason, condition.get("message", ""), timestamp(now)
-                )
+                await self.kube.post_event(body, kind, reason, message, timestamp(now))
             except Exception:  # an Event is a courtesy: never fail a reconcile over it
                 log.warning("could not post an event for %s/%s", namespace, name, exc_info=True)
-            if new["phase"] == "Failed":
-                self.metrics.failures.labels(reason=reason).inc()
-
-
-def _latest(status: dict) -> dict:
-    """The condition that last became True."""
-    true = [c for c in status.get("conditions", []) if c["status"] == "True"]
-    return max(true, key=lambda c: c["lastTransitionTime"], default={})
+        if new.get("phase") == "Failed" and old.get("phase") != "Failed":
+            failed = next(c for c in new["conditions"] if c["type"] == "Failed")
+            self.metrics.failures.labels(reason=failed["reason"]).inc()

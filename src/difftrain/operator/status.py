@@ -226,6 +226,27 @@ def next_status(
     return new, action
 
 
+WARNING_CONDITIONS = ("Unschedulable", "Restarting", "Failed")
+
+
+def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
+    """The Events (type, reason, message) for going from status ``old`` to ``new``: one
+    for each condition that became True, in condition order, and one for every further
+    restart (Restarting stays True from one failed attempt to the next). Several can come
+    at once: a reconcile may find the pods already running when it creates the Job."""
+    before = {c["type"]: c for c in old.get("conditions", []) if c["status"] == "True"}
+    found = []
+    for condition in new.get("conditions", []):
+        kind = condition["type"]
+        if condition["status"] != "True":
+            continue
+        restarted = kind == "Restarting" and new.get("restarts", 0) > old.get("restarts", 0)
+        if kind not in before or restarted:
+            level = "Warning" if kind in WARNING_CONDITIONS else "Normal"
+            found.append((level, condition["reason"], condition["message"]))
+    return found
+
+
 def ttl_expired(job: DiffusionTrainingJob, status: dict, now: datetime) -> bool:
     """Whether a finished job has outlived spec.runPolicy.ttlSecondsAfterFinished."""
     ttl = job.spec.run_policy.ttl_seconds_after_finished
