@@ -66,6 +66,9 @@ def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job):
     assert (record["steps"], record["images"], record["name"]) == (6, 32, "lora-s3")
     losses = [json.loads(line) for line in output.read_bytes("metrics.jsonl").splitlines()]
     assert [entry["step"] for entry in losses] == [1, 2, 3, 4, 5, 6]
+    # On a CPU: the process's resident memory, at least what the loaded model takes.
+    assert all(0 < e["memoryBytes"] <= e["peakMemoryBytes"] for e in losses)
+    assert losses[-1]["peakMemoryBytes"] > 100 * 2**20
     card = (model / "README.md").read_text()
     assert "| Method | lora |" in card and "| LoRA rank / alpha | 4 / 4 |" in card
 

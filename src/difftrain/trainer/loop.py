@@ -42,7 +42,7 @@ from difftrain.trainer import (
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import encode_text, sdxl_time_ids
 from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
-from difftrain.trainer.telemetry import Telemetry
+from difftrain.trainer.telemetry import Telemetry, memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -574,6 +574,7 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
                     "lr": trainer.scheduler.get_last_lr()[0],
                     "imagesPerSecond": images / elapsed if elapsed else None,
                 }
+                entry["memoryBytes"], entry["peakMemoryBytes"] = memory_bytes()
                 metrics.append(entry)
                 trainer.losses.append(entry["loss"])
                 per_step = elapsed / (position.step - last_logged)

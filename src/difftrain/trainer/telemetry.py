@@ -7,6 +7,7 @@ machine need one each); a port already taken costs the metrics, never the traini
 
 import logging
 import os
+import resource
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
@@ -51,3 +52,19 @@ class Telemetry:
         for key, value in values.items():
             if value is not None:
                 self.gauges[key].labels(**self.labels).set(value)
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(now, peak) memory of this process: CUDA memory allocated by PyTorch when a GPU is
+    in use, else resident memory (the peak since the process started)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    try:
+        with open("/proc/self/statm") as handle:
+            now = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux
+        now = peak
+    return now, peak
