@@ -61,8 +61,12 @@ SD15_TEXT = {
 def write_sd15(folder: Path) -> str:
     """An SD 1.5-shaped pipeline with random weights at ``folder``; its model URI."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from difftrain.trainer.presets import _SCHEDULER
