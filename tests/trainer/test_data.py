@@ -146,6 +146,41 @@ def test_random_crop_flip_and_dropout_follow_the_seed(tmp_path):
     assert any(flipped) and not all(flipped)
 
 
+def test_prefetched_batches_equal_batches_made_one_at_a_time(tmp_path):
+    examples = [data.Example(_image(tmp_path / f"{i}.png", colour=(i * 20, 0, 0)), str(i))
+                for i in range(8)]  # fmt: skip
+    transform = data.Transform(center_crop=False, random_flip=True, caption_dropout=0.3)
+    dataset = data.TrainingSet(examples, transform)
+    batches = data.Batches(_square(8), repeats=3, batch_size=2, world_size=1, rank=0, seed=5)
+    keys = list(batches.epoch(0))
+
+    made = list(data.prefetched(dataset, keys, workers=3))
+
+    assert len(made) == len(keys) == 12
+    for batch, key_batch in zip(made, keys, strict=True):
+        serial = data.collate([dataset[key] for key in key_batch])
+        assert torch.equal(batch["pixels"], serial["pixels"])
+        assert batch["captions"] == serial["captions"]
+
+
+def test_closing_prefetched_batches_stops_making_them(tmp_path):
+    examples = [data.Example(_image(tmp_path / "0.png"), "")]
+    made = []
+
+    class Counting(data.TrainingSet):
+        def __getitem__(self, key):
+            made.append(key)
+            return super().__getitem__(key)
+
+    dataset = Counting(examples, data.Transform(True, False, 0.0))
+    keys = ([(0, seed, 8, 8)] for seed in range(1000))
+    batches = data.prefetched(dataset, keys, workers=2)
+
+    assert next(batches)["pixels"].shape == (1, 3, 8, 8)
+    batches.close()
+    assert len(made) <= 4  # the one used and at most the workers' few ahead
+
+
 def _square(count, side=8):
     return ((side, side),) * count
 

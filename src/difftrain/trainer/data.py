@@ -11,7 +11,8 @@ import collections
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +184,32 @@ def collate(samples: list[dict]) -> dict:
         "crops_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
         "target_sizes": torch.tensor([s["target_size"] for s in samples]),
     }
+
+
+def prefetched(dataset: TrainingSet, batches: Iterable[list[Key]], workers: int) -> Iterator[dict]:
+    """The collated batches of ``batches``, in order, each made ahead of its use by one
+    of ``workers`` threads (image decoding and resizing release the GIL), so the device
+    does not wait for the next batch. A sample depends on its key alone, so batches are
+    the same as when made one at a time. Close the iterator to stop early."""
+
+    def make(keys: list[Key]) -> dict:
+        return collate([dataset[key] for key in keys])
+
+    source = iter(batches)
+    with ThreadPoolExecutor(workers, thread_name_prefix="difftrain-data") as pool:
+        pending = collections.deque(pool.submit(make, keys) for keys in _take(source, workers))
+        try:
+            while pending:
+                batch = pending.popleft().result()
+                pending.extend(pool.submit(make, keys) for keys in _take(source, 1))
+                yield batch
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _take(source: Iterator, count: int) -> list:
+    return [item for _, item in zip(range(count), source, strict=False)]
 
 
 @dataclass(frozen=True)

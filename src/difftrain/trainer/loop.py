@@ -46,6 +46,9 @@ from difftrain.trainer.telemetry import Telemetry, memory_bytes
 
 log = logging.getLogger(__name__)
 
+# Threads making batches ahead of the training step (see data.prefetched).
+DATA_WORKERS = min(4, os.cpu_count() or 1)
+
 
 class Stopped(DifftrainError):
     """Training stopped on SIGTERM after writing a checkpoint; a restart resumes."""
@@ -550,63 +553,70 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
         if main:
             log.info("samples written to %s", sampling.validate(trainer, position.step))
 
+    def record():
+        """Log the steps since the last record: metrics.jsonl, gauges, the log line."""
+        elapsed = time.perf_counter() - tick
+        images = len(window_losses) * spec.training.batch_size * accelerator.num_processes
+        entry = {
+            "step": position.step,
+            "epoch": position.epoch,
+            "loss": sum(window_losses) / len(window_losses),
+            "lr": trainer.scheduler.get_last_lr()[0],
+            "imagesPerSecond": images / elapsed if elapsed else None,
+        }
+        entry["memoryBytes"], entry["peakMemoryBytes"] = memory_bytes()
+        metrics.append(entry)
+        trainer.losses.append(entry["loss"])
+        per_step = elapsed / (position.step - last_logged)
+        progress.update(
+            position.step,
+            epoch=position.epoch,
+            loss=entry["loss"],
+            learning_rate=entry["lr"],
+            images_per_second=entry["imagesPerSecond"],
+            seconds_per_step=per_step,
+            eta_seconds=per_step * (progress.total - progress.offset - position.step),
+        )
+        log.info(
+            "%sstep %d/%d loss %.4f", label, position.step, trainer.total_steps,
+            entry["loss"],
+        )  # fmt: skip
+
     for module in trainer.wrapped.values():
         module.train()
     while position.step < trainer.total_steps:
-        for keys in trainer.batches.epoch(position.epoch, position.batch):
-            batch = data.collate([trainer.dataset[key] for key in keys])
-            micro += 1
-            sync = micro == accumulation
-            window_losses.append(trainer.step(trainer, batch, accumulation, sync))
-            position.batch += 1
-            if not sync:
-                continue
-            optimizer_step(trainer)
-            micro = 0
-            position.step += 1
-            if main and (position.step % log_every == 0 or position.step == trainer.total_steps):
-                elapsed = time.perf_counter() - tick
-                images = len(window_losses) * spec.training.batch_size * accelerator.num_processes
-                entry = {
-                    "step": position.step,
-                    "epoch": position.epoch,
-                    "loss": sum(window_losses) / len(window_losses),
-                    "lr": trainer.scheduler.get_last_lr()[0],
-                    "imagesPerSecond": images / elapsed if elapsed else None,
-                }
-                entry["memoryBytes"], entry["peakMemoryBytes"] = memory_bytes()
-                metrics.append(entry)
-                trainer.losses.append(entry["loss"])
-                per_step = elapsed / (position.step - last_logged)
-                progress.update(
-                    position.step,
-                    epoch=position.epoch,
-                    loss=entry["loss"],
-                    learning_rate=entry["lr"],
-                    images_per_second=entry["imagesPerSecond"],
-                    seconds_per_step=per_step,
-                    eta_seconds=per_step * (progress.total - progress.offset - position.step),
-                )
-                last_logged = position.step
-                log.info(
-                    "%sstep %d/%d loss %.4f", label, position.step, trainer.total_steps,
-                    entry["loss"],
-                )  # fmt: skip
-                window_losses, tick = [], time.perf_counter()
-            if trainer.samples and position.step % spec.validation.every_steps == 0:
-                sample()
-                last_sampled = position.step
-            halt = _agree_to_stop(accelerator, stop)
-            if halt or position.step % spec.checkpoints.every_steps == 0:
-                save()
-                last_saved = position.step
-            if halt:
-                raise Stopped(f"stopped at step {position.step} on SIGTERM; checkpoint written")
-            if position.step >= trainer.total_steps:
-                break
-        else:
-            position.epoch += 1
-            position.batch = 0
+        keys = trainer.batches.epoch(position.epoch, position.batch)
+        with contextlib.closing(data.prefetched(trainer.dataset, keys, DATA_WORKERS)) as batches:
+            for batch in batches:
+                micro += 1
+                sync = micro == accumulation
+                window_losses.append(trainer.step(trainer, batch, accumulation, sync))
+                position.batch += 1
+                if not sync:
+                    continue
+                optimizer_step(trainer)
+                micro = 0
+                position.step += 1
+                if main and (
+                    position.step % log_every == 0 or position.step == trainer.total_steps
+                ):
+                    record()
+                    window_losses, tick = [], time.perf_counter()
+                    last_logged = position.step
+                if trainer.samples and position.step % spec.validation.every_steps == 0:
+                    sample()
+                    last_sampled = position.step
+                halt = _agree_to_stop(accelerator, stop)
+                if halt or position.step % spec.checkpoints.every_steps == 0:
+                    save()
+                    last_saved = position.step
+                if halt:
+                    raise Stopped(f"stopped at step {position.step} on SIGTERM; checkpoint written")
+                if position.step >= trainer.total_steps:
+                    break
+            else:
+                position.epoch += 1
+                position.batch = 0
     if last_saved != position.step:
         save()  # a crash while exporting resumes here instead of training again
     if trainer.samples and last_sampled != position.step:
