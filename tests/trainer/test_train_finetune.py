@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from difftrain.api.data import ModelSpec
 from difftrain.trainer import loss
-from difftrain.trainer.conditioning import encode_text
+from difftrain.trainer.conditioning import encode_text, token_ids
 from difftrain.trainer.data import Transform, find_examples
 from difftrain.trainer.models import load_components
 from difftrain.trainer.presets import write_preset
@@ -27,7 +27,8 @@ def evaluation_loss(components, examples, seed: int = 0) -> float:
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.linspace(50, 950, len(examples)).long()
         noisy = loss.add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
-        conditioning = encode_text(components, [s["caption"] for s in samples], "cpu")
+        ids = token_ids(components, [s["caption"] for s in samples])
+        conditioning = encode_text(components, ids)
         prediction = components.unet(noisy, timesteps, **conditioning).sample
     return loss.diffusion_loss(prediction, noise).item()
 

@@ -142,12 +142,6 @@ def test_hub_model_offline(tmp_path, trainer_cache, dataset):
     ("spec", "message"),
     [
         pytest.param(
-            {"method": "dreambooth", "dreambooth": {"instancePrompt": "a sks dog"}},
-            "spec.method: dreambooth is not supported by this trainer version; use lora, "
-            "finetune, full or textualInversion",
-            id="method",
-        ),
-        pytest.param(
             {"method": "finetune", "output": {"formats": ["singleFile"]}},
             "spec.output.formats: singleFile export is not available in this trainer version; "
             "use diffusers",

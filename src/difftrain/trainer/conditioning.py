@@ -14,8 +14,14 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def encode_text(components, captions: list[str], device) -> dict:
-    """UNet keyword arguments for ``captions``.
+def token_ids(components, captions: list[str]) -> list[torch.Tensor]:
+    """The captions' token ids for each of the model's tokenizers, on the CPU."""
+    return [tokenize(tokenizer, captions) for tokenizer in components.tokenizers]
+
+
+def encode_text(components, ids: list[torch.Tensor]) -> dict:
+    """UNet keyword arguments for the token ids ``ids`` (from :func:`token_ids`, on the
+    text encoders' device).
 
     SD: the text encoder's last hidden state ``(B, L, D)``. SDXL: both encoders'
     penultimate hidden states concatenated ``(B, L, D1 + D2)``, plus the second encoder's
@@ -23,11 +29,10 @@ def encode_text(components, captions: list[str], device) -> dict:
     :func:`sdxl_time_ids`).
     """
     if components.architecture == "sd":
-        ids = tokenize(components.tokenizers[0], captions).to(device)
-        return {"encoder_hidden_states": components.text_encoders[0](ids)[0]}
+        return {"encoder_hidden_states": components.text_encoders[0](ids[0])[0]}
     states, pooled = [], None
-    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
-        output = encoder(tokenize(tokenizer, captions).to(device), output_hidden_states=True)
+    for tokens, encoder in zip(ids, components.text_encoders, strict=True):
+        output = encoder(tokens, output_hidden_states=True)
         states.append(output.hidden_states[-2])
         pooled = output[0]  # the last encoder's (projected) pooled embedding
     return {

@@ -75,11 +75,13 @@ def export_lora(components, trainable, formats: list[str], folder: Path, name: s
 _KOHYA_PARTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
 
 
-def export_pipeline(components, unet, folder: Path, dtype) -> None:
-    """A complete diffusers pipeline folder with the trained UNet, in ``dtype``."""
+def export_pipeline(components, modules: dict, folder: Path, dtype) -> None:
+    """A complete diffusers pipeline folder: the base model with the trained ``modules``
+    (bare modules by component name: unet, text_encoder, ...) in place, in ``dtype``."""
     from diffusers import DiffusionPipeline
 
-    save_pipeline(DiffusionPipeline.from_pretrained(components.folder, unet=unet), folder, dtype)
+    pipeline = DiffusionPipeline.from_pretrained(components.folder, **modules)
+    save_pipeline(pipeline, folder, dtype)
 
 
 def save_pipeline(pipeline, folder: Path, dtype) -> None:
@@ -119,6 +121,8 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         rows.insert(2, ("Trained from scratch", _from_scratch(reused)))
         if "vae" not in reused:
             rows.insert(3, ("Autoencoder stage steps", spec.full_settings.autoencoder.steps))
+    if spec.method == "dreambooth":
+        rows[2:2] = _dreambooth_rows(spec.dreambooth, facts)
     usage = 'DiffusionPipeline.from_pretrained("model/")'
     if spec.trains_lora:
         usage = 'pipe.load_lora_weights("model/")'
@@ -141,6 +145,21 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         f"Load it with diffusers: `{usage}`.\n\n"
         f"Reproducibility record: `difftrain.json` (spec hash {spec_hash(config)[:12]}).\n"
     )
+
+
+def _dreambooth_rows(settings, facts: dict) -> list[tuple[str, str]]:
+    trained = "LoRA" if settings.unet == "lora" else "whole UNet"
+    if settings.train_text_encoder:
+        trained += " and text encoders"
+    prior = "off"
+    if settings.class_prompt:
+        prior = (f"{facts['class_images']} class images of {settings.class_prompt}, "
+                 f"weight {settings.prior_loss_weight}")  # fmt: skip
+    return [
+        ("Instance prompt", settings.instance_prompt),
+        ("Prior preservation", prior),
+        ("Trained", trained),
+    ]
 
 
 def _from_scratch(reused: list[str]) -> str:

@@ -19,7 +19,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from difftrain.trainer import (
     autoencoder,
     checkpoint,
     data,
+    dreambooth,
     export,
     methods,
     models,
@@ -40,7 +41,7 @@ from difftrain.trainer import (
     textual_inversion,
 )
 from difftrain.trainer.cache import cached_folder
-from difftrain.trainer.conditioning import encode_text, sdxl_time_ids
+from difftrain.trainer.conditioning import encode_text, sdxl_time_ids, token_ids
 from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
 from difftrain.trainer.telemetry import Telemetry, memory_bytes
 
@@ -108,6 +109,8 @@ class Trainer:
     stage: str = "diffusion"
     ema: object | None = None  # diffusers EMAModel of the UNet, when spec.training.ema asks
     samples: bool = False  # whether validation samples are taken
+    alphas: torch.Tensor | None = None  # the noise schedule's alphas_cumprod, on the device
+    prior_weight: float | None = None  # DreamBooth prior preservation: the class term's weight
     losses: list = field(default_factory=list)
 
 
@@ -214,9 +217,28 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
     batches.check()
     templates, subject = (), ""
     if spec.method == "textualInversion":
-        settings = spec.textual_inversion
-        templates = textual_inversion.TEMPLATES[settings.template]
-        subject = textual_inversion.subject(settings)
+        concept = spec.textual_inversion
+        templates = textual_inversion.TEMPLATES[concept.template]
+        subject = textual_inversion.subject(concept)
+    if spec.method == "dreambooth":
+        examples = dreambooth.instance_examples(examples, spec.dreambooth.instance_prompt)
+    facts = {
+        "architecture": components.architecture,
+        "images": len(examples),
+        "processes": accelerator.num_processes,
+        "dataset_fingerprint": fingerprint(examples, data_folder),
+    }
+    if dreambooth.prior_weight(spec) is not None:
+        classes = _class_examples(spec, accelerator, components, output, paths, settings)
+        facts["class_images"] = len(classes)
+        batches = dreambooth.WithPrior(
+            batches,
+            replace(batches, targets=((0, 0),) * len(classes), repeats=1,
+                                seed=training.seed + 1),
+            offset=len(examples),
+        )  # fmt: skip
+        batches.check()
+        examples = examples + classes
     dataset = data.TrainingSet(
         examples,
         data.Transform(
@@ -227,13 +249,21 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
             subject,
         ),
     )
-    facts = {
-        "architecture": components.architecture,
-        "images": len(examples),
-        "processes": accelerator.num_processes,
-        "dataset_fingerprint": fingerprint(examples, data_folder),
-    }
     return Shared(config, paths, accelerator, components, batches, dataset, output, facts)
+
+
+def _class_examples(spec, accelerator, components, output, paths, settings) -> list:
+    """DreamBooth's class images: from spec.dreambooth.classData, or made by the base model."""
+    wanted = spec.dreambooth
+    if wanted.class_data:
+        folder = fetch_dataset(wanted.class_data, settings, paths.cache / "datasets")
+        source = "spec.dreambooth.classData"
+    else:
+        folder = dreambooth.generate_class_images(
+            accelerator, components, spec, output, paths.cache / "class-images"
+        )
+        source = f"{output.uri}/{dreambooth.FOLDER}"
+    return dreambooth.class_examples(folder, wanted.class_prompt, wanted.num_class_images, source)
 
 
 def stage_steps(shared: Shared, steps: int | None) -> int:
@@ -303,6 +333,8 @@ def build_diffusion(shared: Shared) -> Trainer:
         scratch=shared.paths.scratch,
         step=train_step,
         samples=bool(spec.validation.prompts),
+        alphas=components.noise_scheduler.alphas_cumprod.to(accelerator.device),
+        prior_weight=dreambooth.prior_weight(spec),
     )
     if training.ema.enabled:
         from diffusers.training_utils import EMAModel
@@ -377,17 +409,23 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
     spec = trainer.config.spec
     device = accelerator.device
     unet = trainer.wrapped.get("unet", components.unet)
+    # Every copy to the device first: a copy from pageable memory waits for all the work
+    # queued before it, so a copy in mid-step would stall the step there.
+    pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
+    ids = [tokens.to(device) for tokens in token_ids(components, batch["captions"])]
+    if components.architecture == "sdxl":
+        time_ids = sdxl_time_ids(
+            batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"]
+        ).to(device)
+    alphas = trainer.alphas
     with _synchronising(trainer, sync), accelerator.autocast():
-        pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
         with torch.no_grad():
             latents = components.vae.encode(pixels).latent_dist.sample(trainer.generator)
         latents = latents.float() * components.vae.config.scaling_factor
-        schedule = components.noise_scheduler
-        alphas = schedule.alphas_cumprod
         noise = sample_noise(latents, trainer.generator, spec.training.noise_offset)
         timesteps = torch.randint(
             0,
-            schedule.config.num_train_timesteps,
+            components.noise_scheduler.config.num_train_timesteps,
             (latents.shape[0],),
             generator=trainer.generator,
             device=device,
@@ -395,11 +433,9 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
         noisy = add_noise(latents, noise, timesteps, alphas)
         trains_text = "text_encoder" in trainer.wrapped
         with torch.enable_grad() if trains_text else torch.no_grad():
-            conditioning = encode_text(components, batch["captions"], device)
+            conditioning = encode_text(components, ids)
         if components.architecture == "sdxl":
-            conditioning["added_cond_kwargs"]["time_ids"] = sdxl_time_ids(
-                batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"]
-            ).to(device)
+            conditioning["added_cond_kwargs"]["time_ids"] = time_ids
         prediction = unet(noisy, timesteps, **conditioning).sample
         expected = target(components.prediction_type, latents, noise, timesteps, alphas)
         weights = None
@@ -407,7 +443,13 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
             weights = min_snr_weights(
                 timesteps, alphas, spec.training.snr_gamma, components.prediction_type
             )
-        loss = diffusion_loss(prediction, expected, weights)
+        if trainer.prior_weight is None:
+            loss = diffusion_loss(prediction, expected, weights)
+        else:  # the second half of the batch is class images (dreambooth.WithPrior)
+            halves = [t.chunk(2) if t is not None else (None, None)
+                      for t in (prediction, expected, weights)]  # fmt: skip
+            instance, prior = (diffusion_loss(*parts) for parts in zip(*halves, strict=True))
+            loss = instance + trainer.prior_weight * prior
         accelerator.backward(loss / accumulation)
     return loss.detach().item()
 
@@ -668,7 +710,7 @@ def _export(trainer: Trainer, facts: dict) -> None:
             export.save_pipeline(sampling.pipeline_for(trainer.components, trainable.modules),
                                  folder, dtype)  # fmt: skip
         else:
-            export.export_pipeline(trainer.components, unet, folder, dtype)
+            export.export_pipeline(trainer.components, trainable.modules, folder, dtype)
     facts["formats"] = formats
     (folder / "README.md").write_text(export.model_card(config, facts))
     store = trainer.output.child("model")

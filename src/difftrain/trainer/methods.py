@@ -13,6 +13,7 @@ import torch
 from difftrain.api.methods import LoraSpec
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.errors import InvalidSpec
+from difftrain.trainer.models import encoder_name
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
     for encoder in components.text_encoders:
         encoder.requires_grad_(False)
     if spec.method == "lora":
-        return _lora(components, spec)
+        return _lora(components, spec, (spec.lora or LoraSpec()).train_text_encoder)
+    if spec.method == "dreambooth":
+        return _dreambooth(components, spec)
     if spec.method == "textualInversion":
         from difftrain.trainer import textual_inversion
 
@@ -72,18 +75,16 @@ def prepare(components, spec: DiffusionTrainingJobSpec) -> Trainable:
     components.unet.requires_grad_(True)  # finetune (check_supported ruled out the rest)
     modules = {"unet": components.unet}
     if spec.method == "full" and "textEncoders" not in spec.full_settings.reuse:
-        for index, encoder in enumerate(components.text_encoders):
-            encoder.requires_grad_(True)  # a new model's text encoders learn with it
-            modules["text_encoder" + (f"_{index + 1}" if index else "")] = encoder
+        _whole_text_encoders(components, modules)  # a new model's text encoders learn with it
     return Trainable(modules, lora=False)
 
 
 def check_supported(spec: DiffusionTrainingJobSpec) -> None:
     """Refuse, before any work, settings the API accepts but this trainer cannot do yet."""
-    if spec.method not in ("lora", "finetune", "full", "textualInversion"):
+    if spec.method not in ("lora", "finetune", "full", "dreambooth", "textualInversion"):
         raise InvalidSpec(
             f"spec.method: {spec.method} is not supported by this trainer version; "
-            "use lora, finetune, full or textualInversion"
+            "use lora, finetune, full, dreambooth or textualInversion"
         )
     if spec.training.strategy != "ddp":
         raise InvalidSpec(
@@ -97,7 +98,27 @@ def check_supported(spec: DiffusionTrainingJobSpec) -> None:
         )
 
 
-def _lora(components, spec: DiffusionTrainingJobSpec) -> Trainable:
+def _dreambooth(components, spec: DiffusionTrainingJobSpec) -> Trainable:
+    """LoRA adapters (spec.lora) or the whole UNet; the text encoders too when asked."""
+    settings = spec.dreambooth
+    if settings.unet == "lora":
+        return _lora(components, spec, settings.train_text_encoder)
+    components.unet.requires_grad_(True)
+    modules = {"unet": components.unet}
+    if settings.train_text_encoder:
+        _whole_text_encoders(components, modules)
+    return Trainable(modules, lora=False)
+
+
+def _whole_text_encoders(components, modules: dict) -> None:
+    for index, encoder in enumerate(components.text_encoders):
+        encoder.requires_grad_(True)
+        modules[encoder_name(index)] = encoder
+
+
+def _lora(components, spec: DiffusionTrainingJobSpec, text_encoders: bool) -> Trainable:
+    """LoRA adapters on the UNet (settings from spec.lora), and on the text encoders when
+    ``text_encoders``."""
     from peft import LoraConfig
 
     settings = spec.lora or LoraSpec()
@@ -116,7 +137,7 @@ def _lora(components, spec: DiffusionTrainingJobSpec) -> Trainable:
     except ValueError as error:  # peft: no module matched
         raise InvalidSpec(f"spec.lora.targetModules: {error}") from None
     modules = {"unet": components.unet}
-    if settings.train_text_encoder:
+    if text_encoders:
         for index, encoder in enumerate(components.text_encoders):
             encoder.add_adapter(
                 LoraConfig(
@@ -127,5 +148,5 @@ def _lora(components, spec: DiffusionTrainingJobSpec) -> Trainable:
                     target_modules=TEXT_ENCODER_TARGETS,
                 )
             )
-            modules["text_encoder" + (f"_{index + 1}" if index else "")] = encoder
+            modules[encoder_name(index)] = encoder
     return Trainable(modules, lora=True)

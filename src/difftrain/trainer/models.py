@@ -86,6 +86,11 @@ def _from_hub(repo: str, revision: str | None, cache: Path, weights: bool) -> Pa
         raise InvalidSpec(f"spec.model.base: cannot fetch hf://{repo}: {error}") from None
 
 
+def encoder_name(index: int) -> str:
+    """The component name of text encoder ``index``: text_encoder, text_encoder_2."""
+    return "text_encoder" + (f"_{index + 1}" if index else "")
+
+
 @dataclass
 class Components:
     """A base model's parts, ready to train. SDXL has two text encoders and tokenizers."""
@@ -260,8 +265,8 @@ def check_fit(components: Components) -> None:
         zip(components.text_encoders, components.tokenizers, strict=True)
     ):
         if encoder.config.vocab_size < len(tokenizer):
-            name = "text_encoder" + (f"_{index + 1}" if index else "")
             raise InvalidSpec(
-                f"spec.model.components.{name}: vocab_size {encoder.config.vocab_size} is "
-                f"smaller than the tokenizer's {len(tokenizer)} tokens"
+                f"spec.model.components.{encoder_name(index)}: vocab_size "
+                f"{encoder.config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
+                "tokens"
             )

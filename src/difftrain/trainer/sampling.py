@@ -67,6 +67,22 @@ def generate(
     """``per_prompt`` images for each prompt, as (prompt, seed, image); image ``k`` always
     uses seed ``seed + k``, so runs and steps are comparable."""
     wanted = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
+    return generate_each(
+        pipeline, wanted, size=size, steps=steps, guidance=guidance, negative=negative
+    )
+
+
+def generate_each(
+    pipeline,
+    wanted: list[tuple[str, int]],
+    *,
+    size: int,
+    steps: int = 25,
+    guidance: float = 7.5,
+    negative: str = "",
+) -> list[tuple[str, int, Image.Image]]:
+    """An image for each (prompt, seed) of ``wanted``, as (prompt, seed, image), made in
+    chunks with generators of their own inside a forked random state."""
     device = pipeline.unet.device
     results = []
     modes = {m: m.training for m in pipeline.components.values() if hasattr(m, "training")}

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from difftrain.errors import InvalidSpec
 from difftrain.trainer.methods import Trainable
+from difftrain.trainer.models import encoder_name
 
 FILE = "learned_embeds.safetensors"
 SDXL_KEYS = ("clip_l", "clip_g")
@@ -152,7 +153,7 @@ def prepare(components, settings) -> EmbeddingRows:
             weights[ids] = weights[start[0]].clone()
         encoder.requires_grad_(False)
         weights.requires_grad_(True)
-        modules["text_encoder" + (f"_{index + 1}" if index else "")] = encoder
+        modules[encoder_name(index)] = encoder
     return EmbeddingRows(modules, rows)
 
 

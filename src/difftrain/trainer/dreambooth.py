@@ -1,0 +1,186 @@
+"""DreamBooth: teach the model one subject from a few images, keeping its class prior.
+
+Every instance image (the dataset) is captioned with ``spec.dreambooth.instancePrompt``.
+With a ``classPrompt``, prior preservation is on: each batch of instance images is
+followed by as many class images, captioned with the class prompt and trained at the
+instance batch's size, and the loss adds their term times ``priorLossWeight`` so that
+the model keeps what the class looks like.
+
+Class images come from ``classData``, or are generated with the base model before
+training: image ``i`` from seed ``classSeed + i``, the missing indices shared out across
+all processes, each uploaded to ``OUTPUT/class-images/`` as soon as it is made. A
+restart or rerun finds them there and makes only the missing ones;
+``class-images/difftrain.json``, written last, records the settings they were made with
+(other settings make them anew).
+"""
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from difftrain.errors import DatasetError
+from difftrain.storage import Store
+from difftrain.trainer import data, sampling
+from difftrain.trainer.cache import cached_folder
+
+log = logging.getLogger(__name__)
+
+FOLDER = "class-images"
+RECORD = "difftrain.json"
+
+
+def prior_weight(spec) -> float | None:
+    """The class term's weight when the job preserves a prior, else None."""
+    settings = spec.dreambooth if spec.method == "dreambooth" else None
+    if settings is None or settings.class_prompt is None:
+        return None
+    return settings.prior_loss_weight
+
+
+def image_name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def instance_examples(examples: list[data.Example], prompt: str) -> list[data.Example]:
+    """The instance images, each captioned with the instance prompt."""
+    return [data.Example(example.image, prompt) for example in examples]
+
+
+def wanted_record(spec) -> dict:
+    """The settings generated class images depend on."""
+    settings = spec.dreambooth
+    return {
+        "model": spec.model.base,
+        "classPrompt": settings.class_prompt,
+        "count": settings.num_class_images,
+        "inferenceSteps": settings.class_inference_steps,
+        "seed": settings.class_seed,
+        "resolution": spec.dataset.resolution,
+        "guidanceScale": spec.validation.guidance_scale,
+        "negativePrompt": spec.validation.negative_prompt,
+    }
+
+
+def _record(store: Store) -> dict | None:
+    if not store.exists(RECORD):
+        return None
+    try:
+        return json.loads(store.read_bytes(RECORD))
+    except ValueError:
+        return None
+
+
+def generate_class_images(accelerator, components, spec, output: Store, cache: Path) -> Path:
+    """Make the class images not yet under ``OUTPUT/class-images/`` (every process makes
+    its share), then fetch them all to a node-local folder; that folder."""
+    store = output.child(FOLDER)
+    wanted = wanted_record(spec)
+    count = wanted["count"]
+    found = _record(store)
+    present = set(store.keys())
+    accelerator.wait_for_everyone()  # every process has seen the same images before any is made
+    if found is not None and found != wanted:
+        log.warning("class images under %s were made with other settings; making them "
+                    "again", store.uri)  # fmt: skip
+        if accelerator.is_main_process:
+            store.delete([RECORD])
+        present = set()
+    missing = [i for i in range(count) if image_name(i) not in present]
+    if missing or found is None:
+        mine = missing[accelerator.process_index :: accelerator.num_processes]
+        log.info("class images: %d of %d to make, %d by each of %d processes", len(missing),
+                 count, len(mine), accelerator.num_processes)  # fmt: skip
+        if mine:
+            _make(accelerator, components, spec, store, mine)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            store.write_bytes(RECORD, (json.dumps(wanted, indent=2) + "\n").encode())
+        accelerator.wait_for_everyone()
+    else:
+        log.info("class images: reusing the %d under %s", count, store.uri)
+    key = f"{store.uri}\n{json.dumps(wanted, sort_keys=True)}"
+    select = {image_name(i) for i in range(count)}
+    return cached_folder(
+        cache, key, lambda folder: store.download_tree("", folder, lambda k: k in select)
+    )
+
+
+def _make(accelerator, components, spec, store: Store, indices: list[int]) -> None:
+    """Generate class images ``indices`` with the base model and upload each."""
+    import torch
+
+    settings, validation = spec.dreambooth, spec.validation
+    for part in (components.unet, components.vae, *components.text_encoders):
+        part.to(accelerator.device)
+    pipeline = sampling.pipeline_for(components)
+    wanted = [(settings.class_prompt, settings.class_seed + i) for i in indices]
+    with accelerator.autocast():
+        for start in range(0, len(wanted), sampling.CHUNK):  # upload each chunk as it is made
+            made = sampling.generate_each(
+                pipeline,
+                wanted[start : start + sampling.CHUNK],
+                size=spec.dataset.resolution,
+                steps=settings.class_inference_steps,
+                guidance=validation.guidance_scale,
+                negative=validation.negative_prompt,
+            )
+            for _, seed, image in made:
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                store.write_bytes(image_name(seed - settings.class_seed), buffer.getvalue())
+    del pipeline
+    if accelerator.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def class_examples(folder: Path, prompt: str, count: int, source: str) -> list[data.Example]:
+    """Up to ``count`` readable images of ``folder``, each captioned with ``prompt``;
+    ``source`` names where they came from in errors."""
+    images = [example.image for example in data.find_examples(folder)][:count]
+    sizes = data.image_sizes([data.Example(image, "") for image in images])
+    usable = [image for image, size in zip(images, sizes, strict=True) if size is not None]
+    if not usable:
+        raise DatasetError(f"{source}: no readable class images; add images or remove it")
+    if len(usable) < count:
+        log.warning("%s: %d class images, fewer than spec.dreambooth.numClassImages %d",
+                    source, len(usable), count)  # fmt: skip
+    return [data.Example(image, prompt) for image in usable]
+
+
+@dataclass(frozen=True)
+class WithPrior:
+    """Batches of instance keys, each followed by as many class-image keys.
+
+    Batch ``b`` of instance epoch ``e`` is the ``n``-th of the run (``n = e * per_epoch +
+    b``) and takes the ``n``-th class batch in the class images' own epochs, so the
+    pairing is a function of the position alone and a resumed run sees the same pairs.
+    Class images train at the size of the instance batch they join.
+    """
+
+    instance: data.Batches
+    prior: data.Batches
+    offset: int  # the index of the first class image in the TrainingSet
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.instance.batches_per_epoch
+
+    def check(self) -> None:
+        self.instance.check()
+        if self.prior.batches_per_epoch == 0:
+            raise DatasetError(
+                f"{len(self.prior.targets)} class images are fewer than one batch for each "
+                f"of {self.prior.world_size} processes (spec.training.batchSize "
+                f"{self.prior.batch_size}); raise spec.dreambooth.numClassImages"
+            )
+
+    def epoch(self, epoch: int, start: int = 0):
+        per_epoch = self.instance.batches_per_epoch
+        per_prior = self.prior.batches_per_epoch
+        for number, keys in enumerate(self.instance.epoch(epoch, start), start):
+            prior_epoch, prior_batch = divmod(epoch * per_epoch + number, per_prior)
+            prior = next(self.prior.epoch(prior_epoch, prior_batch))
+            width, height = keys[0][2:]
+            yield keys + [(index + self.offset, seed, width, height) for index, seed, _, _ in prior]
