@@ -3,6 +3,7 @@ examples/quickstart.yaml draws the prompted colours."""
 
 from pathlib import Path
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -33,10 +34,13 @@ def test_quickstart_is_a_valid_two_node_job_that_samples_and_fits_a_laptop():
     assert spec.validation.prompts and spec.output.uri.startswith("file://")
 
 
-def test_shortened_quickstart_draws_the_prompted_colours(tmp_path, trainer_cache):
-    # builtin:shapes with its large shapes only: more of each image shows the prompted
-    # colour, so colours are learned in fewer steps.
-    data = write_dataset(tmp_path / "shapes", count=1024, extents=("large",))
+@pytest.fixture(scope="module")
+def shapes_model(tmp_path_factory, trainer_cache):
+    """The shortened quickstart's output folder: a model trained from scratch on shapes.
+    builtin:shapes with its large shapes only: more of each image shows the prompted
+    colour, so colours are learned in fewer steps."""
+    work = tmp_path_factory.mktemp("quickstart")
+    data = write_dataset(work / "shapes", count=1024, extents=("large",))
     manifest = yaml.safe_load(QUICKSTART.read_text())
     spec = merge(
         manifest["spec"],
@@ -46,16 +50,20 @@ def test_shortened_quickstart_draws_the_prompted_colours(tmp_path, trainer_cache
             "training": {"steps": SHORT["steps"], "batchSize": 16},
             "validation": {"prompts": PROMPTS, "everySteps": SHORT["steps"]},
             "checkpoints": {"everySteps": SHORT["steps"]},
-            "output": {"uri": f"file://{tmp_path}/out"},
+            "output": {"uri": f"file://{work}/out"},
             "resources": {"nodes": 1},
         },
     )
-    config = runner.write_config(tmp_path, spec, name="quickstart")
+    config = runner.write_config(work, spec, name="quickstart")
 
-    code, log = runner.run(config, tmp_path, trainer_cache, timeout=600)
+    code, log = runner.run(config, work, trainer_cache, timeout=600)
 
     assert code == 0, log
-    samples = tmp_path / "out" / "samples" / f"step-{SHORT['steps']:08d}"
+    return work / "out"
+
+
+def test_shortened_quickstart_draws_the_prompted_colours(shapes_model):
+    samples = shapes_model / "samples" / f"step-{SHORT['steps']:08d}"
     drawn = [shape_colour(Image.open(samples / f"{k:03d}-00.png")) for k in range(len(PROMPTS))]
     wanted = [prompt.split()[1] for prompt in PROMPTS]
     right = sum(d == w for d, w in zip(drawn, wanted, strict=True))

@@ -4,6 +4,7 @@ with exactly the weights of a run that was never interrupted."""
 import json
 import signal
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,7 +17,27 @@ STEPS = 12
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _config(folder, shapes_folder, output):
+# What each method trains, for the exact-resume test; every other setting is shared.
+METHODS = {
+    "lora": {"lora": {"rank": 4, "dropout": 0.1}},
+    "textualInversion": {
+        "method": "textualInversion",
+        "textualInversion": {"placeholderToken": "<shape>", "initializerToken": "circle"},
+    },
+    "dreambooth": {  # with class images made before training
+        "method": "dreambooth",
+        "lora": {"rank": 4},
+        "dreambooth": {
+            "instancePrompt": "a photo of sks shape",
+            "classPrompt": "a shape",
+            "numClassImages": 8,
+            "classInferenceSteps": 2,
+        },
+    },
+}
+
+
+def _config(folder, shapes_folder, output, method="lora"):
     return runner.write_config(
         folder,
         {
@@ -24,7 +45,7 @@ def _config(folder, shapes_folder, output):
             "output": {"uri": f"file://{output}"},
             "training": {"steps": STEPS, "batchSize": 8},
             "checkpoints": {"everySteps": 5, "keepLast": 5},
-            "lora": {"rank": 4, "dropout": 0.1},
+            **METHODS[method],
         },
     )
 
@@ -45,16 +66,17 @@ def _weights(output, step):
     return load_file(output / "checkpoints" / f"step-{step:08d}" / "trainable.safetensors")
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes_folder):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes_folder, method):
     reference = tmp_path / "reference"
     reference.mkdir()
-    config = _config(reference, shapes_folder, reference / "out")
+    config = _config(reference, shapes_folder, reference / "out", method)
     code, log = runner.run(config, reference, trainer_cache, ONE_THREAD)
     assert code == 0, log
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     output = interrupted / "out"
-    config = _config(interrupted, shapes_folder, output)
+    config = _config(interrupted, shapes_folder, output, method)
 
     first = runner.start(config, interrupted, trainer_cache, ONE_THREAD)
     log = _run_until(first, f"step 7/{STEPS} ", signal.SIGKILL)
