@@ -1,5 +1,6 @@
 """The quickstart's model learns what it is told: a shortened run of
-examples/quickstart.yaml draws the prompted colours."""
+examples/quickstart.yaml draws the prompted colours, and personalising that model on a
+few pictures of one subject teaches it the subject's colour."""
 
 from pathlib import Path
 
@@ -68,3 +69,73 @@ def test_shortened_quickstart_draws_the_prompted_colours(shapes_model):
     wanted = [prompt.split()[1] for prompt in PROMPTS]
     right = sum(d == w for d, w in zip(drawn, wanted, strict=True))
     assert right >= 0.8 * len(PROMPTS), list(zip(wanted, drawn, strict=True))
+
+
+# A subject (a colour and a shape, large on white) and how each method learns it: a new
+# token for Textual Inversion, the rare word "sks" in the instance prompt for DreamBooth.
+SUBJECTS = {
+    "textualInversion": (
+        "red", "square", "a <sks>",
+        {"textualInversion": {"placeholderToken": "<sks>", "initializerToken": "shape"},
+         "training": {"learningRate": 5e-3}},
+    ),
+    "dreambooth": (
+        "green", "circle", "a sks",
+        {"dreambooth": {"instancePrompt": "a sks"}, "lora": {"rank": 8},
+         "training": {"learningRate": 1e-3}},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(SUBJECTS))
+def test_personalising_the_shapes_model_teaches_it_the_subjects_colour(
+    tmp_path, trainer_cache, shapes_model, method
+):
+    colour, shape, prompt, settings = SUBJECTS[method]
+    subject = write_dataset(tmp_path / "subject", count=16, extents=("large",),
+                            colours=(colour,), shapes=(shape,), backgrounds=("white",))  # fmt: skip
+    base = shapes_model / "model"
+    spec = merge(
+        {
+            "method": method,
+            "model": {"base": f"file://{base}"},
+            "dataset": {"uri": f"file://{subject}", "resolution": SHORT["resolution"]},
+            "training": {"steps": 200, "batchSize": 8},
+            "output": {"uri": f"file://{tmp_path}/out", "dtype": "fp32"},
+        },
+        settings,
+    )
+    config = runner.write_config(tmp_path, spec, name=method.lower())
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    before = _colours(_pipeline(base), prompt)
+    pipeline = _pipeline(base)
+    model = tmp_path / "out" / "model"
+    if method == "textualInversion":
+        pipeline.load_textual_inversion(model / "learned_embeds.safetensors")
+    else:
+        pipeline.load_lora_weights(model)
+    after = _colours(pipeline, prompt)
+    assert after.count(colour) >= 6, (colour, after)
+    assert after.count(colour) >= before.count(colour) + 4, (colour, before, after)
+
+
+def _pipeline(folder: Path):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+
+
+def _colours(pipeline, prompt: str) -> list[str | None]:
+    """The colour of each of eight samples of ``prompt``, sampled as the quickstart's."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from difftrain.trainer.sampling import generate
+
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    images = generate(pipeline, [prompt], size=SHORT["resolution"], seed=0, per_prompt=8,
+                      steps=20, guidance=5.0)  # fmt: skip
+    return [shape_colour(image) for _, _, image in images]

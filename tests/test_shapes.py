@@ -3,7 +3,14 @@
 from PIL import Image
 
 from difftrain.cli import main
-from difftrain.shapes import BACKGROUNDS, COLOURS, border_colour, render, shape_colour
+from difftrain.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    border_colour,
+    render,
+    shape_colour,
+    write_dataset,
+)
 
 
 def test_images_are_deterministic_and_match_their_captions():
@@ -28,6 +35,16 @@ def test_dataset_command_writes_the_images_and_captions_layout(tmp_path, capsys)
     assert Image.open(images[0]).size == (16, 16)
     assert captions[0].read_text() == render(0)[1] + "\n"
     assert "wrote 5 images" in capsys.readouterr().out
+
+
+def test_one_subject_only(tmp_path):
+    write_dataset(tmp_path, count=4, extents=("large",), colours=("red",), shapes=("square",),
+                  backgrounds=("white",))  # fmt: skip
+
+    captions = {p.read_text() for p in (tmp_path / "captions").iterdir()}
+    pictures = {p.read_bytes() for p in (tmp_path / "images").iterdir()}
+    assert captions == {"a red square on a white background\n"}
+    assert len(pictures) == 4  # the same subject in four places
 
 
 def test_shape_colour_names_the_colour_drawn_on_the_background():

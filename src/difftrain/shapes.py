@@ -57,12 +57,24 @@ def write_dataset(
     count: int = DEFAULT_COUNT,
     size: int = IMAGE_SIZE,
     extents: tuple[str, ...] = tuple(SIZES),
+    colours: tuple[str, ...] = tuple(COLOURS),
+    shapes: tuple[str, ...] = SHAPES,
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
 ) -> Path:
     """Write ``count`` images in the images/ + captions/ layout under ``folder``, drawing
-    only shapes of the given ``extents`` (``small``, ``large``)."""
+    only the given ``extents`` (``small``, ``large``), colours, shapes and backgrounds
+    (one of each makes the few pictures of one subject that personalisation learns)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "captions").mkdir(parents=True, exist_ok=True)
-    indices = (i for i in itertools.count() if _COMBINATIONS[i % len(_COMBINATIONS)][2] in extents)
+
+    def wanted(index: int) -> bool:
+        colour, shape, extent, background = _COMBINATIONS[index % len(_COMBINATIONS)]
+        return (
+            colour in colours and shape in shapes and extent in extents
+            and background in backgrounds
+        )  # fmt: skip
+
+    indices = filter(wanted, itertools.count())
     for index in itertools.islice(indices, count):
         image, text = render(index, size)
         image.save(folder / "images" / f"{index:06d}.png")
