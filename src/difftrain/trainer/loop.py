@@ -231,12 +231,10 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
     if dreambooth.prior_weight(spec) is not None:
         classes = _class_examples(spec, accelerator, components, output, paths, settings)
         facts["class_images"] = len(classes)
-        batches = dreambooth.WithPrior(
-            batches,
-            replace(batches, targets=((0, 0),) * len(classes), repeats=1,
-                                seed=training.seed + 1),
-            offset=len(examples),
-        )  # fmt: skip
+        # Class batches in an order of their own; each takes its instance batch's size.
+        unsized = ((0, 0),) * len(classes)
+        prior = replace(batches, targets=unsized, repeats=1, seed=training.seed + 1)
+        batches = dreambooth.WithPrior(batches, prior, offset=len(examples))
         batches.check()
         examples = examples + classes
     dataset = data.TrainingSet(
@@ -252,11 +250,11 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
     return Shared(config, paths, accelerator, components, batches, dataset, output, facts)
 
 
-def _class_examples(spec, accelerator, components, output, paths, settings) -> list:
+def _class_examples(spec, accelerator, components, output, paths, storage) -> list:
     """DreamBooth's class images: from spec.dreambooth.classData, or made by the base model."""
     wanted = spec.dreambooth
     if wanted.class_data:
-        folder = fetch_dataset(wanted.class_data, settings, paths.cache / "datasets")
+        folder = fetch_dataset(wanted.class_data, storage, paths.cache / "datasets")
         source = "spec.dreambooth.classData"
     else:
         folder = dreambooth.generate_class_images(
