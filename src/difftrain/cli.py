@@ -70,9 +70,14 @@ def _dataset_shapes(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
-    from difftrain.operator.main import run
+    from difftrain.operator.main import defaults_from_env, run
 
-    run(args.namespace, args.resync_seconds, args.metrics_port, args.health_port)
+    try:
+        defaults = defaults_from_env()
+    except ValueError as error:
+        print(f"difftrain operator: {error}", file=sys.stderr)
+        return 2
+    run(args.namespace, args.resync_seconds, args.metrics_port, args.health_port, defaults)
     return 0
 
 

@@ -9,6 +9,7 @@ import yaml
 from difftrain.api.validation import load_job
 from difftrain.cli import main
 from difftrain.operator.builders import Defaults, children, shared_memory
+from difftrain.operator.main import defaults_from_env
 from difftrain.yamltext import dump_all
 from tests.builders import job, merge
 
@@ -116,6 +117,54 @@ def test_prompts_never_reach_a_shell():
 )  # fmt: skip
 def test_shared_memory_size(resources, expected):
     assert shared_memory(load_job(job(spec={"resources": resources}))) == expected
+
+
+def test_operator_defaults_fill_in_what_the_spec_leaves_out():
+    defaults = Defaults(
+        image="registry/trainer:1", image_pull_policy="Always",
+        requests={"cpu": "4", "memory": "32Gi"}, limits={"memory": "64Gi"},
+        node_selector={"pool": "gpu", "zone": "a"},
+    )  # fmt: skip
+    manifest = job(spec={"resources": {"requests": {"cpu": "8"}, "nodeSelector": {"zone": "b"}}})
+
+    pod = children(load_job(manifest), 1, defaults)[2]["spec"]["template"]["spec"]
+
+    container = pod["containers"][0]
+    assert (container["image"], container["imagePullPolicy"]) == ("registry/trainer:1", "Always")
+    assert container["resources"] == {
+        "requests": {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": 1},  # the spec's cpu
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": 1},
+    }
+    assert pod["nodeSelector"] == {"pool": "gpu", "zone": "b"}
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"]["sizeLimit"] == "32Gi"  # half the default memory limit
+
+
+def test_operator_defaults_come_from_its_environment():
+    environ = {
+        "DIFFTRAIN_TRAINER_IMAGE": "registry/trainer:2",
+        "DIFFTRAIN_TRAINER_LIMITS": '{"memory": "64Gi"}',
+        "DIFFTRAIN_TRAINER_NODE_SELECTOR": "",  # empty: not set
+    }
+
+    defaults = defaults_from_env(environ)
+
+    assert defaults == Defaults(image="registry/trainer:2", limits={"memory": "64Gi"})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("{memory: 64Gi}", "DIFFTRAIN_TRAINER_LIMITS: not JSON"),
+     ('{"memory": 64}', "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings"),
+     ('["64Gi"]', "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings")],
+)  # fmt: skip
+def test_a_malformed_default_stops_the_operator_naming_its_variable(
+    monkeypatch, capsys, value, message
+):
+    monkeypatch.setenv("DIFFTRAIN_TRAINER_LIMITS", value)
+
+    assert main(["operator"]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_first_attempt_of_a_queued_job_waits_for_kueue():

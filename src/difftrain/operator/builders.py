@@ -6,7 +6,7 @@ headless Service ``<job>`` (stable DNS for the rendezvous), and Indexed batch/v1
 Nothing here reads the clock, the environment or the cluster.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from difftrain import __version__
@@ -32,10 +32,14 @@ RUN_AS = 1000
 
 @dataclass(frozen=True)
 class Defaults:
-    """Operator-wide settings for trainer pods; a job's spec.resources overrides them."""
+    """Operator-wide settings for trainer pods; a job's spec.resources overrides them
+    (for requests, limits and the node selector, key by key)."""
 
     image: str = f"difftrain-trainer:{__version__}"
     image_pull_policy: str = "IfNotPresent"
+    requests: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
 
 
 def config_map_name(name: str) -> str:
@@ -152,20 +156,21 @@ def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
     return env
 
 
-def _resources(job: DiffusionTrainingJob) -> dict:
+def _resources(job: DiffusionTrainingJob, defaults: Defaults) -> dict:
     resources = job.spec.resources
-    requests, limits = dict(resources.requests), dict(resources.limits)
+    requests = {**defaults.requests, **resources.requests}
+    limits = {**defaults.limits, **resources.limits}
     if resources.gpus_per_node:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = resources.gpus_per_node
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
-def shared_memory(job: DiffusionTrainingJob) -> str:
+def shared_memory(job: DiffusionTrainingJob, defaults: Defaults | None = None) -> str:
     """Size of /dev/shm: the spec's, else half the memory limit, else 8Gi."""
     resources = job.spec.resources
     if resources.shared_memory is not None:
         return str(resources.shared_memory)
-    memory = resources.limits.get("memory")
+    memory = _resources(job, defaults or Defaults()).get("limits", {}).get("memory")
     return format_bytes(parse_quantity(memory) / 2 if memory is not None else DEFAULT_SHM)
 
 
@@ -184,7 +189,7 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
             {"name": "metrics", "containerPort": METRICS_PORT},
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
         ],
-        "resources": _resources(job),
+        "resources": _resources(job, defaults),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
@@ -215,7 +220,10 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(job.metadata.name)}},
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shared_memory(job)}},
+            {
+                "name": "shm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": shared_memory(job, defaults)},
+            },
             {"name": "scratch", "emptyDir": {}},
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
@@ -224,7 +232,7 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
     optional = {
         "serviceAccountName": resources.service_account_name,
         "priorityClassName": resources.priority_class_name,
-        "nodeSelector": resources.node_selector,
+        "nodeSelector": {**defaults.node_selector, **(resources.node_selector or {})},
         "tolerations": [
             t.model_dump(by_alias=True, exclude_none=True) for t in resources.tolerations
         ],

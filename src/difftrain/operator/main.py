@@ -1,5 +1,6 @@
 """``difftrain operator``: run the operator (one replica; see docs/operator.md)."""
 
+import json
 import logging
 import os
 
@@ -12,17 +13,47 @@ from difftrain.operator.kube import Kube, api_client
 from difftrain.operator.metrics import OperatorMetrics
 from difftrain.operator.reconcile import Controller
 
+# The operator's defaults for trainer pods (the Helm chart sets them): variable, field,
+# and whether the value is a JSON object of strings.
+DEFAULTS_ENV = (
+    ("DIFFTRAIN_TRAINER_IMAGE", "image", False),
+    ("DIFFTRAIN_TRAINER_IMAGE_PULL_POLICY", "image_pull_policy", False),
+    ("DIFFTRAIN_TRAINER_REQUESTS", "requests", True),
+    ("DIFFTRAIN_TRAINER_LIMITS", "limits", True),
+    ("DIFFTRAIN_TRAINER_NODE_SELECTOR", "node_selector", True),
+)
 
-def defaults_from_env() -> Defaults:
-    """Trainer pod defaults from the operator's environment (set by the Helm chart)."""
-    values = {
-        "image": os.environ.get("DIFFTRAIN_TRAINER_IMAGE"),
-        "image_pull_policy": os.environ.get("DIFFTRAIN_TRAINER_IMAGE_PULL_POLICY"),
-    }
-    return Defaults(**{key: value for key, value in values.items() if value})
+
+def defaults_from_env(environ=os.environ) -> Defaults:
+    """Trainer pod defaults from the operator's environment; a malformed value is an error
+    naming its variable."""
+    values = {}
+    for variable, name, is_map in DEFAULTS_ENV:
+        text = environ.get(variable)
+        if not text:
+            continue
+        if not is_map:
+            values[name] = text
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{variable}: not JSON ({error}): {text!r}") from None
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise ValueError(f"{variable}: must be a JSON object of strings, got {text!r}")
+        values[name] = value
+    return Defaults(**values)
 
 
-def run(namespaces: list[str], resync_seconds: float, metrics_port: int, health_port: int) -> None:
+def run(
+    namespaces: list[str],
+    resync_seconds: float,
+    metrics_port: int,
+    health_port: int,
+    defaults: Defaults,
+) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -32,7 +63,7 @@ def run(namespaces: list[str], resync_seconds: float, metrics_port: int, health_
     kopf.on.login(registry=registry)(kopf.login_via_client)
     metrics = OperatorMetrics()
     start_http_server(metrics_port, registry=metrics.registry)
-    controller = Controller(Kube(api_client()), defaults_from_env(), metrics)
+    controller = Controller(Kube(api_client()), defaults, metrics)
     kopf.run(
         registry=registry,
         settings=settings,
