@@ -34,8 +34,9 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-generate: $(VENV)/.installed  ## rewrite the generated files (CRD, API reference)
+generate: $(VENV)/.installed  ## rewrite the generated files (CRD and the chart's copy, API reference)
 	$(BIN)/difftrain crd
+	cp crds/difftrain.io_diffusiontrainingjobs.yaml helm/difftrain/crds/
 	$(BIN)/difftrain reference
 
 clean:

@@ -124,7 +124,11 @@ def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
     assert [o["kind"] for o in default if "Role" in o["kind"]] == [
         "ClusterRole", "ClusterRoleBinding"
     ]  # fmt: skip
-    assert not _of_kind(custom, "ClusterRole")
+    # Namespaced: only the right to watch Namespace objects is cluster-wide.
+    (cluster_role,) = _of_kind(custom, "ClusterRole")
+    assert cluster_role["rules"] == [
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+    ]
     roles = _of_kind(custom, "Role")
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
     assert roles[0]["rules"] == _of_kind(default, "ClusterRole")[0]["rules"]

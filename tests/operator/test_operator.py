@@ -23,12 +23,15 @@ def _get(k8s, resource: str, name: str, namespace: str = NS) -> dict | None:
     return k8s.objects[key].raw
 
 
+# The tests' own requests say who they are, so that the operator's can be told apart.
+HARNESS = "difftrain-tests"
+
+
 async def _send(k8s, method: str, path: str, body=None, content_type="application/json"):
     async with aiohttp.ClientSession(str(k8s.url)) as session:
         data = None if body is None else json.dumps(body)
-        async with session.request(
-            method, path, data=data, headers={"Content-Type": content_type}
-        ) as response:
+        headers = {"Content-Type": content_type, "User-Agent": HARNESS}
+        async with session.request(method, path, data=data, headers=headers) as response:
             assert response.status < 300, await response.text()
             return await response.json()
 
