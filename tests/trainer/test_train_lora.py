@@ -34,12 +34,18 @@ def s3_job(tmp_path, s3_env, bucket, shapes_folder):
     )
 
 
-def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job):
+def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, s3_env):
     config, output = s3_job
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
+    # The credentials (from the environment, as secretKeyRef puts them) are nowhere else:
+    # not in the config, the log, or any object the run wrote.
+    keys, written = s3_env.admin, output.keys()
+    for secret in (keys.secret_access_key, keys.access_key_id):
+        assert secret not in config.read_text() and secret not in log
+        assert not [k for k in written if secret.encode() in output.read_bytes(k)]
     assert output.keys() == [
         "checkpoints/step-00000004/COMPLETE",
         "checkpoints/step-00000004/optimizer.pt",
