@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from difftrain.api.data import ModelSpec
@@ -11,6 +13,7 @@ from difftrain.trainer.conditioning import encode_text, token_ids
 from difftrain.trainer.data import Transform, find_examples
 from difftrain.trainer.models import load_components
 from difftrain.trainer.presets import write_preset
+from difftrain.trainer.sampling import generate, pipeline_for
 from tests.trainer import runner
 
 
@@ -77,14 +80,29 @@ def test_ema_weights_are_checkpointed_and_exported(tmp_path, trainer_cache, shap
             "method": "finetune",
             "dataset": {"uri": f"file://{shapes_folder}"},
             "output": {"uri": f"file://{output}", "dtype": "fp32"},
-            "training": {"steps": 4, "ema": {"enabled": True, "decay": 0.9}},
+            # A high learning rate: the averaged weights lag visibly behind the raw ones.
+            "training": {"steps": 4, "learningRate": 1e-2, "ema": {"enabled": True, "decay": 0.9}},
             "checkpoints": {"everySteps": 2},
+            "validation": {"prompts": ["a red circle"], "everySteps": 4, "inferenceSteps": 2},
         },
     )
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
+    # Samples show the averaged weights, those of the export.
+    model = load_components(output / "model", ModelSpec(base="file://model"))
+    sample = np.asarray(Image.open(output / "samples" / "step-00000004" / "000-00.png"), int)
+
+    def drawn():
+        [(_, _, image)] = generate(pipeline_for(model), ["a red circle"], size=32, seed=0,
+                                   steps=2)  # fmt: skip
+        return np.abs(np.asarray(image, dtype=int) - sample).max()
+
+    averaged = drawn()
+    raw = load_file(output / "checkpoints" / "step-00000004" / "trainable.safetensors")
+    model.unet.load_state_dict({k.removeprefix("unet."): v for k, v in raw.items()})
+    assert averaged <= 2 < 4 < drawn()  # the sample is the averaged model's, not the raw one's
     last = output / "checkpoints" / "step-00000004"
     raw = load_file(last / "trainable.safetensors")
     shadow = torch.load(last / "ema.pt", weights_only=False)["shadow_params"]

@@ -43,7 +43,7 @@ from difftrain.trainer import (
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import encode_text, sdxl_time_ids, token_ids
 from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
-from difftrain.trainer.telemetry import Telemetry, memory_bytes
+from difftrain.trainer.telemetry import Telemetry, memory_bytes, serves_metrics
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _usable_examples(accelerator, spec, folder: Path):
     usable = [(e, size) for e, size in zip(examples, sizes, strict=True) if size is not None]
     skipped = [e for e, size in zip(examples, sizes, strict=True) if size is None]
     data.check_usable([e for e, _ in usable], skipped, spec.dataset.max_skipped_fraction)
-    return [e for e, _ in usable], [size for _, size in usable]
+    return [e for e, _ in usable], [size for _, size in usable], len(skipped)
 
 
 def training_sizes(dataset, sizes: list[data.Size]) -> tuple[data.Size, ...]:
@@ -202,7 +202,7 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
         components = models.new_components(model_folder, spec.model, reuse, training.seed)
     else:
         components = models.load_components(model_folder, spec.model)
-    examples, sizes = _usable_examples(accelerator, spec, data_folder)
+    examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder)
     targets = training_sizes(spec.dataset, sizes)
     counts = collections.Counter(targets).most_common()
     log.info("%d images at %s", len(examples), ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts))
@@ -227,6 +227,7 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
         "images": len(examples),
         "processes": accelerator.num_processes,
         "dataset_fingerprint": fingerprint(examples, data_folder),
+        "skipped": skipped,
     }
     if dreambooth.prior_weight(spec) is not None:
         classes = _class_examples(spec, accelerator, components, output, paths, settings)
@@ -508,6 +509,9 @@ class Progress:
     def update(self, step: int, **values) -> None:
         self.telemetry.update(step=self.offset + step, total_steps=self.total, **values)
 
+    def checkpoint_saved(self, step: int) -> None:
+        self.telemetry.checkpoint_saved(self.offset + step)
+
 
 def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     """Train the job described by ``config``; raises DifftrainError subclasses on failure."""
@@ -524,9 +528,10 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
         stop.requested = True
 
     signal.signal(signal.SIGTERM, request_stop)
-    telemetry = Telemetry(config.namespace, config.name)
-    if main:
+    telemetry = Telemetry(config.namespace, config.name, accelerator.process_index)
+    if serves_metrics():
         telemetry.serve()
+    telemetry.update(dataset_images_skipped=shared.facts["skipped"])
     first_stage = 0
     diffusion_steps = stage_steps(shared, spec.training.steps)
     if spec.method == "full" and "vae" not in spec.full_settings.reuse:
@@ -572,12 +577,12 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
     if steps:
         position = checkpoint.load(trainer.output, trainer.scratch, steps[-1], trainer, rank)
         log.info("%sresumed from checkpoint step %d", label, position.step)
+        progress.checkpoint_saved(position.step)
     metrics = MetricsLog(trainer.scratch / "metrics.jsonl", trainer.output, position.step)
     accumulation = spec.training.gradient_accumulation_steps
     log_every = max(1, trainer.total_steps // 2000)
     last_saved = last_logged = last_sampled = position.step
-    if main:
-        progress.update(position.step)
+    progress.update(position.step)
     micro, window_losses, tick = 0, [], time.perf_counter()
 
     def gather(value):
@@ -585,6 +590,7 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
 
     def save():
         checkpoint.save(trainer.output, trainer.scratch, position, trainer, rank, gather)
+        progress.checkpoint_saved(position.step)
         if main:
             _upload_curve(trainer, metrics)
             checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
@@ -592,9 +598,14 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
     def sample():
         if main:
             log.info("samples written to %s", sampling.validate(trainer, position.step))
+            validation = spec.validation
+            progress.telemetry.samples_generated(
+                len(validation.prompts) * validation.images_per_prompt
+            )
 
     def record():
-        """Log the steps since the last record: metrics.jsonl, gauges, the log line."""
+        """Record the steps since the last record: gauges, and on the main process
+        metrics.jsonl and the log line."""
         elapsed = time.perf_counter() - tick
         images = len(window_losses) * spec.training.batch_size * accelerator.num_processes
         entry = {
@@ -605,7 +616,6 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
             "imagesPerSecond": images / elapsed if elapsed else None,
         }
         entry["memoryBytes"], entry["peakMemoryBytes"] = memory_bytes()
-        metrics.append(entry)
         trainer.losses.append(entry["loss"])
         per_step = elapsed / (position.step - last_logged)
         progress.update(
@@ -616,11 +626,15 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
             images_per_second=entry["imagesPerSecond"],
             seconds_per_step=per_step,
             eta_seconds=per_step * (progress.total - progress.offset - position.step),
+            device_memory_bytes=entry["memoryBytes"],
+            device_memory_peak_bytes=entry["peakMemoryBytes"],
         )
-        log.info(
-            "%sstep %d/%d loss %.4f", label, position.step, trainer.total_steps,
-            entry["loss"],
-        )  # fmt: skip
+        if main:  # every process keeps its node's gauges; one writes the run's record
+            metrics.append(entry)
+            log.info(
+                "%sstep %d/%d loss %.4f", label, position.step, trainer.total_steps,
+                entry["loss"],
+            )  # fmt: skip
 
     for module in trainer.wrapped.values():
         module.train()
@@ -637,9 +651,7 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
                 optimizer_step(trainer)
                 micro = 0
                 position.step += 1
-                if main and (
-                    position.step % log_every == 0 or position.step == trainer.total_steps
-                ):
+                if position.step % log_every == 0 or position.step == trainer.total_steps:
                     record()
                     window_losses, tick = [], time.perf_counter()
                     last_logged = position.step

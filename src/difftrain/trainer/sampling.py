@@ -6,6 +6,7 @@ exported model will do. It draws from its own seeded generators inside a forked 
 state: taking samples never changes the training run, and a resumed run stays identical.
 """
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -144,12 +145,28 @@ def sample_prefix(step: int) -> str:
     return f"samples/step-{step:08d}"
 
 
+@contextlib.contextmanager
+def _averaged(trainer):
+    """The UNet holds its EMA weights inside this context when the job keeps an EMA (the
+    weights the export will have), and its training weights again after it."""
+    if trainer.ema is None:
+        yield
+        return
+    parameters = list(trainer.trainable.modules["unet"].parameters())
+    trainer.ema.store(parameters)
+    trainer.ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        trainer.ema.restore(parameters)
+
+
 def validate(trainer, step: int) -> str:
     """Generate the spec's validation samples at ``step`` and upload them; their URI."""
     spec = trainer.config.spec
     validation = spec.validation
     pipeline = pipeline_for(trainer.components, trainer.trainable.modules)
-    with trainer.accelerator.autocast():
+    with trainer.accelerator.autocast(), _averaged(trainer):
         results = generate(
             pipeline,
             validation.prompts,

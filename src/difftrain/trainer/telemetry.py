@@ -1,42 +1,71 @@
-"""Training metrics for Prometheus, served by each node's first process on :9400/metrics.
+"""Training metrics for Prometheus on :9400/metrics, one endpoint per node (pod).
 
-Names follow DESIGN.md: ``difftrain_`` prefix, base units; labels are the job's namespace
-and name only. ``DIFFTRAIN_METRICS_PORT`` moves the port (several local "nodes" on one
-machine need one each); a port already taken costs the metrics, never the training.
+The first process of each node (local rank 0) serves its own view: its step, loss,
+memory and checkpoints. The label ``rank`` is that process's global rank, so the whole
+job's series are those with ``rank="0"``. Names follow DESIGN.md: ``difftrain_`` prefix,
+base units, ``_total`` for counters; the other labels are the job's namespace and name.
+``DIFFTRAIN_METRICS_PORT`` moves the port (several local "nodes" on one machine need one
+each); a port already taken costs the metrics, never the training.
 """
 
 import logging
+import math
 import os
 import resource
+import time
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9400
+# Weight of the newest loss in loss_average (an exponential moving average).
+AVERAGE_WEIGHT = 0.1
 
-_GAUGES = {
+GAUGES = {
     "step": "Optimiser steps done",
     "total_steps": "Optimiser steps in the whole run",
     "epoch": "Current epoch",
     "loss": "Training loss averaged over the last logged steps",
+    "loss_average": "Exponential moving average of the training loss",
     "learning_rate": "Learning rate of the first parameter group",
     "images_per_second": "Training throughput, images per second over all processes",
     "seconds_per_step": "Wall time of one optimiser step",
     "eta_seconds": "Estimated seconds until the last step",
+    "device_memory_bytes": "GPU memory allocated by PyTorch, or resident memory on a CPU",
+    "device_memory_peak_bytes": "Most device memory allocated since start (RSS peak on a CPU)",
+    "last_checkpoint_step": "Step of the newest complete checkpoint (0 before the first)",
+    "checkpoint_age_seconds": "Seconds since the newest checkpoint, or since start before one",
+    "dataset_images_skipped": "Dataset images skipped because they cannot be read",
+}
+COUNTERS = {
+    "samples_generated": "Validation sample images generated",
 }
 
 
 class Telemetry:
-    """The trainer's gauges; :meth:`update` sets them after each logged step."""
+    """The trainer's metrics; :meth:`update` sets gauges, the other methods the rest."""
 
-    def __init__(self, namespace: str, name: str):
+    def __init__(self, namespace: str, name: str, rank: int = 0, clock=time.monotonic):
         self.registry = CollectorRegistry()
-        self.labels = {"namespace": namespace, "job": name}
+        self.labels = {"namespace": namespace, "job": name, "rank": str(rank)}
+        names = list(self.labels)
         self.gauges = {
-            key: Gauge(f"difftrain_{key}", text, list(self.labels), registry=self.registry)
-            for key, text in _GAUGES.items()
+            key: Gauge(f"difftrain_{key}", text, names, registry=self.registry)
+            for key, text in GAUGES.items()
         }
+        self.counters = {
+            key: Counter(f"difftrain_{key}", text, names, registry=self.registry)
+            for key, text in COUNTERS.items()
+        }
+        for counter in self.counters.values():
+            counter.labels(**self.labels)  # counters are exposed from 0, not from their first use
+        self.clock = clock
+        self._saved_at = clock()
+        self.gauges["checkpoint_age_seconds"].labels(**self.labels).set_function(
+            lambda: self.clock() - self._saved_at
+        )
+        self._average = math.nan
 
     def serve(self) -> int | None:
         """Start the HTTP endpoint; its port, or None if the port is taken."""
@@ -49,9 +78,29 @@ class Telemetry:
         return port
 
     def update(self, **values: float | None) -> None:
+        """Set gauges by name; ``loss`` also moves ``loss_average``."""
+        loss = values.get("loss")
+        if loss is not None:
+            if math.isnan(self._average) or not math.isfinite(loss):
+                self._average = loss
+            else:
+                self._average += AVERAGE_WEIGHT * (loss - self._average)
+            values = {**values, "loss_average": self._average}
         for key, value in values.items():
             if value is not None:
                 self.gauges[key].labels(**self.labels).set(value)
+
+    def checkpoint_saved(self, step: int) -> None:
+        self._saved_at = self.clock()
+        self.update(last_checkpoint_step=step)
+
+    def samples_generated(self, count: int) -> None:
+        self.counters["samples_generated"].labels(**self.labels).inc(count)
+
+
+def serves_metrics() -> bool:
+    """Whether this process serves its node's metrics: the node's first process."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def memory_bytes() -> tuple[int, int]:
@@ -67,4 +116,4 @@ def memory_bytes() -> tuple[int, int]:
             now = int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux
         now = peak
-    return now, peak
+    return now, max(now, peak)  # the kernel updates the high-water mark lazily
