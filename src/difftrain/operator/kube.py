@@ -7,6 +7,7 @@ The blocking ``kubernetes`` client runs in worker threads.
 
 import asyncio
 import json
+import urllib.request
 from dataclasses import dataclass
 
 from difftrain.api.crd import PLURAL
@@ -160,6 +161,18 @@ class Kube:
                 "reportingComponent": "difftrain-operator",
             },
         )  # fmt: skip
+
+    async def scrape(self, url: str, timeout: float) -> str | None:
+        """The text at a trainer's metrics ``url``, or None when it cannot be read."""
+
+        def fetch() -> str | None:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    return response.read().decode()
+            except (OSError, ValueError):
+                return None
+
+        return await asyncio.to_thread(fetch)
 
     async def delete_training_job(self, namespace: str, name: str) -> None:
         path = self._collection(API_VERSION, KIND, namespace)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from difftrain.api.validation import validate_job
-from difftrain.operator import builders
+from difftrain.operator import builders, progress
 from difftrain.operator.builders import Defaults
 from difftrain.operator.kube import Kube
 from difftrain.operator.metrics import OperatorMetrics
@@ -81,6 +81,8 @@ class Controller:
         )
         new, action = next_status(job, {"attempt": attempt, "restarts": 0, **status},
                                   observe(batch, pods, now), now)  # fmt: skip
+        if new.get("phase") == "Running":
+            await self._read_progress(job, pods, new, now)
         if action == "restart":
             # Record the decision first: if the operator dies half-way, the next reconcile
             # finds attempt N+1 missing and finishes the restart, and never restarts twice.
@@ -90,6 +92,19 @@ class Controller:
             await self._start_attempt(job, attempt + 1)
             return
         await self._publish(body, status, new, now)
+
+    async def _read_progress(self, job, pods: list[dict], status: dict, now: datetime) -> None:
+        """Fill ``status`` from the main trainer's metrics; when they cannot be read, the
+        last progress stays (with the time it was seen) and nothing else happens."""
+        url = progress.main_pod_endpoint(pods)
+        text = url and await self.kube.scrape(url, progress.SCRAPE_TIMEOUT_SECONDS)
+        if not text:
+            return
+        found = progress.read(text, now, job.spec.output.uri)
+        outputs = found.pop("outputs", None)
+        status.update(found)
+        if outputs:
+            status["outputs"] = {**status.get("outputs", {}), **outputs}
 
     async def _start_attempt(self, job, attempt: int) -> None:
         """Create attempt ``attempt``'s children, after removing the previous attempt's Job

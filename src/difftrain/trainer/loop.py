@@ -512,6 +512,9 @@ class Progress:
     def checkpoint_saved(self, step: int) -> None:
         self.telemetry.checkpoint_saved(self.offset + step)
 
+    def samples_generated(self, step: int, count: int) -> None:
+        self.telemetry.samples_generated(self.offset + step, count)
+
 
 def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     """Train the job described by ``config``; raises DifftrainError subclasses on failure."""
@@ -599,8 +602,8 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
         if main:
             log.info("samples written to %s", sampling.validate(trainer, position.step))
             validation = spec.validation
-            progress.telemetry.samples_generated(
-                len(validation.prompts) * validation.images_per_prompt
+            progress.samples_generated(
+                position.step, len(validation.prompts) * validation.images_per_prompt
             )
 
     def record():

@@ -37,6 +37,7 @@ GAUGES = {
     "last_checkpoint_step": "Step of the newest complete checkpoint (0 before the first)",
     "checkpoint_age_seconds": "Seconds since the newest checkpoint, or since start before one",
     "dataset_images_skipped": "Dataset images skipped because they cannot be read",
+    "last_samples_step": "Step of the newest validation samples (0 before the first)",
 }
 COUNTERS = {
     "samples_generated": "Validation sample images generated",
@@ -94,8 +95,9 @@ class Telemetry:
         self._saved_at = self.clock()
         self.update(last_checkpoint_step=step)
 
-    def samples_generated(self, count: int) -> None:
+    def samples_generated(self, step: int, count: int) -> None:
         self.counters["samples_generated"].labels(**self.labels).inc(count)
+        self.update(last_samples_step=step)
 
 
 def serves_metrics() -> bool:
