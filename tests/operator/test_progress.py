@@ -43,6 +43,15 @@ def test_status_fields_from_the_main_process_metrics():
     }  # fmt: skip
 
 
+def test_the_autoencoder_stages_checkpoints_are_in_its_folder():
+    trainer = _trainer(step=20, total_steps=600, autoencoder_stage=1)
+    trainer.checkpoint_saved(20)
+
+    found = progress.read(generate_latest(trainer.registry).decode(), NOW, "s3://runs/demo")
+
+    assert found["lastCheckpoint"]["uri"] == "s3://runs/demo/autoencoder/checkpoints/step-00000020"
+
+
 def test_before_the_first_step_and_with_a_broken_loss():
     assert progress.read(generate_latest(_trainer().registry).decode(), NOW, "s3://b/") == {}
 

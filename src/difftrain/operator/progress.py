@@ -67,12 +67,14 @@ def read(text: str, now: datetime, output_uri: str) -> dict:
         progress["etaSeconds"] = int(eta)
         progress["eta"] = human_duration(int(eta))
     found["progress"] = progress
+    # Checkpoint steps count within the stage, as the folders are named.
+    root = output_uri.rstrip("/") + ("/autoencoder" if values.get("autoencoder_stage") else "")
     saved = int(values.get("last_checkpoint_step", 0))
     if saved > 0:
         age = values.get("checkpoint_age_seconds", 0.0)
         found["lastCheckpoint"] = {
             "step": saved,
-            "uri": f"{output_uri.rstrip('/')}/checkpoints/step-{saved:08d}",
+            "uri": f"{root}/checkpoints/step-{saved:08d}",
             "time": timestamp(now - timedelta(seconds=age)),
         }
     sampled = int(values.get("last_samples_step", 0))

@@ -509,11 +509,17 @@ class Progress:
     def update(self, step: int, **values) -> None:
         self.telemetry.update(step=self.offset + step, total_steps=self.total, **values)
 
+    def begin(self, stage: str) -> None:
+        """A stage starts: checkpoint and sample steps count within it, as their folders
+        are named (the autoencoder stage's under OUTPUT/autoencoder/)."""
+        self.telemetry.update(autoencoder_stage=int(stage == "autoencoder"))
+        self.telemetry.checkpoint_saved(0)
+
     def checkpoint_saved(self, step: int) -> None:
-        self.telemetry.checkpoint_saved(self.offset + step)
+        self.telemetry.checkpoint_saved(step)
 
     def samples_generated(self, step: int, count: int) -> None:
-        self.telemetry.samples_generated(self.offset + step, count)
+        self.telemetry.samples_generated(step, count)
 
 
 def run(config: TrainerConfig, paths: Paths | None = None) -> None:
@@ -576,6 +582,7 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
     rank = accelerator.process_index
     label = "" if trainer.stage == "diffusion" else f"{trainer.stage} "
     position = checkpoint.Position()
+    progress.begin(trainer.stage)
     steps = checkpoint.complete_steps(trainer.output) if spec.checkpoints.resume == "auto" else []
     if steps:
         position = checkpoint.load(trainer.output, trainer.scratch, steps[-1], trainer, rank)
