@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from difftrain.cli import main
+from tests.builders import job
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "difftrain"
 # Calls that hand a string to a shell.
@@ -47,20 +48,16 @@ def test_the_check_finds_a_shell(tmp_path):
 def test_a_hostile_prompt_stays_literal_through_a_run(tmp_path, shapes_folder):
     marker = tmp_path / "pwned"
     hostile = f"$(touch {marker}) `touch {marker}`; touch {marker} && echo"
-    manifest = {
-        "apiVersion": "difftrain.io/v1alpha1",
-        "kind": "DiffusionTrainingJob",
-        "metadata": {"name": "hostile"},
-        "spec": {
-            "method": "lora",
-            "model": {"base": "preset:tiny-sd"},
-            "dataset": {"uri": f"file://{shapes_folder}", "resolution": 32},
+    manifest = job(
+        {"metadata": {"name": "hostile"}},
+        spec={
+            "dataset": {"uri": f"file://{shapes_folder}"},
             "training": {"steps": 1, "batchSize": 2, "mixedPrecision": "no"},
             "validation": {"prompts": [hostile], "everySteps": 1, "inferenceSteps": 1},
             "output": {"uri": f"file://{tmp_path}/out"},
             "resources": {"gpusPerNode": 0},
         },
-    }
+    )
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(manifest))
 
     code = main(["run", str(tmp_path / "job.yaml"), "--workdir", str(tmp_path / "work")])
