@@ -311,9 +311,9 @@ def build_diffusion(shared: Shared) -> Trainer:
     *prepared, optimizer = accelerator.prepare(*trainable.modules.values(), optimizer)
     wrapped = dict(zip(names, prepared, strict=True))
     # Text encoders being trained must run through their wrappers to sync gradients.
-    for index, name in enumerate(("text_encoder", "text_encoder_2")):
-        if name in wrapped:
-            components.text_encoders[index] = wrapped[name]
+    for index in range(len(components.text_encoders)):
+        if models.encoder_name(index) in wrapped:
+            components.text_encoders[index] = wrapped[models.encoder_name(index)]
     total = stage_steps(shared, training.steps)
     trainer = Trainer(
         config=shared.config,

@@ -91,6 +91,11 @@ def encoder_name(index: int) -> str:
     return "text_encoder" + (f"_{index + 1}" if index else "")
 
 
+def encoder_names(architecture: str) -> list[str]:
+    """The text encoders' component names of an ``sd`` or ``sdxl`` model."""
+    return [encoder_name(index) for index in range(2 if architecture == "sdxl" else 1)]
+
+
 @dataclass
 class Components:
     """A base model's parts, ready to train. SDXL has two text encoders and tokenizers."""
@@ -152,7 +157,7 @@ def load_components(folder: Path, model: ModelSpec) -> Components:
         if model.prediction_type == "auto"
         else model.prediction_type
     )
-    names = ["text_encoder", "text_encoder_2"] if architecture == "sdxl" else ["text_encoder"]
+    names = encoder_names(architecture)
     return Components(
         folder=folder,
         architecture=architecture,
@@ -203,7 +208,7 @@ def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) 
             f"spec.model.architecture is {model.architecture} but the configs describe an "
             f"{architecture} model; set architecture to auto or {architecture}"
         )
-    names = ["text_encoder", "text_encoder_2"] if architecture == "sdxl" else ["text_encoder"]
+    names = encoder_names(architecture)
     missing = [n for n in ("unet", "vae", "scheduler", *names) if n not in index]
     if missing:
         raise InvalidSpec(f"spec.model.base: {model.base} has no {', '.join(missing)} component")

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from difftrain.storage import Store
+from difftrain.trainer.models import encoder_name
 
-ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 # Images generated per pipeline call; bounds memory with many prompts.
 CHUNK = 16
 
@@ -32,8 +32,8 @@ def pipeline_for(components, modules: dict | None = None):
 
     modules = modules or {}
     encoders = [
-        modules.get(name, encoder)
-        for name, encoder in zip(ENCODER_NAMES, components.text_encoders, strict=False)
+        modules.get(encoder_name(index), encoder)
+        for index, encoder in enumerate(components.text_encoders)
     ]
     parts = {
         "vae": modules.get("vae", components.vae),

@@ -161,12 +161,9 @@ def export(trainable: EmbeddingRows, settings, folder: Path, dtype) -> Path:
     """Write ``learned_embeds.safetensors`` for the loaders (see the module's docstring)."""
     vectors = trainable.embeddings()
     if len(vectors) == 1:
-        state = {settings.placeholder_token: vectors["text_encoder"].to(dtype)}
+        state = {settings.placeholder_token: vectors[encoder_name(0)].to(dtype)}
     else:
-        state = {
-            key: vectors[name].to(dtype)
-            for key, name in zip(SDXL_KEYS, ("text_encoder", "text_encoder_2"), strict=True)
-        }
+        state = {key: vectors[encoder_name(index)].to(dtype) for index, key in enumerate(SDXL_KEYS)}
     path = folder / FILE
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     return path
