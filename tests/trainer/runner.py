@@ -52,5 +52,10 @@ def start(config: Path, work: Path, cache: Path, extra: dict | None = None) -> s
 def run(config: Path, work: Path, cache: Path, extra: dict | None = None, timeout: int = 300):
     """Run the trainer to the end; returns (exit code, output)."""
     process = start(config, work, cache, extra)
-    output, _ = process.communicate(timeout=timeout)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()  # a trainer left running would slow every test after it
+        process.communicate()
+        raise
     return process.returncode, output
