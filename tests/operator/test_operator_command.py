@@ -48,7 +48,7 @@ async def test_operator_command_reconciles_and_serves_metrics(k8s, tmp_path):
         await eventually(lambda: (_get(k8s, DTJ, "demo") or {}).get("status"), 10)
         text = await eventually(
             lambda: (t := _fetch(f"http://127.0.0.1:{metrics}/metrics"))
-            and 'difftrain_operator_jobs{phase="Pending"} 1.0' in t and t, 10,
+            and 'difftrain_operator_jobs{namespace="ml",phase="Pending"} 1.0' in t and t, 10,
         )  # fmt: skip
     finally:
         process.terminate()

@@ -1,8 +1,14 @@
-"""Two torchrun "nodes" on this machine (gloo) train one model together."""
+"""Two torchrun "nodes" on this machine (gloo) train one model together, each serving
+its own metrics."""
 
 import re
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from difftrain.local import free_port
 from tests.trainer import runner
@@ -20,7 +26,7 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
             "resources": {"nodes": 2},
         },
     )
-    port = free_port()
+    port, metrics_ports = free_port(), [free_port(), free_port()]
     nodes = []
     for rank in range(2):
         work = tmp_path / f"node{rank}"  # each node (pod) has its own disks
@@ -29,13 +35,21 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
             "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
             "--master_addr=127.0.0.1", f"--master_port={port}",
         ]  # fmt: skip
-        env = runner.trainer_env(config, work, work / "cache")
+        extra = {"DIFFTRAIN_METRICS_PORT": str(metrics_ports[rank])}
+        env = runner.trainer_env(config, work, work / "cache", extra)
         nodes.append(
             subprocess.Popen(
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
         )
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    ranks = {}
+    with ThreadPoolExecutor(2) as pool:
+        done = [pool.submit(node.communicate, timeout=300) for node in nodes]
+        while not all(d.done() for d in done):
+            for node, metrics_port in enumerate(metrics_ports):
+                ranks[node] = ranks.get(node) or _rank_labels(metrics_port)
+            time.sleep(0.1)
+        logs = [d.result()[0] for d in done]
 
     assert [node.returncode for node in nodes] == [0, 0], logs
     prints = [re.findall(r"step 4: weights fingerprint (\S+)", log) for log in logs]
@@ -45,4 +59,20 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
         "trainable.safetensors",
     ]  # fmt: skip
     assert ["model exported" in log for log in logs] == [True, False]
+    assert ranks == {0: {"0"}, 1: {"1"}}  # each node's endpoint, with its global rank
     assert not (tmp_path / "node1" / "scratch-rank1" / "model").exists()
+
+
+def _rank_labels(port: int) -> set[str] | None:
+    """The ``rank`` labels of the difftrain metrics on ``port``; None if unreachable."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return {
+        sample.labels["rank"]
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("difftrain_")
+        for sample in family.samples
+    }

@@ -1,4 +1,11 @@
-"""The operator's own Prometheus metrics (served on :8080/metrics)."""
+"""The operator's own Prometheus metrics (served on :8080/metrics).
+
+Job counts are by namespace and phase, so that a dashboard can filter them by namespace.
+Two gauges carry one series per job, and go when the job goes: its restarts, and a 1 for
+a job that failed, with the reason (the JobFailed alert). The labels ``namespace`` and
+``job`` are the job's own, as on the trainer's metrics; Prometheus keeps them with
+``honorLabels`` (the chart's monitors set it), as it does for kube-state-metrics.
+"""
 
 from collections import Counter as Tally
 
@@ -8,13 +15,22 @@ PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"
 
 
 class OperatorMetrics:
-    """Jobs by phase, reconcile durations, restarts and failures by reason."""
+    """Jobs by phase, each job's restarts and failure, reconcile durations, and totals of
+    restarts and failures by reason."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.jobs = Gauge(
-            "difftrain_operator_jobs", "DiffusionTrainingJobs by phase", ["phase"],
-            registry=self.registry,
+            "difftrain_operator_jobs", "DiffusionTrainingJobs by namespace and phase",
+            ["namespace", "phase"], registry=self.registry,
+        )  # fmt: skip
+        self.job_restarts = Gauge(
+            "difftrain_operator_job_restarts", "Gang restarts of each job (status.restarts)",
+            ["namespace", "job"], registry=self.registry,
+        )  # fmt: skip
+        self.job_failed = Gauge(
+            "difftrain_operator_job_failed", "1 for each job that failed, with its reason",
+            ["namespace", "job", "reason"], registry=self.registry,
         )  # fmt: skip
         self.reconcile_seconds = Histogram(
             "difftrain_operator_reconcile_duration_seconds", "Time to reconcile one job",
@@ -28,17 +44,46 @@ class OperatorMetrics:
             registry=self.registry,
         )  # fmt: skip
         self._phases: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self._namespaces: set[str] = set()
 
-    def set_phase(self, namespace: str, name: str, phase: str | None) -> None:
-        if phase:
-            self._phases[namespace, name] = phase
+    def observe(self, namespace: str, name: str, status: dict) -> None:
+        """Record a job's status as it now is (phase, restarts, failure)."""
+        key = (namespace, name)
+        if status.get("phase"):
+            self._phases[key] = status["phase"]
+        self.job_restarts.labels(namespace=namespace, job=name).set(status.get("restarts", 0))
+        failed = next(
+            (c for c in status.get("conditions", ()) if c["type"] == "Failed"
+             and c["status"] == "True"), None,
+        )  # fmt: skip
+        reason = failed and failed.get("reason", "")
+        if self._failed.get(key) != reason:
+            self._forget_failure(key)
+            if reason is not None:
+                self._failed[key] = reason
+                self.job_failed.labels(namespace=namespace, job=name, reason=reason).set(1)
         self._refresh()
 
     def forget(self, namespace: str, name: str) -> None:
-        self._phases.pop((namespace, name), None)
+        """Drop a deleted job's series."""
+        key = (namespace, name)
+        self._phases.pop(key, None)
+        self._forget_failure(key)
+        try:
+            self.job_restarts.remove(namespace, name)
+        except KeyError:
+            pass
         self._refresh()
 
+    def _forget_failure(self, key: tuple[str, str]) -> None:
+        reason = self._failed.pop(key, None)
+        if reason is not None:
+            self.job_failed.remove(*key, reason)
+
     def _refresh(self) -> None:
-        counts = Tally(self._phases.values())
-        for phase in PHASES:
-            self.jobs.labels(phase=phase).set(counts.get(phase, 0))
+        counts = Tally((namespace, phase) for (namespace, _), phase in self._phases.items())
+        self._namespaces |= {namespace for namespace, _ in self._phases}
+        for namespace in self._namespaces:
+            for phase in PHASES:
+                self.jobs.labels(namespace=namespace, phase=phase).set(counts[namespace, phase])

@@ -64,6 +64,7 @@ class Controller:
             await self._publish(body, status, new, now)
             return
         if status.get("phase") in TERMINAL:
+            self.metrics.observe(namespace, name, status)  # also after an operator restart
             if ttl_expired(job, status, now):
                 log.info("deleting %s/%s: ttlSecondsAfterFinished has passed", namespace, name)
                 await self.kube.delete_training_job(namespace, name)
@@ -142,7 +143,7 @@ class Controller:
         """Write the status only when it changed, with an Event for each transition."""
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
-        self.metrics.set_phase(namespace, name, new.get("phase"))
+        self.metrics.observe(namespace, name, new)
         if new == old:
             return
         await self.kube.patch_status(namespace, name, new)

@@ -1,0 +1,127 @@
+"""The Grafana dashboard of training jobs, as Grafana's JSON model.
+
+``difftrain dashboard`` prints it (to import by hand); ``make generate`` writes the
+chart's copy, which the chart puts in a ConfigMap for Grafana's dashboard sidecar. The
+variables pick namespaces and jobs by the series' own ``namespace`` and ``job`` labels;
+trainer panels read rank 0 (the whole job's view), except memory, which is per node.
+"""
+
+import json
+
+UID = "difftrain-jobs"
+DASHBOARD_PATH = "helm/difftrain/dashboards/difftrain.json"
+TRAINER = 'namespace=~"$namespace", job=~"$job"'
+MAIN = f'{TRAINER}, rank="0"'
+WHO = "{{namespace}}/{{job}}"
+
+# (title, panel type, unit, [(PromQL, legend)], width, height); rows fill 24 columns.
+PANELS = [
+    ("Progress", "bargauge", "percent",
+     [(f"100 * difftrain_step{{{MAIN}}} / difftrain_total_steps{{{MAIN}}}", WHO)], 8, 6),
+    ("Time left", "stat", "s", [(f"difftrain_eta_seconds{{{MAIN}}}", WHO)], 8, 6),
+    ("Jobs by phase", "stat", "short",
+     [('sum by (phase) (difftrain_operator_jobs{namespace=~"$namespace"})', "{{phase}}")],
+     8, 6),
+    ("Loss", "timeseries", "short",
+     [(f"difftrain_loss{{{MAIN}}}", WHO),
+      (f"difftrain_loss_average{{{MAIN}}}", f"{WHO} average")], 12, 8),
+    ("Learning rate", "timeseries", "short",
+     [(f"difftrain_learning_rate{{{MAIN}}}", WHO)], 12, 8),
+    ("Images per second", "timeseries", "short",
+     [(f"difftrain_images_per_second{{{MAIN}}}", WHO)], 12, 8),
+    ("Seconds per step", "timeseries", "s",
+     [(f"difftrain_seconds_per_step{{{MAIN}}}", WHO)], 12, 8),
+    ("Device memory", "timeseries", "bytes",
+     [(f"difftrain_device_memory_bytes{{{TRAINER}}}", f"{WHO} rank {{{{rank}}}}"),
+      (f"difftrain_device_memory_peak_bytes{{{TRAINER}}}", f"{WHO} rank {{{{rank}}}} peak")],
+     12, 8),
+    ("Restarts", "timeseries", "short",
+     [(f"difftrain_operator_job_restarts{{{TRAINER}}}", WHO)], 12, 8),
+    ("Checkpoint age", "timeseries", "s",
+     [(f"difftrain_checkpoint_age_seconds{{{MAIN}}}", WHO)], 8, 8),
+    ("Validation samples", "timeseries", "short",
+     [(f"difftrain_samples_generated_total{{{MAIN}}}", WHO)], 8, 8),
+    ("Dataset images skipped", "timeseries", "short",
+     [(f"difftrain_dataset_images_skipped{{{MAIN}}}", WHO)], 8, 8),
+]  # fmt: skip
+
+
+def _variable(name: str, label: str, query: str) -> dict:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "query": {"query": query, "refId": name},
+        "definition": query,
+        "refresh": 2,  # on time range change
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+    }
+
+
+def _panels() -> list[dict]:
+    panels, x, y, row_height = [], 0, 0, 0
+    for number, (title, kind, unit, queries, width, height) in enumerate(PANELS, 1):
+        if x + width > 24:
+            x, y, row_height = 0, y + row_height, 0
+        panel = {
+            "id": number,
+            "title": title,
+            "type": kind,
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"x": x, "y": y, "w": width, "h": height},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+            "targets": [
+                {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
+                for i, (expr, legend) in enumerate(queries)
+            ],
+        }
+        if kind in ("stat", "bargauge"):
+            panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"]}}
+        if kind == "bargauge":
+            panel["fieldConfig"]["defaults"].update(min=0, max=100)
+        panels.append(panel)
+        x, row_height = x + width, max(row_height, height)
+    return panels
+
+
+def dashboard() -> dict:
+    """The dashboard's JSON model."""
+    return {
+        "uid": UID,
+        "title": "difftrain: training jobs",
+        "tags": ["difftrain"],
+        "editable": True,
+        "schemaVersion": 39,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "templating": {
+            "list": [
+                {
+                    "name": "datasource",
+                    "label": "Data source",
+                    "type": "datasource",
+                    "query": "prometheus",
+                },
+                _variable("namespace", "Namespace", "label_values(difftrain_step, namespace)"),
+                _variable(
+                    "job", "Job", 'label_values(difftrain_step{namespace=~"$namespace"}, job)'
+                ),
+            ]
+        },
+        "panels": _panels(),
+    }
+
+
+def queries(model: dict) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every panel target of a dashboard model."""
+    return [(p["title"], t["expr"]) for p in model["panels"] for t in p["targets"]]
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
