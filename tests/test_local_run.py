@@ -174,7 +174,7 @@ def test_storage_problems_fail_before_training(tmp_path, spec, code, message):
     result = _difftrain_run(
         tmp_path,
         _manifest(tmp_path, spec),
-        env={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+        env={"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_MAX_ATTEMPTS": "2"},
     )
 
     assert result.returncode == code, result.stdout + result.stderr

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from difftrain import storage
-from difftrain.errors import StorageAccessDenied, StorageUnavailable
+from difftrain.errors import InvalidSpec, StorageAccessDenied, StorageUnavailable
 from difftrain.storage import S3Settings, open_store
 
 
@@ -145,12 +145,24 @@ def test_missing_credentials_are_reported(s3_env, bucket, monkeypatch):
 
 
 def test_unreachable_endpoint_is_retryable(s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the default 8 only takes longer
     store = open_store("s3://bucket-x/x", S3Settings(endpoint="http://127.0.0.1:9"))
 
     with pytest.raises(StorageUnavailable, match=r"cannot reach http://127\.0\.0\.1:9;") as raised:
         store.read_bytes("a")
 
     assert raised.value.exit_code == 1
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-1"])
+def test_a_bad_number_of_attempts_is_named(s3_env, monkeypatch, value):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", value)
+    store = open_store("s3://bucket-x/x", S3Settings(endpoint="http://127.0.0.1:9"))
+
+    with pytest.raises(
+        InvalidSpec, match=f"AWS_MAX_ATTEMPTS must be a whole number of at least 1, not '{value}'"
+    ):
+        store.read_bytes("a")
 
 
 def test_unwritable_local_output_is_denied(tmp_path):

@@ -19,9 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from difftrain.errors import StorageAccessDenied, StorageUnavailable
+from difftrain.errors import InvalidSpec, StorageAccessDenied, StorageUnavailable
 
 PARALLEL_TRANSFERS = 8
+# Tries of each S3 request (adaptive back-off between them); AWS_MAX_ATTEMPTS changes it.
+MAX_ATTEMPTS = 8
 MULTIPART_BYTES = 64 * 1024 * 1024
 LIST_PAGE_SIZE = 1000
 
@@ -112,6 +114,13 @@ class Store(ABC):
     def delete_tree(self, prefix: str) -> None:
         """Delete every object under ``prefix``."""
         self.delete(self.keys(prefix))
+
+
+def _max_attempts() -> int:
+    value = os.environ.get("AWS_MAX_ATTEMPTS", str(MAX_ATTEMPTS))
+    if not value.isdigit() or int(value) < 1:
+        raise InvalidSpec(f"AWS_MAX_ATTEMPTS must be a whole number of at least 1, not {value!r}")
+    return int(value)
 
 
 def _join(*parts: str) -> str:
@@ -250,7 +259,7 @@ class S3Store(Store):
                 endpoint_url=self.settings.endpoint,
                 region_name=self.settings.region,
                 config=Config(
-                    retries={"mode": "adaptive", "max_attempts": 8},
+                    retries={"mode": "adaptive", "max_attempts": _max_attempts()},
                     s3={"addressing_style": "path" if self.settings.path_style else "auto"},
                     connect_timeout=10,
                     read_timeout=120,

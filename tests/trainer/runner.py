@@ -1,8 +1,10 @@
 """Run the real trainer entry point (``python -m difftrain.trainer``) on a test job."""
 
+import contextlib
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from difftrain.api.config import TrainerConfig
@@ -59,3 +61,30 @@ def run(config: Path, work: Path, cache: Path, extra: dict | None = None, timeou
         process.communicate()
         raise
     return process.returncode, output
+
+
+@contextlib.contextmanager
+def running(config: Path, work: Path, cache: Path, extra: dict | None = None, timeout=300):
+    """The trainer, started in the background for the block (two one-thread trainers fit
+    two cores); yields a function that waits for it and returns (exit code, output). A
+    trainer still running when the block ends (it failed first) is killed."""
+    process = start(config, work, cache, extra)
+    with ThreadPoolExecutor(1) as pool:
+        output = pool.submit(process.communicate, timeout=timeout)  # drains its pipe
+
+        def wait() -> tuple[int, str]:
+            text, _ = output.result()
+            return process.returncode, text
+
+        try:
+            yield wait
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def run_together(runs: list[tuple], timeout: int = 300) -> list[tuple[int, str]]:
+    """Run several trainers at once, each given as ``run``'s (config, work, cache, extra);
+    their (exit code, output) in order. For one-thread trainers, which share two cores."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        return list(pool.map(lambda args: run(*args, timeout=timeout), runs))

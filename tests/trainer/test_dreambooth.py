@@ -103,15 +103,23 @@ def _sample(pipeline) -> torch.Tensor:
     return images[0]
 
 
-def _final_lora(tmp_path, trainer_cache, instance_folder, dreambooth: dict, **extra):
-    tmp_path.mkdir()
-    output = tmp_path / "out"
-    spec = _spec(output, instance_folder, dreambooth, **extra)
-    spec["training"] = {"steps": 3, "batchSize": 2}
-    config = runner.write_config(tmp_path, spec)
-    code, log = runner.run(config, tmp_path, trainer_cache, ONE_THREAD)
-    assert code == 0, log
-    return load_file(output / "model" / "pytorch_lora_weights.safetensors"), log
+def _final_loras(tmp_path, trainer_cache, instance_folder, settings: list[dict]):
+    """The final LoRA weights of a short run for each DreamBooth settings, and the first
+    run's log; the runs share the cores."""
+    runs = []
+    for index, dreambooth in enumerate(settings):
+        folder = tmp_path / f"run{index}"
+        folder.mkdir()
+        spec = _spec(folder / "out", instance_folder, dreambooth)
+        spec["training"] = {"steps": 3, "batchSize": 2}
+        runs.append((runner.write_config(folder, spec), folder, trainer_cache, ONE_THREAD))
+    results = runner.run_together(runs)
+    assert [code for code, _ in results] == [0] * len(runs), results
+    weights = [
+        load_file(folder / "out" / "model" / "pytorch_lora_weights.safetensors")
+        for _, folder, _, _ in runs
+    ]
+    return weights, results[0][1]
 
 
 def test_the_prior_term_changes_training(tmp_path, trainer_cache, instance_folder, shapes_folder):
@@ -121,13 +129,10 @@ def test_the_prior_term_changes_training(tmp_path, trainer_cache, instance_folde
     for index in range(6):
         Image.new("RGB", (32, 32)).save(black / f"{index}.png")
 
-    weighted, log = _final_lora(tmp_path / "a", trainer_cache, instance_folder, settings)
-    ignored, _ = _final_lora(
-        tmp_path / "b", trainer_cache, instance_folder, {**settings, "priorLossWeight": 0}
-    )
-    other, _ = _final_lora(
-        tmp_path / "c", trainer_cache, instance_folder, {**settings, "classData": f"file://{black}"}
-    )
+    (weighted, ignored, other), log = _final_loras(
+        tmp_path, trainer_cache, instance_folder,
+        [settings, {**settings, "priorLossWeight": 0}, {**settings, "classData": f"file://{black}"}],
+    )  # fmt: skip
 
     assert "class images:" not in log  # given, not made
     assert weighted.keys() == ignored.keys() == other.keys()

@@ -1,11 +1,17 @@
-"""The loss curve picture and the sample files: pure functions over small inputs."""
+"""The loss curve picture and the sample files: pure functions over small inputs, and
+seeded sampling from a tiny model."""
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from difftrain.api.data import ModelSpec
 from difftrain.trainer import plots, sampling
+from difftrain.trainer.models import load_components
+from difftrain.trainer.presets import write_preset
 
 
 def test_smoothing_is_a_debiased_moving_average():
@@ -75,3 +81,22 @@ def test_grid_is_about_square_for_one_image_per_prompt():
     images = [Image.new("RGB", (8, 8)) for _ in range(5)]
 
     assert sampling.grid(images).size == (3 * 8, 2 * 8)
+
+
+def test_samples_are_the_same_for_a_seed_and_leave_the_random_state_alone(tmp_path):
+    folder = write_preset("tiny-sd", tmp_path / "tiny-sd")
+    pipeline = sampling.pipeline_for(load_components(folder, ModelSpec(base="preset:tiny-sd")))
+    prompts = ["a red circle", "a blue square"]
+
+    torch.manual_seed(7)
+    state = torch.get_rng_state()
+    first = sampling.generate(pipeline, prompts, size=32, seed=3, steps=2)
+    unchanged = torch.equal(torch.get_rng_state(), state)
+    again = sampling.generate(pipeline, prompts, size=32, seed=3, steps=2)
+    moved = sampling.generate(pipeline, prompts, size=32, seed=4, steps=2)
+
+    assert unchanged
+    assert [(p, s) for p, s, _ in first] == [("a red circle", 3), ("a blue square", 4)]
+    pixels = [[np.asarray(image) for _, _, image in run] for run in (first, again, moved)]
+    assert all(np.array_equal(a, b) for a, b in zip(pixels[0], pixels[1], strict=True))
+    assert not np.array_equal(pixels[0][0], pixels[2][0])  # another seed, another image

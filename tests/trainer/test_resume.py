@@ -71,16 +71,16 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes
     reference = tmp_path / "reference"
     reference.mkdir()
     config = _config(reference, shapes_folder, reference / "out", method)
-    code, log = runner.run(config, reference, trainer_cache, ONE_THREAD)
-    assert code == 0, log
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     output = interrupted / "out"
-    config = _config(interrupted, shapes_folder, output, method)
+    with runner.running(config, reference, trainer_cache, ONE_THREAD) as reference_run:
+        config = _config(interrupted, shapes_folder, output, method)
+        first = runner.start(config, interrupted, trainer_cache, ONE_THREAD)
+        log = _run_until(first, f"step 7/{STEPS} ", signal.SIGKILL)
+        code, reference_log = reference_run()
 
-    first = runner.start(config, interrupted, trainer_cache, ONE_THREAD)
-    log = _run_until(first, f"step 7/{STEPS} ", signal.SIGKILL)
-
+    assert code == 0, reference_log
     assert first.returncode == -signal.SIGKILL, log
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005"]
     # A checkpoint interrupted mid-write: files but no COMPLETE. It must be ignored.
@@ -103,7 +103,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes
     assert steps == list(range(1, STEPS + 1))  # the lost steps 6-7 are logged once
 
 
-def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, trainer_cache, shapes_folder):
+def test_sigterm_checkpoints_and_exits_and_resume_never_ignores_it(
+    tmp_path, trainer_cache, shapes_folder
+):
     output = tmp_path / "out"
     config = _config(tmp_path, shapes_folder, output)
 
@@ -119,16 +121,10 @@ def test_sigterm_writes_a_checkpoint_and_exits(tmp_path, trainer_cache, shapes_f
     reason = json.loads((tmp_path / "termination-log").read_text())
     assert reason["reason"] == "Stopped"
 
-
-def test_resume_never_starts_fresh(tmp_path, trainer_cache, shapes_folder):
-    output = tmp_path / "out"
-    config = _config(tmp_path, shapes_folder, output)
-    code, log = runner.run(config, tmp_path, trainer_cache)
-    assert code == 0, log
+    # resume: never starts afresh beside that checkpoint.
     spec = json.loads(config.read_text())
     spec["spec"]["checkpoints"]["resume"] = "never"
     config.write_text(json.dumps(spec))
-
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
@@ -137,11 +133,11 @@ def test_resume_never_starts_fresh(tmp_path, trainer_cache, shapes_folder):
 
 
 def test_taking_samples_does_not_change_the_training_run(tmp_path, trainer_cache, shapes_folder):
-    weights = []
+    configs = {}
     for name, validation in (("plain", {}), ("sampled", {"prompts": ["a red circle"]})):
         folder = tmp_path / name
         folder.mkdir()
-        config = runner.write_config(
+        configs[name] = runner.write_config(
             folder,
             {
                 "dataset": {"uri": f"file://{shapes_folder}"},
@@ -151,10 +147,12 @@ def test_taking_samples_does_not_change_the_training_run(tmp_path, trainer_cache
                 "validation": {**validation, "everySteps": 2, "inferenceSteps": 2},
             },
         )
-        code, log = runner.run(config, folder, trainer_cache, ONE_THREAD)
-        assert code == 0, log
-        weights.append(_weights(folder / "out", 4))
+    results = runner.run_together(
+        [(config, tmp_path / name, trainer_cache, ONE_THREAD) for name, config in configs.items()]
+    )
 
-    plain, sampled = weights
-    assert sorted((tmp_path / "sampled" / "out" / "samples").iterdir())[0].name == "step-00000002"
+    assert [code for code, _ in results] == [0, 0], results
+    plain, sampled = (_weights(tmp_path / name / "out", 4) for name in ("plain", "sampled"))
+    samples = tmp_path / "sampled" / "out" / "samples"
+    assert [p.name for p in sorted(samples.iterdir())] == ["step-00000002", "step-00000004"]
     assert all(torch.equal(plain[k], sampled[k]) for k in plain)

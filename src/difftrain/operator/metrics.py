@@ -7,6 +7,7 @@ a job that failed, with the reason (the JobFailed alert). The labels ``namespace
 ``honorLabels`` (the chart's monitors set it), as it does for kube-state-metrics.
 """
 
+import contextlib
 from collections import Counter as Tally
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -70,10 +71,8 @@ class OperatorMetrics:
         key = (namespace, name)
         self._phases.pop(key, None)
         self._forget_failure(key)
-        try:
+        with contextlib.suppress(KeyError):  # never observed
             self.job_restarts.remove(namespace, name)
-        except KeyError:
-            pass
         self._refresh()
 
     def _forget_failure(self, key: tuple[str, str]) -> None:

@@ -43,9 +43,7 @@ def main() -> int:
     )
     try:
         from difftrain.api.config import TrainerConfig
-        from difftrain.trainer.loop import run
 
-        _quiet_libraries()
         source = os.environ.get("DIFFTRAIN_CONFIG")
         if not source:
             raise InvalidSpec("DIFFTRAIN_CONFIG is not set: it must name the job.json to train")
@@ -53,7 +51,12 @@ def main() -> int:
             text = Path(source).read_text()
         except OSError as error:
             raise InvalidSpec(f"cannot read DIFFTRAIN_CONFIG {source}: {error.strerror}") from None
-        run(TrainerConfig.from_json(text, source))
+        config = TrainerConfig.from_json(text, source)
+        # A bad config fails above in a fraction of a second; torch and diffusers load now.
+        from difftrain.trainer.loop import run
+
+        _quiet_libraries()
+        run(config)
         return 0
     except DifftrainError as error:
         logging.getLogger("difftrain").error("%s: %s", error.reason, error)
