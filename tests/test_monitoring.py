@@ -242,8 +242,19 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
     assert (
         value["difftrain_samples_generated_total"] % 2 == 0 and value["difftrain_eta_seconds"] > 0
     )
-    assert metadata["difftrain_operator_jobs"][0]["type"] == "gauge"
-    assert metadata["difftrain_operator_reconcile_duration_seconds"][0]["type"] == "histogram"
+    operator = {
+        "difftrain_operator_jobs": ("gauge", {"namespace", "phase"}),
+        "difftrain_operator_job_restarts": ("gauge", {"namespace", "job"}),
+        "difftrain_operator_job_failed": ("gauge", {"namespace", "job", "reason"}),
+        "difftrain_operator_reconcile_duration_seconds": ("histogram", set()),
+        "difftrain_operator_restarts": ("counter", set()),
+        "difftrain_operator_failures": ("counter", {"reason"}),
+    }
+    for name, (kind, labels) in operator.items():
+        assert metadata[name][0]["type"] == kind, name
+        found = series.get(name) or series.get(f"{name}_total") or series[f"{name}_count"]
+        own = {k for k, v in found["metric"].items() if (k, v) != ("job", "operator")}
+        assert own - {"__name__", "instance"} == labels, name  # job="operator": the target's
 
     assert [key for key, result in panels.items() if not result] == []
     assert "default" in namespaces and "watched" in jobs
