@@ -2,6 +2,7 @@
 
     python bench/train_speed.py [--steps 30] [--resolution 64] [--batch 8]
     python bench/train_speed.py --model sd15 --gpu --resolution 512 --batch 8 --steps 40
+    python bench/train_speed.py --samples 10 [...]
 
 Runs ``python -m difftrain.trainer`` (LoRA, then full fine-tune) over the built-in shapes
 data, and a bare loop doing the same work per step (VAE encode, text encode, UNet forward
@@ -10,6 +11,8 @@ own process; reported: images/s over the steps after the first few (warm-up), an
 memory: the process's resident memory on a CPU, the GPU memory PyTorch allocated with
 ``--gpu`` (the trainer reports its own in ``metrics.jsonl``).
 
+``--samples N`` adds, for each method, a trainer run that also takes validation samples
+every N steps (4 prompts, 25 sampler steps): what sampling costs in time and memory.
 ``--model tiny-sd`` is the built-in preset. ``--model sd15`` has the architecture of
 Stable Diffusion 1.5 (860M-parameter UNet, its VAE, a CLIP ViT-L-sized text encoder over
 the offline tokenizer) with random weights, written once as a diffusers folder; it needs a
@@ -99,9 +102,18 @@ def write_sd15(folder: Path) -> str:
     return f"file://{folder}"
 
 
-def _trainer_run(method: str, base: str, args, work: Path) -> dict:
+PROMPTS = [
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle on a gray background",
+    "a yellow circle on a black background",
+]
+
+
+def _trainer_run(method: str, base: str, args, work: Path, every: int = 0) -> dict:
     from difftrain.api.config import TrainerConfig
 
+    name = f"{method}-samples" if every else method
     spec = {
         "method": method,
         "model": {"base": base},
@@ -112,14 +124,16 @@ def _trainer_run(method: str, base: str, args, work: Path) -> dict:
             "mixedPrecision": "bf16" if args.gpu else "no",
         },
         "checkpoints": {"everySteps": args.steps * 10},
-        "output": {"uri": f"file://{work / method}"},
+        "output": {"uri": f"file://{work / name}"},
         "resources": {"gpusPerNode": 1 if args.gpu else 0},
     }
-    config = work / f"{method}.json"
-    config.write_text(TrainerConfig.model_validate({"name": method, "spec": spec}).to_json())
+    if every:
+        spec["validation"] = {"prompts": PROMPTS, "everySteps": every, "inferenceSteps": 25}
+    config = work / f"{name}.json"
+    config.write_text(TrainerConfig.model_validate({"name": name, "spec": spec}).to_json())
     env = dict(os.environ, DIFFTRAIN_CONFIG=str(config), DIFFTRAIN_SCRATCH=str(work / "scratch"))
     result = _child([sys.executable, "-m", "difftrain.trainer"], env)
-    entries = [json.loads(line) for line in (work / method / "metrics.jsonl").open()]
+    entries = [json.loads(line) for line in (work / name / "metrics.jsonl").open()]
     rates = [entry["imagesPerSecond"] for entry in entries][WARMUP_STEPS:]
     result["imagesPerSecond"] = sum(rates) / len(rates)
     if args.gpu:
@@ -215,6 +229,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny-sd", "sd15"], default="tiny-sd")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 mixed precision")
     parser.add_argument("--methods", nargs="+", default=["lora", "finetune"])
+    parser.add_argument("--samples", type=int, default=0, metavar="N",
+                        help="also train with validation samples every N steps")  # fmt: skip
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,6 +243,10 @@ def main() -> None:
         base = "preset:tiny-sd" if args.model == "tiny-sd" else write_sd15(work / "sd15")
         for method in args.methods:
             results[f"difftrain {method}"] = _trainer_run(method, base, args, work)
+            if args.samples:
+                results[f"difftrain {method} + samples"] = _trainer_run(
+                    method, base, args, work, args.samples
+                )
             command = [sys.executable, __file__, "--bare", method, "--base", base,
                        "--steps", str(args.steps), "--resolution", str(args.resolution),
                        "--batch", str(args.batch), *(["--gpu"] if args.gpu else [])]  # fmt: skip
@@ -237,9 +257,9 @@ def main() -> None:
     where = "1 GPU, bf16" if args.gpu else f"CPU ({os.cpu_count()} cores), fp32"
     memory = "peak GPU MiB" if args.gpu else "peak RSS MiB"
     print(f"{args.model}, {args.resolution} px, batch {args.batch}, {args.steps} steps, {where}")
-    print(f"{'run':<22}{'images/s':>10}{memory:>14}{'wall s':>9}")
+    print(f"{'run':<32}{'images/s':>10}{memory:>14}{'wall s':>9}")
     for name, r in results.items():
-        print(f"{name:<22}{r['imagesPerSecond']:>10.2f}{r['peakMiB']:>14.0f}"
+        print(f"{name:<32}{r['imagesPerSecond']:>10.2f}{r['peakMiB']:>14.0f}"
               f"{r['wallSeconds']:>9.1f}")  # fmt: skip
 
 

@@ -7,6 +7,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from difftrain.trainer.loop import pauses_left
 from difftrain.trainer.telemetry import Telemetry
 
 
@@ -46,3 +47,19 @@ def test_a_non_finite_loss_shows_and_the_average_starts_again():
 
     assert math.isnan(broken["loss"]) and math.isnan(broken["loss_average"])
     assert _values(telemetry)["loss_average"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("step", "last", "every", "left"),
+    [
+        (0, 10, 5, 2),  # at 5 and 10
+        (5, 10, 5, 1),
+        (10, 10, 5, 0),
+        (0, 12, 5, 3),  # at 5, 10, and the end (12)
+        (11, 12, 5, 1),  # the end
+        (12, 12, 5, 0),
+        (0, 3, 500, 1),  # only the end
+    ],
+)
+def test_pauses_left_count_the_periodic_ones_and_the_end(step, last, every, left):
+    assert pauses_left(step, last, every) == left

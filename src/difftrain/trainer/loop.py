@@ -594,29 +594,52 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
     last_saved = last_logged = last_sampled = position.step
     progress.update(position.step)
     micro, window_losses, tick = 0, [], time.perf_counter()
+    # Seconds of the last checkpoint and samples, and of such pauses since the last record:
+    # throughput counts training alone, and the time left adds the pauses still to come.
+    pauses = {"save": 0.0, "sample": 0.0, "window": 0.0}
 
     def gather(value):
         return gather_from_all(accelerator, value)
 
+    @contextlib.contextmanager
+    def pause(kind: str):
+        started = time.perf_counter()
+        yield
+        pauses[kind] = time.perf_counter() - started
+        pauses["window"] += pauses[kind]
+
     def save():
-        checkpoint.save(trainer.output, trainer.scratch, position, trainer, rank, gather)
-        progress.checkpoint_saved(position.step)
-        if main:
-            _upload_curve(trainer, metrics)
-            checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
+        with pause("save"):
+            checkpoint.save(trainer.output, trainer.scratch, position, trainer, rank, gather)
+            progress.checkpoint_saved(position.step)
+            if main:
+                _upload_curve(trainer, metrics)
+                checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
 
     def sample():
-        if main:
-            log.info("samples written to %s", sampling.validate(trainer, position.step))
-            validation = spec.validation
-            progress.samples_generated(
-                position.step, len(validation.prompts) * validation.images_per_prompt
-            )
+        with pause("sample"):
+            if main:
+                log.info("samples written to %s", sampling.validate(trainer, position.step))
+                validation = spec.validation
+                progress.samples_generated(
+                    position.step, len(validation.prompts) * validation.images_per_prompt
+                )
+
+    def time_left(per_step: float) -> float:
+        """Seconds to the last step: the steps, and the checkpoints and samples between."""
+        steps = progress.total - progress.offset - position.step
+        left = per_step * steps + pauses["save"] * pauses_left(
+            position.step, trainer.total_steps, spec.checkpoints.every_steps
+        )
+        if trainer.samples:
+            every = spec.validation.every_steps
+            left += pauses["sample"] * pauses_left(position.step, trainer.total_steps, every)
+        return left
 
     def record():
         """Record the steps since the last record: gauges, and on the main process
         metrics.jsonl and the log line."""
-        elapsed = time.perf_counter() - tick
+        elapsed = time.perf_counter() - tick - pauses["window"]
         images = len(window_losses) * spec.training.batch_size * accelerator.num_processes
         entry = {
             "step": position.step,
@@ -635,7 +658,7 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
             learning_rate=entry["lr"],
             images_per_second=entry["imagesPerSecond"],
             seconds_per_step=per_step,
-            eta_seconds=per_step * (progress.total - progress.offset - position.step),
+            eta_seconds=time_left(per_step),
             device_memory_bytes=entry["memoryBytes"],
             device_memory_peak_bytes=entry["peakMemoryBytes"],
         )
@@ -663,7 +686,7 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
                 position.step += 1
                 if position.step % log_every == 0 or position.step == trainer.total_steps:
                     record()
-                    window_losses, tick = [], time.perf_counter()
+                    window_losses, tick, pauses["window"] = [], time.perf_counter(), 0.0
                     last_logged = position.step
                 if trainer.samples and position.step % spec.validation.every_steps == 0:
                     sample()
@@ -686,6 +709,12 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
     if main:
         _upload_curve(trainer, metrics)
     return position.step
+
+
+def pauses_left(step: int, last: int, every: int) -> int:
+    """How many of the pauses taken every ``every`` steps, and once after ``last`` if it
+    is not one of them, come after ``step``."""
+    return last // every - step // every + (last % every != 0 and step < last)
 
 
 def _upload_curve(trainer: Trainer, metrics: "MetricsLog") -> None:
