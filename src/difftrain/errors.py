@@ -40,3 +40,11 @@ class StorageUnavailable(DifftrainError):
 
     reason = "StorageUnavailable"
     exit_code = 1
+
+
+class DiskFull(DifftrainError):
+    """A node-local folder has no room for what must be written there; retrying on the
+    same size of disk would fail at the same point."""
+
+    reason = "DiskFull"
+    exit_code = 2

@@ -156,40 +156,54 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
     command = [sys.executable if part == "python" else part for part in container["command"]]
     processes = []
     metrics_ports = [free_port() for _ in range(job.spec.resources.nodes)]
-    for index in range(job.spec.resources.nodes):
-        node = base / f"node{index}"
-        folders = {"config": base / "config", "scratch": node / "scratch",
-                   "cache": base / "cache", "tmp": node / "tmp"}  # fmt: skip
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        env = node_environment(
-            container, index, folders, port, metrics_ports[index], threads_per_process(job)
-        )
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        reader = threading.Thread(target=_stream, args=(process, f"[node {index}] "), daemon=True)
-        reader.start()
-        processes.append((process, reader, folders["scratch"] / "termination-log"))
-    finished = threading.Event()
-    watcher = threading.Thread(
-        target=_watch_progress,
-        args=(f"http://127.0.0.1:{metrics_ports[0]}/metrics", finished),
-        daemon=True,
-    )
-    watcher.start()
     stopping = threading.Event()
 
     def stop(*_):  # Ctrl-C or SIGTERM: every node checkpoints, as on preemption
-        if not stopping.is_set():
-            stopping.set()
-            print("stopping: the trainer writes a checkpoint first; run again to resume",
-                  file=sys.stderr)  # fmt: skip
-            for process, _, _ in processes:
+        if stopping.is_set():
+            print("still stopping: the checkpoint is being written", file=sys.stderr)
+            return
+        stopping.set()
+        print("stopping: the trainer writes a checkpoint first; run again to resume",
+              file=sys.stderr)  # fmt: skip
+        for process, _, _ in processes:
+            if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
 
-    # Installed explicitly: a shell may start this process with SIGINT ignored.
+    # Installed explicitly (a shell may start this process with SIGINT ignored), and before
+    # any node starts, so that no Ctrl-C leaves a node running without this process.
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    finished = threading.Event()
     try:
+        for index in range(job.spec.resources.nodes):
+            if stopping.is_set():
+                break
+            node = base / f"node{index}"
+            folders = {"config": base / "config", "scratch": node / "scratch",
+                       "cache": base / "cache", "tmp": node / "tmp"}  # fmt: skip
+            for folder in folders.values():
+                folder.mkdir(parents=True, exist_ok=True)
+            env = node_environment(
+                container, index, folders, port, metrics_ports[index], threads_per_process(job)
+            )
+            # Each node in a process group of its own, as each pod is on its own: a
+            # terminal's Ctrl-C reaches only this process, which turns it into exactly one
+            # SIGTERM per node (the pods' launcher forwards it to its trainers).
+            process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, process_group=0)  # fmt: skip
+            reader = threading.Thread(
+                target=_stream, args=(process, f"[node {index}] "), daemon=True
+            )
+            reader.start()
+            processes.append((process, reader, folders["scratch"] / "termination-log"))
+            if stopping.is_set():  # Ctrl-C while it started
+                process.send_signal(signal.SIGTERM)
+        watcher = threading.Thread(
+            target=_watch_progress,
+            args=(f"http://127.0.0.1:{metrics_ports[0]}/metrics", finished),
+            daemon=True,
+        )
+        watcher.start()
         codes = [process.wait() for process, _, _ in processes]
     finally:
         finished.set()

@@ -10,6 +10,7 @@ operation, never a secret.
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -20,6 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from difftrain.errors import InvalidSpec, StorageAccessDenied, StorageUnavailable
+
+
+class Conflict(Exception):
+    """A conditional write found the object not as expected (present, changed or gone)."""
+
 
 PARALLEL_TRANSFERS = 8
 # Tries of each S3 request (adaptive back-off between them); AWS_MAX_ATTEMPTS changes it.
@@ -88,6 +94,16 @@ class Store(ABC):
     @abstractmethod
     def delete(self, keys: list[str]) -> None:
         """Delete the objects ``keys`` (missing ones are fine)."""
+
+    @abstractmethod
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        """The content of object ``key`` and its tag, which every write changes;
+        FileNotFoundError if absent."""
+
+    @abstractmethod
+    def write_if(self, key: str, data: bytes, tag: str | None) -> str:
+        """Write object ``key`` only if it is absent (``tag`` None) or still carries
+        ``tag``; the new tag. :class:`Conflict` if not."""
 
     @abstractmethod
     def check_writable(self) -> None:
@@ -203,6 +219,33 @@ class FileStore(Store):
                 except OSError:
                     break
 
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        path = self._path(key)
+        try:
+            with path.open("rb") as handle:
+                return handle.read(), _file_tag(os.fstat(handle.fileno()))
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(f"{self.uri}/{key} does not exist") from None
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A lock on the folder makes the check and the write one step for every writer
+        # on this machine (or on a file system with working flock).
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                current = _file_tag(path.stat())
+            except FileNotFoundError:
+                current = None
+            if current != tag:
+                raise Conflict(f"{self.uri}/{key} is not as expected")
+            self.write_bytes(key, data)
+            return _file_tag(path.stat())
+        finally:
+            os.close(folder)  # releases the lock
+
     @contextlib.contextmanager
     def _writing(self, key: str) -> Iterator[Path]:
         try:
@@ -212,6 +255,11 @@ class FileStore(Store):
             raise StorageAccessDenied(
                 f"cannot write {self.uri}/{key}: {error.strerror or error}"
             ) from None
+
+
+def _file_tag(stat: os.stat_result) -> str:
+    # Every write replaces the file (a new inode), so the inode alone tells writes apart.
+    return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
 
 
 @contextlib.contextmanager
@@ -331,6 +379,30 @@ class S3Store(Store):
                 self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
+
+    def read_tagged(self, key: str) -> tuple[bytes, str]:
+        with self._errors("read", self._key(key)):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return response["Body"].read(), response["ETag"]
+
+    def write_if(self, key: str, data: bytes, tag: str | None) -> str:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        try:
+            with self._errors("write", self._key(key)):
+                try:
+                    response = self.client.put_object(
+                        Bucket=self.bucket, Key=self._key(key), Body=data, **condition
+                    )
+                except ClientError as error:
+                    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                    if status in (409, 412):  # ConditionalRequestConflict, PreconditionFailed
+                        raise Conflict(f"{self.uri}/{key} is not as expected") from None
+                    raise
+        except FileNotFoundError:  # If-Match on an object that has gone
+            raise Conflict(f"{self.uri}/{key} is gone") from None
+        return response["ETag"]
 
     @staticmethod
     def _transfer_config():

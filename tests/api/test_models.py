@@ -72,7 +72,12 @@ def test_minimal_job_gets_documented_defaults():
             "nodeSelector": {},
             "tolerations": [],
         },
-        "runPolicy": {"maxRestarts": 3, "suspend": False},
+        "runPolicy": {
+            "maxRestarts": 3,
+            "suspend": False,
+            "terminationGracePeriodSeconds": 300,
+            "collectiveTimeoutSeconds": 1800,
+        },
     }
 
 

@@ -119,6 +119,36 @@ def test_shared_memory_size(resources, expected):
     assert shared_memory(load_job(job(spec={"resources": resources}))) == expected
 
 
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param({}, "2Gi", id="lora-on-a-preset"),
+        pytest.param({"method": "finetune", "model": {"base": "s3://bucket/sd15",
+                      "architecture": "sd"}}, "13Gi", id="finetune-sd"),
+        pytest.param({"method": "finetune", "model": {"base": "s3://bucket/m"}}, "36Gi",
+                     id="finetune-auto-taken-as-sdxl"),
+        pytest.param({"method": "finetune", "model": {"base": "s3://bucket/m"},
+                      "training": {"ema": {"enabled": True}},
+                      "output": {"uri": "s3://bucket/o", "formats": ["diffusers", "singleFile"]}},
+                     "48Gi", id="finetune-sdxl-ema-two-formats"),
+        pytest.param({"resources": {"scratchSize": "100Gi"}}, "100Gi", id="given"),
+    ],
+)  # fmt: skip
+def test_scratch_disk_size(spec, expected):
+    pod = _trainer_job(job(spec=spec))["spec"]["template"]["spec"]
+
+    assert {"name": "scratch", "emptyDir": {"sizeLimit": expected}} in pod["volumes"]
+
+
+def test_grace_period_reaches_the_pod_and_the_launcher():
+    pod = _trainer_job(job(spec={"runPolicy": {"terminationGracePeriodSeconds": 900}}))["spec"][
+        "template"]["spec"]  # fmt: skip
+
+    assert pod["terminationGracePeriodSeconds"] == 900
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["DIFFTRAIN_GRACE_SECONDS"] == "900"
+
+
 def test_operator_defaults_fill_in_what_the_spec_leaves_out():
     defaults = Defaults(
         image="registry/trainer:1", image_pull_policy="Always",

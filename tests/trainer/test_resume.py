@@ -83,16 +83,25 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, trainer_cache, shapes
     assert code == 0, reference_log
     assert first.returncode == -signal.SIGKILL, log
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005"]
-    # A checkpoint interrupted mid-write: files but no COMPLETE. It must be ignored.
+    # A checkpoint of this run interrupted mid-write: its run.json (written first) and
+    # some files, but no COMPLETE. It must be ignored, then pruned.
     partial = output / "checkpoints" / "step-00000009"
     partial.mkdir()
+    (partial / "run.json").write_text(
+        (output / "checkpoints" / "step-00000005" / "run.json").read_text()
+    )
     (partial / "trainable.safetensors").write_bytes(b"half a file")
+    # A stray folder of no known run is left alone.
+    stray = output / "checkpoints" / "step-00000011"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("not a checkpoint of this run")
 
     code, log = runner.run(config, interrupted, trainer_cache, ONE_THREAD)
 
     assert code == 0, log
     assert "resumed from checkpoint step 5" in log
     assert not partial.exists()  # pruned once newer checkpoints completed
+    assert (stray / "notes.txt").exists()
     expected, got = _weights(reference / "out", STEPS), _weights(output, STEPS)
     assert expected.keys() == got.keys()
     differences = {k: float((expected[k] - got[k]).abs().max()) for k in expected}

@@ -93,6 +93,11 @@ class ResourcesSpec(ApiModel):
         description="Size limit of the memory-backed /dev/shm; half the memory limit or "
         "8Gi when absent.",
     )
+    scratch_size: Quantity | None = Field(
+        None,
+        description="Size limit of each pod's scratch disk (checkpoint and export staging); "
+        "when absent, estimated from the model and method (see docs/trainer.md).",
+    )
     node_selector: LabelMap = Field(
         {}, max_length=64, description="Node labels the pods must match."
     )
@@ -120,7 +125,13 @@ class RunPolicySpec(ApiModel):
     model_config = with_rules(
         *(
             immutable_rule(field, f"spec.runPolicy.{field} is immutable")
-            for field in ("maxRestarts", "activeDeadlineSeconds", "queueName")
+            for field in (
+                "maxRestarts",
+                "activeDeadlineSeconds",
+                "queueName",
+                "terminationGracePeriodSeconds",
+                "collectiveTimeoutSeconds",
+            )
         )
     )
 
@@ -137,6 +148,21 @@ class RunPolicySpec(ApiModel):
         None, ge=0, description="Delete the finished job (and its children) after this long."
     )
     suspend: bool = Field(False, description="Stop the pods (checkpointing first); resume later.")
+    termination_grace_period_seconds: int = Field(
+        300,
+        ge=30,
+        le=86_400,
+        description="Seconds a stopping pod (preemption, drain, suspend) has to finish its "
+        "step and write a checkpoint before it is killed.",
+    )
+    collective_timeout_seconds: int = Field(
+        1800,
+        ge=1,
+        le=86_400,
+        description="How long a process waits in a collective (all-reduce, gather) for the "
+        "others before the run fails; work done by the main process alone (checkpoint "
+        "uploads, samples, export) is waited for without this limit.",
+    )
     queue_name: str | None = Field(
         None,
         max_length=63,

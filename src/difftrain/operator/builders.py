@@ -13,14 +13,13 @@ from difftrain import __version__
 from difftrain.api.cluster import GPU_RESOURCE
 from difftrain.api.config import TrainerConfig
 from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob, pod_hostname
-from difftrain.operator.quantity import format_bytes, parse_quantity
+from difftrain.api.quantity import format_bytes, parse_quantity
+from difftrain.api.scratch import scratch_size
 
 CONTAINER = "trainer"
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9400
 CONFIG_MOUNT = "/etc/difftrain"
-# Long enough for the trainer to finish its step and upload a checkpoint on SIGTERM.
-GRACE_SECONDS = 300
 DEFAULT_SHM = Decimal(8 * 2**30)
 PERMANENT_EXIT_CODES = [2, 3, 4]  # invalid spec, dataset error, storage access denied
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -130,6 +129,11 @@ def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
         {"name": "DIFFTRAIN_SCRATCH", "value": "/scratch"},
         {"name": "DIFFTRAIN_CACHE", "value": "/cache"},
         {"name": "DIFFTRAIN_IMAGE", "value": image},
+        # The launcher gives torchrun's agent this long (less a margin) to stop the workers.
+        {
+            "name": "DIFFTRAIN_GRACE_SECONDS",
+            "value": str(spec.run_policy.termination_grace_period_seconds),
+        },
         {"name": "HOME", "value": "/scratch/home"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "AWS_REGION", "value": spec.storage.region},
@@ -209,7 +213,7 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
         "restartPolicy": "Never",
         "subdomain": job.metadata.name,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": GRACE_SECONDS,
+        "terminationGracePeriodSeconds": job.spec.run_policy.termination_grace_period_seconds,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS,
@@ -224,7 +228,7 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
                 "name": "shm",
                 "emptyDir": {"medium": "Memory", "sizeLimit": shared_memory(job, defaults)},
             },
-            {"name": "scratch", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size(job.spec)}},
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {}},
         ],

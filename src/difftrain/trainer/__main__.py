@@ -7,6 +7,7 @@ default ``/dev/termination-log``) for the operator to show.
 """
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from difftrain.errors import DifftrainError, InvalidSpec
+from difftrain.errors import DifftrainError, DiskFull, InvalidSpec
 
 TERMINATION_LOG = "/dev/termination-log"
 MESSAGE_LIMIT = 3500  # the kubelet keeps 4096 bytes of a termination message
@@ -59,13 +60,27 @@ def main() -> int:
         run(config)
         return 0
     except DifftrainError as error:
-        logging.getLogger("difftrain").error("%s: %s", error.reason, error)
-        write_termination_log(error.reason, str(error))
-        return error.exit_code
+        return _failed(error)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk is named, not a crash
+            where = error.filename or "a local file"
+            fix = "raise spec.resources.scratchSize or give the node more disk"
+            return _failed(DiskFull(f"no space left writing {where}: {fix}"))
+        return _crashed(error)
     except Exception as error:
-        traceback.print_exc()
-        write_termination_log("Error", f"{type(error).__name__}: {error}")
-        return 1
+        return _crashed(error)
+
+
+def _failed(error: DifftrainError) -> int:
+    logging.getLogger("difftrain").error("%s: %s", error.reason, error)
+    write_termination_log(error.reason, str(error))
+    return error.exit_code
+
+
+def _crashed(error: Exception) -> int:
+    traceback.print_exc()
+    write_termination_log("Error", f"{type(error).__name__}: {error}")
+    return 1
 
 
 if __name__ == "__main__":

@@ -46,8 +46,14 @@ def loss(pixels, reconstruction, kl, kl_weight: float) -> torch.Tensor:
     return error + kl_weight * kl.float().mean()
 
 
-def is_done(output: Store) -> bool:
-    return output.child(FOLDER).exists(f"{MODEL}/{RECORD}")
+def is_done(output: Store, spec_hash: str) -> bool:
+    """Whether the stage was finished by a run of the same training spec (identity.py);
+    an autoencoder trained for another spec is trained again, not reused."""
+    try:
+        record = json.loads(output.child(FOLDER).read_bytes(f"{MODEL}/{RECORD}"))
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("specHash") == spec_hash
 
 
 def scaling_factor(vae, batches, generator: torch.Generator) -> float:

@@ -1,22 +1,30 @@
 """Checkpoints under ``OUTPUT/checkpoints/step-XXXXXXXX/``, and resuming from them.
 
 A checkpoint holds the trained weights, the optimiser and schedule, the trainer's
-position (step, epoch, batch) and every process's random state. Each process uploads its
-own random state; once all have, the main process writes ``COMPLETE`` last. Only
-checkpoints with ``COMPLETE`` are resumed from; others are ignored and later pruned.
+position (step, epoch, batch), every process's random state, and ``run.json``, which
+says which run wrote it (see identity.py). ``run.json`` is written first, so that even a
+half-written checkpoint can be told apart; then every process uploads its random state
+and the main process the rest; once all are up, the main process writes ``COMPLETE``
+last. Only checkpoints with ``COMPLETE`` are resumed from. A run prunes only its own
+checkpoints: the complete ones beyond ``keepLast`` and its own half-written ones.
+
+The main process stages its files on the node's scratch disk and deletes them once
+uploaded, so scratch holds at most one checkpoint, and only while it is being saved.
+Everything is loaded with ``weights_only=True``: a checkpoint is data, never code.
 """
 
 import io
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import shutil
+from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from difftrain.storage import Store
+from difftrain.trainer import identity
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +52,107 @@ def _step_of(key: str) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
+@dataclass(frozen=True)
+class Found:
+    """A checkpoint folder in the output: its step, whether it is complete, and its
+    ``run.json`` (None when it has none or it cannot be read)."""
+
+    step: int
+    complete: bool
+    record: dict | None
+
+    @property
+    def run(self) -> str | None:
+        return (self.record or {}).get("run")
+
+
+def catalog(store: Store) -> list[Found]:
+    """Every checkpoint folder under ``store``, by step."""
+    names: dict[int, set[str]] = {}
+    for key in store.keys(FOLDER):
+        if (step := _step_of(key)) is not None:
+            names.setdefault(step, set()).add(key.split("/", 2)[2])
+    return [
+        Found(step, MARKER in files, _record(store, step) if identity.RECORD in files else None)
+        for step, files in sorted(names.items())
+    ]
+
+
+def _record(store: Store, step: int) -> dict | None:
+    try:
+        record = json.loads(store.read_bytes(f"{step_prefix(step)}/{identity.RECORD}"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def complete_steps(store: Store) -> list[int]:
     """Steps of the complete checkpoints, oldest first."""
-    keys = store.keys(FOLDER)
-    return sorted(
-        step for key in keys if key.endswith("/" + MARKER) and (step := _step_of(key)) is not None
-    )
+    return [found.step for found in catalog(store) if found.complete]
+
+
+def newest(found: list[Found]) -> Found | None:
+    """The complete checkpoint written last (by its record's time, then step): the one
+    that ``resume: auto`` continues, whichever run wrote it."""
+    complete = [f for f in found if f.complete]
+    return max(complete, key=lambda f: ((f.record or {}).get("savedAt", ""), f.step), default=None)
+
+
+@dataclass
+class Ledger:
+    """One run's checkpoint folders in one store; the main process keeps it up to date
+    as it saves, so that pruning never needs to read other runs' records again."""
+
+    store: Store
+    run: str
+    complete: set[int] = field(default_factory=set)
+    partial: set[int] = field(default_factory=set)
+    others: dict[int, str | None] = field(default_factory=dict)  # step: the run it holds
+
+    @classmethod
+    def of(cls, store: Store, run: str, found: list[Found]) -> "Ledger":
+        ledger = cls(store, run)
+        for item in found:
+            if item.run != run:
+                ledger.others[item.step] = item.run
+            elif item.complete:
+                ledger.complete.add(item.step)
+            else:
+                ledger.partial.add(item.step)
+        return ledger
+
+    def clear(self, step: int) -> None:
+        """Empty the folder of ``step`` before this run writes it: a half-written
+        checkpoint of this run, or another run's checkpoint of the same step (a
+        ``resume: never`` run replaces those; it leaves every other step alone)."""
+        if step in self.others:
+            log.warning("replacing checkpoint step %d of run %s with this run's", step,
+                        self.others.pop(step))  # fmt: skip
+        elif step not in self.complete | self.partial:
+            return
+        self.complete.discard(step)
+        self.partial.discard(step)
+        _delete(self.store, step)
+
+    def prune(self, keep: int) -> None:
+        """Keep this run's newest ``keep`` complete checkpoints; drop its older ones and
+        its half-written ones older than its newest complete one (a newer one may be
+        being written)."""
+        if not self.complete:
+            return
+        newest_step = max(self.complete)
+        doomed = sorted(self.complete)[:-keep] + [s for s in self.partial if s < newest_step]
+        for step in sorted(doomed):
+            _delete(self.store, step)
+            self.complete.discard(step)
+            self.partial.discard(step)
+            log.info("pruned checkpoint step %d", step)
+
+
+def _delete(store: Store, step: int) -> None:
+    # COMPLETE goes first: a half-deleted checkpoint must never look complete.
+    store.delete([f"{step_prefix(step)}/{MARKER}"])
+    store.delete_tree(step_prefix(step))
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -64,7 +167,8 @@ def rng_state(generator: torch.Generator) -> dict:
 
 
 def restore_rng(state: dict, generator: torch.Generator) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]  # weights_only loads tuples as lists
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
@@ -84,27 +188,59 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
     return f"{total:.17g}/{squares:.17g}"
 
 
+def state_bytes(trainer) -> int:
+    """About how large the main process's checkpoint files are."""
+    tensors = list(trainer.trainable.state_dict().values())
+    for state in trainer.optimizer.state_dict()["state"].values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    if trainer.ema is not None:
+        tensors += list(trainer.ema.shadow_params)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class OutOfSync(RuntimeError):
     """Processes hold different weights: a bug or a hardware fault, never to be saved."""
 
 
-def save(store: Store, scratch: Path, position: Position, trainer, rank: int, gather) -> None:
-    """Write the checkpoint for ``position``.
+def save(trainer, position: Position, gather) -> None:
+    """Write this run's checkpoint for ``position``; every process calls it.
 
-    ``gather(obj)`` collects one object from every process (and so synchronises them);
-    ``trainer`` provides ``trainable``, ``optimizer``, ``scheduler``, ``generator`` and
-    ``ema`` (None without EMA). Replicas must hold identical weights; the checkpoint is
-    refused if they do not.
+    ``gather(obj)`` collects one object from every process. ``trainer`` provides
+    ``trainable``, ``optimizer``, ``scheduler``, ``generator``, ``ema`` (None without
+    EMA), ``output``, ``scratch``, ``disk`` (a Scratch), ``waiting``, ``run`` and
+    ``ledger`` (main process only). Replicas must hold identical weights; the checkpoint
+    is refused if they do not.
     """
+    rank = trainer.accelerator.process_index
     prints = gather(fingerprint(trainer.trainable.state_dict()))
     log.info("step %d: weights fingerprint %s", position.step, prints[rank])
     if len(set(prints)) > 1:
         raise OutOfSync(f"step {position.step}: processes hold different weights: {prints}")
     prefix = step_prefix(position.step)
-    target = store.child(prefix)
+    target = trainer.output.child(prefix)
+    main = rank == 0
+    waiting = trainer.waiting
+
+    def begin():
+        trainer.ledger.clear(position.step)
+        trainer.ledger.partial.add(position.step)
+        target.write_bytes(identity.RECORD, trainer.run.record(position.step))
+
+    waiting.alone(main, "starting a checkpoint", begin)
     target.write_bytes(f"rng-{rank}.pt", _tensor_bytes(rng_state(trainer.generator)))
-    if rank == 0:
-        local = scratch / prefix
+    waiting.alone(main, "uploading a checkpoint", lambda: _upload_main_files(trainer, position))
+    if main:  # every process's files are up before COMPLETE
+        target.write_bytes(MARKER, b"")
+        trainer.ledger.partial.discard(position.step)
+        trainer.ledger.complete.add(position.step)
+        log.info("checkpoint complete: %s", target.uri)
+
+
+def _upload_main_files(trainer, position: Position) -> None:
+    prefix = step_prefix(position.step)
+    local = trainer.scratch / prefix
+    what = f"the checkpoint of step {position.step}"
+    with trainer.disk.writing(local, what, state_bytes(trainer)):
         local.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous().cpu() for k, v in trainer.trainable.state_dict().items()},
@@ -115,42 +251,30 @@ def save(store: Store, scratch: Path, position: Position, trainer, rank: int, ga
         (local / "position.json").write_text(json.dumps(asdict(position)))
         if trainer.ema is not None:
             torch.save(trainer.ema.state_dict(), local / EMA)
-        target.upload_tree(local, "")
-    gather(None)  # every process's files are up before COMPLETE
-    if rank == 0:
-        target.write_bytes(MARKER, b"")
-        log.info("checkpoint complete: %s", target.uri)
+    try:
+        trainer.output.child(prefix).upload_tree(local, "")
+    finally:
+        shutil.rmtree(local, ignore_errors=True)  # scratch keeps no uploaded copy
 
 
-def load(store: Store, scratch: Path, step: int, trainer, rank: int) -> Position:
+def load(trainer, step: int) -> Position:
     """Restore the complete checkpoint of ``step`` into ``trainer``."""
+    rank = trainer.accelerator.process_index
     prefix = step_prefix(step)
-    local = scratch / "resume" / prefix
-    source = store.child(prefix)
-    for name in (WEIGHTS, "optimizer.pt", "scheduler.pt", "position.json", f"rng-{rank}.pt"):
-        source.download(name, local / name)
-    trainer.trainable.load_state_dict(load_file(local / WEIGHTS))
-    trainer.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True))
-    trainer.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
-    restore_rng(torch.load(local / f"rng-{rank}.pt", weights_only=False), trainer.generator)
+    local = trainer.scratch / "resume" / prefix
+    source = trainer.output.child(prefix)
+    names = [WEIGHTS, "optimizer.pt", "scheduler.pt", "position.json", f"rng-{rank}.pt"]
     if trainer.ema is not None:
-        source.download(EMA, local / EMA)
-        trainer.ema.load_state_dict(torch.load(local / EMA, weights_only=False))
-    return Position(**json.loads((local / "position.json").read_text()))
-
-
-def prune(store: Store, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; drop older ones and older incomplete
-    ones (left by a crash mid-save)."""
-    complete = complete_steps(store)
-    if not complete:
-        return
-    kept = set(complete[-keep:])
-    newest = complete[-1]
-    steps = {step for key in store.keys(FOLDER) if (step := _step_of(key)) is not None}
-    for step in sorted(steps):
-        if step not in kept and step < newest:
-            # COMPLETE goes first: a half-deleted checkpoint must never look complete.
-            store.delete([f"{step_prefix(step)}/{MARKER}"])
-            store.delete_tree(step_prefix(step))
-            log.info("pruned checkpoint step %d", step)
+        names.append(EMA)
+    try:
+        for name in names:
+            source.download(name, local / name)
+        trainer.trainable.load_state_dict(load_file(local / WEIGHTS))
+        trainer.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True))
+        trainer.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
+        restore_rng(torch.load(local / f"rng-{rank}.pt", weights_only=True), trainer.generator)
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(torch.load(local / EMA, weights_only=True))
+        return Position(**json.loads((local / "position.json").read_text()))
+    finally:
+        shutil.rmtree(trainer.scratch / "resume", ignore_errors=True)

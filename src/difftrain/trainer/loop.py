@@ -16,6 +16,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from difftrain.api.config import TrainerConfig
+from difftrain.api.scratch import scratch_bytes
 from difftrain.errors import DifftrainError
 from difftrain.storage import S3Settings, Store, open_store
 from difftrain.trainer import (
@@ -33,9 +35,11 @@ from difftrain.trainer import (
     data,
     dreambooth,
     export,
+    identity,
     methods,
     models,
     optim,
+    ownership,
     plots,
     sampling,
     textual_inversion,
@@ -43,7 +47,9 @@ from difftrain.trainer import (
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import encode_text, sdxl_time_ids, token_ids
 from difftrain.trainer.loss import add_noise, diffusion_loss, min_snr_weights, sample_noise, target
+from difftrain.trainer.scratch import Scratch
 from difftrain.trainer.telemetry import Telemetry, memory_bytes, serves_metrics
+from difftrain.trainer.waiting import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,8 @@ DATA_WORKERS = min(4, os.cpu_count() or 1)
 
 
 class Stopped(DifftrainError):
-    """Training stopped on SIGTERM after writing a checkpoint; a restart resumes."""
+    """Training stopped on SIGTERM (or SIGINT) after writing a checkpoint; a restart
+    resumes."""
 
     reason = "Stopped"
     exit_code = 143
@@ -60,17 +67,19 @@ class Stopped(DifftrainError):
 
 @dataclass
 class Paths:
-    """Node-local folders (emptyDirs in a pod)."""
+    """Node-local folders (emptyDirs in a pod): the cache, and this process's folder on
+    the node's scratch disk (``base``, shared by the node's processes)."""
 
     cache: Path
     scratch: Path
+    base: Path
 
     @classmethod
     def from_env(cls) -> "Paths":
         base = Path(os.environ.get("DIFFTRAIN_SCRATCH", "/tmp/difftrain"))
         cache = Path(os.environ.get("DIFFTRAIN_CACHE", base / "cache"))
         rank = os.environ.get("RANK", "0")
-        return cls(cache=cache, scratch=base / f"scratch-rank{rank}")
+        return cls(cache=cache, scratch=base / f"scratch-rank{rank}", base=base)
 
 
 @dataclass
@@ -85,6 +94,10 @@ class Shared:
     dataset: data.TrainingSet
     output: Store
     facts: dict  # for the model card
+    lease: ownership.Lease | None  # the main process's hold on the output
+    disk: Scratch
+    waiting: Waiting
+    run_id: str | None = None  # the run this job writes, once a stage has chosen it
 
 
 @dataclass
@@ -112,10 +125,16 @@ class Trainer:
     alphas: torch.Tensor | None = None  # the noise schedule's alphas_cumprod, on the device
     prior_weight: float | None = None  # DreamBooth prior preservation: the class term's weight
     losses: list = field(default_factory=list)
+    disk: Scratch | None = None
+    waiting: Waiting | None = None
+    lease: ownership.Lease | None = None
+    earlier_run: str | None = None  # the run an earlier stage wrote, which this one continues
+    run: identity.Run | None = None  # the run this stage's checkpoints belong to
+    ledger: checkpoint.Ledger | None = None  # this run's checkpoints (main process)
 
 
 class StopFlag:
-    """Set by SIGTERM; every stage checks it after each step."""
+    """Set by SIGTERM or SIGINT; every stage checks it after each step."""
 
     requested = False
 
@@ -175,19 +194,32 @@ def fingerprint(examples: list[data.Example], folder: Path) -> str:
 
 
 def prepare(config: TrainerConfig, paths: Paths) -> Shared:
-    """Fetch the model and data, start the process group, load the parts and the data."""
+    """Hold the output, fetch the model and data, start the process group, load the
+    parts and the data."""
+    spec = config.spec
+    settings = S3Settings.from_spec(spec.storage)
+    methods.check_supported(spec)
+    output = open_store(spec.output.uri, settings)
+    lease = None
+    if os.environ.get("RANK", "0") == "0":
+        output.check_writable()  # fail before hours of training, not at the first checkpoint
+        lease = ownership.take(output, ownership.Holder.of(config))
+    try:
+        return _prepare(config, paths, settings, output, lease)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+
+
+def _prepare(config: TrainerConfig, paths: Paths, settings, output: Store, lease) -> Shared:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     spec = config.spec
     training = spec.training
-    settings = S3Settings.from_spec(spec.storage)
-    methods.check_supported(spec)
     # Fetch before torch.distributed starts: downloads are per node (not per rank), and
     # libraries skip writing files on ranks other than 0 once it has.
-    output = open_store(spec.output.uri, settings)
-    if os.environ.get("RANK", "0") == "0":
-        output.check_writable()  # fail before hours of training, not at the first checkpoint
     reuse = spec.full_settings.reuse
     model_folder = models.fetch_model(
         spec.model, settings, paths.cache / "models", weights=spec.method != "full" or bool(reuse)
@@ -196,7 +228,12 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
     on_cpu = spec.resources.gpus_per_node == 0 or not torch.cuda.is_available()
     # Without cpu=True, Accelerate ignores torchrun's WORLD_SIZE on CPUs and each
     # process would train alone.
-    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=on_cpu)
+    timeout = datetime.timedelta(seconds=spec.run_policy.collective_timeout_seconds)
+    accelerator = Accelerator(
+        mixed_precision=training.mixed_precision,
+        cpu=on_cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+    )
     set_seed(training.seed)
     if spec.method == "full":
         components = models.new_components(model_folder, spec.model, reuse, training.seed)
@@ -248,7 +285,10 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
             subject,
         ),
     )
-    return Shared(config, paths, accelerator, components, batches, dataset, output, facts)
+    disk = Scratch(paths.base, scratch_bytes(spec))
+    waiting = Waiting(accelerator.num_processes)
+    return Shared(config, paths, accelerator, components, batches, dataset, output, facts,
+                  lease, disk, waiting)  # fmt: skip
 
 
 def _class_examples(spec, accelerator, components, output, paths, storage) -> list:
@@ -331,6 +371,7 @@ def build_diffusion(shared: Shared) -> Trainer:
         paths=shared.paths,
         scratch=shared.paths.scratch,
         step=train_step,
+        **_shared_parts(shared),
         samples=bool(spec.validation.prompts),
         alphas=components.noise_scheduler.alphas_cumprod.to(accelerator.device),
         prior_weight=dreambooth.prior_weight(spec),
@@ -378,7 +419,14 @@ def build_autoencoder(shared: Shared) -> Trainer:
         scratch=shared.paths.scratch / autoencoder.FOLDER,
         step=autoencoder_step,
         stage="autoencoder",
+        **_shared_parts(shared),
     )
+
+
+def _shared_parts(shared: Shared) -> dict:
+    """The Trainer fields every stage takes from the run."""
+    return {"disk": shared.disk, "waiting": shared.waiting, "lease": shared.lease,
+            "earlier_run": shared.run_id}  # fmt: skip
 
 
 def _synchronising(trainer: Trainer, sync: bool) -> contextlib.ExitStack:
@@ -468,10 +516,13 @@ def optimizer_step(trainer: Trainer) -> None:
         trainer.ema.step(trainer.trainable.modules["unet"].parameters())
 
 
-def _agree_to_stop(accelerator, stop: StopFlag) -> bool:
-    """Whether any process was asked to stop (all processes must checkpoint together)."""
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+def _agree_to_stop(accelerator, stop: StopFlag, trainer: Trainer) -> tuple[bool, bool]:
+    """Whether any process was asked to stop (all processes must checkpoint together),
+    and whether the output was taken over by another job (all must stop writing)."""
+    lost = trainer.lease is not None and trainer.lease.lost
+    flags = torch.tensor([float(stop.requested), float(lost)], device=accelerator.device)
+    halt, taken = accelerator.reduce(flags, reduction="sum").tolist()
+    return halt > 0, taken > 0
 
 
 class MetricsLog:
@@ -527,16 +578,33 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     paths = paths or Paths.from_env()
     start_time = datetime.datetime.now(datetime.UTC).isoformat()
     shared = prepare(config, paths)
+    try:
+        _run(shared, start_time)
+    except BaseException as error:
+        if shared.accelerator.num_processes > 1 and not isinstance(error, Stopped):
+            shared.waiting.abandon(f"{type(error).__name__}: {error}"[:200])
+        raise
+    finally:
+        if shared.lease is not None:
+            shared.lease.release()
+
+
+def _run(shared: Shared, start_time: str) -> None:
+    config, paths = shared.config, shared.paths
     spec = config.spec
     accelerator = shared.accelerator
     main = accelerator.is_main_process
     stop = StopFlag()
 
-    def request_stop(*_):
-        log.warning("SIGTERM: finishing this step, then writing a checkpoint")
+    def request_stop(number, _):
+        grace = os.environ.get("DIFFTRAIN_GRACE_SECONDS", "?")
+        log.warning("%s: finishing this step, then writing a checkpoint (%s s of grace)",
+                    signal.Signals(number).name, grace)  # fmt: skip
         stop.requested = True
 
-    signal.signal(signal.SIGTERM, request_stop)
+    # SIGINT too: torchrun's agent forwards a Ctrl-C it gets as SIGINT.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, request_stop)
     telemetry = Telemetry(config.namespace, config.name, accelerator.process_index)
     if serves_metrics():
         telemetry.serve()
@@ -546,18 +614,20 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
     if spec.method == "full" and "vae" not in spec.full_settings.reuse:
         first_stage = spec.full_settings.autoencoder.steps
         total = first_stage + diffusion_steps
-        if not autoencoder.is_done(shared.output):
+        resumable = spec.checkpoints.resume == "auto"
+        if not (resumable and autoencoder.is_done(shared.output, _spec_hash(shared))):
             trainer = build_autoencoder(shared)
             train(trainer, Progress(telemetry, 0, total), stop)
-            if main:
-                _export_autoencoder(trainer)
-            accelerator.wait_for_everyone()
+            shared.waiting.alone(main, "exporting the autoencoder",
+                                 lambda: _export_autoencoder(trainer))  # fmt: skip
             accelerator.free_memory()  # drop the stage's wrapped model and optimiser
+            shared.run_id = trainer.run.id
             del trainer
         shared.components.vae = autoencoder.load(shared.output, paths.scratch)
     trainer = build_diffusion(shared)
     steps = train(trainer, Progress(telemetry, first_stage, first_stage + diffusion_steps), stop)
-    if main:
+
+    def export_model():
         shared.facts.update(
             steps=steps,
             final_loss=trainer.losses[-1] if trainer.losses else None,
@@ -566,7 +636,8 @@ def run(config: TrainerConfig, paths: Paths | None = None) -> None:
             image=os.environ.get("DIFFTRAIN_IMAGE"),
         )
         _export(trainer, shared.facts)
-    accelerator.wait_for_everyone()
+
+    shared.waiting.alone(main, "exporting the model", export_model)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -579,13 +650,10 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
     accelerator = trainer.accelerator
     spec = trainer.config.spec
     main = accelerator.is_main_process
-    rank = accelerator.process_index
     label = "" if trainer.stage == "diffusion" else f"{trainer.stage} "
-    position = checkpoint.Position()
     progress.begin(trainer.stage)
-    steps = checkpoint.complete_steps(trainer.output) if spec.checkpoints.resume == "auto" else []
-    if steps:
-        position = checkpoint.load(trainer.output, trainer.scratch, steps[-1], trainer, rank)
+    position = resume(trainer)
+    if position.step:
         log.info("%sresumed from checkpoint step %d", label, position.step)
         progress.checkpoint_saved(position.step)
     metrics = MetricsLog(trainer.scratch / "metrics.jsonl", trainer.output, position.step)
@@ -610,20 +678,25 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
 
     def save():
         with pause("save"):
-            checkpoint.save(trainer.output, trainer.scratch, position, trainer, rank, gather)
+            checkpoint.save(trainer, position, gather)
             progress.checkpoint_saved(position.step)
-            if main:
+
+            def record_and_prune():
                 _upload_curve(trainer, metrics)
-                checkpoint.prune(trainer.output, spec.checkpoints.keep_last)
+                trainer.ledger.prune(spec.checkpoints.keep_last)
+
+            trainer.waiting.alone(main, "pruning checkpoints", record_and_prune)
+
+    def take_samples():
+        log.info("samples written to %s", sampling.validate(trainer, position.step))
+        validation = spec.validation
+        progress.samples_generated(
+            position.step, len(validation.prompts) * validation.images_per_prompt
+        )
 
     def sample():
         with pause("sample"):
-            if main:
-                log.info("samples written to %s", sampling.validate(trainer, position.step))
-                validation = spec.validation
-                progress.samples_generated(
-                    position.step, len(validation.prompts) * validation.images_per_prompt
-                )
+            trainer.waiting.alone(main, "taking samples", take_samples)
 
     def time_left(per_step: float) -> float:
         """Seconds to the last step: the steps, and the checkpoints and samples between."""
@@ -691,12 +764,18 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
                 if trainer.samples and position.step % spec.validation.every_steps == 0:
                     sample()
                     last_sampled = position.step
-                halt = _agree_to_stop(accelerator, stop)
+                halt, lost = _agree_to_stop(accelerator, stop, trainer)
+                if lost:
+                    raise ownership.OutputInUse(
+                        f"{trainer.output.uri}: another job took over this output at step "
+                        f"{position.step}; this job stops without writing more to it"
+                    )
                 if halt or position.step % spec.checkpoints.every_steps == 0:
                     save()
                     last_saved = position.step
                 if halt:
-                    raise Stopped(f"stopped at step {position.step} on SIGTERM; checkpoint written")
+                    raise Stopped(f"stopped at step {position.step} on a signal; checkpoint "
+                                  "written")  # fmt: skip
                 if position.step >= trainer.total_steps:
                     break
             else:
@@ -706,9 +785,39 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
         save()  # a crash while exporting resumes here instead of training again
     if trainer.samples and last_sampled != position.step:
         sample()  # the final model's samples
-    if main:
-        _upload_curve(trainer, metrics)
+    trainer.waiting.alone(main, "uploading the loss curve", lambda: _upload_curve(trainer, metrics))
     return position.step
+
+
+def _spec_hash(shared: Shared) -> str:
+    return identity.spec_hash(identity.training_spec(shared.config.spec))
+
+
+def resume(trainer: Trainer) -> checkpoint.Position:
+    """Choose the run this stage writes and restore its newest checkpoint, if any: under
+    ``resume: auto`` the newest complete checkpoint, when it belongs to a run of this
+    training spec (InvalidSpec otherwise); a new run from step 0 when there is none, or
+    under ``resume: never``."""
+    config, accelerator = trainer.config, trainer.accelerator
+    current = identity.training_spec(config.spec)
+    job = {"namespace": config.namespace, "name": config.name, "uid": config.uid}
+    found = checkpoint.catalog(trainer.output)
+    latest = checkpoint.newest(found) if config.spec.checkpoints.resume == "auto" else None
+    if latest is not None:
+        where = f"{trainer.output.uri}/{checkpoint.step_prefix(latest.step)}"
+        identity.check_resumable(latest.record, current, where)
+        run_id = latest.run
+    else:  # one id for all processes: the main process's
+        run_id = gather_from_all(accelerator, trainer.earlier_run or identity.new_run_id())[0]
+    trainer.run = identity.Run(run_id, current, job)
+    if accelerator.is_main_process:
+        trainer.ledger = checkpoint.Ledger.of(trainer.output, run_id, found)
+        if latest is None and any(f.run != run_id for f in found):
+            log.warning("%s holds checkpoints of earlier runs; they are left as they are, "
+                        "except any at a step this run saves too", trainer.output.uri)  # fmt: skip
+    if latest is None:
+        return checkpoint.Position()
+    return checkpoint.load(trainer, latest.step)
 
 
 def pauses_left(step: int, last: int, every: int) -> int:
@@ -736,14 +845,43 @@ def _export_autoencoder(trainer: Trainer) -> None:
         "steps": trainer.total_steps,
         "finalLoss": trainer.losses[-1] if trainer.losses else None,
         "scalingFactor": factor,
+        "specHash": trainer.run.spec_hash,
     }
     autoencoder.export(vae, factor, trainer.scratch / "model", trainer.output, facts)
+
+
+def _export_bytes(trainer: Trainer, formats: list[str]) -> int:
+    """About how large the exported files are: the trained weights alone, or for full
+    weights every component, at the export dtype, once per pipeline format."""
+    size = export.DTYPES[trainer.config.spec.output.dtype].itemsize
+    if trainer.trainable.lora or trainer.config.spec.method == "textualInversion":
+        modules = list(trainer.trainable.modules.values())
+        count = sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+        return count * size * len(formats)
+    components = trainer.components
+    modules = [components.unet, components.vae, *components.text_encoders]
+    copies = 1 + ("singleFile" in formats)
+    return sum(p.numel() for m in modules for p in m.parameters()) * size * copies
 
 
 def _export(trainer: Trainer, facts: dict) -> None:
     config = trainer.config
     formats = export.formats_for(config)
     folder = trainer.paths.scratch / "model"
+    with trainer.disk.writing(folder, "the exported model", _export_bytes(trainer, formats)):
+        _write_model(trainer, folder, formats, facts)
+    store = trainer.output.child("model")
+    try:
+        store.upload_tree(folder, "")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    # difftrain.json goes last: its presence says the model folder is complete.
+    store.write_bytes("difftrain.json", export.record(config, facts).encode())
+    log.info("model exported to %s", store.uri)
+
+
+def _write_model(trainer: Trainer, folder: Path, formats: list[str], facts: dict) -> None:
+    config = trainer.config
     folder.mkdir(parents=True, exist_ok=True)
     dtype = export.DTYPES[config.spec.output.dtype]
     trainable = trainer.trainable
@@ -762,8 +900,3 @@ def _export(trainer: Trainer, facts: dict) -> None:
             export.export_pipeline(trainer.components, trainable.modules, folder, dtype)
     facts["formats"] = formats
     (folder / "README.md").write_text(export.model_card(config, facts))
-    store = trainer.output.child("model")
-    store.upload_tree(folder, "")
-    # difftrain.json goes last: its presence says the model folder is complete.
-    store.write_bytes("difftrain.json", export.record(config, facts).encode())
-    log.info("model exported to %s", store.uri)

@@ -9,6 +9,7 @@ state: taking samples never changes the training run, and a resumed run stays id
 import contextlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -180,5 +181,8 @@ def validate(trainer, step: int) -> str:
     folder = trainer.scratch / sample_prefix(step)
     write_samples(results, folder, validation.images_per_prompt)
     store: Store = trainer.output.child(sample_prefix(step))
-    store.upload_tree(folder, "")
+    try:
+        store.upload_tree(folder, "")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # scratch keeps no uploaded copy
     return store.uri
