@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from difftrain.storage import S3Settings, open_store
 from tests.s3server import start_s3_server
 
 
@@ -56,6 +57,16 @@ def bucket(s3_server, request):
     """A fresh bucket named after the test."""
     name = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:20]
     return s3_server.create_bucket(name)
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    """A store rooted at ``root/`` in a local folder, and in a bucket of the S3 server."""
+    if request.param == "file":
+        return open_store(f"file://{tmp_path}/root")
+    server = request.getfixturevalue("s3_env")
+    bucket = request.getfixturevalue("bucket")
+    return open_store(f"s3://{bucket}/root", S3Settings(endpoint=server.endpoint))
 
 
 @pytest.fixture(scope="session")

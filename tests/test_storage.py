@@ -1,21 +1,13 @@
 """difftrain.storage against a local folder and a real S3 protocol server."""
 
+import json
 import os
 
 import pytest
 
 from difftrain import storage
-from difftrain.errors import InvalidSpec, StorageAccessDenied, StorageUnavailable
+from difftrain.errors import DatasetError, InvalidSpec, StorageAccessDenied, StorageUnavailable
 from difftrain.storage import S3Settings, open_store
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return open_store(f"file://{tmp_path}/root")
-    server = request.getfixturevalue("s3_env")
-    bucket = request.getfixturevalue("bucket")
-    return open_store(f"s3://{bucket}/root", S3Settings(endpoint=server.endpoint))
 
 
 def test_write_read_list_delete(store):
@@ -62,12 +54,160 @@ def test_tree_round_trip_in_parallel(store, tmp_path):
         (source / f"d{index % 3}" / f"f{index}.bin").write_bytes(os.urandom(100 + index))
 
     keys = store.upload_tree(source, "model")
-    files = store.download_tree("model", tmp_path / "dst")
+    files = store.download_tree("model", tmp_path / "dst", unsafe_error=InvalidSpec)
 
     assert len(keys) == len(files) == 20
     for path in source.rglob("*.bin"):
         copy = tmp_path / "dst" / path.relative_to(source)
         assert copy.read_bytes() == path.read_bytes()
+
+
+def _files_under(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    ("key", "why", "error"),
+    [
+        pytest.param("images/../../../escaped.txt", "its key has a '..' part", DatasetError,
+                     id="dot-dot-inside"),
+        pytest.param("../escaped.txt", "its key has a '..' part", DatasetError,
+                     id="dot-dot-first"),
+        pytest.param("images/..", "its key has a '..' part", InvalidSpec, id="dot-dot-last"),
+        pytest.param("/escaped.txt", "its key starts with '/'", InvalidSpec, id="absolute"),
+        pytest.param("//etc/escaped.txt", "its key starts with '/'", DatasetError,
+                     id="absolute-double-slash"),
+    ],
+)  # fmt: skip
+def test_a_key_that_would_leave_the_destination_is_refused(
+    s3_env, bucket, tmp_path, key, why, error
+):
+    client = s3_env.client()
+    client.put_object(Bucket=bucket, Key="data/images/a.png", Body=b"a")
+    client.put_object(Bucket=bucket, Key=f"data/{key}", Body=b"x")  # stored as it is
+    store = open_store(f"s3://{bucket}/data", S3Settings(endpoint=s3_env.endpoint))
+    destination = tmp_path / "cache" / "entry"
+    destination.mkdir(parents=True)
+
+    with pytest.raises(error) as raised:
+        store.download_tree("", destination, unsafe_error=error)
+
+    assert str(raised.value) == (
+        f"s3://{bucket}/data: the object {key!r} would be written outside the folder it is "
+        f"copied into ({why}); rename or delete it"
+    )
+    assert _files_under(tmp_path) == []  # nothing copied, not even the safe keys
+
+
+def test_a_link_out_of_the_destination_is_refused(tmp_path):
+    (tmp_path / "source" / "images").mkdir(parents=True)
+    (tmp_path / "source" / "images" / "a.png").write_bytes(b"a")
+    (tmp_path / "elsewhere").mkdir()
+    destination = tmp_path / "destination"
+    destination.mkdir()
+    (destination / "images").symlink_to(tmp_path / "elsewhere")
+    store = open_store(f"file://{tmp_path}/source")
+
+    with pytest.raises(DatasetError) as raised:
+        store.download_tree("", destination, unsafe_error=DatasetError)
+
+    assert str(raised.value) == (
+        f"file://{tmp_path}/source: the object 'images/a.png' would be written outside the "
+        "folder it is copied into (a link on the way leads out of it); rename or delete it"
+    )
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("prefix", "files"),
+    [
+        pytest.param("", ["captions/a.txt", "images/a.png", "images/sub/b.png"], id="whole-store"),
+        pytest.param("images", ["a.png", "sub/b.png"], id="below-a-marked-prefix"),
+    ],
+)
+def test_folder_markers_are_skipped(s3_env, bucket, tmp_path, prefix, files):
+    client = s3_env.client()
+    markers = ["data/", "data/images/", "data/images/sub/", "data/captions/"]  # as consoles make
+    for key in markers + [f"data/{name}" for name in ("images/a.png", "images/sub/b.png",
+                                                      "captions/a.txt")]:  # fmt: skip
+        client.put_object(Bucket=bucket, Key=key, Body=b"" if key in markers else key.encode())
+    store = open_store(f"s3://{bucket}/data", S3Settings(endpoint=s3_env.endpoint))
+
+    targets = store.download_tree(prefix, tmp_path / "d", unsafe_error=DatasetError)
+
+    assert targets == [tmp_path / "d" / name for name in files]
+    assert _files_under(tmp_path / "d") == files
+    assert (tmp_path / "d" / files[0]).read_bytes() == _join_key("data", prefix, files[0])
+
+
+def _join_key(*parts):
+    return "/".join(part for part in parts if part).encode()
+
+
+def _deny_deleting(client, bucket, pattern):
+    statement = {
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "s3:DeleteObject",
+        "Resource": f"arn:aws:s3:::{bucket}/{pattern}",
+    }
+    policy = {"Version": "2012-10-17", "Statement": [statement]}  # IAM allows the rest
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+def test_objects_a_policy_keeps_are_reported_and_the_others_deleted(s3_env, bucket):
+    _deny_deleting(s3_env.client(), bucket, "root/protected/*")
+    store = open_store(f"s3://{bucket}/root", S3Settings(endpoint=s3_env.endpoint))
+    for key in ("protected/a", "free/b", "protected/c", "d"):
+        store.write_bytes(key, b"x")
+
+    with pytest.raises(StorageAccessDenied) as raised:
+        store.delete(["protected/a", "free/b", "protected/c", "d", "never-there"])
+
+    assert str(raised.value) == (
+        f"delete s3://{bucket}/root/protected/a, s3://{bucket}/root/protected/c: 2 of 5 "
+        "objects not deleted, access denied (AccessDenied); check the credentials "
+        "(spec.storage.secretRef) and the bucket's policy"
+    )
+    assert store.keys() == ["protected/a", "protected/c"]
+
+
+def _failures(*pairs):
+    return [{"Key": key, "Code": code, "Message": "..."} for key, code in pairs]
+
+
+@pytest.mark.parametrize(
+    ("failures", "total", "error", "message"),
+    [
+        pytest.param(
+            _failures(("k/1", "AccessDenied")), 3, StorageAccessDenied,
+            "delete s3://b/k/1: 1 of 3 objects not deleted, access denied (AccessDenied); "
+            "check the credentials (spec.storage.secretRef) and the bucket's policy",
+            id="denied",
+        ),
+        pytest.param(
+            _failures(("k/1", "InternalError"), ("k/2", "SlowDown")), 2, StorageUnavailable,
+            "delete s3://b/k/1, s3://b/k/2: 2 of 2 objects not deleted (InternalError)",
+            id="unavailable",
+        ),
+        pytest.param(
+            _failures(("k/1", "InternalError"), ("k/2", "AccessDenied")), 9, StorageAccessDenied,
+            "delete s3://b/k/2: 2 of 9 objects not deleted, access denied (AccessDenied); "
+            "check the credentials (spec.storage.secretRef) and the bucket's policy",
+            id="denied-wins-over-unavailable",
+        ),
+        pytest.param(
+            _failures(*((f"k/{i}", "InternalError") for i in range(5))), 1000, StorageUnavailable,
+            "delete s3://b/k/0, s3://b/k/1, s3://b/k/2, ...: 5 of 1000 objects not deleted "
+            "(InternalError)",
+            id="many",
+        ),
+    ],
+)  # fmt: skip
+def test_per_key_delete_failures_become_errors(failures, total, error, message):
+    raised = storage.delete_error("b", failures, total)
+
+    assert (type(raised), str(raised)) == (error, message)
 
 
 def test_listing_follows_pages(store, monkeypatch):

@@ -20,7 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from difftrain.errors import InvalidSpec, StorageAccessDenied, StorageUnavailable
+from difftrain.errors import (
+    DifftrainError,
+    InvalidSpec,
+    StorageAccessDenied,
+    StorageUnavailable,
+)
 
 
 class Conflict(Exception):
@@ -32,6 +37,7 @@ PARALLEL_TRANSFERS = 8
 MAX_ATTEMPTS = 8
 MULTIPART_BYTES = 64 * 1024 * 1024
 LIST_PAGE_SIZE = 1000
+EXAMPLES_IN_ERRORS = 3  # keys named in an error about many
 
 
 @dataclass(frozen=True)
@@ -110,15 +116,35 @@ class Store(ABC):
         """Raise StorageAccessDenied now if writes here would fail; leaves nothing behind."""
 
     def download_tree(
-        self, prefix: str, destination: Path, select: Callable[[str], bool] | None = None
+        self,
+        prefix: str,
+        destination: Path,
+        select: Callable[[str], bool] | None = None,
+        *,
+        unsafe_error: type[DifftrainError],
     ) -> list[Path]:
         """Copy every object under ``prefix`` (or those ``select`` accepts) into
-        ``destination``, in parallel."""
-        keys = [key for key in self.keys(prefix) if select is None or select(key)]
-        base = prefix.strip("/")
-        targets = [destination / key[len(base) :].lstrip("/") for key in keys]
-        _parallel(self.download, list(zip(keys, targets, strict=True)))
-        return targets
+        ``destination``, in parallel. Folder markers (keys ending in ``/``) are skipped.
+        A key that would be written outside ``destination`` (a ``..`` part, a leading
+        ``/``) is refused with ``unsafe_error`` before anything is copied: the caller
+        knows whose input it is (a dataset's, a model's)."""
+        base, root = prefix.strip("/"), destination.resolve()
+        jobs = []
+        for key in self.keys(prefix):
+            relative = key[len(base) + 1 :] if base else key  # keeps a leading "/" it had
+            if relative == "" or relative.endswith("/"):  # a folder marker
+                continue
+            if select is not None and not select(key):
+                continue
+            why = _why_outside(root, relative)
+            if why:
+                raise unsafe_error(
+                    f"{self.uri}: the object {key!r} would be written outside the folder it "
+                    f"is copied into ({why}); rename or delete it"
+                )
+            jobs.append((key, destination / relative))
+        _parallel(self.download, jobs)
+        return [target for _, target in jobs]
 
     def upload_tree(self, source: Path, prefix: str) -> list[str]:
         """Copy every file under the local folder ``source`` below ``prefix``, in parallel."""
@@ -137,6 +163,18 @@ def _max_attempts() -> int:
     if not value.isdigit() or int(value) < 1:
         raise InvalidSpec(f"AWS_MAX_ATTEMPTS must be a whole number of at least 1, not {value!r}")
     return int(value)
+
+
+def _why_outside(root: Path, relative: str) -> str | None:
+    """Why the key ``relative`` would be written outside the resolved folder ``root``, or
+    None. S3 keys are plain strings: ``a/../../x`` and ``/x`` are valid names there."""
+    if relative.startswith("/"):
+        return "its key starts with '/'"
+    if ".." in relative.split("/"):
+        return "its key has a '..' part"
+    if not (root / relative).resolve().is_relative_to(root):
+        return "a link on the way leads out of it"
+    return None
 
 
 def _join(*parts: str) -> str:
@@ -288,6 +326,23 @@ _DENIED = {
 }
 
 
+def delete_error(bucket: str, failures: list[dict], total: int) -> DifftrainError:
+    """The error for the ``failures`` (DeleteObjects' ``Errors``) among ``total`` keys:
+    :class:`StorageAccessDenied` if any was denied, else :class:`StorageUnavailable`."""
+    denied = [failure for failure in failures if failure.get("Code") in _DENIED]
+    shown = denied or failures
+    names = [f"s3://{bucket}/{failure['Key']}" for failure in shown[:EXAMPLES_IN_ERRORS]]
+    where = ", ".join(names + ["..."] * (len(shown) > EXAMPLES_IN_ERRORS))
+    summary = f"delete {where}: {len(failures)} of {total} objects not deleted"
+    code = shown[0].get("Code", "")
+    if denied:
+        return StorageAccessDenied(
+            f"{summary}, access denied ({code}); check the credentials "
+            "(spec.storage.secretRef) and the bucket's policy"
+        )
+    return StorageUnavailable(f"{summary} ({code})")
+
+
 class S3Store(Store):
     """A prefix in an S3 bucket (AWS or any S3-compatible store)."""
 
@@ -373,12 +428,18 @@ class S3Store(Store):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def delete(self, keys: list[str]) -> None:
+        failures = []
         for start in range(0, len(keys), 1000):  # the DeleteObjects limit
             batch = [{"Key": self._key(key)} for key in keys[start : start + 1000]]
             with self._errors("delete", batch[0]["Key"]):
-                self.client.delete_objects(
+                response = self.client.delete_objects(
                     Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
                 )
+            # S3 answers 200 and lists the keys it did not delete (a policy's Deny, a
+            # throttled key) in the body.
+            failures += response.get("Errors", [])
+        if failures:
+            raise delete_error(self.bucket, failures, len(keys))
 
     def read_tagged(self, key: str) -> tuple[bytes, str]:
         with self._errors("read", self._key(key)):

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from difftrain.api.config import TrainerConfig
+from difftrain.local import free_port
 from tests.builders import job, merge
 
 # A LoRA job on the tiny SD preset that trains in seconds on a CPU.
@@ -88,3 +89,25 @@ def run_together(runs: list[tuple], timeout: int = 300) -> list[tuple[int, str]]
     their (exit code, output) in order. For one-thread trainers, which share two cores."""
     with ThreadPoolExecutor(len(runs)) as pool:
         return list(pool.map(lambda args: run(*args, timeout=timeout), runs))
+
+
+def start_nodes(
+    config: Path, folder: Path, extra: dict | None = None, metrics_ports: list[int] | None = None
+) -> list[subprocess.Popen]:
+    """Two torchrun nodes on this machine, each started as a pod starts it: the pods'
+    launcher, folders of its own, and its own metrics port."""
+    port = free_port()
+    metrics_ports = metrics_ports or [free_port(), free_port()]
+    nodes = []
+    for rank, metrics_port in enumerate(metrics_ports):
+        work = folder / f"node{rank}"  # each node (pod) has its own disks
+        command = [
+            sys.executable, "-m", "difftrain.launch",  # the pods' entry point (torchrun)
+            f"--nnodes={len(metrics_ports)}", "--nproc_per_node=1", f"--node_rank={rank}",
+            "--master_addr=127.0.0.1", f"--master_port={port}",
+        ]  # fmt: skip
+        own = {"DIFFTRAIN_METRICS_PORT": str(metrics_port), **(extra or {})}
+        env = trainer_env(config, work, work / "cache", own)
+        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    return nodes

@@ -1,10 +1,14 @@
 """Finding, decoding and serving training images."""
 
 import random
+import struct
+import subprocess
+import sys
+import zlib
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter
 
 from difftrain.errors import DatasetError
 from difftrain.trainer import data
@@ -42,6 +46,62 @@ def test_sidecar_captions_and_every_format(tmp_path):
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("content", "caption"),
+    [
+        pytest.param(b"a bee", "a bee", id="utf-8"),
+        pytest.param("\ufeffa bee\n".encode(), "a bee", id="utf-8-with-bom"),
+        pytest.param(
+            "\ufeff  une abeille dorée ".encode(), "une abeille dorée", id="bom-and-spaces"
+        ),
+    ],
+)
+def test_utf8_captions_are_read_with_or_without_a_bom(tmp_path, content, caption):
+    _image(tmp_path / "images" / "b.png")
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "b.txt").write_bytes(content)
+
+    assert data.find_examples(tmp_path) == [data.Example(tmp_path / "images" / "b.png", caption)]
+
+
+@pytest.mark.parametrize(
+    ("caption_file", "content", "message"),
+    [
+        pytest.param(
+            "captions/sub/b.txt",
+            "a café".encode("latin-1"),
+            "caption file captions/sub/b.txt is not UTF-8: byte 0xe9 at position 5 cannot be "
+            "decoded; save it as UTF-8",
+            id="latin-1",
+        ),
+        pytest.param(
+            "captions/sub/b.txt",
+            "\u201cquoted\u201d".encode("cp1252"),
+            "caption file captions/sub/b.txt is not UTF-8: byte 0x93 at position 0 cannot be "
+            "decoded; save it as UTF-8",
+            id="windows-1252",
+        ),
+        pytest.param(
+            "sub/b.txt",
+            "a bee".encode("utf-16"),
+            "caption file sub/b.txt is not UTF-8: byte 0xff at position 0 cannot be decoded; "
+            "save it as UTF-8",
+            id="utf-16-beside-the-image",
+        ),
+    ],
+)
+def test_a_caption_that_is_not_utf8_is_a_dataset_error(tmp_path, caption_file, content, message):
+    image = "images/sub/b.png" if caption_file.startswith("captions/") else "sub/b.png"
+    _image(tmp_path / image)
+    (tmp_path / caption_file).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / caption_file).write_bytes(content)
+
+    with pytest.raises(DatasetError) as raised:
+        data.find_examples(tmp_path)
+
+    assert (str(raised.value), raised.value.exit_code) == (message, 3)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     image = Image.new("RGB", (40, 20), (0, 0, 0))
     exif = image.getexif()
@@ -77,6 +137,29 @@ def test_sizes_are_upright_and_unreadable_images_have_none(tmp_path):
     examples = [data.Example(p, "") for p in (good, tmp_path / "bad.png", truncated)]
 
     assert data.image_sizes(examples) == [(40, 20), None, None]
+
+
+def _png_header(path, width, height):
+    """A small PNG file that declares ``width`` x ``height`` pixels (its data is cut short)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    pixels = chunk(b"IDAT", zlib.compress(bytes(1 + 3 * width)))  # one row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + pixels + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_too_large_to_decode_is_skipped_and_named(tmp_path, caplog):
+    huge = _png_header(tmp_path / "huge.png", 30000, 30000)
+
+    assert data.image_sizes([data.Example(huge, "")]) == [None]
+    assert f"skipping unreadable image {huge}: Image size (900000000 pixels) exceeds limit" in (
+        caplog.text
+    )
 
 
 @pytest.mark.parametrize(
@@ -144,6 +227,102 @@ def test_random_crop_flip_and_dropout_follow_the_seed(tmp_path):
     assert len({s["crop_top_left"] for s in samples}) > 1
     flipped = [s["pixels"][0, 8, 0] < s["pixels"][0, 8, -1] for s in samples]
     assert any(flipped) and not all(flipped)
+
+
+def _resized_then_cropped(example, rng, size):
+    """What the transform made before it cropped first: the whole image scaled to cover
+    ``size``, then cropped; (pixels as 0-255 integers, crop_top_left)."""
+    width, height = size
+    image = data.load_rgb(example.image)
+    scale = max(width / image.width, height / image.height)
+    resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    spare_x, spare_y = resized[0] - width, resized[1] - height
+    if rng is None:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).int(), (top, left)
+
+
+def _photo_like(path, size):
+    """A smooth gradient with soft-edged shapes: what resampling meets in photos."""
+    width, height = size
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for index, colour in enumerate([(200, 30, 30), (20, 160, 60), (250, 250, 250)]):
+        left, top = width * index // 4, height * (2 - index) // 4
+        draw.ellipse((left, top, left + width // 2, top + height // 3), fill=colour)
+    image.filter(ImageFilter.GaussianBlur(0.7)).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "center_crop", "seed"),
+    [
+        pytest.param((64, 32), (16, 16), True, 0, id="wide-centre"),
+        pytest.param((30, 90), (16, 40), True, 0, id="tall-to-bucket-centre"),
+        pytest.param((37, 53), (20, 20), True, 0, id="odd-sizes-centre"),
+        pytest.param((48, 32), (16, 16), False, 3, id="wide-random"),
+        pytest.param((37, 53), (20, 20), False, 11, id="odd-sizes-random"),
+        pytest.param((301, 199), (64, 48), False, 5, id="downscale-random"),
+        pytest.param((10, 7), (32, 32), True, 0, id="upscale-centre"),
+        pytest.param((10, 7), (32, 32), False, 2, id="upscale-random"),
+        pytest.param((16, 16), (16, 16), False, 1, id="same-size"),
+        pytest.param((640, 427), (128, 128), True, 0, id="photo-centre"),
+        pytest.param((427, 640), (96, 128), False, 4, id="photo-random-bucket"),
+    ],
+)
+def test_cropping_first_matches_resizing_the_whole_image(
+    tmp_path, source, target, center_crop, seed
+):
+    example = data.Example(_photo_like(tmp_path / "photo.png", source), "")
+    transform = data.Transform(center_crop=center_crop, random_flip=False, caption_dropout=0.0)
+
+    sample = transform(example, random.Random(seed), target)
+
+    expected, crop = _resized_then_cropped(
+        example, None if center_crop else random.Random(seed), target
+    )
+    pixels = torch.round((sample["pixels"] + 1.0) * 127.5).int()
+    assert sample["crop_top_left"] == crop
+    # The same resampling; Pillow may run its two passes in the other order for the
+    # smaller image, which rounds (and clips bicubic's overshoot) differently in between.
+    assert (pixels - expected).abs().max() <= 2
+
+
+_PEAK_MEMORY = """
+import random, resource, sys
+from pathlib import Path
+from difftrain.trainer import data
+
+small, thin, center_crop = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "centre"
+transform = data.Transform(center_crop=center_crop, random_flip=False, caption_dropout=0.0)
+transform(data.Example(small, ""), random.Random(0), (512, 512))  # libraries warmed up
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sample = transform(data.Example(thin, ""), random.Random(0), (512, 512))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) // 1024, *sample["pixels"].shape)
+"""
+
+
+@pytest.mark.parametrize("crop", ["centre", "random"])
+def test_an_extreme_aspect_ratio_needs_memory_for_the_target_size_only(tmp_path, crop):
+    """A 4 x 4000 image scaled to cover 512 x 512 whole would be 512 x 512000 pixels
+    (about 1 GiB of peak memory growth); cropped first, it needs a few MiB."""
+    thin = _image(tmp_path / "thin.png", size=(4, 4000))
+    small = _image(tmp_path / "small.png", size=(40, 40))
+
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY, str(small), str(thin), crop],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+    growth_mib, *shape = (int(word) for word in result.stdout.split())
+    assert shape == [3, 512, 512]
+    assert growth_mib < 100, f"peak memory grew by {growth_mib} MiB"
 
 
 def test_prefetched_batches_equal_batches_made_one_at_a_time(tmp_path):

@@ -2,8 +2,6 @@
 its own metrics."""
 
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,22 +24,8 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
             "resources": {"nodes": 2},
         },
     )
-    port, metrics_ports = free_port(), [free_port(), free_port()]
-    nodes = []
-    for rank in range(2):
-        work = tmp_path / f"node{rank}"  # each node (pod) has its own disks
-        command = [
-            sys.executable, "-m", "difftrain.launch",  # the pods' entry point (torchrun)
-            "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
-            "--master_addr=127.0.0.1", f"--master_port={port}",
-        ]  # fmt: skip
-        extra = {"DIFFTRAIN_METRICS_PORT": str(metrics_ports[rank])}
-        env = runner.trainer_env(config, work, work / "cache", extra)
-        nodes.append(
-            subprocess.Popen(
-                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
+    metrics_ports = [free_port(), free_port()]
+    nodes = runner.start_nodes(config, tmp_path, metrics_ports=metrics_ports)
     ranks = {}
     with ThreadPoolExecutor(2) as pool:
         done = [pool.submit(node.communicate, timeout=300) for node in nodes]
@@ -55,7 +39,8 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
     prints = [re.findall(r"step 4: weights fingerprint (\S+)", log) for log in logs]
     assert len(prints[0]) == 1 and prints[0] == prints[1], prints
     assert sorted(p.name for p in (output / "checkpoints" / "step-00000004").iterdir()) == [
-        "COMPLETE", "optimizer.pt", "position.json", "rng-0.pt", "rng-1.pt", "scheduler.pt",
+        "COMPLETE", "optimizer.pt", "position.json", "rng-0.pt", "rng-1.pt", "run.json",
+        "scheduler.pt",
         "trainable.safetensors",
     ]  # fmt: skip
     assert ["model exported" in log for log in logs] == [True, False]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from difftrain.storage import Conflict, S3Settings, open_store
+from difftrain.storage import Conflict
 from difftrain.trainer import ownership
 from difftrain.trainer.ownership import Holder, OutputInUse
 from tests.trainer import runner
@@ -50,15 +50,6 @@ def test_local_runs_are_told_apart_by_machine_and_name():
     assert ownership.judge(_found(Holder("default", "demo", "", 1, "other"), 5), here, NOW) == (
         "refuse"
     )
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return open_store(f"file://{tmp_path}/out")
-    s3 = request.getfixturevalue("s3_env")
-    bucket = request.getfixturevalue("bucket")
-    return open_store(f"s3://{bucket}/out", S3Settings(s3.endpoint, path_style=True))
 
 
 def test_conditional_writes(store):

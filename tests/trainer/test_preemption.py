@@ -16,7 +16,6 @@ import pytest
 import yaml
 from safetensors.torch import load, load_file
 
-from difftrain.local import free_port
 from tests.builders import job, merge
 from tests.slow_s3 import SlowS3
 from tests.trainer import runner
@@ -69,22 +68,8 @@ class Output:
         return "".join(self.lines)
 
 
-def start_nodes(config, folder, extra: dict | None = None) -> list[subprocess.Popen]:
-    """Two nodes on this machine, each started as a pod starts it."""
-    port, nodes = free_port(), []
-    for rank in range(2):
-        work = folder / f"node{rank}"  # each node (pod) has its own disks
-        command = [
-            sys.executable, "-m", "difftrain.launch",
-            "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
-            "--master_addr=127.0.0.1", f"--master_port={port}",
-        ]  # fmt: skip
-        env = runner.trainer_env(config, work, work / "cache", {
-            **ONE_THREAD, "DIFFTRAIN_GRACE_SECONDS": "300",
-            "DIFFTRAIN_METRICS_PORT": str(free_port()), **(extra or {})})  # fmt: skip
-        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
-    return nodes
+def start_nodes(config, folder) -> list[subprocess.Popen]:
+    return runner.start_nodes(config, folder, {**ONE_THREAD, "DIFFTRAIN_GRACE_SECONDS": "300"})
 
 
 def finish(nodes, timeout=300) -> tuple[list[int], list[str]]:
@@ -257,3 +242,28 @@ def test_a_long_upload_by_the_main_process_outlasts_the_collective_timeout(
     assert len(slow_s3.delays.held) == 2  # steps 2 and 4
     keys = {item["Key"] for item in s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert {"run/checkpoints/step-00000004/COMPLETE", "run/model/difftrain.json"} <= keys
+
+
+def test_sigterm_while_sampling_cuts_the_samples_short_not_the_checkpoint(
+    tmp_path, shapes_folder, trainer_cache
+):
+    output = tmp_path / "out"
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
+    config = runner.write_config(tmp_path, {
+        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
+        "training": {"steps": 6},
+        "validation": {"prompts": prompts, "imagesPerPrompt": 16, "everySteps": 2,
+                       "inferenceSteps": 40}})  # fmt: skip
+    process = runner.start(config, tmp_path, trainer_cache)
+    output_lines = Output(process)
+    output_lines.wait_for("step 2/6 ")  # samples are being taken now
+
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=120)
+    log = output_lines.text()
+
+    assert code == 143, log
+    assert "samples of step 2 cut short at 16 of 64 images: the job is stopping" in log
+    assert (output / "checkpoints" / "step-00000002" / "COMPLETE").exists()
+    made = json.loads((output / "samples" / "step-00000002" / "prompts.json").read_text())
+    assert len(made) == 16

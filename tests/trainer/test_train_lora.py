@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from difftrain.errors import InvalidSpec
 from difftrain.shapes import render
 from difftrain.storage import S3Settings, open_store
 from difftrain.trainer.presets import build_preset, write_preset
@@ -51,12 +52,14 @@ def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, 
         "checkpoints/step-00000004/optimizer.pt",
         "checkpoints/step-00000004/position.json",
         "checkpoints/step-00000004/rng-0.pt",
+        "checkpoints/step-00000004/run.json",
         "checkpoints/step-00000004/scheduler.pt",
         "checkpoints/step-00000004/trainable.safetensors",
         "checkpoints/step-00000006/COMPLETE",
         "checkpoints/step-00000006/optimizer.pt",
         "checkpoints/step-00000006/position.json",
         "checkpoints/step-00000006/rng-0.pt",
+        "checkpoints/step-00000006/run.json",
         "checkpoints/step-00000006/scheduler.pt",
         "checkpoints/step-00000006/trainable.safetensors",
         "loss.png",
@@ -67,7 +70,7 @@ def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, 
         "model/pytorch_lora_weights.safetensors",
     ]
     model = tmp_path / "model"
-    output.download_tree("model", model)
+    output.download_tree("model", model, unsafe_error=InvalidSpec)
     record = json.loads((model / "difftrain.json").read_text())
     assert (record["steps"], record["images"], record["name"]) == (6, 32, "lora-s3")
     losses = [json.loads(line) for line in output.read_bytes("metrics.jsonl").splitlines()]

@@ -9,6 +9,8 @@ import sys
 import pytest
 
 from difftrain.local import free_port
+from difftrain.storage import S3Settings, open_store
+from difftrain.trainer.presets import write_preset
 from tests.trainer import runner
 
 
@@ -107,6 +109,38 @@ def test_missing_bucket(tmp_path, trainer_cache, s3_env):
 
     assert code == 4, log
     assert "bucket 'no-such-bucket' does not exist" in reason["message"]
+
+
+@pytest.mark.parametrize(
+    ("key", "code", "reason"),
+    [
+        pytest.param("data/images/../../../escaped.txt", 3, "DatasetError", id="dataset"),
+        pytest.param("model/unet/../../../escaped.txt", 2, "InvalidSpec", id="model"),
+    ],
+)
+def test_an_object_key_that_leaves_its_folder_is_refused(
+    tmp_path, trainer_cache, s3_env, bucket, shapes_folder, key, code, reason
+):
+    settings = S3Settings(endpoint=s3_env.endpoint)
+    open_store(f"s3://{bucket}/data", settings).upload_tree(shapes_folder, "")
+    model = write_preset("tiny-sd", tmp_path / "tiny-sd")
+    open_store(f"s3://{bucket}/model", settings).upload_tree(model, "")
+    s3_env.client().put_object(Bucket=bucket, Key=key, Body=b"x")
+    spec = {
+        "model": {"base": f"s3://{bucket}/model"},
+        "dataset": {"uri": f"s3://{bucket}/data"},
+        "storage": {"endpoint": s3_env.endpoint},
+    }
+
+    exit_code, log, termination = _run(tmp_path, trainer_cache, spec)
+
+    store, _, relative = key.partition("/")
+    assert (exit_code, termination) == (code, {
+        "reason": reason,
+        "message": f"s3://{bucket}/{store}: the object {relative!r} would be written outside "
+        "the folder it is copied into (its key has a '..' part); rename or delete it",
+    }), log  # fmt: skip
+    assert not (trainer_cache / "escaped.txt").exists()  # where the key leads from the cache
 
 
 def test_missing_base_model(tmp_path, trainer_cache, dataset):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from difftrain.errors import InvalidSpec
 from difftrain.storage import Store
 
 log = logging.getLogger(__name__)
@@ -81,5 +82,5 @@ def load(output: Store, scratch: Path):
     from diffusers import AutoencoderKL
 
     local = scratch / FOLDER / "trained"
-    output.child(FOLDER).download_tree(MODEL, local)
+    output.child(FOLDER).download_tree(MODEL, local, unsafe_error=InvalidSpec)
     return AutoencoderKL.from_pretrained(local)

@@ -2,9 +2,10 @@
 
 Two layouts are read: ``images/x.png`` with ``captions/x.txt``, or ``x.png`` with
 ``x.txt`` beside it. Unreadable images are skipped with a warning naming the file (and
-counted); a missing caption is a warning and an empty caption. Images train square, or
-with aspect-ratio bucketing at the bucket nearest their shape. The order of samples is
-a pure function of (seed, epoch, position), so a resumed run sees the same batches.
+counted); a missing caption is a warning and an empty caption, one that is not UTF-8 a
+:class:`DatasetError`. Images train square, or with aspect-ratio bucketing at the bucket
+nearest their shape. The order of samples is a pure function of (seed, epoch,
+position), so a resumed run sees the same batches.
 """
 
 import collections
@@ -45,17 +46,33 @@ def find_examples(folder: Path) -> list[Example]:
     for image in sorted(p for p in image_root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
         relative = image.relative_to(image_root).with_suffix(".txt")
         caption_file = folder / "captions" / relative if paired else image.with_suffix(".txt")
-        try:
-            caption = caption_file.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
+        caption = read_caption(caption_file, folder)
+        if caption is None:
             log.warning(
                 "no caption for %s (expected %s); training it with an empty caption",
                 image.relative_to(folder),
                 caption_file.relative_to(folder),
             )
-            caption = ""
-        examples.append(Example(image, caption))
+        examples.append(Example(image, caption or ""))
     return examples
+
+
+def read_caption(path: Path, folder: Path) -> str | None:
+    """The caption in the file ``path`` of the dataset ``folder``, or None if there is no
+    such file. A leading byte order mark (which some Windows editors write) is dropped;
+    other text than UTF-8 is a :class:`DatasetError`, not a guess at its encoding."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff").strip()
+    except UnicodeDecodeError as error:
+        raise DatasetError(
+            f"caption file {path.relative_to(folder)} is not UTF-8: byte "
+            f"0x{raw[error.start]:02x} at position {error.start} cannot be decoded; save it "
+            "as UTF-8"
+        ) from None
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -118,6 +135,35 @@ def nearest_bucket(size: Size, buckets: list[Size]) -> Size:
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_crop(
+    source: Size, target: Size, rng: random.Random | None
+) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """Where to crop an image of size ``source`` for ``target``: the image scaled to cover
+    the target, cropped at its centre (``rng`` None) or at a random place. Returns the
+    crop in source pixels, (left, top, right, bottom), and its (top, left) in the scaled
+    image, as SDXL's crop conditioning counts it.
+
+    Resizing just the crop bounds memory by the target size: scaling a 4 x 4000 image to
+    cover 1024 x 1024 first would make 1024 x 1024000 pixels (3 GB) to keep 0.1% of them.
+    """
+    width, height = target
+    scale = max(width / source[0], height / source[1])
+    covered = (max(width, round(source[0] * scale)), max(height, round(source[1] * scale)))
+    spare_x, spare_y = covered[0] - width, covered[1] - height
+    if rng is None:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
+    # Multiply before dividing: the box's far edges then never pass the image's.
+    box = (
+        left * source[0] / covered[0],
+        top * source[1] / covered[1],
+        (left + width) * source[0] / covered[0],
+        (top + height) * source[1] / covered[1],
+    )
+    return box, (top, left)
+
+
 @dataclass(frozen=True)
 class Transform:
     """Scale an image to cover the target size, crop to it, maybe flip; maybe drop the caption."""
@@ -133,18 +179,9 @@ class Transform:
         width, height = size
         image = load_rgb(example.image)
         original = (image.height, image.width)
-        scale = max(width / image.width, height / image.height)
-        resized = (
-            max(width, round(image.width * scale)),
-            max(height, round(image.height * scale)),
-        )
-        image = image.resize(resized, Image.Resampling.BICUBIC)
-        spare_x, spare_y = resized[0] - width, resized[1] - height
-        if self.center_crop:
-            left, top = spare_x // 2, spare_y // 2
-        else:
-            left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-        image = image.crop((left, top, left + width, top + height))
+        box, crop_top_left = cover_crop(image.size, size, None if self.center_crop else rng)
+        # Bicubic sampling reads the pixels around the box too, as when resizing it all.
+        image = image.resize(size, Image.Resampling.BICUBIC, box=box)
         if self.random_flip and rng.random() < 0.5:
             image = ImageOps.mirror(image)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
@@ -157,7 +194,7 @@ class Transform:
             "pixels": pixels.float() / 127.5 - 1.0,
             "caption": "" if dropped else caption,
             "original_size": original,
-            "crop_top_left": (top, left),
+            "crop_top_left": crop_top_left,
             "target_size": (height, width),
         }
 

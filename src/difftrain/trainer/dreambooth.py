@@ -102,9 +102,11 @@ def generate_class_images(accelerator, components, spec, output: Store, cache: P
         log.info("class images: reusing the %d under %s", count, store.uri)
     key = f"{store.uri}\n{json.dumps(wanted, sort_keys=True)}"
     select = {image_name(i) for i in range(count)}
-    return cached_folder(
-        cache, key, lambda folder: store.download_tree("", folder, lambda k: k in select)
-    )
+
+    def fill(folder: Path) -> None:
+        store.download_tree("", folder, select.__contains__, unsafe_error=DatasetError)
+
+    return cached_folder(cache, key, fill)
 
 
 def _make(accelerator, components, spec, store: Store, indices: list[int]) -> None:

@@ -43,10 +43,13 @@ def processes(spec) -> int:
 
 def training_spec(spec) -> dict:
     """The training-relevant spec as JSON, fields at their defaults left out (so that a
-    field added with a default by a later version changes nothing)."""
+    field added with a default by a later version changes nothing). The length of the
+    run (steps, epochs) is left out too: raising it continues a run to its new end."""
     relevant = spec.model_dump(
         mode="json", by_alias=True, exclude_defaults=True, include=TRAINING_FIELDS
     )
+    for length in ("steps", "epochs"):
+        relevant.get("training", {}).pop(length, None)
     relevant[PROCESSES] = processes(spec)
     return relevant
 

@@ -27,7 +27,7 @@ import torch
 
 from difftrain.api.config import TrainerConfig
 from difftrain.api.scratch import scratch_bytes
-from difftrain.errors import DifftrainError
+from difftrain.errors import DatasetError, DifftrainError
 from difftrain.storage import S3Settings, Store, open_store
 from difftrain.trainer import (
     autoencoder,
@@ -148,7 +148,9 @@ def fetch_dataset(uri: str, settings: S3Settings, cache: Path) -> Path:
 
         return cached_folder(cache, uri, write_dataset)
     store = open_store(uri, settings)
-    return cached_folder(cache, uri, lambda folder: store.download_tree("", folder))
+    return cached_folder(
+        cache, uri, lambda folder: store.download_tree("", folder, unsafe_error=DatasetError)
+    )
 
 
 def gather_from_all(accelerator, value) -> list:
@@ -200,19 +202,18 @@ def prepare(config: TrainerConfig, paths: Paths) -> Shared:
     settings = S3Settings.from_spec(spec.storage)
     methods.check_supported(spec)
     output = open_store(spec.output.uri, settings)
-    lease = None
     if os.environ.get("RANK", "0") == "0":
         output.check_writable()  # fail before hours of training, not at the first checkpoint
-        lease = ownership.take(output, ownership.Holder.of(config))
+    leases: list[ownership.Lease] = []  # the main process's, once the data is usable
     try:
-        return _prepare(config, paths, settings, output, lease)
+        return _prepare(config, paths, settings, output, leases)
     except BaseException:
-        if lease is not None:
+        for lease in leases:
             lease.release()
         raise
 
 
-def _prepare(config: TrainerConfig, paths: Paths, settings, output: Store, lease) -> Shared:
+def _prepare(config: TrainerConfig, paths: Paths, settings, output: Store, leases: list) -> Shared:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
@@ -252,6 +253,10 @@ def _prepare(config: TrainerConfig, paths: Paths, settings, output: Store, lease
         seed=training.seed,
     )
     batches.check()
+    lease = None
+    if accelerator.is_main_process:  # before anything is written to the output
+        lease = ownership.take(output, ownership.Holder.of(config))
+        leases.append(lease)
     templates, subject = (), ""
     if spec.method == "textualInversion":
         concept = spec.textual_inversion
@@ -688,7 +693,8 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
             trainer.waiting.alone(main, "pruning checkpoints", record_and_prune)
 
     def take_samples():
-        log.info("samples written to %s", sampling.validate(trainer, position.step))
+        written = sampling.validate(trainer, position.step, lambda: stop.requested)
+        log.info("samples written to %s", written)
         validation = spec.validation
         progress.samples_generated(
             position.step, len(validation.prompts) * validation.images_per_prompt

@@ -44,7 +44,8 @@ def fetch_model(model: ModelSpec, settings: S3Settings, cache: Path, weights: bo
             raise _not_a_model(uri)
 
         def fill(target: Path) -> None:
-            store.download_tree("", target, None if weights else _not_weights)
+            select = None if weights else _not_weights
+            store.download_tree("", target, select, unsafe_error=InvalidSpec)
 
         folder = cached_folder(cache, uri if weights else uri + "#configs", fill)
     else:

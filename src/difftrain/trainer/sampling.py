@@ -8,8 +8,10 @@ state: taking samples never changes the training run, and a resumed run stays id
 
 import contextlib
 import json
+import logging
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,6 +19,8 @@ from PIL import Image
 
 from difftrain.storage import Store
 from difftrain.trainer.models import encoder_name
+
+log = logging.getLogger(__name__)
 
 # Images generated per pipeline call; bounds memory with many prompts.
 CHUNK = 16
@@ -65,12 +69,19 @@ def generate(
     steps: int = 25,
     guidance: float = 7.5,
     negative: str = "",
+    stopping: Callable[[], bool] | None = None,
 ) -> list[tuple[str, int, Image.Image]]:
     """``per_prompt`` images for each prompt, as (prompt, seed, image); image ``k`` always
     uses seed ``seed + k``, so runs and steps are comparable."""
     wanted = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(per_prompt))]
     return generate_each(
-        pipeline, wanted, size=size, steps=steps, guidance=guidance, negative=negative
+        pipeline,
+        wanted,
+        size=size,
+        steps=steps,
+        guidance=guidance,
+        negative=negative,
+        stopping=stopping,
     )
 
 
@@ -82,9 +93,11 @@ def generate_each(
     steps: int = 25,
     guidance: float = 7.5,
     negative: str = "",
+    stopping: Callable[[], bool] | None = None,
 ) -> list[tuple[str, int, Image.Image]]:
     """An image for each (prompt, seed) of ``wanted``, as (prompt, seed, image), made in
-    chunks with generators of their own inside a forked random state."""
+    chunks with generators of their own inside a forked random state; fewer if
+    ``stopping()`` turns true between chunks (the job is being stopped)."""
     device = pipeline.unet.device
     results = []
     modes = {m: m.training for m in pipeline.components.values() if hasattr(m, "training")}
@@ -93,6 +106,8 @@ def generate_each(
             module.eval()
         try:
             for start in range(0, len(wanted), CHUNK):
+                if stopping is not None and stopping():
+                    break
                 chunk = wanted[start : start + CHUNK]
                 with torch.no_grad():
                     images = pipeline(
@@ -162,8 +177,11 @@ def _averaged(trainer):
         trainer.ema.restore(parameters)
 
 
-def validate(trainer, step: int) -> str:
-    """Generate the spec's validation samples at ``step`` and upload them; their URI."""
+def validate(trainer, step: int, stopping: Callable[[], bool] | None = None) -> str | None:
+    """Generate the spec's validation samples at ``step`` and upload them; their URI.
+
+    When ``stopping()`` turns true (SIGTERM), the images not yet made are left out: the
+    grace period is for the checkpoint. None when none were made."""
     spec = trainer.config.spec
     validation = spec.validation
     pipeline = pipeline_for(trainer.components, trainer.trainable.modules)
@@ -177,7 +195,14 @@ def validate(trainer, step: int) -> str:
             steps=validation.inference_steps,
             guidance=validation.guidance_scale,
             negative=validation.negative_prompt,
+            stopping=stopping,
         )
+    wanted = len(validation.prompts) * validation.images_per_prompt
+    if len(results) < wanted:
+        log.warning("samples of step %d cut short at %d of %d images: the job is stopping",
+                    step, len(results), wanted)  # fmt: skip
+    if not results:
+        return None
     folder = trainer.scratch / sample_prefix(step)
     write_samples(results, folder, validation.images_per_prompt)
     store: Store = trainer.output.child(sample_prefix(step))
