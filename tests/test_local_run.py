@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -63,31 +62,6 @@ def test_trainer_failure_is_reported_with_its_exit_code(tmp_path):
 
     assert result.returncode == 3, result.stdout + result.stderr
     assert "DatasetError: the dataset has no images" in result.stderr
-
-
-def test_ctrl_c_checkpoints_and_a_rerun_resumes(tmp_path, shapes_folder):
-    output = tmp_path / "out"
-    manifest = _manifest(tmp_path, {
-        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
-        "training": {"steps": 20, "batchSize": 8}, "checkpoints": {"everySteps": 100}})  # fmt: skip
-
-    process = _difftrain_run(tmp_path, manifest, popen=True)
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if "step 3/20 " in line:
-            process.send_signal(signal.SIGINT)
-            break
-    rest, _ = process.communicate(timeout=120)
-    log = "".join(seen) + rest
-
-    checkpoints = sorted((output / "checkpoints").iterdir())
-    assert len(checkpoints) == 1 and (checkpoints[0] / "COMPLETE").exists(), log
-    step = json.loads((checkpoints[0] / "position.json").read_text())["step"]
-    rerun = _difftrain_run(tmp_path, manifest)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"resumed from checkpoint step {step}" in rerun.stdout
-    assert "progress: step " in log + rerun.stderr  # read from the trainer's /metrics
 
 
 def test_missing_secret_variable_is_named_before_anything_starts(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ the weights of a run that was never interrupted."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from tests.trainer import runner
 
 STEPS = 10
 STOP_AT = f"step 3/{STEPS} "
-HOLD_SECONDS = 35  # each checkpoint's weights upload: longer than torchrun's default 30 s
+HOLD_SECONDS = 32  # each checkpoint's weights upload: longer than torchrun's default 30 s
 HELD = r"/checkpoints/step-\d+/trainable\.safetensors"
 # Bitwise-equal runs need one thread per process (see test_resume.py).
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -193,7 +194,7 @@ def test_ctrl_c_in_difftrain_run_checkpoints_every_node(
     command = [sys.executable, "-m", "difftrain.cli", "run", str(path),
                "--workdir", str(tmp_path / "work")]  # fmt: skip
     env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
-    slow_s3.hold(HELD, HOLD_SECONDS)
+    slow_s3.hold(HELD, 5)  # the test above shows the long wait; this one, who gets the signal
     # Its own process group, as a terminal gives a foreground job: Ctrl-C goes to all of it.
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, start_new_session=True)  # fmt: skip
@@ -202,7 +203,7 @@ def test_ctrl_c_in_difftrain_run_checkpoints_every_node(
     watch = Watch(client, bucket, "run/checkpoints/")
 
     os.killpg(run.pid, signal.SIGINT)
-    code = run.wait(timeout=HOLD_SECONDS + 120)
+    code = run.wait(timeout=120)
     watch.stop()
     log = output.text()
 
@@ -222,6 +223,7 @@ def test_ctrl_c_in_difftrain_run_checkpoints_every_node(
 
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from checkpoint step {step}" in rerun.stdout
+    assert "progress: step " in log + rerun.stderr  # read from node 0's /metrics
     _assert_equal(reference_weights, _weights(client, bucket, f"run/{LAST}/trainable.safetensors"))
 
 
@@ -233,12 +235,12 @@ def test_a_long_upload_by_the_main_process_outlasts_the_collective_timeout(
         "validation": {"prompts": ["a red circle"], "everySteps": 2, "inferenceSteps": 2},
         "runPolicy": {"collectiveTimeoutSeconds": 5}})  # fmt: skip
     config = runner.write_config(tmp_path, spec)
-    slow_s3.hold(HELD, 12)
+    slow_s3.hold(HELD, 8)
 
     codes, logs = finish(start_nodes(config, tmp_path))
 
     assert codes == [0, 0], logs
-    assert min(end - start for _, start, end in slow_s3.delays.held) >= 12
+    assert min(end - start for _, start, end in slow_s3.delays.held) >= 8
     assert len(slow_s3.delays.held) == 2  # steps 2 and 4
     keys = {item["Key"] for item in s3_env.client().list_objects_v2(Bucket=bucket)["Contents"]}
     assert {"run/checkpoints/step-00000004/COMPLETE", "run/model/difftrain.json"} <= keys
@@ -263,7 +265,12 @@ def test_sigterm_while_sampling_cuts_the_samples_short_not_the_checkpoint(
     log = output_lines.text()
 
     assert code == 143, log
-    assert "samples of step 2 cut short at 16 of 64 images: the job is stopping" in log
+    # The signal may come before the first chunk of 16 images starts, or during it.
+    cut = re.search(r"samples of step 2 cut short at (\d+) of 64 images: the job is stopping", log)
+    assert cut and int(cut[1]) in (0, 16), log
     assert (output / "checkpoints" / "step-00000002" / "COMPLETE").exists()
-    made = json.loads((output / "samples" / "step-00000002" / "prompts.json").read_text())
-    assert len(made) == 16
+    if int(cut[1]):
+        made = json.loads((output / "samples" / "step-00000002" / "prompts.json").read_text())
+        assert len(made) == 16
+    else:
+        assert not (output / "samples" / "step-00000002").exists()
