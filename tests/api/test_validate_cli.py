@@ -126,20 +126,22 @@ BAD_MANIFESTS = [
     (
         "over-long-name",
         job({"metadata": {"name": "n" * 60}}),
-        f"metadata.name: is too long: pod hostname '{'n' * 60}-a4-0' would have 65 characters "
-        "(limit 63); shorten the name to at most 58 characters",
+        "metadata.name: is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "
+        f"characters; '{'n' * 60}-a4-0' would have 65, so shorten the name to at most 58 "
+        "characters",
     ),
     (
         "long-name-many-nodes",
         job({"metadata": {"name": "n" * 58}}, spec={"resources": {"nodes": 100}}),
-        f"metadata.name: is too long: pod hostname '{'n' * 58}-a4-99' would have 64 characters "
-        "(limit 63); shorten the name to at most 57 characters",
+        "metadata.name: is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "
+        f"characters; '{'n' * 58}-a4-99' would have 64, so shorten the name to at most 57 "
+        "characters",
     ),
     (
         "name-not-dns-label",
         job({"metadata": {"name": "1-Job"}}),
-        "metadata.name: '1-Job' must start with a lowercase letter and hold only lowercase "
-        "letters, digits and '-' (it names a Service)",
+        "metadata.name: must start with a lowercase letter and hold only lowercase letters, "
+        "digits and '-', as it names a Service (got '1-Job')",
     ),
     (
         "other-kind",
@@ -178,7 +180,7 @@ BAD_MANIFESTS = [
     (
         "ema-on-lora",
         job(spec={"training": {"ema": {"enabled": True}}}),
-        "spec.training.ema.enabled: EMA applies only when full weights are trained (finetune, "
+        "spec.training.ema.enabled: applies only when full weights are trained (finetune, "
         "full, dreambooth with unet full)",
     ),
     (

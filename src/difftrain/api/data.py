@@ -68,8 +68,11 @@ class BucketingSpec(ApiModel):
 
     model_config = with_rules(
         {
-            "rule": "self.minResolution <= self.maxResolution",
+            # has() first: the API server also checks the rule on the schema's default ({}).
+            "rule": "!has(self.minResolution) || !has(self.maxResolution) || "
+            "self.minResolution <= self.maxResolution",
             "message": "spec.dataset.bucketing.minResolution must be <= maxResolution",
+            "fieldPath": ".minResolution",
         }
     )
 

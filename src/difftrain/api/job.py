@@ -60,8 +60,8 @@ class DiffusionTrainingJob(BaseModel):
                 [
                     (
                         ("metadata", "name"),
-                        f"'{name}' must start with a lowercase letter and hold "
-                        "only lowercase letters, digits and '-' (it names a Service)",
+                        "must start with a lowercase letter and hold only lowercase "
+                        f"letters, digits and '-', as it names a Service (got '{name}')",
                     )
                 ]
             )
@@ -72,21 +72,23 @@ class DiffusionTrainingJob(BaseModel):
                 [
                     (
                         ("metadata", "name"),
-                        f"is too long: pod hostname '{longest}' would have "
-                        f"{len(longest)} characters (limit {HOSTNAME_MAX}); shorten the name to at "
-                        f"most {allowed} characters",
+                        "is too long: pod hostnames <name>-a<attempt>-<index> must fit in "
+                        f"{HOSTNAME_MAX} characters; '{longest}' would have {len(longest)}, "
+                        f"so shorten the name to at most {allowed} characters",
                     )
                 ]
             )
         return self
 
 
-# The same limits as CEL rules on the CRD's root (only metadata.name is visible there).
+# The same limits as CEL rules on the CRD's root (only metadata.name is visible there). A
+# fieldPath cannot point into metadata, so the API server reports them without a field:
+# each message starts with it.
 ROOT_RULES = [
     {
         "rule": f"self.metadata.name.matches('{NAME_PATTERN}')",
         "message": "metadata.name must start with a lowercase letter and hold only lowercase "
-        "letters, digits and '-' (it names a Service)",
+        "letters, digits and '-', as it names a Service",
     },
     {
         "rule": "size(self.metadata.name) + size(string(self.spec.runPolicy.maxRestarts + 1)) "

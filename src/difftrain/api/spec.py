@@ -62,7 +62,8 @@ _RULES = (
     *(
         {
             "rule": f"self.method != '{method}' || has(self.{block})",
-            "message": f"method {method} needs a spec.{block} block",
+            "message": f"spec.{block} is required for method {method}",
+            "fieldPath": f".{block}",
         }
         for method, block in _REQUIRED_BLOCK.items()
     ),
@@ -86,9 +87,9 @@ _RULES = (
     },
     {
         "rule": f"!self.training.ema.enabled || {_CEL_TRAINS_FULL}",
-        "message": "spec.training.ema applies only when full weights are trained "
+        "message": "spec.training.ema.enabled applies only when full weights are trained "
         "(finetune, full, dreambooth with unet full)",
-        "fieldPath": ".training.ema",
+        "fieldPath": ".training.ema.enabled",
     },
     {
         "rule": "!has(self.output.formats) || !('kohya' in self.output.formats) || "
@@ -209,7 +210,7 @@ class DiffusionTrainingJobSpec(ApiModel):
             problems.append(
                 (
                     ("training", "ema", "enabled"),
-                    "EMA applies only when full weights are "
+                    "applies only when full weights are "
                     "trained (finetune, full, dreambooth with unet full)",
                 )
             )

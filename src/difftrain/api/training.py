@@ -15,7 +15,8 @@ class SchedulerSpec(ApiModel):
 
     model_config = with_rules(
         {
-            "rule": "self.type != 'step' || has(self.stepSize)",
+            # has() first: the API server also checks the rule on the schema's default ({}).
+            "rule": "!has(self.type) || self.type != 'step' || has(self.stepSize)",
             "message": "spec.training.scheduler.stepSize is required when type is step",
             "fieldPath": ".stepSize",
         }
@@ -73,7 +74,7 @@ class TrainingSpec(ApiModel):
     model_config = with_rules(
         {
             "rule": "has(self.steps) != has(self.epochs)",
-            "message": "set exactly one of spec.training.steps and spec.training.epochs",
+            "message": "spec.training: set exactly one of steps and epochs",
         }
     )
 

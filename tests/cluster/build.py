@@ -1,0 +1,197 @@
+"""Build the test control plane's binaries from Go modules, once per version.
+
+kube-apiserver, kube-controller-manager and kube-scheduler come from ``k8s.io/kubernetes``
+built in a small wrapper module: that module requires it and replaces each staging module
+(``k8s.io/api``, ``k8s.io/client-go``, ...) with its published ``v0.X.Y`` tag, which is how
+Kubernetes builds outside its own repository. etcd's server module is built through a
+three-line ``main`` (its own module has replace directives, so ``go install`` refuses it),
+kwok and Kueue with ``go install``. The wrappers are written to the cache, not the clone;
+the binaries land in ``CACHE/<name>-<version>/bin`` and are never rebuilt.
+
+``python -m tests.cluster.build`` builds everything and prints where.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+# One Kubernetes minor, the one that pairs with this machine's Go (1.36 with Go 1.26).
+KUBERNETES = "v1.36.3"
+ETCD = "v3.6.16"
+KWOK = "v0.8.0"
+KUEUE = "v0.17.0"
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHE = Path(
+    os.environ.get("DIFFTRAIN_CLUSTER_CACHE")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "difftrain" / "cluster"
+)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Where each binary of the control plane is."""
+
+    etcd: Path
+    apiserver: Path
+    controller_manager: Path
+    scheduler: Path
+    kwok: Path
+    kueue: Path
+    kueue_module: Path  # Kueue's module source, for its CRDs and manifests
+
+
+def binaries(build: bool = True, log=print) -> Binaries:
+    """Every binary, built first where the cache lacks it; with ``build=False`` a missing
+    one is an error that says how to build it (the tests do not build: it takes minutes)."""
+
+    def cached(name, how):
+        return _cached(name, how if build else None, log)
+
+    kube = cached(f"kubernetes-{KUBERNETES}", _build_kubernetes)
+    etcd = cached(f"etcd-{ETCD}", _build_etcd)
+    kwok = cached(f"kwok-{KWOK}", _go_install("sigs.k8s.io/kwok/cmd/kwok", KWOK))
+    kueue = cached(f"kueue-{KUEUE}", _go_install("sigs.k8s.io/kueue/cmd/kueue", KUEUE))
+    return Binaries(
+        etcd=etcd / "etcd",
+        apiserver=kube / "kube-apiserver",
+        controller_manager=kube / "kube-controller-manager",
+        scheduler=kube / "kube-scheduler",
+        kwok=kwok / "kwok",
+        kueue=kueue / "kueue",
+        kueue_module=_module_dir("sigs.k8s.io/kueue", KUEUE),
+    )
+
+
+def _cached(name: str, build, log) -> Path:
+    """``CACHE/name/bin``, made by ``build(bin folder, work folder)`` if missing. The folder
+    appears whole or not at all: it is built beside and renamed into place."""
+    final = CACHE / name
+    if (final / "bin").is_dir():
+        return final / "bin"
+    if build is None:
+        raise BuildError(
+            f"{final / 'bin'} is missing: run `make cluster-binaries` (it builds "
+            "the control plane from Go modules once, in minutes)"
+        )
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE, prefix=f".{name}-") as scratch:
+        scratch = Path(scratch)
+        (scratch / "bin").mkdir()
+        log(f"building {name} (once; cached in {CACHE})")
+        started = time.monotonic()
+        build(scratch / "bin", scratch / "src")
+        shutil.rmtree(scratch / "src", ignore_errors=True)
+        try:
+            scratch.rename(final)
+        except OSError:  # another build got there first
+            if not (final / "bin").is_dir():
+                raise
+        log(f"built {name} in {time.monotonic() - started:.0f} s")
+    return final / "bin"
+
+
+def _go(*args: str, cwd: Path, env: dict | None = None) -> str:
+    if shutil.which("go") is None:
+        raise BuildError("the control plane is built with Go (1.26 or newer): install Go")
+    result = subprocess.run(
+        ["go", *args], cwd=cwd, env={**_go_env(), **(env or {})},
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise BuildError(f"go {' '.join(args)} failed in {cwd}:\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def _go_env() -> dict:
+    # CGO off as in Kubernetes' own release builds; a machine's own GOFLAGS still apply.
+    return {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": _goflags()}
+
+
+def _goflags() -> str:
+    flags = os.environ.get("GOFLAGS", "").split()
+    return " ".join([*flags, "-buildvcs=false", "-trimpath"])
+
+
+def _module_dir(module: str, version: str) -> Path:
+    """The module's source in Go's module cache, downloaded first if need be."""
+    out = _go("mod", "download", "-json", f"{module}@{version}", cwd=CACHE)
+    return Path(json.loads(out)["Dir"])
+
+
+def _staging_replacements(version: str) -> dict[str, str]:
+    """Each staging module that ``k8s.io/kubernetes`` replaces with a folder of its own
+    repository, mapped to the tag published for it (v1.36.3 -> v0.36.3)."""
+    info = json.loads(_go("mod", "download", "-json", f"k8s.io/kubernetes@{version}", cwd=CACHE))
+    text = Path(info["GoMod"]).read_text()
+    tag = "v0." + version.removeprefix("v1.")
+    found = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", text, re.MULTILINE)
+    if not found:
+        raise BuildError(f"k8s.io/kubernetes {version}: no staging replacements in its go.mod")
+    return {module: tag for module in found}
+
+
+def _build_kubernetes(bin_dir: Path, src: Path) -> None:
+    src.mkdir()
+    replaces = _staging_replacements(KUBERNETES)
+    lines = ["module difftrain.test/kubernetes", "", "go 1.26.0", "", "replace ("]
+    lines += [f"\t{module} => {module} {tag}" for module, tag in sorted(replaces.items())]
+    (src / "go.mod").write_text("\n".join([*lines, ")", ""]))
+    commands = [f"k8s.io/kubernetes/cmd/{name}" for name in
+                ("kube-apiserver", "kube-controller-manager", "kube-scheduler")]  # fmt: skip
+    _go("get", *(f"{command}@{KUBERNETES}" for command in commands), cwd=src)
+    _go("build", "-ldflags", _version_flags(KUBERNETES), "-o", str(bin_dir), *commands, cwd=src)
+
+
+def _version_flags(version: str) -> str:
+    """Stamp the version as Kubernetes' release builds do, so clients see a real one."""
+    major, minor = version.removeprefix("v").split(".")[:2]
+    stamps = {
+        "gitVersion": version, "gitMajor": major, "gitMinor": minor,
+        "gitTreeState": "clean", "buildDate": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }  # fmt: skip
+    flags = ["-s", "-w"]
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {package}.{name}={value}" for name, value in stamps.items()]
+    return " ".join(flags)
+
+
+def _build_etcd(bin_dir: Path, src: Path) -> None:
+    src.mkdir()
+    (src / "go.mod").write_text("module difftrain.test/etcd\n\ngo 1.26.0\n")
+    (src / "main.go").write_text(
+        'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
+        "func main() { etcdmain.Main(os.Args) }\n"
+    )
+    _go("get", f"go.etcd.io/etcd/server/v3@{ETCD}", cwd=src)
+    _go("mod", "tidy", cwd=src)
+    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "etcd"), ".", cwd=src)
+
+
+def _go_install(package: str, version: str):
+    def build(bin_dir: Path, _src: Path) -> None:
+        _go("install", "-ldflags", "-s -w", f"{package}@{version}", cwd=CACHE,
+            env={"GOBIN": str(bin_dir)})  # fmt: skip
+
+    return build
+
+
+if __name__ == "__main__":
+    try:
+        found = binaries(log=lambda line: print(line, file=sys.stderr, flush=True))
+    except BuildError as error:
+        sys.exit(str(error))
+    for name, path in vars(found).items():
+        print(f"{name}: {path}")

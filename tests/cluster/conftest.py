@@ -1,0 +1,32 @@
+import hashlib
+
+import pytest
+
+from tests.cluster import build
+from tests.cluster.control_plane import ControlPlane
+
+CRDS = build.ROOT / "crds"
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory):
+    """The real control plane (tests/cluster/control_plane.py), one for the session, with
+    difftrain's CRD installed as a platform team installs it."""
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), build.binaries(build=False))
+    plane.start()
+    try:
+        plane.kubectl("apply", "--server-side", "-f", str(CRDS))
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                      "crd/diffusiontrainingjobs.difftrain.io")  # fmt: skip
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+def namespace(control_plane, request):
+    """A fresh namespace for the test, deleted after it (without waiting)."""
+    name = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    control_plane.kubectl("create", "namespace", name)
+    yield name
+    control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
