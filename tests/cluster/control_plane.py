@@ -42,6 +42,8 @@ CONTROLLERS = [
     "root-ca-certificate-publisher-controller",
     "pod-garbage-collector-controller",
     "node-lifecycle-controller",  # lifts the not-ready taint once kwok says Ready
+    "deployment-controller",  # the chart's operator Deployment
+    "replicaset-controller",
 ]
 
 

@@ -1,0 +1,68 @@
+"""`helm install` of the chart on the real control plane, cluster-wide and per namespace:
+the release installs, its operator Deployment becomes available (the Deployment and
+ReplicaSet controllers make its pod, the scheduler binds it, kwok runs it), and each mode
+grants its rights where it says."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.cluster.build import ROOT
+from tests.test_chart import helm
+
+CHART = ROOT / "helm" / "difftrain"
+
+
+def _helm(control_plane, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([helm(), f"--kubeconfig={control_plane.kubeconfig}", *args],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def release(control_plane, namespace):
+    """Uninstalls the release named ``ops`` in ``namespace`` after the test."""
+    yield "ops"
+    subprocess.run([helm(), f"--kubeconfig={control_plane.kubeconfig}", "uninstall", "ops",
+                    "-n", namespace, "--wait", "--timeout=60s"], capture_output=True)  # fmt: skip
+
+
+def _can(control_plane, account: str, verb: str, resource: str, namespace: str, *more) -> bool:
+    result = control_plane.kubectl("auth", "can-i", verb, resource, "-n", namespace,
+                                   f"--as={account}", *more, check=False)  # fmt: skip
+    return result.stdout.strip() == "yes"
+
+
+def test_cluster_wide_install_runs_the_operator_with_rights_everywhere(
+    control_plane, namespace, release
+):
+    _helm(control_plane, "install", release, str(CHART), "-n", namespace,
+          "--wait", "--timeout=120s")  # fmt: skip
+
+    deployment = json.loads(control_plane.kubectl(
+        "get", "deployment", "-n", namespace, "-l", "app.kubernetes.io/instance=ops",
+        "-o", "json").stdout)["items"]  # fmt: skip
+    assert [d["status"].get("availableReplicas") for d in deployment] == [1]
+    account = f"system:serviceaccount:{namespace}:{deployment[0]['spec']['template']['spec']['serviceAccountName']}"  # noqa: E501
+    assert _can(control_plane, account, "create", "jobs.batch", "default")
+    assert _can(control_plane, account, "patch", "diffusiontrainingjobs.difftrain.io",
+                "kube-system", "--subresource=status")  # fmt: skip
+
+
+def test_namespaced_install_grants_rights_only_in_its_namespaces(control_plane, namespace, release):
+    for team in ("team-red", "team-blue"):
+        control_plane.kubectl("create", "namespace", team, check=False)
+
+    _helm(control_plane, "install", release, str(CHART), "-n", namespace, "--wait",
+          "--timeout=120s", "--set", "watchNamespaces={team-red,team-blue}")  # fmt: skip
+
+    deployment = json.loads(control_plane.kubectl(
+        "get", "deployment", "-n", namespace, "-l", "app.kubernetes.io/instance=ops",
+        "-o", "json").stdout)["items"]  # fmt: skip
+    name = deployment[0]["spec"]["template"]["spec"]["serviceAccountName"]
+    account = f"system:serviceaccount:{namespace}:{name}"
+    assert _can(control_plane, account, "create", "jobs.batch", "team-red")
+    assert _can(control_plane, account, "create", "jobs.batch", "team-blue")
+    assert not _can(control_plane, account, "create", "jobs.batch", "default")
