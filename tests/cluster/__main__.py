@@ -19,8 +19,6 @@ from pathlib import Path
 from tests.cluster import build
 from tests.cluster.control_plane import ControlPlane
 
-CRDS = build.ROOT / "crds"
-
 
 def up(folder: Path) -> int:
     if _running(folder):
@@ -65,7 +63,7 @@ def serve(folder: Path) -> int:
     plane = ControlPlane(folder, build.binaries(build=False))
     try:
         plane.start()
-        plane.kubectl("apply", "--server-side", "-f", str(CRDS))
+        plane.install_crds()
         (folder / "ready").touch()
         while not stop.wait(1):
             plane.check_alive()

@@ -50,7 +50,6 @@ class Binaries:
     scheduler: Path
     kwok: Path
     kueue: Path
-    kueue_module: Path  # Kueue's module source, for its CRDs and manifests
 
 
 def binaries(build: bool = True, log=print) -> Binaries:
@@ -71,7 +70,6 @@ def binaries(build: bool = True, log=print) -> Binaries:
         scheduler=kube / "kube-scheduler",
         kwok=kwok / "kwok",
         kueue=kueue / "kueue",
-        kueue_module=_module_dir("sigs.k8s.io/kueue", KUEUE),
     )
 
 
@@ -123,12 +121,6 @@ def _go_env() -> dict:
 def _goflags() -> str:
     flags = os.environ.get("GOFLAGS", "").split()
     return " ".join([*flags, "-buildvcs=false", "-trimpath"])
-
-
-def _module_dir(module: str, version: str) -> Path:
-    """The module's source in Go's module cache, downloaded first if need be."""
-    out = _go("mod", "download", "-json", f"{module}@{version}", cwd=CACHE)
-    return Path(json.loads(out)["Dir"])
 
 
 def _staging_replacements(version: str) -> dict[str, str]:

@@ -5,8 +5,6 @@ import pytest
 from tests.cluster import build
 from tests.cluster.control_plane import ControlPlane
 
-CRDS = build.ROOT / "crds"
-
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory):
@@ -15,9 +13,7 @@ def control_plane(tmp_path_factory):
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), build.binaries(build=False))
     plane.start()
     try:
-        plane.kubectl("apply", "--server-side", "-f", str(CRDS))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                      "crd/diffusiontrainingjobs.difftrain.io")  # fmt: skip
+        plane.install_crds()
         yield plane
     finally:
         plane.stop()

@@ -25,9 +25,10 @@ from pathlib import Path
 import yaml
 
 from difftrain.local import free_port
-from tests.cluster.build import Binaries
+from tests.cluster.build import ROOT, Binaries
 
 STAGES = Path(__file__).with_name("stages.yaml")
+CRDS = ROOT / "crds"
 ADMIN_TOKEN = "difftrain-test-admin"
 SERVICE_CIDR = "10.96.0.0/16"
 # What the fake nodes have: enough for the tests' jobs, GPUs included.
@@ -147,13 +148,15 @@ class ControlPlane:
             raise ControlPlaneError(f"kubectl {' '.join(args)}: {result.stderr}")
         return result
 
+    def install_crds(self) -> None:
+        """difftrain's CRD, as a platform team installs it, once it is Established."""
+        self.kubectl("apply", "--server-side", "-f", str(CRDS))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                     "crd/diffusiontrainingjobs.difftrain.io")  # fmt: skip
+
     def apply(self, *objects: dict) -> None:
         text = yaml.safe_dump_all(list(objects))
         self.kubectl("apply", "--server-side", "-f", "-", input=text)
-
-    def env(self) -> dict:
-        """What a client needs in its environment to talk to this control plane."""
-        return {"KUBECONFIG": str(self.kubeconfig)}
 
     def _start(self, name: str, command: list) -> None:
         log = (self.folder / "logs" / f"{name}.log").open("w")
@@ -226,7 +229,7 @@ def fake_node(name: str) -> dict:
 
 def kubectl_binary() -> str:
     """kubectl from the virtual environment (``make``'s ``.venv/bin/kubectl``), else PATH."""
-    local = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kubectl"
+    local = ROOT / ".venv" / "bin" / "kubectl"
     if local.exists():
         return str(local)
     found = shutil.which("kubectl")

@@ -12,7 +12,7 @@ import yaml
 from tests.api.test_validate_cli import BAD_MANIFESTS
 from tests.builders import job, merge
 from tests.cluster.build import ROOT
-from tests.cluster.conftest import CRDS
+from tests.cluster.control_plane import CRDS
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 

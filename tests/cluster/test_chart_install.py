@@ -29,6 +29,16 @@ def release(control_plane, namespace):
                     "-n", namespace, "--wait", "--timeout=60s"], capture_output=True)  # fmt: skip
 
 
+def _operator_account(control_plane, namespace: str) -> str:
+    """The user the release's operator runs as, once its one Deployment is available."""
+    (deployment,) = json.loads(control_plane.kubectl(
+        "get", "deployment", "-n", namespace, "-l", "app.kubernetes.io/instance=ops",
+        "-o", "json").stdout)["items"]  # fmt: skip
+    assert deployment["status"].get("availableReplicas") == 1, deployment["status"]
+    name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
 def _can(control_plane, account: str, verb: str, resource: str, namespace: str, *more) -> bool:
     result = control_plane.kubectl("auth", "can-i", verb, resource, "-n", namespace,
                                    f"--as={account}", *more, check=False)  # fmt: skip
@@ -41,11 +51,7 @@ def test_cluster_wide_install_runs_the_operator_with_rights_everywhere(
     _helm(control_plane, "install", release, str(CHART), "-n", namespace,
           "--wait", "--timeout=120s")  # fmt: skip
 
-    deployment = json.loads(control_plane.kubectl(
-        "get", "deployment", "-n", namespace, "-l", "app.kubernetes.io/instance=ops",
-        "-o", "json").stdout)["items"]  # fmt: skip
-    assert [d["status"].get("availableReplicas") for d in deployment] == [1]
-    account = f"system:serviceaccount:{namespace}:{deployment[0]['spec']['template']['spec']['serviceAccountName']}"  # noqa: E501
+    account = _operator_account(control_plane, namespace)
     assert _can(control_plane, account, "create", "jobs.batch", "default")
     assert _can(control_plane, account, "patch", "diffusiontrainingjobs.difftrain.io",
                 "kube-system", "--subresource=status")  # fmt: skip
@@ -58,11 +64,7 @@ def test_namespaced_install_grants_rights_only_in_its_namespaces(control_plane, 
     _helm(control_plane, "install", release, str(CHART), "-n", namespace, "--wait",
           "--timeout=120s", "--set", "watchNamespaces={team-red,team-blue}")  # fmt: skip
 
-    deployment = json.loads(control_plane.kubectl(
-        "get", "deployment", "-n", namespace, "-l", "app.kubernetes.io/instance=ops",
-        "-o", "json").stdout)["items"]  # fmt: skip
-    name = deployment[0]["spec"]["template"]["spec"]["serviceAccountName"]
-    account = f"system:serviceaccount:{namespace}:{name}"
+    account = _operator_account(control_plane, namespace)
     assert _can(control_plane, account, "create", "jobs.batch", "team-red")
     assert _can(control_plane, account, "create", "jobs.batch", "team-blue")
     assert not _can(control_plane, account, "create", "jobs.batch", "default")
