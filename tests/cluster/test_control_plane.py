@@ -108,3 +108,17 @@ def test_deleting_a_job_removes_its_pods_through_the_garbage_collector(control_p
                                 "-o", "name").stdout.strip():  # fmt: skip
         assert time.monotonic() < deadline, "the job's pod outlived it"
         time.sleep(0.5)
+
+
+def test_missing_binaries_are_named_with_the_command_that_builds_them(tmp_path, monkeypatch):
+    from tests.cluster import build
+
+    monkeypatch.setattr(build, "CACHE", tmp_path / "cache")
+
+    with pytest.raises(build.BuildError) as raised:
+        build.binaries(build=False)
+
+    message = str(raised.value)
+    assert f"{tmp_path / 'cache' / f'kubernetes-{KUBERNETES}' / 'bin'} is missing" in message
+    assert "make cluster-binaries" in message
+    assert not (tmp_path / "cache").exists()  # nothing was built
