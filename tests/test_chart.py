@@ -155,14 +155,16 @@ def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
     assert [o["kind"] for o in default if "Role" in o["kind"]] == [
         "ClusterRole", "ClusterRoleBinding"
     ]  # fmt: skip
-    # Namespaced: only the right to watch Namespace objects is cluster-wide.
+    # Namespaced: only the rights to watch Namespace objects and CRDs are cluster-wide.
+    crds = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+            "verbs": ["list", "watch"]}  # fmt: skip
     (cluster_role,) = _of_kind(custom, "ClusterRole")
     assert cluster_role["rules"] == [
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}, crds
     ]
     roles = _of_kind(custom, "Role")
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
-    assert roles[0]["rules"] == _of_kind(default, "ClusterRole")[0]["rules"]
+    assert [*roles[0]["rules"], crds] == _of_kind(default, "ClusterRole")[0]["rules"]
     bindings = _of_kind(custom, "RoleBinding")
     assert {s["name"] for b in bindings for s in b["subjects"]} == {"difftrain-operator"}
     assert not _of_kind(custom, "ServiceAccount") and not _of_kind(custom, "Service")

@@ -5,8 +5,10 @@ built in a small wrapper module: that module requires it and replaces each stagi
 (``k8s.io/api``, ``k8s.io/client-go``, ...) with its published ``v0.X.Y`` tag, which is how
 Kubernetes builds outside its own repository. etcd's server module is built through a
 three-line ``main`` (its own module has replace directives, so ``go install`` refuses it),
-kwok and Kueue with ``go install``. The wrappers are written to the cache, not the clone;
-the binaries land in ``CACHE/<name>-<version>/bin`` and are never rebuilt.
+kwok with ``go install``, Kueue in a copy of its module with one line changed (see
+KUEUE_METRICS_CERTS); Kueue's CRDs and webhook configurations are copied from its module.
+The wrappers are written to the cache, not the clone; the binaries land in
+``CACHE/<name>-<version>/bin`` and are never rebuilt.
 
 ``python -m tests.cluster.build`` builds everything and prints where.
 """
@@ -28,6 +30,12 @@ KUBERNETES = "v1.36.3"
 ETCD = "v3.6.16"
 KWOK = "v0.8.0"
 KUEUE = "v0.17.0"
+# Bumped when the way Kueue is built changes, so a cached binary of the old way is not used.
+KUEUE_BUILD = "b2"
+# Kueue reads its metrics certificate from this fixed path when it does not manage its own
+# certificates (as here: its webhooks must serve a certificate for 127.0.0.1). The build
+# lets KUEUE_METRICS_CERT_DIR move it, through an overlay of that one line.
+KUEUE_METRICS_CERTS = 'metricsCertPath := "/etc/kueue/metrics/certs"'
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(
@@ -50,6 +58,7 @@ class Binaries:
     scheduler: Path
     kwok: Path
     kueue: Path
+    kueue_manifests: Path  # Kueue's CRDs (crds/) and webhook configurations (webhooks.yaml)
 
 
 def binaries(build: bool = True, log=print) -> Binaries:
@@ -62,7 +71,10 @@ def binaries(build: bool = True, log=print) -> Binaries:
     kube = cached(f"kubernetes-{KUBERNETES}", _build_kubernetes)
     etcd = cached(f"etcd-{ETCD}", _build_etcd)
     kwok = cached(f"kwok-{KWOK}", _go_install("sigs.k8s.io/kwok/cmd/kwok", KWOK))
-    kueue = cached(f"kueue-{KUEUE}", _go_install("sigs.k8s.io/kueue/cmd/kueue", KUEUE))
+    kueue = cached(f"kueue-{KUEUE}-{KUEUE_BUILD}", _build_kueue)
+    kueue_manifests = _cached(
+        f"kueue-manifests-{KUEUE}", _kueue_manifests if build else None, log, folder="config"
+    )
     return Binaries(
         etcd=etcd / "etcd",
         apiserver=kube / "kube-apiserver",
@@ -70,35 +82,36 @@ def binaries(build: bool = True, log=print) -> Binaries:
         scheduler=kube / "kube-scheduler",
         kwok=kwok / "kwok",
         kueue=kueue / "kueue",
+        kueue_manifests=kueue_manifests,
     )
 
 
-def _cached(name: str, build, log) -> Path:
-    """``CACHE/name/bin``, made by ``build(bin folder, work folder)`` if missing. The folder
+def _cached(name: str, build, log, folder: str = "bin") -> Path:
+    """``CACHE/name/folder``, made by ``build(folder, work folder)`` if missing. It
     appears whole or not at all: it is built beside and renamed into place."""
     final = CACHE / name
-    if (final / "bin").is_dir():
-        return final / "bin"
+    if (final / folder).is_dir():
+        return final / folder
     if build is None:
         raise BuildError(
-            f"{final / 'bin'} is missing: run `make cluster-binaries` (it builds "
+            f"{final / folder} is missing: run `make cluster-binaries` (it builds "
             "the control plane from Go modules once, in minutes)"
         )
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE, prefix=f".{name}-") as scratch:
         scratch = Path(scratch)
-        (scratch / "bin").mkdir()
+        (scratch / folder).mkdir()
         log(f"building {name} (once; cached in {CACHE})")
         started = time.monotonic()
-        build(scratch / "bin", scratch / "src")
+        build(scratch / folder, scratch / "src")
         shutil.rmtree(scratch / "src", ignore_errors=True)
         try:
             scratch.rename(final)
         except OSError:  # another build got there first
-            if not (final / "bin").is_dir():
+            if not (final / folder).is_dir():
                 raise
         log(f"built {name} in {time.monotonic() - started:.0f} s")
-    return final / "bin"
+    return final / folder
 
 
 def _go(*args: str, cwd: Path, env: dict | None = None) -> str:
@@ -172,12 +185,41 @@ def _build_etcd(bin_dir: Path, src: Path) -> None:
     _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "etcd"), ".", cwd=src)
 
 
+def _build_kueue(bin_dir: Path, src: Path) -> None:
+    """Kueue's module, copied, with KUEUE_METRICS_CERTS moved, built in place (Go takes
+    no overlay of a file in its module cache)."""
+    info = json.loads(_go("mod", "download", "-json", f"sigs.k8s.io/kueue@{KUEUE}", cwd=CACHE))
+    shutil.copytree(info["Dir"], src, ignore=shutil.ignore_patterns("test", "site", "*_test.go"))
+    for path in [src, *src.rglob("*")]:  # the module cache is read-only
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    main = src / "cmd" / "kueue" / "main.go"
+    text = main.read_text()
+    if text.count(KUEUE_METRICS_CERTS) != 1:
+        raise BuildError(f"{main}: no line `{KUEUE_METRICS_CERTS}` to point elsewhere")
+    moved = KUEUE_METRICS_CERTS + (
+        '\n\t\tif dir := os.Getenv("KUEUE_METRICS_CERT_DIR"); dir != "" { metricsCertPath = dir }'
+    )
+    main.write_text(text.replace(KUEUE_METRICS_CERTS, moved))
+    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "kueue"), "./cmd/kueue", cwd=src)
+
+
 def _go_install(package: str, version: str):
     def build(bin_dir: Path, _src: Path) -> None:
         _go("install", "-ldflags", "-s -w", f"{package}@{version}", cwd=CACHE,
             env={"GOBIN": str(bin_dir)})  # fmt: skip
 
     return build
+
+
+def _kueue_manifests(config: Path, _src: Path) -> None:
+    """Kueue's CRDs and webhook configurations, from its module's ``config/`` (the
+    release's install YAML is kustomized from these)."""
+    info = json.loads(_go("mod", "download", "-json", f"sigs.k8s.io/kueue@{KUEUE}", cwd=CACHE))
+    components = Path(info["Dir"]) / "config" / "components"
+    shutil.copytree(components / "crd" / "bases", config / "crds")
+    shutil.copyfile(components / "webhook" / "manifests.yaml", config / "webhooks.yaml")
+    for path in config.rglob("*"):  # the module cache is read-only
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 if __name__ == "__main__":

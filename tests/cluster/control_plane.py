@@ -11,6 +11,7 @@ import base64
 import contextlib
 import datetime
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -67,6 +68,11 @@ class ControlPlane:
     def ca(self) -> Path:
         return self.folder / "pki" / "ca.crt"
 
+    @property
+    def audit_log(self) -> Path:
+        """What every service account asked of the API server, one JSON event a line."""
+        return self.folder / "logs" / "audit.log"
+
     def start(self, timeout: float = 120) -> "ControlPlane":
         self.folder.mkdir(parents=True, exist_ok=True)
         logs = self.folder / "logs"
@@ -99,6 +105,8 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki['sa.key']}",
                 "--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true", "--profiling=false",
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
             ])  # fmt: skip
             self._wait_ready(timeout)
             self._start("kube-controller-manager", [
@@ -148,6 +156,24 @@ class ControlPlane:
             raise ControlPlaneError(f"kubectl {' '.join(args)}: {result.stderr}")
         return result
 
+    def api(self, method: str, path: str, body=None, content_type="application/json"):
+        """One request as the admin: the decoded JSON answer, or None for 404."""
+        request = urllib.request.Request(
+            self.url + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": content_type,
+                     "Accept": "application/json"},
+        )  # fmt: skip
+        if not hasattr(self, "_tls"):
+            self._tls = ssl.create_default_context(cafile=str(self.ca))
+        try:
+            with urllib.request.urlopen(request, context=self._tls, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return None
+            raise ControlPlaneError(f"{method} {path}: {error.code} {error.read()!r}") from None
+
     def install_crds(self) -> None:
         """difftrain's CRD, as a platform team installs it, once it is Established."""
         self.kubectl("apply", "--server-side", "-f", str(CRDS))
@@ -158,12 +184,13 @@ class ControlPlane:
         text = yaml.safe_dump_all(list(objects))
         self.kubectl("apply", "--server-side", "-f", "-", input=text)
 
-    def _start(self, name: str, command: list) -> None:
+    def _start(self, name: str, command: list, env: dict | None = None) -> None:
         log = (self.folder / "logs" / f"{name}.log").open("w")
         with log:
             self.processes[name] = subprocess.Popen(
                 [str(part) for part in command], stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**os.environ, **env} if env else None,
             )  # fmt: skip
         time.sleep(0.2)
         self.check_alive()
@@ -193,6 +220,10 @@ class ControlPlane:
             time.sleep(0.3)
 
     def _write_kubeconfig(self) -> None:
+        self.write_kubeconfig(self.kubeconfig, "admin", ADMIN_TOKEN)
+
+    def write_kubeconfig(self, path: Path, user: str, token: str) -> Path:
+        """A kubeconfig at ``path`` for this API server, as ``user`` with ``token``."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -200,12 +231,103 @@ class ControlPlane:
                 "server": self.url,
                 "certificate-authority-data": base64.b64encode(self.ca.read_bytes()).decode(),
             }}],
-            "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "admin"}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
             "current-context": "test",
         }  # fmt: skip
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    def _write_audit_policy(self) -> Path:
+        # Service accounts only (the operator runs as one); the controllers and the tests
+        # use the admin token and stay out of the log.
+        policy = {
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                      {"level": "None"}],
+        }  # fmt: skip
+        path = self.folder / "audit-policy.yaml"
+        path.write_text(yaml.safe_dump(policy))
+        return path
+
+    def audit_events(self, user: str) -> list[dict]:
+        """The audit log's events for ``user``, one per request (a watch logs when its
+        response starts and again when it ends)."""
+        events = {}
+        with contextlib.suppress(FileNotFoundError), self.audit_log.open() as log:
+            for line in log:
+                event = json.loads(line)
+                if event.get("user", {}).get("username") == user:
+                    events.setdefault(event["auditID"], event)
+        return list(events.values())
+
+    def start_kueue(self, timeout: float = 60) -> None:
+        """Kueue's controller manager with its CRDs and its webhooks (Jobs and Kueue's
+        own objects) called by the API server at 127.0.0.1; once per control plane."""
+        if "kueue" in self.processes:
+            return
+        manifests = self.binaries.kueue_manifests
+        self.kubectl("apply", "--server-side", "-f", str(manifests / "crds"))
+        names = [f"crd/{'.'.join(reversed(p.stem.split('_', 1)))}"
+                 for p in sorted((manifests / "crds").glob("*.yaml"))]  # fmt: skip
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+        certs = self.folder / "kueue" / "certs"
+        serving_certificate(self.folder / "pki", "kueue-webhooks", certs)
+        webhook_port, health_port = free_port(), free_port()
+        config = {
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+            "metrics": {"bindAddress": "0"},
+            "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(certs)},
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "integrations": {"frameworks": ["batch/job"]},
+        }  # fmt: skip
+        path = self.folder / "kueue" / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self._start("kueue", [
+            self.binaries.kueue, f"--config={path}", f"--kubeconfig={self.kubeconfig}",
+            "--feature-gates=VisibilityOnDemand=false",
+        ], env={"KUEUE_METRICS_CERT_DIR": str(certs)})  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not _answers(f"http://127.0.0.1:{health_port}/readyz"):
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(f"Kueue was not ready in {timeout:.0f} s")
+            time.sleep(0.3)
+        self.apply(*kueue_webhooks(manifests / "webhooks.yaml", webhook_port, self.ca))
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+# Kueue's webhooks the tests need: batch Jobs and Kueue's own objects.
+KUEUE_WEBHOOK_PATHS = ("-batch-v1-job", "-kueue-x-k8s-io-")
+
+
+def kueue_webhooks(manifests: Path, port: int, ca: Path) -> list[dict]:
+    """Kueue's webhook configurations, pointed at its server on 127.0.0.1 (the API server
+    has no route to a Service here), for the webhooks in KUEUE_WEBHOOK_PATHS."""
+    bundle = base64.b64encode(ca.read_bytes()).decode()
+    configurations = []
+    for configuration in yaml.safe_load_all(manifests.read_text()):
+        kept = []
+        for webhook in configuration["webhooks"]:
+            path = webhook["clientConfig"]["service"]["path"]
+            if any(part in path for part in KUEUE_WEBHOOK_PATHS):
+                webhook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}",
+                                           "caBundle": bundle}  # fmt: skip
+                kept.append(webhook)
+        name = "kueue-" + configuration["metadata"]["name"]
+        configurations.append({**configuration, "metadata": {"name": name}, "webhooks": kept})
+    return configurations
 
 
 def fake_node(name: str) -> dict:
@@ -241,65 +363,92 @@ def kubectl_binary() -> str:
 def _write_pki(folder: Path) -> dict[str, Path]:
     """A CA, the API server's serving certificate (127.0.0.1, localhost and the in-cluster
     names) and the service-account signing key pair; made once per folder."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
     paths = {name: folder / name for name in
              ("ca.crt", "ca.key", "serving.crt", "serving.key", "sa.key", "sa.pub")}  # fmt: skip
     if all(path.exists() for path in paths.values()):
         return paths
     folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-
-    def certificate(subject, key, issuer, issuer_key, extensions):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-        )
-        for extension, critical in extensions:
-            builder = builder.add_extension(extension, critical=critical)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    def pem_key(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM,
-                                 serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())  # fmt: skip
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("difftrain-test-ca", ca_key, "difftrain-test-ca", ca_key, [
-        (x509.BasicConstraints(ca=True, path_length=None), True),
-        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                       content_commitment=False, key_encipherment=False,
-                       data_encipherment=False, key_agreement=False, encipher_only=False,
-                       decipher_only=False), True),
-    ])  # fmt: skip
+    ca, ca_key = _certificate("difftrain-test-ca", None)
+    paths["ca.crt"].write_bytes(_pem(ca))
+    _write_key(paths["ca.key"], ca_key)
     names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
              "kubernetes.default.svc.cluster.local"]  # fmt: skip
-    addresses = [
-        ipaddress.ip_address("127.0.0.1"),
-        next(ipaddress.ip_network(SERVICE_CIDR).hosts()),
-    ]
-    serving_key = ec.generate_private_key(ec.SECP256R1())
-    serving = certificate("kube-apiserver", serving_key, "difftrain-test-ca", ca_key, [
-        (x509.SubjectAlternativeName([*map(x509.DNSName, names),
-                                      *map(x509.IPAddress, addresses)]), False),
-        (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
-    ])  # fmt: skip
+    addresses = ["127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))]
+    serving, serving_key = _certificate("kube-apiserver", (ca, ca_key), names, addresses)
+    paths["serving.crt"].write_bytes(_pem(serving))
+    _write_key(paths["serving.key"], serving_key)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    paths["ca.crt"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["ca.key"].write_bytes(pem_key(ca_key))
-    paths["serving.crt"].write_bytes(serving.public_bytes(serialization.Encoding.PEM))
-    paths["serving.key"].write_bytes(pem_key(serving_key))
-    paths["sa.key"].write_bytes(pem_key(sa_key))
+    _write_key(paths["sa.key"], sa_key)
     paths["sa.pub"].write_bytes(sa_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
-    for name in ("ca.key", "serving.key", "sa.key"):
-        os.chmod(paths[name], 0o600)
     return paths
+
+
+def serving_certificate(pki: Path, name: str, folder: Path) -> tuple[Path, Path]:
+    """``folder/tls.crt`` and ``tls.key``: a certificate for 127.0.0.1 signed by the test
+    CA in ``pki`` (for a webhook server the API server calls)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    certificate, key = _certificate(name, (ca, ca_key), ["localhost"], ["127.0.0.1"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tls.crt").write_bytes(_pem(certificate))
+    _write_key(folder / "tls.key", key)
+    return folder / "tls.crt", folder / "tls.key"
+
+
+def _certificate(subject: str, issuer, names=(), addresses=()):
+    """(certificate, key): a CA's own when ``issuer`` is None, else a serving certificate
+    for ``names`` and ``addresses`` signed by ``issuer`` (certificate, key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    issuer_name, issuer_key = (subject, key) if issuer is None else (
+        issuer[0].subject.rfc4514_string().removeprefix("CN="), issuer[1])  # fmt: skip
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+    )
+    if issuer is None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), True)  # fmt: skip
+    else:
+        alternative = [*map(x509.DNSName, names),
+                       *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses)]  # fmt: skip
+        builder = builder.add_extension(x509.SubjectAlternativeName(alternative), False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
+        )
+    return builder.sign(issuer_key, hashes.SHA256()), key
+
+
+def _pem(certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def _write_key(path: Path, key) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))  # fmt: skip
+    path.chmod(0o600)

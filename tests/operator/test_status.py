@@ -24,7 +24,7 @@ def batch_job(*conditions: tuple[str, str], suspend=False, queue=None) -> dict:
 
 
 def pod(phase="Running", exit_code=None, reason=None, message=None, waiting=None,
-        unschedulable=False, age=timedelta(minutes=1)) -> dict:  # fmt: skip
+        unschedulable=False, disrupted=False, age=timedelta(minutes=1)) -> dict:  # fmt: skip
     container = {"name": "trainer", "image": "trainer:1", "state": {}}
     if exit_code is not None:
         terminated = {"exitCode": exit_code, "reason": reason or "Error"}
@@ -43,6 +43,9 @@ def pod(phase="Running", exit_code=None, reason=None, message=None, waiting=None
                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
             }
         )
+    if disrupted:  # evicted: the Job controller makes a new pod in its place
+        conditions.append({"type": "DisruptionTarget", "status": "True",
+                           "reason": "EvictionByEvictionAPI"})  # fmt: skip
     created = (NOW - age).isoformat().replace("+00:00", "Z")
     return {
         "metadata": {"creationTimestamp": created},
@@ -66,7 +69,11 @@ CASES = [
     ("image-pull-past-grace", batch_job(),
      [pod("Pending", waiting="ImagePullBackOff", age=timedelta(minutes=10))], 0,
      ("Failed", "ImagePullBackOff", "none")),
+    ("missing-secret", batch_job(), [pod("Pending", waiting="CreateContainerConfigError")], 0,
+     ("Pending", "CreateContainerConfigError", "none")),
     ("running", batch_job(), [pod(), pod()], 0, ("Running", "Training", "none")),
+    ("disrupted-pod-replaced", batch_job(), [pod("Failed", 143, disrupted=True), pod()], 0,
+     ("Running", "Training", "none")),
     ("partly-running", batch_job(), [pod(), pod("Pending")], 0,
      ("Pending", "PodsStarting", "none")),
     ("succeeded", batch_job(("Complete", "Completed")), [pod("Succeeded")], 0,

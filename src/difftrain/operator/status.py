@@ -16,6 +16,8 @@ from difftrain.api.job import DiffusionTrainingJob
 # registry does).
 IMAGE_PULL_GRACE = timedelta(minutes=5)
 PULL_FAILURES = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
+# The kubelet cannot make the container (a missing Secret or ConfigMap key, most often).
+CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError")
 PERMANENT_REASONS = {2: "InvalidSpec", 3: "DatasetError", 4: "StorageAccessDenied"}
 TERMINAL = ("Succeeded", "Failed")
 CONDITION_TYPES = (
@@ -103,6 +105,8 @@ def _pending(pods: list[dict], now: datetime) -> Observation:
                     message,
                     permanent=bool(expired),
                 )
+            if waiting.get("reason") in CONFIG_FAILURES:
+                return Observation("pending", waiting["reason"], waiting.get("message", ""))
         for condition in pod.get("status", {}).get("conditions", []) or []:
             if (
                 condition.get("type") == "PodScheduled"
@@ -137,10 +141,13 @@ def observe(batch_job: dict | None, pods: list[dict], now: datetime) -> Observat
                 f"queued in Kueue queue {labels['kueue.x-k8s.io/queue-name']}",
             )
         return Observation("suspended", "Suspended", "suspended by spec.runPolicy.suspend")
-    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
-    if running and len(running) == len(pods):
+    # A pod that ended while the Job goes on was replaced (an eviction, which the Job's
+    # podFailurePolicy ignores) or finished its part: the live pods tell the state.
+    live = [p for p in pods if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+    running = [p for p in live if p.get("status", {}).get("phase") == "Running"]
+    if running and len(running) == len(live):
         return Observation("running", "Training", f"{len(running)} pods running")
-    return _pending(pods, now)
+    return _pending(live, now)
 
 
 def set_condition(

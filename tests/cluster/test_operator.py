@@ -1,0 +1,319 @@
+"""The operator end to end on the real control plane. One operator process runs for the
+module, cluster-wide, as the chart's ServiceAccount; each test applies jobs with kubectl in
+a namespace of its own. The real Job controller makes the pods, the scheduler binds them
+to kwok's nodes and kwok runs them, ending them as the test annotates them (stages.yaml);
+the garbage collector removes what a deleted job owned."""
+
+import time
+
+import pytest
+import yaml
+
+from tests.builders import job
+from tests.cluster.operator import (
+    JOBS,
+    Cluster,
+    Operator,
+    dump,
+    refused,
+    tour,
+    unused_rights,
+    used_rights,
+    wait_until,
+)
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, tmp_path_factory):
+    running = Operator(control_plane, "difftrain-system", tmp_path_factory.mktemp("operator"))
+    running.install().start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        running.uninstall()
+
+
+@pytest.fixture
+def cluster(control_plane, namespace, operator):
+    return Cluster(control_plane, namespace, operator)
+
+
+def demo(**spec) -> dict:
+    return job(spec=spec or None)
+
+
+def test_a_job_runs_to_success_through_the_real_controllers(cluster):
+    created = cluster.apply(demo(resources={"nodes": 2}))
+
+    trainer = wait_until(lambda: cluster.job("demo-a1"), what="the attempt's Job")
+    owner = {"apiVersion": "difftrain.io/v1alpha1", "kind": "DiffusionTrainingJob",
+             "name": "demo", "uid": created["metadata"]["uid"], "controller": True,
+             "blockOwnerDeletion": True}  # fmt: skip
+    config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
+    service = cluster.get("/api/v1/namespaces/{namespace}/services", "demo")
+    for child in (trainer, config, service):
+        assert child["metadata"]["ownerReferences"] == [owner]
+    assert trainer["spec"]["completionMode"] == "Indexed"
+    pods = cluster.running_pods(2)
+    assert {p["spec"]["nodeName"] for p in pods} <= {"kwok-node-0", "kwok-node-1"}
+    cluster.wait_phase("Running")
+    assert cluster.printed()["PHASE"] == "Running"
+
+    for pod in pods:
+        cluster.annotate(pod, {"difftrain.test/exit-code": "0"})
+
+    status = cluster.wait_phase("Succeeded")
+    assert status["startTime"] <= status["completionTime"]
+    assert cluster.condition("Succeeded")
+    row = cluster.printed()
+    assert (row["PHASE"], row["METHOD"], row["RESTARTS"]) == ("Succeeded", "lora", "0")
+    reasons = wait_until(lambda: (r := [e["reason"] for e in cluster.events()]) and
+                         "Completed" in r and r, what="a Completed event")  # fmt: skip
+    assert reasons == ["JobCreated", "Training", "Completed"]
+    assert "finalizers" not in cluster.dtj()["metadata"]  # deleting never waits on us
+
+
+def test_exit_code_3_fails_the_job_as_a_dataset_error_with_no_restart(cluster):
+    cluster.apply(demo(resources={"nodes": 2}))
+    pods = cluster.running_pods(2)
+
+    message = '{"reason": "DatasetError", "message": "the dataset has no images"}'
+    cluster.annotate(cluster.index(pods, 1), {"difftrain.test/exit-code": "3",
+                                              "difftrain.test/message": message})  # fmt: skip
+
+    cluster.wait_phase("Failed")
+    failed = cluster.condition("Failed")
+    assert (failed["reason"], failed["message"]) == ("DatasetError", "the dataset has no images")
+    # The Job controller's own rule ended it (FailureTarget first, then Failed).
+    reasons = {c["reason"] for c in cluster.job("demo-a1")["status"]["conditions"]}
+    assert "PodFailurePolicy" in reasons
+    time.sleep(1.5)  # a resync or so: time for a wrong restart to show
+    assert cluster.job("demo-a2") is None
+    labels = f'job="demo",namespace="{cluster.namespace}",reason="DatasetError"'
+    assert f"difftrain_operator_job_failed{{{labels}}} 1.0" in cluster.operator.metrics()
+
+
+def test_a_crash_restarts_the_whole_gang_as_attempt_2(cluster):
+    cluster.apply(demo(resources={"nodes": 2}))
+    pods = cluster.running_pods(2)
+
+    cluster.annotate(cluster.index(pods, 1), {"difftrain.test/exit-code": "1",
+                                              "difftrain.test/message": "Traceback"})  # fmt: skip
+
+    second = wait_until(lambda: cluster.job("demo-a2"), what="attempt 2's Job")
+    env = {e["name"]: e.get("value") for e in second["spec"]["template"]["spec"]["containers"][0]
+           ["env"]}  # fmt: skip
+    assert env["PET_MASTER_ADDR"] == "demo-a2-0.demo"
+    wait_until(lambda: cluster.job("demo-a1") is None and not cluster.pods(attempt=1),
+               what="attempt 1's Job and pods are gone")  # fmt: skip
+    cluster.running_pods(2, attempt=2)
+    status = cluster.wait_phase("Running")
+    assert (status["attempt"], status["restarts"]) == (2, 1)
+    assert cluster.printed()["RESTARTS"] == "1"
+    warnings = [(e["reason"], e["message"]) for e in cluster.events() if e["type"] == "Warning"]
+    assert warnings == [("Error", "restart 1 of 3 after Error: exit code 1: Traceback")]
+    config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
+    assert '"attempt": 2' in config["data"]["job.json"]
+
+
+def test_too_many_crashes_fail_the_job(cluster):
+    cluster.apply(demo(runPolicy={"maxRestarts": 1}))
+    for attempt in (1, 2):
+        (pod,) = cluster.running_pods(1, attempt=attempt)
+        cluster.annotate(pod, {"difftrain.test/exit-code": "1"})
+
+    cluster.wait_phase("Failed")
+    assert cluster.condition("Failed")["reason"] == "MaxRestartsExceeded"
+    time.sleep(1.5)
+    assert cluster.job("demo-a3") is None
+
+
+def test_a_restarted_operator_creates_nothing_twice(cluster):
+    cluster.apply(demo())
+    wait_until(lambda: cluster.job("demo-a1"), what="the attempt's Job")
+    cluster.operator.stop()
+    cluster.operator.start()
+
+    cluster.running_pods(1)
+    cluster.wait_phase("Running")
+    time.sleep(1.5)  # a resync
+
+    created = [e for e in cluster.operator.requests()
+               if (e.get("objectRef") or {}).get("namespace") == cluster.namespace
+               and e["objectRef"].get("resource") == "jobs"
+               and e.get("responseStatus", {}).get("code") == 201]  # fmt: skip
+    assert [e["objectRef"]["name"] for e in created] == ["demo-a1"]
+    jobs = cluster.plane.api("GET", cluster.path(JOBS))["items"]
+    assert [j["metadata"]["name"] for j in jobs] == ["demo-a1"]
+    assert "difftrain_operator_reconcile_duration_seconds_count" in cluster.operator.metrics()
+
+
+def test_a_disruption_replaces_the_pod_without_counting_a_failure(cluster):
+    cluster.apply(demo())
+    (pod,) = cluster.running_pods(1)
+
+    cluster.annotate(pod, {"difftrain.test/disrupt": "true"})
+
+    def replaced():
+        pods = [p for p in cluster.pods(attempt=1) if p["status"].get("phase") == "Running"]
+        return pods and pods[0]["metadata"]["uid"] != pod["metadata"]["uid"] and pods
+
+    wait_until(replaced, what="the Job controller replaced the disrupted pod")
+    status = cluster.wait_phase("Running")
+    assert (status["attempt"], status.get("restarts", 0)) == (1, 0)
+    assert cluster.job("demo-a2") is None
+    assert not cluster.job("demo-a1")["status"].get("failed")
+
+
+def test_a_gang_no_node_can_hold_is_unschedulable(cluster):
+    cluster.apply(demo(resources={"gpusPerNode": 16}))
+
+    condition = wait_until(lambda: cluster.condition("Unschedulable"), what="Unschedulable")
+
+    assert "Insufficient nvidia.com/gpu" in condition["message"], condition
+    assert cluster.status()["phase"] == "Pending"
+
+
+def test_suspend_removes_the_pods_and_resume_brings_new_ones(cluster):
+    cluster.apply(demo())
+    (first,) = cluster.running_pods(1)
+
+    cluster.patch_dtj({"runPolicy": {"suspend": True}})
+    cluster.wait_phase("Suspended")
+    wait_until(lambda: not cluster.pods(), what="the suspended job's pods are gone")
+    assert cluster.job("demo-a1")["spec"]["suspend"] is True
+
+    cluster.patch_dtj({"runPolicy": {"suspend": False}})
+    (second,) = cluster.running_pods(1)
+    cluster.wait_phase("Running")
+    assert second["metadata"]["uid"] != first["metadata"]["uid"]
+    assert cluster.status()["attempt"] == 1  # a suspension is not a restart
+
+
+def test_a_finished_job_is_deleted_after_its_ttl_with_its_children(cluster):
+    cluster.apply(demo(runPolicy={"ttlSecondsAfterFinished": 1}))
+    (pod,) = cluster.running_pods(1)
+
+    cluster.annotate(pod, {"difftrain.test/exit-code": "0"})
+
+    wait_until(lambda: cluster.dtj() is None, 30, what="the TTL deleted the job")
+    wait_until(lambda: cluster.job("demo-a1") is None
+               and cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config") is None,
+               what="the garbage collector deleted the children")  # fmt: skip
+
+
+def test_deleting_a_job_deletes_everything_it_owned(cluster):
+    cluster.apply(demo(resources={"nodes": 2}))
+    cluster.running_pods(2)
+
+    cluster.plane.kubectl("delete", "dtj", "demo", "-n", cluster.namespace, "--wait=true",
+                          "--timeout=30s")  # fmt: skip
+
+    def gone():
+        return (cluster.job("demo-a1") is None and not cluster.pods()
+                and cluster.get("/api/v1/namespaces/{namespace}/services", "demo") is None
+                and cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
+                is None)  # fmt: skip
+
+    wait_until(gone, what="the Job, pods, Service and ConfigMap are gone")
+
+
+def test_a_missing_secret_is_reported_with_the_clusters_message(cluster):
+    cluster.apply(demo(
+        dataset={"uri": "s3://data/shapes", "resolution": 32},
+        storage={"endpoint": "http://s3.example:9000",
+                 "secretRef": {"name": "difftrain-test-missing"}},
+    ))  # fmt: skip
+
+    condition = wait_until(lambda: cluster.status().get("phase") == "Pending"
+                           and cluster.condition("Created") and _waiting(cluster),
+                           what="the pod's waiting reason in the status")  # fmt: skip
+
+    assert condition["reason"] == "CreateContainerConfigError"
+    assert condition["message"] == 'secret "difftrain-test-missing" not found'
+
+
+def _waiting(cluster) -> dict:
+    """The condition that says why the pods have not started."""
+    for condition in cluster.status().get("conditions", []):
+        if condition["type"] == "Running" and condition["reason"] not in ("", "PodsStarting"):
+            return condition
+    return {}
+
+
+def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
+    cluster.plane.start_kueue()
+    gpus = {"name": "nvidia.com/gpu", "nominalQuota": 2}
+    cluster.plane.apply(
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
+         "metadata": {"name": "gpu"}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
+         "metadata": {"name": f"{cluster.namespace}-queue"},
+         "spec": {"namespaceSelector": {"matchLabels": {
+                      "kubernetes.io/metadata.name": cluster.namespace}},
+                  "resourceGroups": [{
+                      "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                      "flavors": [{"name": "gpu", "resources": [
+                          {"name": "cpu", "nominalQuota": 1000},
+                          {"name": "memory", "nominalQuota": "10Ti"}, gpus]}]}]}},
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+         "metadata": {"name": "team", "namespace": cluster.namespace},
+         "spec": {"clusterQueue": f"{cluster.namespace}-queue"}},
+    )  # fmt: skip
+    queued = {"runPolicy": {"queueName": "team"}, "resources": {"nodes": 2}}
+    cluster.apply(job({"metadata": {"name": "first"}}, spec=queued))
+    cluster.running_pods(2, "first")
+    cluster.apply(job({"metadata": {"name": "second"}}, spec=queued))
+
+    waiting = wait_until(lambda: cluster.condition("Suspended", "second"), what="second waits")
+    assert waiting["reason"] == "WaitingForAdmission"
+    time.sleep(1.5)
+    assert cluster.job("second-a1")["spec"]["suspend"] is True and not cluster.pods("second")
+    for pod in cluster.pods("first"):
+        cluster.annotate(pod, {"difftrain.test/exit-code": "0"})
+
+    cluster.wait_phase("Succeeded", "first")
+    cluster.running_pods(2, "second")
+    cluster.wait_phase("Running", "second")
+    workloads = cluster.plane.api(
+        "GET", f"/apis/kueue.x-k8s.io/v1beta2/namespaces/{cluster.namespace}/workloads"
+    )["items"]
+    admitted = [
+        w
+        for w in workloads
+        if any(
+            c["type"] == "Admitted" and c["status"] == "True"
+            for c in w["status"].get("conditions", [])
+        )
+    ]
+    assert len(admitted) == 2, dump([w["status"] for w in workloads])
+
+
+def test_a_burst_of_jobs_all_get_their_children(cluster):
+    names = [f"burst-{index}" for index in range(30)]
+
+    text = yaml.safe_dump_all([job({"metadata": {"name": n}}) for n in names])
+    cluster.plane.kubectl("apply", "-n", cluster.namespace, "-f", "-", input=text)
+
+    wait_until(lambda: all(cluster.job(f"{n}-a1") for n in names), 60, every=1,
+               what="every job has its Job")  # fmt: skip
+    wait_until(
+        lambda: all(cluster.status(n).get("phase") in ("Pending", "Running") for n in names),
+        60,
+        every=1,
+        what="every job has a status",
+    )
+
+
+def test_the_operator_uses_exactly_the_rights_the_chart_grants(cluster):
+    """Runs after the others: the audit log then holds the operator's whole range of work
+    (the tour adds a finished, a crashed and a suspended job of its own)."""
+    tour(cluster)
+
+    requests = cluster.operator.requests()
+    granted = cluster.operator.granted()
+
+    assert refused(requests) == [], "requests the chart's RBAC refused"
+    assert set(granted) == {""}, granted
+    assert unused_rights(used_rights(requests), granted) == set(), "rights never used"
