@@ -5,6 +5,7 @@ to kwok's nodes and kwok runs them, ending them as the test annotates them (stag
 the garbage collector removes what a deleted job owned."""
 
 import time
+import urllib.parse
 
 import pytest
 import yaml
@@ -304,6 +305,23 @@ def test_a_burst_of_jobs_all_get_their_children(cluster):
         every=1,
         what="every job has a status",
     )
+
+
+def test_the_operator_streams_only_its_own_pods_and_jobs(cluster):
+    """The API server filters the pods and Jobs the operator lists and watches: a cluster's
+    other pods never reach it (Kopf's own label filters work on what it was sent)."""
+    cluster.apply(demo())
+    cluster.running_pods(1)
+
+    reads = [e["requestURI"] for e in cluster.operator.requests()
+             if e["verb"] in ("list", "watch")
+             and (e.get("objectRef") or {}).get("resource") in ("pods", "jobs")]  # fmt: skip
+
+    def selector(uri: str) -> str:
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("labelSelector", [""])[0]
+
+    assert reads
+    assert [uri for uri in reads if not selector(uri).startswith("difftrain.io/job-name")] == []
 
 
 def test_the_operator_uses_exactly_the_rights_the_chart_grants(cluster):

@@ -20,10 +20,15 @@ CHILDREN = {JOB_NAME_LABEL: kopf.PRESENT}
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
-    """Keep Kopf's bookkeeping out of the job's status (which the CRD schema defines)."""
+    """Keep Kopf's bookkeeping out of the job's status (which the CRD schema defines), and
+    watch only the pods and Jobs that belong to jobs."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="difftrain.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="difftrain.io")
     settings.posting.level = logging.WARNING
+    # Kopf applies a handler's label filter to what it receives: without these selectors the
+    # API server would stream every pod and Job of the cluster to the operator.
+    for group, plural in (("", "pods"), ("batch", "jobs")):
+        settings.watching.label_selectors[group, "v1", plural] = JOB_NAME_LABEL
 
 
 def register(
