@@ -6,10 +6,11 @@ from tests.cluster import build
 from tests.cluster.control_plane import ControlPlane
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def control_plane(tmp_path_factory):
-    """The real control plane (tests/cluster/control_plane.py), one for the session, with
-    difftrain's CRD installed as a platform team installs it."""
+    """The real control plane (tests/cluster/control_plane.py), with difftrain's CRD
+    installed as a platform team installs it; one for the tests of this folder, stopped
+    after them (idle, it would still take CPU from the tests that follow)."""
     plane = ControlPlane(tmp_path_factory.mktemp("control-plane"), build.binaries(build=False))
     plane.start()
     try:
