@@ -159,9 +159,8 @@ def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
     crds = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
             "verbs": ["list", "watch"]}  # fmt: skip
     (cluster_role,) = _of_kind(custom, "ClusterRole")
-    assert cluster_role["rules"] == [
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}, crds
-    ]
+    namespaces = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
+    assert cluster_role["rules"] == [namespaces, crds]
     roles = _of_kind(custom, "Role")
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
     assert [*roles[0]["rules"], crds] == _of_kind(default, "ClusterRole")[0]["rules"]
