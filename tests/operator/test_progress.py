@@ -124,6 +124,7 @@ async def test_a_running_jobs_status_follows_its_trainer(k8s, operator):
         server.shutdown()
         thread.join(timeout=5)
 
+    await asyncio.sleep(0.6)  # a scrape made just before the shutdown is published by now
     seen = _progress(k8s)["lastSeenTime"]
     await asyncio.sleep(1.0)  # several resyncs with the endpoint gone
     assert _progress(k8s)["step"] == 60 and _progress(k8s)["lastSeenTime"] == seen
