@@ -34,7 +34,7 @@ KUEUE = "v0.17.0"
 KUEUE_BUILD = "b2"
 # Kueue reads its metrics certificate from this fixed path when it does not manage its own
 # certificates (as here: its webhooks must serve a certificate for 127.0.0.1). The build
-# lets KUEUE_METRICS_CERT_DIR move it, through an overlay of that one line.
+# lets KUEUE_METRICS_CERT_DIR move it, by changing that one line in a copy of the module.
 KUEUE_METRICS_CERTS = 'metricsCertPath := "/etc/kueue/metrics/certs"'
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -136,11 +136,21 @@ def _goflags() -> str:
     return " ".join([*flags, "-buildvcs=false", "-trimpath"])
 
 
+def _module(module: str, version: str) -> dict:
+    """``go mod download -json`` of the module: where its source (Dir) and go.mod are."""
+    return json.loads(_go("mod", "download", "-json", f"{module}@{version}", cwd=CACHE))
+
+
+def _writable(folder: Path) -> None:
+    """Make a copy out of Go's read-only module cache writable (and removable)."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _staging_replacements(version: str) -> dict[str, str]:
     """Each staging module that ``k8s.io/kubernetes`` replaces with a folder of its own
     repository, mapped to the tag published for it (v1.36.3 -> v0.36.3)."""
-    info = json.loads(_go("mod", "download", "-json", f"k8s.io/kubernetes@{version}", cwd=CACHE))
-    text = Path(info["GoMod"]).read_text()
+    text = Path(_module("k8s.io/kubernetes", version)["GoMod"]).read_text()
     tag = "v0." + version.removeprefix("v1.")
     found = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", text, re.MULTILINE)
     if not found:
@@ -188,10 +198,9 @@ def _build_etcd(bin_dir: Path, src: Path) -> None:
 def _build_kueue(bin_dir: Path, src: Path) -> None:
     """Kueue's module, copied, with KUEUE_METRICS_CERTS moved, built in place (Go takes
     no overlay of a file in its module cache)."""
-    info = json.loads(_go("mod", "download", "-json", f"sigs.k8s.io/kueue@{KUEUE}", cwd=CACHE))
-    shutil.copytree(info["Dir"], src, ignore=shutil.ignore_patterns("test", "site", "*_test.go"))
-    for path in [src, *src.rglob("*")]:  # the module cache is read-only
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    source = _module("sigs.k8s.io/kueue", KUEUE)["Dir"]
+    shutil.copytree(source, src, ignore=shutil.ignore_patterns("test", "site", "*_test.go"))
+    _writable(src)
     main = src / "cmd" / "kueue" / "main.go"
     text = main.read_text()
     if text.count(KUEUE_METRICS_CERTS) != 1:
@@ -214,12 +223,10 @@ def _go_install(package: str, version: str):
 def _kueue_manifests(config: Path, _src: Path) -> None:
     """Kueue's CRDs and webhook configurations, from its module's ``config/`` (the
     release's install YAML is kustomized from these)."""
-    info = json.loads(_go("mod", "download", "-json", f"sigs.k8s.io/kueue@{KUEUE}", cwd=CACHE))
-    components = Path(info["Dir"]) / "config" / "components"
+    components = Path(_module("sigs.k8s.io/kueue", KUEUE)["Dir"]) / "config" / "components"
     shutil.copytree(components / "crd" / "bases", config / "crds")
     shutil.copyfile(components / "webhook" / "manifests.yaml", config / "webhooks.yaml")
-    for path in config.rglob("*"):  # the module cache is read-only
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    _writable(config)
 
 
 if __name__ == "__main__":

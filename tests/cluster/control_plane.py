@@ -206,17 +206,15 @@ class ControlPlane:
         request = urllib.request.Request(
             f"{self.url}/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
         )
+        self._wait_for(lambda: fetch(request, context) is not None, "the API server", timeout)
+
+    def _wait_for(self, ready, what: str, timeout: float) -> None:
+        """Poll ``ready()`` until it is true, failing at once if a process exited."""
         deadline = time.monotonic() + timeout
-        while True:
+        while not ready():
             self.check_alive()
-            with (
-                contextlib.suppress(OSError, urllib.error.URLError),
-                urllib.request.urlopen(request, context=context, timeout=5) as response,
-            ):
-                if response.status == 200:
-                    return
             if time.monotonic() > deadline:
-                raise ControlPlaneError(f"the API server was not ready in {timeout:.0f} s")
+                raise ControlPlaneError(f"{what} was not ready in {timeout:.0f} s")
             time.sleep(0.3)
 
     def _write_kubeconfig(self) -> None:
@@ -291,21 +289,19 @@ class ControlPlane:
             self.binaries.kueue, f"--config={path}", f"--kubeconfig={self.kubeconfig}",
             "--feature-gates=VisibilityOnDemand=false",
         ], env={"KUEUE_METRICS_CERT_DIR": str(certs)})  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not _answers(f"http://127.0.0.1:{health_port}/readyz"):
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise ControlPlaneError(f"Kueue was not ready in {timeout:.0f} s")
-            time.sleep(0.3)
+        readyz = f"http://127.0.0.1:{health_port}/readyz"
+        self._wait_for(lambda: fetch(readyz) is not None, "Kueue", timeout)
         self.apply(*kueue_webhooks(manifests / "webhooks.yaml", webhook_port, self.ca))
 
 
-def _answers(url: str) -> bool:
+def fetch(url, context: ssl.SSLContext | None = None) -> str | None:
+    """The body at ``url`` (a URL or a Request), or None when it cannot be had (refused,
+    not answering, an error status)."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
+        with urllib.request.urlopen(url, context=context, timeout=5) as response:
+            return response.read().decode()
+    except OSError:  # URLError and HTTPError are OSErrors
+        return None
 
 
 # Kueue's webhooks the tests need: batch Jobs and Kueue's own objects.

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import yaml
 from difftrain.local import free_port
 from tests.builders import job
 from tests.cluster.build import ROOT
-from tests.cluster.control_plane import ControlPlane
+from tests.cluster.control_plane import ControlPlane, fetch
 from tests.test_chart import helm
 
 CHART = ROOT / "helm" / "difftrain"
@@ -25,14 +24,6 @@ RELEASE = "ops"
 DTJ = "/apis/difftrain.io/v1alpha1/namespaces/{namespace}/diffusiontrainingjobs"
 JOBS = "/apis/batch/v1/namespaces/{namespace}/jobs"
 PODS = "/api/v1/namespaces/{namespace}/pods"
-
-
-def fetch(url: str) -> str | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().decode()
-    except OSError:
-        return None
 
 
 def wait_until(check, timeout: float = 30.0, every: float = 0.2, what: str = ""):
