@@ -32,7 +32,8 @@ CUSTOM = {
     "operator": {
         "image": {"repository": "registry.example/difftrain-operator", "tag": "1.2.3",
                   "pullPolicy": "Always"},
-        "resyncSeconds": 60, "metricsPort": 9090, "healthPort": 9091,
+        "resyncSeconds": 60, "failureGraceSeconds": 600, "metricsPort": 9090,
+        "healthPort": 9091,
         "nodeSelector": {"pool": "system"},
         "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
         "podAnnotations": {"example.com/team": "ml-platform"}, "podLabels": {"team": "ml"},

@@ -12,7 +12,7 @@ def test_the_panels_users_look_for():
     titles = [panel["title"] for panel in dashboard()["panels"]]
 
     for wanted in ("Loss", "Learning rate", "Images per second", "Time left", "Device memory",
-                   "Progress", "Jobs by phase", "Restarts"):  # fmt: skip
+                   "Progress", "Jobs by phase", "Restarts and preemptions"):  # fmt: skip
         assert wanted in titles
 
 

@@ -247,9 +247,11 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
     operator = {
         "difftrain_operator_jobs": ("gauge", {"namespace", "phase"}),
         "difftrain_operator_job_restarts": ("gauge", {"namespace", "job"}),
+        "difftrain_operator_job_preemptions": ("gauge", {"namespace", "job"}),
         "difftrain_operator_job_failed": ("gauge", {"namespace", "job", "reason"}),
         "difftrain_operator_reconcile_duration_seconds": ("histogram", set()),
         "difftrain_operator_restarts": ("counter", set()),
+        "difftrain_operator_preemptions": ("counter", set()),
         "difftrain_operator_failures": ("counter", {"reason"}),
     }
     for name, (kind, labels) in operator.items():

@@ -79,7 +79,10 @@ def _operator(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"difftrain operator: {error}", file=sys.stderr)
         return 2
-    run(args.namespace, args.resync_seconds, args.metrics_port, args.health_port, defaults)
+    run(
+        args.namespace, args.resync_seconds, args.metrics_port, args.health_port, defaults,
+        args.failure_grace_seconds,
+    )  # fmt: skip
     return 0
 
 
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--resync-seconds", type=float, default=30.0,
         help="how often every job is reconciled regardless of events",
+    )  # fmt: skip
+    operator.add_argument(
+        "--failure-grace-seconds", type=float, default=300.0,
+        help="how long a pod may wait on its image or its Secrets before the job fails",
     )  # fmt: skip
     operator.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics")
     operator.add_argument("--health-port", type=int, default=8081, help="liveness /healthz")

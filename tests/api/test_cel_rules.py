@@ -47,6 +47,25 @@ TI = {"placeholderToken": "<t>", "initializerToken": "cat"}
 # (id, manifest, the one CEL message expected, the one field path the models report)
 CROSS_FIELD = [
     (
+        "output-inside-dataset",
+        job(
+            spec={
+                "dataset": {"uri": "s3://team/data/"},
+                "output": {"uri": "s3://team/data/runs/one"},
+            }
+        ),
+        "spec.output.uri must not be inside spec.dataset.uri: the job's samples would become "
+        "training images",
+        "spec.output.uri",
+    ),
+    (
+        "output-is-the-dataset",
+        job(spec={"dataset": {"uri": "s3://team/data"}, "output": {"uri": "s3://team/data/"}}),
+        "spec.output.uri must not be inside spec.dataset.uri: the job's samples would become "
+        "training images",
+        "spec.output.uri",
+    ),
+    (
         "dreambooth-block-missing",
         job(spec={"method": "dreambooth"}),
         "spec.dreambooth is required for method dreambooth",
@@ -217,7 +236,7 @@ def test_cel_and_models_reject_the_same_manifests(manifest, message, path):
 
 @pytest.mark.parametrize(
     ("name", "nodes", "max_restarts"),
-    [("x" * 58, 1, 3), ("x" * 57, 10, 3), ("x" * 56, 10, 99), ("a", 512, 99)],
+    [("x" * 56, 1, 3), ("x" * 55, 10, 3), ("x" * 55, 10, 99), ("a", 512, 99)],
 )
 def test_longest_allowed_names_pass_both(name, nodes, max_restarts):
     manifest = job(

@@ -131,6 +131,7 @@ def test_crd_identity_and_columns():
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"] if "priority" not in c] == [
         "Phase",
+        "Reason",
         "Progress",
         "Loss",
         "ETA",

@@ -74,6 +74,7 @@ def test_minimal_job_gets_documented_defaults():
         },
         "runPolicy": {
             "maxRestarts": 3,
+            "cleanPodPolicy": "Running",
             "suspend": False,
             "terminationGracePeriodSeconds": 300,
             "collectiveTimeoutSeconds": 1800,
@@ -141,11 +142,13 @@ def test_spec_round_trips_through_json():
 
 
 def test_longest_hostname_uses_last_attempt_and_index():
+    """Preemptions do not count against maxRestarts, so the attempt number's bound is
+    fixed (MAX_ATTEMPTS), not maxRestarts + 1."""
     spec = DiffusionTrainingJob.model_validate(
         job(spec={"resources": {"nodes": 16}, "runPolicy": {"maxRestarts": 9}})
     ).spec
 
-    assert longest_hostname("demo", spec) == "demo-a10-15"
+    assert longest_hostname("demo", spec) == "demo-a999-15"
 
 
 def test_load_job_raises_invalid_spec_with_every_problem():

@@ -124,17 +124,26 @@ BAD_MANIFESTS = [
         "spec.resources.nodes: must be >= 1 (got 0)",
     ),
     (
+        "output-inside-the-dataset",
+        job(
+            spec={"dataset": {"uri": "s3://team/shapes"}, "output": {"uri": "s3://team/shapes/out"}}
+        ),
+        "spec.output.uri: must not be inside spec.dataset.uri: the job's samples would become "
+        "training images on its next start; write the output beside the dataset "
+        "(spec.dataset.uri is s3://team/shapes)",
+    ),
+    (
         "over-long-name",
         job({"metadata": {"name": "n" * 60}}),
         "metadata.name: is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "
-        f"characters; '{'n' * 60}-a4-0' would have 65, so shorten the name to at most 58 "
+        f"characters; '{'n' * 60}-a999-0' would have 67, so shorten the name to at most 56 "
         "characters",
     ),
     (
         "long-name-many-nodes",
         job({"metadata": {"name": "n" * 58}}, spec={"resources": {"nodes": 100}}),
         "metadata.name: is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "
-        f"characters; '{'n' * 58}-a4-99' would have 64, so shorten the name to at most 57 "
+        f"characters; '{'n' * 58}-a999-99' would have 66, so shorten the name to at most 55 "
         "characters",
     ),
     (

@@ -104,6 +104,9 @@ class ControlPlane:
                 f"--service-account-key-file={pki['sa.pub']}",
                 f"--service-account-signing-key-file={pki['sa.key']}",
                 "--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # As OpenShift runs it: blockOwnerDeletion needs update on the owner's
+                # finalizers subresource.
+                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
                 "--allow-privileged=true", "--profiling=false",
                 f"--audit-policy-file={self._write_audit_policy()}",
                 f"--audit-log-path={self.audit_log}", "--audit-log-format=json",

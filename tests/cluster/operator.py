@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from difftrain.local import free_port
-from tests.builders import job
+from tests.builders import MINIMAL_JOB, job, merge
 from tests.cluster.build import ROOT
 from tests.cluster.control_plane import ControlPlane, fetch
 from tests.test_chart import helm
@@ -118,6 +118,17 @@ class Operator:
         """The audit log's record of every request the operator made."""
         return self.control_plane.audit_events(self.account)
 
+    def cluster_role(self) -> str:
+        """The name of the ClusterRole bound to the operator's account."""
+        _, _, namespace, name = self.account.split(":")
+        bindings = self.control_plane.api(
+            "GET", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings"
+        )["items"]
+        (found,) = [b["roleRef"]["name"] for b in bindings
+                    if {"kind": "ServiceAccount", "name": name, "namespace": namespace}
+                    in (b.get("subjects") or [])]  # fmt: skip
+        return found
+
     def granted(self) -> dict[str, set[tuple[str, str, str]]]:
         """(group, resource, verb) the account's bindings grant, by the namespace they
         hold in ("" for cluster-wide)."""
@@ -184,14 +195,21 @@ def refused(requests: list[dict]) -> list[str]:
     ]
 
 
+# Rights no request uses: the API server checks them for the operator's requests.
+# OwnerReferencesPermissionEnforcement asks for update on the owner's finalizers when a
+# child sets blockOwnerDeletion (test_blocking_owner_deletion_needs_the_finalizers_right).
+CHECKED_BY_ADMISSION = {("difftrain.io", "diffusiontrainingjobs/finalizers", "update")}
+
+
 def unused_rights(used: set, granted: dict) -> set:
     """Rules no request used: a cluster-wide rule by a request anywhere, a Role's rule by
-    a request in its namespace."""
+    a request in its namespace (less those admission checks)."""
     return {
         (scope, *rule)
         for scope, rules in granted.items()
         for rule in rules
-        if not any(u[1:] == rule and (not scope or u[0] == scope) for u in used)
+        if rule not in CHECKED_BY_ADMISSION
+        and not any(u[1:] == rule and (not scope or u[0] == scope) for u in used)
     }
 
 
@@ -209,10 +227,16 @@ class Cluster:
         return template.format(namespace=self.namespace) + (f"/{name}" if name else "")
 
     def apply(self, manifest: dict) -> dict:
-        """``kubectl apply`` of a DiffusionTrainingJob, as a user does; the object."""
+        """``kubectl apply`` of a DiffusionTrainingJob, as a user does; the object. A job
+        with the builders' default output gets one of its own (the operator refuses a
+        second live job on one output, across namespaces)."""
+        name = manifest["metadata"]["name"]
+        if manifest["spec"]["output"]["uri"] == MINIMAL_JOB["spec"]["output"]["uri"]:
+            own = {"output": {"uri": f"s3://outputs/{self.namespace}/{name}"}}
+            manifest = merge(manifest, {"spec": own})
         self.plane.kubectl("apply", "-n", self.namespace, "-f", "-",
                            input=yaml.safe_dump(manifest))  # fmt: skip
-        return self.dtj(manifest["metadata"]["name"])
+        return self.dtj(name)
 
     def dtj(self, name: str = "demo") -> dict | None:
         return self.plane.api("GET", self.path(DTJ, name))
@@ -285,11 +309,23 @@ class Cluster:
 
 def tour(cluster: Cluster) -> None:
     """The operator's whole range of work in ``cluster``'s namespace: a job runs and
-    expires (TTL), one crashes and restarts, one is suspended."""
+    expires (TTL), one crashes and restarts, one is suspended, one's pods are refused
+    (a missing ServiceAccount), and one is re-created over its orphaned children."""
+    cluster.apply(job({"metadata": {"name": "orphan"}}))
+    # Running pods: by then the garbage collector knows the Job's owner (orphaning a child
+    # it has not seen yet leaves the child to be collected as dangling).
+    cluster.running_pods(1, "orphan")
+    cluster.plane.kubectl("delete", "dtj", "orphan", "-n", cluster.namespace,
+                          "--cascade=orphan", "--wait=true", "--timeout=30s")  # fmt: skip
+    wait_until(lambda: not cluster.job("orphan-a1")["metadata"].get("ownerReferences"),
+               what="orphan's Job is orphaned")  # fmt: skip
     cluster.apply(job({"metadata": {"name": "done"}},
                       spec={"runPolicy": {"ttlSecondsAfterFinished": 0}}))  # fmt: skip
     cluster.apply(job({"metadata": {"name": "crash"}}))
     cluster.apply(job({"metadata": {"name": "pause"}}))
+    cluster.apply(job({"metadata": {"name": "refused"}},
+                      spec={"resources": {"serviceAccountName": "no-such-account"}}))  # fmt: skip
+    orphan = cluster.apply(job({"metadata": {"name": "orphan"}}))
     (done,) = cluster.running_pods(1, "done")
     cluster.annotate(done, {"difftrain.test/exit-code": "0"})
     (crash,) = cluster.running_pods(1, "crash")
@@ -298,4 +334,9 @@ def tour(cluster: Cluster) -> None:
     wait_until(lambda: cluster.dtj("done") is None, what="done expired")
     wait_until(lambda: cluster.job("crash-a2"), what="crash restarted")
     cluster.wait_phase("Suspended", "pause")
+    wait_until(lambda: cluster.status("refused").get("reason") == "FailedCreate",
+               what="refused's pods are refused")  # fmt: skip
+    wait_until(lambda: (cluster.job("orphan-a1") or {}).get("metadata", {}).get(
+        "ownerReferences", [{}])[0].get("uid") == orphan["metadata"]["uid"],
+        what="orphan has a Job of its own")  # fmt: skip
     time.sleep(1.5)  # a resync or so

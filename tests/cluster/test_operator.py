@@ -23,10 +23,14 @@ from tests.cluster.operator import (
     wait_until,
 )
 
+# A pod that cannot start (its image, its Secrets) fails its job after this many seconds.
+GRACE_SECONDS = 5
+
 
 @pytest.fixture(scope="module")
 def operator(control_plane, tmp_path_factory):
-    running = Operator(control_plane, "difftrain-system", tmp_path_factory.mktemp("operator"))
+    running = Operator(control_plane, "difftrain-system", tmp_path_factory.mktemp("operator"),
+                       values=[f"operator.failureGraceSeconds={GRACE_SECONDS}"])  # fmt: skip
     running.install().start()
     try:
         yield running
@@ -220,19 +224,174 @@ def test_deleting_a_job_deletes_everything_it_owned(cluster):
     wait_until(gone, what="the Job, pods, Service and ConfigMap are gone")
 
 
-def test_a_missing_secret_is_reported_with_the_clusters_message(cluster):
-    cluster.apply(demo(
-        dataset={"uri": "s3://data/shapes", "resolution": 32},
-        storage={"endpoint": "http://s3.example:9000",
-                 "secretRef": {"name": "difftrain-test-missing"}},
-    ))  # fmt: skip
+MISSING_SECRET = {
+    "dataset": {"uri": "s3://data/shapes", "resolution": 32},
+    "storage": {"endpoint": "http://s3.example:9000",
+                "secretRef": {"name": "difftrain-test-missing"}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["Running", "None"])
+def test_a_missing_secret_is_reported_then_fails_the_job_and_frees_its_pods(cluster, policy):
+    cluster.apply(demo(runPolicy={"cleanPodPolicy": policy}, **MISSING_SECRET))
 
     condition = wait_until(lambda: cluster.status().get("phase") == "Pending"
                            and cluster.condition("Created") and _waiting(cluster),
                            what="the pod's waiting reason in the status")  # fmt: skip
-
     assert condition["reason"] == "CreateContainerConfigError"
     assert condition["message"] == 'secret "difftrain-test-missing" not found'
+    assert cluster.printed()["REASON"] == "CreateContainerConfigError"
+
+    cluster.wait_phase("Failed", timeout=GRACE_SECONDS + 20)
+    failed = cluster.condition("Failed")
+    assert (failed["reason"], failed["message"]) == (
+        "CreateContainerConfigError",
+        f'secret "difftrain-test-missing" not found (for over {GRACE_SECONDS} s)',
+    )
+    warnings = [e["reason"] for e in cluster.events() if e["type"] == "Warning"]
+    assert warnings == ["CreateContainerConfigError", "CreateContainerConfigError"]
+    if policy == "Running":  # the Job stays, suspended: its pods go, it makes no more
+        wait_until(lambda: not cluster.pods(), what="the failed job's pods are gone")
+        assert cluster.job("demo-a1")["spec"]["suspend"] is True
+    else:
+        time.sleep(1.5)  # a resync or so
+        assert len(cluster.pods()) == 1 and not cluster.job("demo-a1")["spec"]["suspend"]
+
+
+def test_clean_pod_policy_all_removes_the_finished_pods_too(cluster):
+    cluster.apply(demo(resources={"nodes": 2}, runPolicy={"cleanPodPolicy": "All"}))
+    pods = cluster.running_pods(2)
+
+    cluster.annotate(cluster.index(pods, 0), {"difftrain.test/exit-code": "3"})
+
+    cluster.wait_phase("Failed")
+    wait_until(lambda: cluster.job("demo-a1") is None and not cluster.pods(),
+               what="the Job and all its pods are gone")  # fmt: skip
+    assert cluster.condition("Failed")["reason"] == "DatasetError"
+
+
+def test_a_preemption_restarts_the_gang_without_using_up_max_restarts(cluster):
+    """A node drain or a higher-priority job takes one pod (DisruptionTarget); its peer
+    checkpoints on SIGTERM and exits 143. The job goes on, though no restarts are left."""
+    cluster.apply(demo(resources={"nodes": 2}, runPolicy={"maxRestarts": 0}))
+    pods = cluster.running_pods(2)
+    evicted = cluster.index(pods, 0)
+
+    cluster.annotate(evicted, {"difftrain.test/disrupt": "true"})
+    wait_until(lambda: _disrupted(cluster, evicted), what="the pod has DisruptionTarget")
+    cluster.annotate(cluster.index(pods, 1), {"difftrain.test/exit-code": "143"})
+
+    wait_until(lambda: cluster.job("demo-a2"), what="attempt 2's Job")
+    cluster.running_pods(2, attempt=2)
+    status = cluster.wait_phase("Running")
+    assert (status["attempt"], status["restarts"], status["preemptions"]) == (2, 0, 1)
+    row = cluster.printed()
+    assert (row["RESTARTS"], row["PREEMPTIONS"]) == ("0", "1")
+    warnings = [(e["reason"], e["message"]) for e in cluster.events() if e["type"] == "Warning"]
+    assert warnings == [("Preempted", "restart after preemption 1 (not counted in maxRestarts): "
+                         f"pod {evicted['metadata']['name']} was disrupted (EvictionByEvictionAPI"
+                         ": Eviction API: evicting)")]  # fmt: skip
+    labels = f'job="demo",namespace="{cluster.namespace}"'
+    assert f"difftrain_operator_job_preemptions{{{labels}}} 1.0" in cluster.operator.metrics()
+
+
+def _disrupted(cluster, pod: dict) -> bool:
+    found = cluster.get("/api/v1/namespaces/{namespace}/pods", pod["metadata"]["name"])
+    return any(c["type"] == "DisruptionTarget" and c["status"] == "True"
+               for c in (found or {}).get("status", {}).get("conditions", []))  # fmt: skip
+
+
+def test_a_recreated_job_never_takes_over_its_predecessors_children(cluster):
+    """Deleted with --cascade=orphan (or re-applied before the garbage collector is done),
+    a finished job leaves its children; a new job of the same name deletes them, waits,
+    and trains, rather than finding the old Job complete."""
+    cluster.apply(demo())
+    (old_pod,) = cluster.running_pods(1)
+    cluster.annotate(old_pod, {"difftrain.test/exit-code": "0"})
+    cluster.wait_phase("Succeeded")
+    old = cluster.job("demo-a1")
+    cluster.plane.kubectl("delete", "dtj", "demo", "-n", cluster.namespace, "--cascade=orphan",
+                          "--wait=true", "--timeout=30s")  # fmt: skip
+    wait_until(lambda: not cluster.job("demo-a1")["metadata"].get("ownerReferences"),
+               what="the old Job is orphaned")  # fmt: skip
+
+    created = cluster.apply(demo())
+
+    new = wait_until(
+        lambda: (j := cluster.job("demo-a1")) and j["metadata"]["uid"] != old["metadata"]["uid"]
+        and j, what="a new attempt Job",
+    )  # fmt: skip
+    uid = created["metadata"]["uid"]
+    config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
+    service = cluster.get("/api/v1/namespaces/{namespace}/services", "demo")
+    for child in (new, config, service):
+        assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [uid]
+    (pod,) = cluster.running_pods(1)
+    assert pod["metadata"]["uid"] != old_pod["metadata"]["uid"]
+    cluster.wait_phase("Running")
+    reasons = [e["reason"] for e in cluster.events()
+               if e["involvedObject"]["uid"] == uid]  # fmt: skip
+    assert reasons[0] == "WaitingForPredecessor" and "Completed" not in reasons, reasons
+
+
+def test_a_second_job_on_the_same_output_is_refused_naming_the_first(cluster):
+    shared = "s3://outputs/shared-run"
+    cluster.apply(job({"metadata": {"name": "first"}}, spec={"output": {"uri": shared}}))
+    (pod,) = cluster.running_pods(1, "first")
+
+    cluster.apply(job({"metadata": {"name": "second"}}, spec={"output": {"uri": shared + "/"}}))
+
+    cluster.wait_phase("Failed", "second")
+    failed = cluster.condition("Failed", "second")
+    assert failed["reason"] == "OutputInUse"
+    assert f"is in use by job {cluster.namespace}/first;" in failed["message"], failed
+    assert cluster.printed("second")["REASON"] == "OutputInUse"
+    assert cluster.job("second-a1") is None
+    cluster.annotate(pod, {"difftrain.test/exit-code": "0"})
+    cluster.wait_phase("Succeeded", "first")
+    cluster.apply(job({"metadata": {"name": "third"}}, spec={"output": {"uri": shared}}))
+    cluster.running_pods(1, "third")  # the output is free once the first job ended
+
+
+def test_pods_the_api_server_refuses_are_reported_with_its_message(cluster):
+    cluster.apply(demo(resources={"serviceAccountName": "no-such-account"}))
+
+    condition = wait_until(lambda: (c := _waiting(cluster)) and c["reason"] == "FailedCreate"
+                           and c, what="FailedCreate in the status")  # fmt: skip
+
+    assert 'serviceaccount "no-such-account" not found' in condition["message"], condition
+    assert cluster.status()["phase"] == "Pending"
+    assert cluster.printed()["REASON"] == "FailedCreate"
+    assert "FailedCreate" in [e["reason"] for e in cluster.events() if e["type"] == "Warning"]
+
+
+def test_blocking_owner_deletion_needs_the_finalizers_right(cluster):
+    """The API server runs OwnerReferencesPermissionEnforcement: without update on
+    diffusiontrainingjobs/finalizers, no child can be created; the job says so, and
+    creates its children once the right is back."""
+    path = f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{cluster.operator.cluster_role()}"
+    role = cluster.plane.api("GET", path)
+    kept = [r for r in role["rules"] if "diffusiontrainingjobs/finalizers" not in r["resources"]]
+    assert len(kept) == len(role["rules"]) - 1
+    cluster.plane.api("PUT", path, {**role, "rules": kept})
+    try:
+        cluster.apply(demo())
+        created = wait_until(lambda: (c := _created(cluster)) and c["reason"] == "CreateRefused"
+                             and c, what="CreateRefused")  # fmt: skip
+        printed = cluster.printed()
+    finally:
+        cluster.plane.api("PUT", path, {**cluster.plane.api("GET", path), "rules": role["rules"]})
+
+    assert created["message"].startswith("the API server refused ConfigMap demo-config: ")
+    assert "cannot set blockOwnerDeletion" in created["message"], created
+    assert printed["REASON"] == "CreateRefused"
+    cluster.running_pods(1)
+    cluster.wait_phase("Running")
+
+
+def _created(cluster) -> dict:
+    conditions = cluster.status().get("conditions", [])
+    return next((c for c in conditions if c["type"] == "Created"), {})
 
 
 def _waiting(cluster) -> dict:
@@ -294,7 +453,9 @@ def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
 def test_a_burst_of_jobs_all_get_their_children(cluster):
     names = [f"burst-{index}" for index in range(30)]
 
-    text = yaml.safe_dump_all([job({"metadata": {"name": n}}) for n in names])
+    text = yaml.safe_dump_all([job({"metadata": {"name": n}},
+                                   spec={"output": {"uri": f"s3://outputs/{n}"}})
+                               for n in names])  # fmt: skip
     cluster.plane.kubectl("apply", "-n", cluster.namespace, "-f", "-", input=text)
 
     wait_until(lambda: all(cluster.job(f"{n}-a1") for n in names), 60, every=1,

@@ -37,16 +37,19 @@ def test_a_failed_job_has_one_failure_series_until_it_goes():
     metrics.observe("a", "one", {"phase": "Restarting", "restarts": 2, "conditions": [
         {"type": "Restarting", "status": "True", "reason": "OOMKilled"}]})  # fmt: skip
     assert _series(metrics, "difftrain_operator_job_failed") == {}
-    failed = {"phase": "Failed", "restarts": 2, "conditions": [_failed("MaxRestartsExceeded")]}
+    failed = {"phase": "Failed", "restarts": 2, "preemptions": 5,
+              "conditions": [_failed("MaxRestartsExceeded")]}  # fmt: skip
     metrics.observe("a", "one", failed)
     metrics.observe("a", "one", failed)  # every reconcile of a finished job observes it
 
     labels = (("job", "one"), ("namespace", "a"))
     assert _series(metrics, "difftrain_operator_job_restarts") == {labels: 2}
+    assert _series(metrics, "difftrain_operator_job_preemptions") == {labels: 5}
     assert _series(metrics, "difftrain_operator_job_failed") == {
         (*labels, ("reason", "MaxRestartsExceeded")): 1
     }
     metrics.forget("a", "one")
     assert _series(metrics, "difftrain_operator_job_failed") == {}
     assert _series(metrics, "difftrain_operator_job_restarts") == {}
+    assert _series(metrics, "difftrain_operator_job_preemptions") == {}
     metrics.forget("a", "one")  # a second delete event is harmless

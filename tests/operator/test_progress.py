@@ -91,10 +91,13 @@ def test_the_endpoint_is_the_running_index_0_pods():
 
 
 async def _running_pod(k8s, port: int) -> None:
+    """The attempt's pod, as the Job controller would make it (the Job owns it)."""
     pod = _pod("0", "127.0.0.1", port)
     pod["apiVersion"], pod["kind"] = "v1", "Pod"
     labels = {"difftrain.io/job-name": "demo", "difftrain.io/attempt": "1"}
-    pod["metadata"].update(name="demo-a1-0-x", namespace=NS, labels=labels)
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "demo-a1", "controller": True,
+             "uid": _get(k8s, "batch/v1/jobs", "demo-a1")["metadata"]["uid"]}  # fmt: skip
+    pod["metadata"].update(name="demo-a1-0-x", namespace=NS, labels=labels, ownerReferences=[owner])
     await _send(k8s, "POST", f"/api/v1/namespaces/{NS}/pods", pod)
 
 

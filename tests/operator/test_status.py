@@ -6,7 +6,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from difftrain.api.validation import load_job
-from difftrain.operator.status import events, next_status, observe, set_condition, ttl_expired
+from difftrain.operator.status import (
+    events,
+    missing_pods,
+    next_status,
+    observe,
+    set_condition,
+    summary_reason,
+    ttl_expired,
+)
 from tests.builders import job
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -71,6 +79,9 @@ CASES = [
      ("Failed", "ImagePullBackOff", "none")),
     ("missing-secret", batch_job(), [pod("Pending", waiting="CreateContainerConfigError")], 0,
      ("Pending", "CreateContainerConfigError", "none")),
+    ("missing-secret-past-grace", batch_job(),
+     [pod("Pending", waiting="CreateContainerConfigError", age=timedelta(minutes=10))], 0,
+     ("Failed", "CreateContainerConfigError", "none")),
     ("running", batch_job(), [pod(), pod()], 0, ("Running", "Training", "none")),
     ("disrupted-pod-replaced", batch_job(), [pod("Failed", 143, disrupted=True), pod()], 0,
      ("Running", "Training", "none")),
@@ -94,6 +105,21 @@ CASES = [
     ("crash-restarts", batch_job(FAILED), [pod("Failed", 1, message="Traceback ...")], 2,
      ("Restarting", "Error", "restart")),
     ("crash-after-max-restarts", batch_job(FAILED), [pod("Failed", 137)], 3,
+     ("Failed", "MaxRestartsExceeded", "none")),
+    # A preemption: one pod disrupted, the other checkpointed on SIGTERM (143). It is not
+    # a failure: a job with no restarts left goes on.
+    ("preempted", batch_job(FAILED), [pod("Failed", 143, disrupted=True), pod("Failed", 143)],
+     3, ("Restarting", "Preempted", "preempted")),
+    ("preempted-with-a-replacement-pod", batch_job(FAILED),
+     [pod("Failed", 143, disrupted=True), pod("Failed", 143), pod("Pending")], 3,
+     ("Restarting", "Preempted", "preempted")),
+    ("disrupted-but-a-peer-crashed", batch_job(FAILED),
+     [pod("Failed", 143, disrupted=True), pod("Failed", 1)], 0,
+     ("Restarting", "Error", "restart")),
+    ("disrupted-but-a-peer-failed-for-good", batch_job(FAILED),
+     [pod("Failed", 143, disrupted=True), pod("Failed", 3)], 0,
+     ("Failed", "DatasetError", "none")),
+    ("exit-143-without-a-disruption", batch_job(FAILED), [pod("Failed", 143)], 3,
      ("Failed", "MaxRestartsExceeded", "none")),
     ("deadline", batch_job(("Failed", "DeadlineExceeded")), [pod("Failed", 143)], 0,
      ("Failed", "DeadlineExceeded", "none")),
@@ -269,3 +295,94 @@ def test_warnings_for_unschedulable_and_for_every_restart():
     # Restarting was already True: the second restart is an Event all the same.
     assert [e[:2] for e in events(first, second)] == [("Warning", "OOMKilled")]
     assert events(second, second) == []
+
+
+def test_a_shorter_grace_fails_a_missing_secret_sooner():
+    waiting = [pod("Pending", waiting="CreateContainerConfigError", age=timedelta(seconds=20))]
+
+    default = observe(batch_job(), waiting, NOW)
+    short = observe(batch_job(), waiting, NOW, grace=timedelta(seconds=10))
+
+    assert (default.state, default.permanent) == ("pending", False)
+    assert (short.state, short.permanent, short.message) == (
+        "failed", True, "not found (for over 10 s)",
+    )  # fmt: skip
+
+
+def test_a_preemption_is_counted_apart_and_says_which_pod():
+    spec = load_job(job(spec={"runPolicy": {"maxRestarts": 0}}))
+    disrupted = pod("Failed", 143, disrupted=True)
+    disrupted["metadata"]["name"] = "demo-a1-0-x7k2p"
+    seen = observe(batch_job(FAILED), [disrupted, pod("Failed", 143)], NOW)
+
+    status, action = next_status(spec, {"attempt": 1, "restarts": 0, "preemptions": 2}, seen, NOW)
+
+    assert action == "preempted"
+    restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+    assert restarting["message"] == (
+        "restart after preemption 3 (not counted in maxRestarts): pod demo-a1-0-x7k2p was "
+        "disrupted (EvictionByEvictionAPI)"
+    )
+    recorded = {**status, "attempt": 2, "preemptions": 3}  # what the controller records
+    assert [e[:2] for e in events(status | {"preemptions": 2}, recorded)] == [
+        ("Warning", "Preempted")
+    ]
+
+
+def test_the_last_attempt_number_ends_the_job():
+    seen = observe(batch_job(FAILED), [pod("Failed", 143, disrupted=True)], NOW)
+
+    status, action = next_status(load_job(job()), {"attempt": 999, "preemptions": 998}, seen, NOW)
+
+    assert (status["phase"], action) == ("Failed", "none")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TooManyAttempts"
+
+
+@pytest.mark.parametrize(
+    ("conditions", "expected"),
+    [
+        ([("Created", "True", "JobCreated"), ("Running", "True", "Training")], "Training"),
+        ([("Created", "True", "JobCreated"), ("Running", "False", "CreateContainerConfigError")],
+         "CreateContainerConfigError"),
+        ([("Created", "False", "CreateRefused")], "CreateRefused"),
+        ([("Created", "False", "Creating")], "Creating"),
+        ([("Created", "True", "JobCreated"), ("Running", "False", "Training"),
+          ("Failed", "True", "MaxRestartsExceeded")], "MaxRestartsExceeded"),
+        ([("Created", "True", "JobCreated"), ("Suspended", "True", "WaitingForAdmission")],
+         "WaitingForAdmission"),
+    ],
+)  # fmt: skip
+def test_the_summary_reason_is_the_telling_conditions(conditions, expected):
+    status = {"conditions": [{"type": t, "status": v, "reason": r} for t, v, r in conditions]}
+
+    assert summary_reason(status) == expected
+
+
+def test_an_event_when_the_cluster_refuses_or_a_secret_is_missing():
+    refused = {"conditions": [{"type": "Created", "status": "False", "reason": "CreateRefused",
+                               "message": "forbidden"}]}  # fmt: skip
+    spec = load_job(job())
+    waiting, _ = next_status(
+        spec, {}, observe(batch_job(), [pod("Pending", waiting="CreateContainerConfigError")],
+                          NOW), NOW,
+    )  # fmt: skip
+
+    assert events({}, refused) == [("Warning", "CreateRefused", "forbidden")]
+    assert events(refused, refused) == []
+    assert ("Warning", "CreateContainerConfigError", "not found") in events({}, waiting)
+    assert events(waiting, waiting) == []
+
+
+def test_pods_the_api_server_refuses_are_the_waiting_reason():
+    refused = 'pods "demo-a1-0-" is forbidden: serviceaccount "robot" not found'
+    two = {**batch_job(), "spec": {"suspend": False, "parallelism": 2}}
+
+    seen = observe(two, [pod("Running")], NOW, refused=refused)
+    status, action = next_status(load_job(job()), {}, seen, NOW)
+
+    assert missing_pods(two, [pod("Running")]) and not missing_pods(two, [pod(), pod()])
+    assert not missing_pods(batch_job(suspend=True), [])
+    assert not missing_pods(batch_job(("Complete", "Completed")), [])
+    assert (status["phase"], summary_reason(status), action) == ("Pending", "FailedCreate", "none")
+    assert ("Warning", "FailedCreate", refused) in events({}, status)

@@ -56,16 +56,25 @@ pods; and posts Events.
 - apiGroups: ["difftrain.io"]
   resources: ["diffusiontrainingjobs/status"]
   verbs: ["patch"]
+# Children set blockOwnerDeletion on their owner reference to the job; where the
+# OwnerReferencesPermissionEnforcement admission plugin runs, that needs this right.
+- apiGroups: ["difftrain.io"]
+  resources: ["diffusiontrainingjobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# get and delete: a ConfigMap or Service an earlier job of the same name left behind is
+# deleted, never taken over.
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# create: the job's own Events; list: the Job controller's FailedCreate Events, which say
+# why the API server refuses a job's pods (quota, a missing ServiceAccount, Pod Security).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end -}}

@@ -10,6 +10,9 @@ from difftrain.api.base import ApiModel, ShortStr, immutable_rule, raise_problem
 MAX_NODES = 512
 MAX_GPUS_PER_NODE = 16
 MAX_RESTARTS = 99
+# Attempts (restarts and preemptions together) are numbered in pod hostnames; a job that
+# reaches this many fails (TooManyAttempts).
+MAX_ATTEMPTS = 999
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # Kubernetes' resource.Quantity syntax: a number with an optional binary, decimal or
@@ -148,6 +151,12 @@ class RunPolicySpec(ApiModel):
         None, ge=0, description="Delete the finished job (and its children) after this long."
     )
     suspend: bool = Field(False, description="Stop the pods (checkpointing first); resume later.")
+    clean_pod_policy: Literal["Running", "All", "None"] = Field(
+        "Running",
+        description="Pods removed when the job ends: Running (pods still running or "
+        "starting; finished pods stay for their logs), All (every pod, with the attempt's "
+        "Job), None (nothing; the pods hold their resources until deleted).",
+    )
     termination_grace_period_seconds: int = Field(
         300,
         ge=30,

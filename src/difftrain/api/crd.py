@@ -30,6 +30,7 @@ _DROPPED = {"title", "propertyNames", "$defs"}
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
     {
         "name": "Progress",
         "type": "number",
@@ -42,6 +43,12 @@ PRINTER_COLUMNS = [
     {"name": "Method", "type": "string", "jsonPath": ".spec.method", "priority": 1},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {
+        "name": "Preemptions",
+        "type": "integer",
+        "jsonPath": ".status.preemptions",
+        "priority": 1,
+    },
 ]
 
 

@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from difftrain.api.base import raise_problems
+from difftrain.api.cluster import MAX_ATTEMPTS
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.api.status import DiffusionTrainingJobStatus
 
@@ -25,7 +26,7 @@ def pod_hostname(name: str, attempt: int, index: int) -> str:
 
 def longest_hostname(name: str, spec: DiffusionTrainingJobSpec) -> str:
     """The longest pod hostname this job can produce over all attempts and nodes."""
-    return pod_hostname(name, spec.run_policy.max_restarts + 1, spec.resources.nodes - 1)
+    return pod_hostname(name, MAX_ATTEMPTS, spec.resources.nodes - 1)
 
 
 class ObjectMeta(BaseModel):
@@ -91,7 +92,7 @@ ROOT_RULES = [
         "letters, digits and '-', as it names a Service",
     },
     {
-        "rule": "size(self.metadata.name) + size(string(self.spec.runPolicy.maxRestarts + 1)) "
+        "rule": f"size(self.metadata.name) + {len(str(MAX_ATTEMPTS))} "
         f"+ size(string(self.spec.resources.nodes - 1)) + 3 <= {HOSTNAME_MAX}",
         "message": "metadata.name is too long: pod hostnames <name>-a<attempt>-<index> must "
         f"fit in {HOSTNAME_MAX} characters",

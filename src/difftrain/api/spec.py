@@ -103,6 +103,14 @@ _RULES = (
         "message": "spec.output.formats: singleFile applies only when full weights are trained",
         "fieldPath": ".output.formats",
     },
+    {
+        # The next restart would train on the job's own samples and plots.
+        "rule": "!(self.output.uri + '/').startsWith(self.dataset.uri.endsWith('/') ? "
+        "self.dataset.uri : self.dataset.uri + '/')",
+        "message": "spec.output.uri must not be inside spec.dataset.uri: the job's samples "
+        "would become training images",
+        "fieldPath": ".output.uri",
+    },
     *(
         immutable_rule(field, f"spec.{field} is immutable; create a new job to change it")
         for field in _IMMUTABLE_FIELDS
@@ -212,6 +220,16 @@ class DiffusionTrainingJobSpec(ApiModel):
                     ("training", "ema", "enabled"),
                     "applies only when full weights are "
                     "trained (finetune, full, dreambooth with unet full)",
+                )
+            )
+        dataset = self.dataset.uri.rstrip("/") + "/"
+        if (self.output.uri.rstrip("/") + "/").startswith(dataset):
+            problems.append(
+                (
+                    ("output", "uri"),
+                    "must not be inside spec.dataset.uri: the job's samples would become "
+                    "training images on its next start; write the output beside the "
+                    f"dataset (spec.dataset.uri is {self.dataset.uri})",
                 )
             )
         formats = self.output.formats or []

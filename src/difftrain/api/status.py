@@ -62,6 +62,12 @@ class DiffusionTrainingJobStatus(StatusModel):
     """Observed state of the job."""
 
     phase: Phase | None = Field(None, description="Summary of the job's state.")
+    reason: str | None = Field(
+        None,
+        max_length=128,
+        description="Why the job is in its phase, in one word: the reason of its telling "
+        "condition (e.g. Training, CreateContainerConfigError, WaitingForAdmission).",
+    )
     conditions: list[Condition] = Field(
         [],
         description="Created, Running, Restarting, Suspended, Succeeded, Failed.",
@@ -74,7 +80,18 @@ class DiffusionTrainingJobStatus(StatusModel):
         None, ge=0, description="The metadata.generation the status describes."
     )
     attempt: int | None = Field(None, ge=1, description="Current gang attempt, from 1.")
-    restarts: int = Field(0, ge=0, description="Gang restarts so far.")
+    restarts: int = Field(
+        0,
+        ge=0,
+        description="Gang restarts after failures so far (they count against "
+        "spec.runPolicy.maxRestarts).",
+    )
+    preemptions: int = Field(
+        0,
+        ge=0,
+        description="Gang restarts after a preemption (a pod disrupted, the others "
+        "stopped cleanly); they do not count against maxRestarts.",
+    )
     start_time: datetime | None = Field(None, description="When the first attempt started.")
     completion_time: datetime | None = Field(None, description="When the job finished.")
     progress: Progress | None = Field(None, description="Training progress.")

@@ -42,7 +42,9 @@ def register(
         metadata, status = body["metadata"], body.get("status") or {}
         if type == "DELETED":
             memo.controller.metrics.forget(metadata["namespace"], metadata["name"])
+            memo.controller.outputs.forget(metadata["namespace"], metadata["name"])
             return
+        memo.controller.outputs.note(body)
         # Our own status writes come back as events; the spec did not change in those.
         if type == "MODIFIED" and status.get("observedGeneration") == metadata.get("generation"):
             return
@@ -83,4 +85,5 @@ async def _resync_forever(memo, every: float, namespaces: list[str] | None) -> N
             log.exception("listing DiffusionTrainingJobs failed")
             continue
         for job in jobs:
+            memo.controller.outputs.note(job)
             await _reconcile(memo, job["metadata"]["namespace"], job["metadata"]["name"])

@@ -25,11 +25,12 @@ _PATHS = {
 
 
 class ApiError(Exception):
-    """The API server answered with an error status."""
+    """The API server answered with an error status; ``reason`` and ``detail`` are its
+    Status object's (e.g. Forbidden, and why)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reason: str = "", detail: str = ""):
         super().__init__(message)
-        self.status = status
+        self.status, self.reason, self.detail = status, reason, detail or message
 
 
 def api_client(host: str | None = None):
@@ -67,7 +68,13 @@ class Kube:
         response = client.call_api(method, url, header_params=headers, body=body)
         response.read()
         if not 200 <= response.status < 300:
-            raise ApiError(response.status, f"{method} {path}: {response.status} {response.data!r}")
+            try:
+                found = json.loads(response.data)
+                reason, detail = found.get("reason", ""), found.get("message", "")
+            except (ValueError, AttributeError):
+                reason, detail = "", ""
+            message = f"{method} {path}: {response.status} {response.data!r}"
+            raise ApiError(response.status, message, reason, detail)
         return json.loads(response.data) if response.data else None
 
     async def _get(self, path: str):
@@ -101,13 +108,27 @@ class Kube:
             body={"spec": {"suspend": suspended}}, content_type="application/merge-patch+json",
         )  # fmt: skip
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete an attempt's Job and, in the background, its pods."""
-        path = f"{self._collection('batch/v1', 'Job', namespace)}/{name}"
+    async def delete_job(self, namespace: str, name: str, uid: str | None = None) -> None:
+        """Delete an attempt's Job and, in the background, its pods; with ``uid``, only
+        that object (not one re-created under the same name meanwhile)."""
+        await self.delete("batch/v1", "Job", namespace, name, uid)
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict | None:
+        return await self._get(f"{self._collection(api_version, kind, namespace)}/{name}")
+
+    async def delete(
+        self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None
+    ) -> None:
+        """Delete an object (its dependents in the background); gone already is fine, and
+        with ``uid`` so is a different object of that name (409)."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        path = f"{self._collection(api_version, kind, namespace)}/{name}"
         try:
-            await self._call("DELETE", path, query=[("propagationPolicy", "Background")])
+            await self._call("DELETE", path, body=body, content_type="application/json")
         except ApiError as error:
-            if error.status != 404:
+            if error.status not in (404, 409):
                 raise
 
     async def list_pods(self, namespace: str, labels: dict[str, str]) -> list[dict]:
@@ -121,6 +142,22 @@ class Kube:
             pod for pod in pods
             if all(pod.get("metadata", {}).get("labels", {}).get(k) == v for k, v in labels.items())
         ]  # fmt: skip
+
+    async def failed_create(self, namespace: str, uid: str) -> str | None:
+        """The message of the newest FailedCreate Event of the Job ``uid`` (the Job
+        controller's word for pods the API server refused), or None."""
+        found = await self._call(
+            "GET", f"/api/v1/namespaces/{namespace}/events",
+            query=[("fieldSelector", f"involvedObject.uid={uid},reason=FailedCreate")],
+        )  # fmt: skip
+        items = (found or {}).get("items", [])
+        if not items:
+            return None
+
+        def when(event: dict) -> str:
+            return event.get("lastTimestamp") or event.get("eventTime") or ""
+
+        return max(items, key=when).get("message") or None
 
     async def get_training_job(self, namespace: str, name: str) -> dict | None:
         return await self._get(f"{self._collection(API_VERSION, KIND, namespace)}/{name}")

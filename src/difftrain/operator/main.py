@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from datetime import timedelta
 
 import kopf
 from prometheus_client import start_http_server
@@ -53,6 +54,7 @@ def run(
     metrics_port: int,
     health_port: int,
     defaults: Defaults,
+    failure_grace_seconds: float = 300.0,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -63,7 +65,10 @@ def run(
     kopf.on.login(registry=registry)(kopf.login_via_client)
     metrics = OperatorMetrics()
     start_http_server(metrics_port, registry=metrics.registry)
-    controller = Controller(Kube(api_client()), defaults, metrics)
+    grace = timedelta(seconds=failure_grace_seconds)
+    controller = Controller(
+        Kube(api_client()), defaults, metrics, grace=grace, namespaces=namespaces
+    )
     kopf.run(
         registry=registry,
         settings=settings,

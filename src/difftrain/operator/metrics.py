@@ -1,10 +1,11 @@
 """The operator's own Prometheus metrics (served on :8080/metrics).
 
 Job counts are by namespace and phase, so that a dashboard can filter them by namespace.
-Two gauges carry one series per job, and go when the job goes: its restarts, and a 1 for
-a job that failed, with the reason (the JobFailed alert). The labels ``namespace`` and
-``job`` are the job's own, as on the trainer's metrics; Prometheus keeps them with
-``honorLabels`` (the chart's monitors set it), as it does for kube-state-metrics.
+Three gauges carry one series per job, and go when the job goes: its restarts, its
+preemptions, and a 1 for a job that failed, with the reason (the JobFailed alert). The
+labels ``namespace`` and ``job`` are the job's own, as on the trainer's metrics;
+Prometheus keeps them with ``honorLabels`` (the chart's monitors set it), as it does for
+kube-state-metrics.
 """
 
 import contextlib
@@ -16,8 +17,8 @@ PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"
 
 
 class OperatorMetrics:
-    """Jobs by phase, each job's restarts and failure, reconcile durations, and totals of
-    restarts and failures by reason."""
+    """Jobs by phase, each job's restarts, preemptions and failure, reconcile durations,
+    and totals of restarts, preemptions and failures by reason."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -27,6 +28,11 @@ class OperatorMetrics:
         )  # fmt: skip
         self.job_restarts = Gauge(
             "difftrain_operator_job_restarts", "Gang restarts of each job (status.restarts)",
+            ["namespace", "job"], registry=self.registry,
+        )  # fmt: skip
+        self.job_preemptions = Gauge(
+            "difftrain_operator_job_preemptions",
+            "Gang restarts of each job after a preemption (status.preemptions)",
             ["namespace", "job"], registry=self.registry,
         )  # fmt: skip
         self.job_failed = Gauge(
@@ -40,6 +46,10 @@ class OperatorMetrics:
         self.restarts = Counter(
             "difftrain_operator_restarts", "Gang restarts", registry=self.registry
         )
+        self.preemptions = Counter(
+            "difftrain_operator_preemptions", "Gang restarts after a preemption",
+            registry=self.registry,
+        )  # fmt: skip
         self.failures = Counter(
             "difftrain_operator_failures", "Jobs that failed, by reason", ["reason"],
             registry=self.registry,
@@ -54,6 +64,7 @@ class OperatorMetrics:
         if status.get("phase"):
             self._phases[key] = status["phase"]
         self.job_restarts.labels(namespace=namespace, job=name).set(status.get("restarts", 0))
+        self.job_preemptions.labels(namespace=namespace, job=name).set(status.get("preemptions", 0))
         failed = next(
             (c for c in status.get("conditions", ()) if c["type"] == "Failed"
              and c["status"] == "True"), None,
@@ -71,8 +82,9 @@ class OperatorMetrics:
         key = (namespace, name)
         self._phases.pop(key, None)
         self._forget_failure(key)
-        with contextlib.suppress(KeyError):  # never observed
-            self.job_restarts.remove(namespace, name)
+        for gauge in (self.job_restarts, self.job_preemptions):
+            with contextlib.suppress(KeyError):  # never observed
+                gauge.remove(namespace, name)
         self._refresh()
 
     def _forget_failure(self, key: tuple[str, str]) -> None:

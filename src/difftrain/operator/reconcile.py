@@ -10,19 +10,23 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from difftrain.api.validation import validate_job
 from difftrain.operator import builders, progress
 from difftrain.operator.builders import Defaults
-from difftrain.operator.kube import Kube
+from difftrain.operator.kube import ApiError, Kube
 from difftrain.operator.metrics import OperatorMetrics
+from difftrain.operator.outputs import OutputIndex
 from difftrain.operator.status import (
+    FAILURE_GRACE,
     TERMINAL,
     events,
+    missing_pods,
     next_status,
     observe,
     set_condition,
+    summary_reason,
     timestamp,
     ttl_expired,
 )
@@ -30,6 +34,30 @@ from difftrain.operator.status import (
 log = logging.getLogger(__name__)
 
 _SPEC_KEYS = ("apiVersion", "kind", "metadata", "spec")
+
+
+def _owned_by(child: dict, uid: str) -> bool:
+    """Whether ``uid`` is ``child``'s controller (names repeat; uids do not)."""
+    references = child.get("metadata", {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in references)
+
+
+# A Job younger than this is still making its pods: its Events are not read yet.
+FAILED_CREATE_AFTER = timedelta(seconds=3)
+
+
+def _age(obj: dict, now: datetime) -> timedelta:
+    created = obj.get("metadata", {}).get("creationTimestamp")
+    if not created:
+        return timedelta(0)
+    return now - datetime.fromisoformat(created.replace("Z", "+00:00"))
+
+
+def _finished(batch: dict) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in batch.get("status", {}).get("conditions", []) or []
+    )
 
 
 @dataclass
@@ -40,6 +68,9 @@ class Controller:
     defaults: Defaults
     metrics: OperatorMetrics
     clock: object = lambda: datetime.now(UTC)
+    grace: timedelta = FAILURE_GRACE  # how long a pod may wait on its image or Secrets
+    namespaces: list[str] = field(default_factory=list)  # watched ones; empty for all
+    outputs: OutputIndex = field(default_factory=OutputIndex)
     _locks: dict = field(default_factory=lambda: defaultdict(asyncio.Lock))
 
     async def reconcile(self, namespace: str, name: str) -> None:
@@ -49,6 +80,12 @@ class Controller:
             if body is None:
                 self._locks.pop((namespace, name), None)
                 self.metrics.forget(namespace, name)
+                self.outputs.forget(namespace, name)
+                return
+            self.outputs.note(body)
+            if body["metadata"].get("deletionTimestamp"):
+                # Being deleted: the garbage collector is removing (or orphaning) the
+                # children, which would otherwise look like a predecessor's to delete.
                 return
             await self._reconcile(body, self.clock())
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
@@ -60,7 +97,9 @@ class Controller:
         job, problems = validate_job({key: body.get(key) for key in _SPEC_KEYS})
         if job is None:
             message = "; ".join(str(p) for p in problems)
-            new = self._invalid(status, message, metadata.get("generation"), now)
+            new = self._failed(status, "InvalidSpec", message, metadata, now)
+            policy = ((body.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy")
+            await self._clean_up(body, status, new, policy or "Running")
             await self._publish(body, status, new, now)
             return
         if status.get("phase") in TERMINAL:
@@ -70,29 +109,99 @@ class Controller:
                 await self.kube.delete_training_job(namespace, name)
             return
         attempt = status.get("attempt", 1)
+        current = {"attempt": attempt, "restarts": 0, **status}
         batch_name = builders.job_name(name, attempt)
         batch = await self.kube.get_job(namespace, batch_name)
+        if batch is not None and not _owned_by(batch, metadata["uid"]):
+            await self._wait_for_predecessor(body, current, batch, now)
+            return
+        if batch is None and attempt == 1 and not status.get("phase"):
+            holder = await self._output_holder(body)
+            if holder:
+                message = (
+                    f"spec.output.uri {job.spec.output.uri} is in use by job "
+                    f"{holder.namespace}/{holder.name}; give this job an output.uri of its "
+                    "own, or delete that job and re-create this one"
+                )
+                new = self._failed(current, "OutputInUse", message, metadata, now)
+                await self._publish(body, status, new, now)
+                return
         if batch is None:
-            await self._start_attempt(job, attempt)
+            refused = await self._start_attempt(job, attempt, body, current, now)
+            if refused:
+                return
             batch = await self.kube.get_job(namespace, batch_name)
         else:
             await self._sync_suspend(job, batch)
         pods = await self.kube.list_pods(
             namespace, {builders.JOB_NAME_LABEL: name, builders.ATTEMPT_LABEL: str(attempt)}
         )
-        new, action = next_status(job, {"attempt": attempt, "restarts": 0, **status},
-                                  observe(batch, pods, now), now)  # fmt: skip
+        # A predecessor's pods (a job deleted and re-created under this name) carry the
+        # same labels until the garbage collector removes them: only this Job's count.
+        pods = [pod for pod in pods if batch and _owned_by(pod, batch["metadata"]["uid"])]
+        refused = None
+        if batch and missing_pods(batch, pods) and _age(batch, now) > FAILED_CREATE_AFTER:
+            refused = await self.kube.failed_create(namespace, batch["metadata"]["uid"])
+        seen = observe(batch, pods, now, self.grace, refused)
+        new, action = next_status(job, current, seen, now)
         if new.get("phase") == "Running":
             await self._read_progress(job, pods, new, now)
-        if action == "restart":
+        if action in ("restart", "preempted"):
             # Record the decision first: if the operator dies half-way, the next reconcile
             # finds attempt N+1 missing and finishes the restart, and never restarts twice.
-            new["attempt"], new["restarts"] = attempt + 1, new["restarts"] + 1
+            counter = "restarts" if action == "restart" else "preemptions"
+            new["attempt"], new[counter] = attempt + 1, new.get(counter, 0) + 1
             await self._publish(body, status, new, now)
-            self.metrics.restarts.inc()
-            await self._start_attempt(job, attempt + 1)
+            (self.metrics.restarts if action == "restart" else self.metrics.preemptions).inc()
+            await self._start_attempt(job, attempt + 1, body, new, now)
             return
+        await self._clean_up(body, status, new, job.spec.run_policy.clean_pod_policy, batch)
         await self._publish(body, status, new, now)
+
+    async def _output_holder(self, body: dict):
+        """Another live job writing this job's output, if any (see outputs.py)."""
+        if not self.outputs.primed:
+            namespaces = self.namespaces or [None]
+            for namespace in namespaces:
+                for other in await self.kube.list_training_jobs(namespace):
+                    self.outputs.note(other)
+            self.outputs.primed = True
+        return self.outputs.holder(body)
+
+    @staticmethod
+    def _failed(status: dict, reason: str, message: str, metadata: dict, now) -> dict:
+        """The job failed for good, before or without its children: an operator's check."""
+        conditions = set_condition(status.get("conditions", []), "Failed", True, reason,
+                                   message, now, metadata.get("generation"))  # fmt: skip
+        new = {**status, "phase": "Failed", "conditions": conditions}
+        new.setdefault("completionTime", timestamp(now))
+        return new
+
+    async def _wait_for_predecessor(self, body: dict, status: dict, batch: dict, now) -> None:
+        """The attempt's Job belongs to an earlier job of the same name (deleted, then
+        re-created before the garbage collector was done): delete it, never adopt it, and
+        say so until it is gone."""
+        metadata = body["metadata"]
+        found = batch["metadata"]
+        if not found.get("deletionTimestamp"):
+            await self.kube.delete_job(metadata["namespace"], found["name"], found["uid"])
+        message = (
+            f"waiting for Job {found['name']} of an earlier job named {metadata['name']} to go"
+        )
+        await self._publish(
+            body,
+            status,
+            self._not_created(body, status, "WaitingForPredecessor", message, now),
+            now,
+        )
+
+    def _not_created(self, body: dict, status: dict, reason: str, message: str, now) -> dict:
+        """Pending, with Created False saying why the attempt's children are not there."""
+        generation = body["metadata"].get("generation")
+        conditions = set_condition(
+            status.get("conditions", []), "Created", False, reason, message, now, generation
+        )
+        return {**status, "phase": status.get("phase") or "Pending", "conditions": conditions}
 
     async def _read_progress(self, job, pods: list[dict], status: dict, now: datetime) -> None:
         """Fill ``status`` from the main trainer's metrics; when they cannot be read, the
@@ -107,14 +216,65 @@ class Controller:
         if outputs:
             status["outputs"] = {**status.get("outputs", {}), **outputs}
 
-    async def _start_attempt(self, job, attempt: int) -> None:
+    async def _start_attempt(self, job, attempt: int, body: dict, status: dict, now) -> bool:
         """Create attempt ``attempt``'s children, after removing the previous attempt's Job
-        (its pods would otherwise keep running beside the new gang)."""
+        (its pods would otherwise keep running beside the new gang). A child left by an
+        earlier job of this name is deleted first, and a create the API server refuses
+        (RBAC, admission, quota) is published as the Created condition: both return True,
+        and a later reconcile tries again."""
+        namespace, name = job.metadata.namespace, job.metadata.name
         if attempt > 1:
-            previous = builders.job_name(job.metadata.name, attempt - 1)
-            await self.kube.delete_job(job.metadata.namespace, previous)
-        for manifest in builders.children(job, attempt, self.defaults):
-            await self.kube.apply(manifest)
+            await self.kube.delete_job(namespace, builders.job_name(name, attempt - 1))
+        manifests = builders.children(job, attempt, self.defaults)
+        for manifest in manifests[:-1]:  # the ConfigMap and the Service keep their names
+            kind, child = manifest["kind"], manifest["metadata"]["name"]
+            found = await self.kube.get(manifest["apiVersion"], kind, namespace, child)
+            if found and not _owned_by(found, job.metadata.uid):
+                if not found["metadata"].get("deletionTimestamp"):
+                    uid = found["metadata"]["uid"]
+                    await self.kube.delete(manifest["apiVersion"], kind, namespace, child, uid)
+                message = f"waiting for {kind} {child} of an earlier job named {name} to go"
+                new = self._not_created(body, status, "WaitingForPredecessor", message, now)
+                await self._publish(body, status, new, now)
+                return True
+        for manifest in manifests:
+            try:
+                await self.kube.apply(manifest)
+            except ApiError as error:
+                if error.status >= 500 or error.status == 429:
+                    raise  # the API server's own trouble: the next trigger retries
+                kind, child = manifest["kind"], manifest["metadata"]["name"]
+                message = f"the API server refused {kind} {child}: {error.detail}"
+                new = self._not_created(body, status, "CreateRefused", message, now)
+                await self._publish(body, status, new, now)
+                return True
+        return False
+
+    async def _clean_up(
+        self, body: dict, old: dict, new: dict, policy: str, batch: dict | None = None
+    ) -> None:
+        """When the job ends, stop what still holds resources (spec.runPolicy.cleanPodPolicy).
+        The Job controller itself stops the pods of a Job that completed or failed; a job
+        the operator fails (an image that never pulls, a missing Secret, a spec refused
+        late) still has a live Job, which is suspended (its running pods go, the finished
+        ones stay) or, with All or under Kueue (which would resume it), deleted."""
+        if new.get("phase") not in TERMINAL or old.get("phase") in TERMINAL or policy == "None":
+            return
+        metadata = body["metadata"]
+        namespace = metadata["namespace"]
+        if batch is None:
+            name = builders.job_name(metadata["name"], old.get("attempt", 1))
+            batch = await self.kube.get_job(namespace, name)
+        if batch is None or not _owned_by(batch, metadata["uid"]):
+            return
+        name = batch["metadata"]["name"]
+        queued = builders.QUEUE_LABEL in batch["metadata"].get("labels", {})
+        if policy == "All" or (queued and not _finished(batch)):
+            log.info("deleting Job %s/%s: the job has ended", namespace, name)
+            await self.kube.delete_job(namespace, name, batch["metadata"]["uid"])
+        elif not _finished(batch) and not batch.get("spec", {}).get("suspend"):
+            log.info("suspending Job %s/%s: the job has ended, its pods go", namespace, name)
+            await self.kube.set_job_suspended(namespace, name, True)
 
     async def _sync_suspend(self, job, batch: dict) -> None:
         """Follow spec.runPolicy.suspend, leaving admission to Kueue: a queued Job is only
@@ -130,19 +290,11 @@ class Controller:
                 job.metadata.namespace, batch["metadata"]["name"], False
             )
 
-    @staticmethod
-    def _invalid(status: dict, message: str, generation: int | None, now: datetime) -> dict:
-        conditions = set_condition(
-            status.get("conditions", []), "Failed", True, "InvalidSpec", message, now, generation
-        )
-        new = {**status, "phase": "Failed", "conditions": conditions}
-        new.setdefault("completionTime", timestamp(now))
-        return new
-
     async def _publish(self, body: dict, old: dict, new: dict, now: datetime) -> None:
         """Write the status only when it changed, with an Event for each transition."""
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
+        new["reason"] = summary_reason(new)
         self.metrics.observe(namespace, name, new)
         if new == old:
             return

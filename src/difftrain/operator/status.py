@@ -10,14 +10,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from difftrain.api.cluster import MAX_ATTEMPTS
 from difftrain.api.job import DiffusionTrainingJob
 
-# How long an image may fail to pull before the job fails (a typo never heals; a slow
-# registry does).
-IMAGE_PULL_GRACE = timedelta(minutes=5)
+# How long a pod may wait on its image or its Secrets before the job fails (a typo never
+# heals; a slow registry or a Secret an operator of its own is about to write does). The
+# operator's --failure-grace-seconds changes it.
+FAILURE_GRACE = timedelta(minutes=5)
 PULL_FAILURES = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
 # The kubelet cannot make the container (a missing Secret or ConfigMap key, most often).
 CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError")
+# What a trainer (and the launcher) exits with when stopped by SIGTERM after checkpointing.
+STOPPED_EXIT_CODE = 143
 PERMANENT_REASONS = {2: "InvalidSpec", 3: "DatasetError", 4: "StorageAccessDenied"}
 TERMINAL = ("Succeeded", "Failed")
 CONDITION_TYPES = (
@@ -25,7 +29,7 @@ CONDITION_TYPES = (
 )  # fmt: skip
 
 State = Literal["missing", "waiting", "suspended", "pending", "running", "succeeded", "failed"]
-Action = Literal["none", "restart"]
+Action = Literal["none", "restart", "preempted"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Observation:
     reason: str = ""
     message: str = ""
     permanent: bool = False  # a failure that restarting will not fix
+    preempted: bool = False  # a pod was disrupted and the others stopped cleanly
 
 
 def timestamp(now: datetime) -> str:
@@ -72,9 +77,41 @@ def _trainer_message(terminated: dict) -> tuple[str | None, str]:
         return None, text
 
 
+def _disruption(pod: dict) -> dict | None:
+    for condition in pod.get("status", {}).get("conditions", []) or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def _preemption(pods: list[dict]) -> Observation | None:
+    """A failed attempt that a disruption began (preemption, node drain, eviction) and
+    that every other pod left cleanly: it stopped on SIGTERM after checkpointing (143),
+    or had not failed at all."""
+    disrupted = [pod for pod in pods if _disruption(pod)]
+    if not disrupted:
+        return None
+    others = [_terminated(pod) for pod in pods if not _disruption(pod)]
+    if any(t and t.get("exitCode") != STOPPED_EXIT_CODE for t in others):
+        return None
+    condition = _disruption(disrupted[0])
+    name = disrupted[0].get("metadata", {}).get("name", "a pod")
+    cause = ": ".join(filter(None, (condition.get("reason"), condition.get("message"))))
+    return Observation(
+        "failed", "Preempted", f"pod {name} was disrupted ({cause or 'DisruptionTarget'})",
+        preempted=True,
+    )  # fmt: skip
+
+
 def failure(pods: list[dict]) -> Observation:
-    """Why the attempt failed, from its pods' terminated containers."""
-    for pod in pods:
+    """Why the attempt failed, from its pods' terminated containers: a preemption, else a
+    permanent failure of any pod, else the first failure of a pod that was not disrupted."""
+    preempted = _preemption(pods)
+    if preempted:
+        return preempted
+    ordered = sorted(pods, key=lambda pod: _disruption(pod) is not None)
+    found = []
+    for pod in ordered:
         terminated = _terminated(pod)
         if terminated is None:
             continue
@@ -84,29 +121,33 @@ def failure(pods: list[dict]) -> Observation:
         if code in PERMANENT_REASONS or reason in PERMANENT_REASONS.values():
             return Observation("failed", reason or PERMANENT_REASONS[code], message, True)
         if terminated.get("reason") == "OOMKilled":
-            return Observation("failed", "OOMKilled", message or "the trainer ran out of memory")
-        detail = f": {message}" if message else ""
-        return Observation("failed", "Error", f"exit code {code}{detail}")
+            message = message or "the trainer ran out of memory"
+            found.append(Observation("failed", "OOMKilled", message))
+        else:
+            detail = f": {message}" if message else ""
+            found.append(Observation("failed", "Error", f"exit code {code}{detail}"))
+    if found:
+        return found[0]
     return Observation("failed", "Error", "the attempt failed without a terminated container")
 
 
-def _pending(pods: list[dict], now: datetime) -> Observation:
+def _pending(pods: list[dict], now: datetime, grace: timedelta) -> Observation:
     for pod in pods:
+        created = pod.get("metadata", {}).get("creationTimestamp")
+        expired = bool(created and now - _time(created) > grace)
         for container in pod.get("status", {}).get("containerStatuses", []) or []:
             waiting = container.get("state", {}).get("waiting") or {}
-            if waiting.get("reason") in PULL_FAILURES:
+            reason = waiting.get("reason")
+            if reason in PULL_FAILURES:
                 image = container.get("image", "")
                 message = f"cannot pull image {image}: {waiting.get('message', '')}".rstrip(": ")
-                created = pod.get("metadata", {}).get("creationTimestamp")
-                expired = created and now - _time(created) > IMAGE_PULL_GRACE
-                return Observation(
-                    "failed" if expired else "pending",
-                    waiting["reason"],
-                    message,
-                    permanent=bool(expired),
-                )
-            if waiting.get("reason") in CONFIG_FAILURES:
-                return Observation("pending", waiting["reason"], waiting.get("message", ""))
+            elif reason in CONFIG_FAILURES:
+                message = waiting.get("message", "")
+            else:
+                continue
+            if expired:
+                message += f" (for over {_duration(grace)})"
+            return Observation("failed" if expired else "pending", reason, message, expired)
         for condition in pod.get("status", {}).get("conditions", []) or []:
             if (
                 condition.get("type") == "PodScheduled"
@@ -116,8 +157,29 @@ def _pending(pods: list[dict], now: datetime) -> Observation:
     return Observation("pending", "PodsStarting", "waiting for the pods to start")
 
 
-def observe(batch_job: dict | None, pods: list[dict], now: datetime) -> Observation:
-    """What the attempt's Job (None if absent) and its pods say."""
+def _duration(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    return f"{seconds // 60} minutes" if seconds >= 120 and seconds % 60 == 0 else f"{seconds} s"
+
+
+def missing_pods(batch_job: dict, pods: list[dict]) -> bool:
+    """Whether a running Job has fewer live pods than it wants (the API server may be
+    refusing them: its Events then say why)."""
+    if batch_job.get("spec", {}).get("suspend") or any(
+        _condition(batch_job, kind) for kind in ("Complete", "Failed", "FailureTarget")
+    ):
+        return False
+    live = [p for p in pods if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+    return len(live) < batch_job.get("spec", {}).get("parallelism", 1)
+
+
+def observe(
+    batch_job: dict | None, pods: list[dict], now: datetime, grace: timedelta = FAILURE_GRACE,
+    refused: str | None = None,
+) -> Observation:  # fmt: skip
+    """What the attempt's Job (None if absent) and its pods say; a pod that cannot start
+    for longer than ``grace`` (its image, its Secrets) fails the job. ``refused`` is why
+    the API server refuses the Job's pods (its newest FailedCreate Event), if it does."""
     if batch_job is None:
         return Observation("missing", "Creating", "creating the attempt's Job")
     if _condition(batch_job, "Complete"):
@@ -145,9 +207,12 @@ def observe(batch_job: dict | None, pods: list[dict], now: datetime) -> Observat
     # podFailurePolicy ignores) or finished its part: the live pods tell the state.
     live = [p for p in pods if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
     running = [p for p in live if p.get("status", {}).get("phase") == "Running"]
-    if running and len(running) == len(live):
+    if running and len(running) == len(live) and not refused:
         return Observation("running", "Training", f"{len(running)} pods running")
-    return _pending(live, now)
+    pending = _pending([p for p in live if p not in running], now, grace)
+    if refused and pending.reason == "PodsStarting":
+        return Observation("pending", "FailedCreate", refused)
+    return pending
 
 
 def set_condition(
@@ -177,6 +242,13 @@ def _phase_and_action(job: DiffusionTrainingJob, status: dict, seen: Observation
     restarts = status.get("restarts", 0)
     if seen.state == "succeeded":
         return "Succeeded", "Succeeded", seen.reason, seen.message, "none"
+    if seen.state == "failed" and status.get("attempt", 1) >= MAX_ATTEMPTS:
+        message = f"{MAX_ATTEMPTS} attempts used; last failure: {seen.reason}: {seen.message}"
+        return "Failed", "Failed", "TooManyAttempts", message, "none"
+    if seen.preempted:
+        number = status.get("preemptions", 0) + 1
+        message = f"restart after preemption {number} (not counted in maxRestarts): {seen.message}"
+        return "Restarting", "Restarting", seen.reason, message, "preempted"
     if seen.state == "failed":
         if seen.permanent:
             return "Failed", "Failed", seen.reason, seen.message, "none"
@@ -194,7 +266,7 @@ def _phase_and_action(job: DiffusionTrainingJob, status: dict, seen: Observation
         return "Suspended", "Suspended", seen.reason, seen.message, "none"
     if seen.state == "waiting":
         return "Pending", "Suspended", seen.reason, seen.message, "none"
-    if restarts:  # a new attempt is starting: still restarting until it runs
+    if restarts or status.get("preemptions"):  # a new attempt starts: restarting till it runs
         return "Restarting", "Restarting", seen.reason, seen.message, "none"
     return "Pending", None, seen.reason, seen.message, "none"
 
@@ -234,6 +306,36 @@ def next_status(
 
 
 WARNING_CONDITIONS = ("Unschedulable", "Restarting", "Failed")
+# Reasons a job waits that are worth an Event when they first appear (a False condition
+# says them): the cluster refused something, or the job waits on something outside it.
+WAIT_EVENTS = {
+    "WaitingForPredecessor": "Normal",
+    "CreateRefused": "Warning",
+    "FailedCreate": "Warning",
+    "CreateContainerConfigError": "Warning",
+    "CreateContainerError": "Warning",
+    "LocalQueueNotFound": "Warning",
+    "KueueNotFound": "Warning",
+}
+# The condition whose reason sums up a phase (status.reason, the REASON column).
+_TELLING = ("Failed", "Succeeded", "Restarting", "Suspended", "Unschedulable", "Running")
+
+
+def summary_reason(status: dict) -> str:
+    """Why the job is in its phase, in one word: the reason of the first True condition
+    of Failed, Succeeded, Restarting, Suspended, Unschedulable, Running; else what the
+    attempt waits for (Running's or Created's False reason)."""
+    conditions = {c["type"]: c for c in status.get("conditions", [])}
+    for kind in _TELLING:
+        if conditions.get(kind, {}).get("status") == "True":
+            return conditions[kind].get("reason", "")
+    for kind in ("Created", "Running"):
+        condition = conditions.get(kind, {})
+        if condition.get("status") == "False" and (
+            kind == "Running" or condition.get("reason") in WAIT_EVENTS
+        ):
+            return condition.get("reason", "")
+    return conditions.get("Created", {}).get("reason", "")
 
 
 def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
@@ -247,10 +349,18 @@ def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
         kind = condition["type"]
         if condition["status"] != "True":
             continue
-        restarted = kind == "Restarting" and new.get("restarts", 0) > old.get("restarts", 0)
+        restarted = kind == "Restarting" and any(
+            new.get(count, 0) > old.get(count, 0) for count in ("restarts", "preemptions")
+        )
         if kind not in before or restarted:
             level = "Warning" if kind in WARNING_CONDITIONS else "Normal"
             found.append((level, condition["reason"], condition["message"]))
+    was = {c["type"]: c.get("reason") for c in old.get("conditions", []) if c["status"] == "False"}
+    for condition in new.get("conditions", []):
+        reason = condition.get("reason")
+        new_wait = reason in WAIT_EVENTS and was.get(condition["type"]) != reason
+        if condition["status"] == "False" and new_wait:
+            found.append((WAIT_EVENTS[reason], reason, condition["message"]))
     return found
 
 
