@@ -71,6 +71,7 @@ def test_minimal_job_gets_documented_defaults():
             "limits": {},
             "nodeSelector": {},
             "tolerations": [],
+            "volumes": [],
         },
         "runPolicy": {
             "maxRestarts": 3,

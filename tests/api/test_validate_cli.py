@@ -133,6 +133,32 @@ BAD_MANIFESTS = [
         "(spec.dataset.uri is s3://team/shapes)",
     ),
     (
+        "volume-on-a-reserved-mount",
+        job(
+            spec={
+                "resources": {
+                    "volumes": [{"name": "data", "claimName": "data", "mountPath": "/scratch/data"}]
+                }
+            }
+        ),
+        "spec.resources.volumes[0].mountPath: must not be, or be inside, one of the trainer's "
+        "own mounts (/etc/difftrain, /dev/shm, /scratch, /cache, /tmp); got /scratch/data",
+    ),
+    (
+        "two-volumes-on-one-path",
+        job(
+            spec={
+                "resources": {
+                    "volumes": [
+                        {"name": "a", "claimName": "a", "mountPath": "/mnt/data"},
+                        {"name": "b", "claimName": "b", "mountPath": "/mnt/data"},
+                    ]
+                }
+            }
+        ),
+        "spec.resources.volumes: each mountPath may be used once; used more than once: /mnt/data",
+    ),
+    (
         "over-long-name",
         job({"metadata": {"name": "n" * 60}}),
         "metadata.name: is too long: pod hostnames <name>-a<attempt>-<index> must fit in 63 "

@@ -180,8 +180,22 @@ class ControlPlane:
     def install_crds(self) -> None:
         """difftrain's CRD, as a platform team installs it, once it is Established."""
         self.kubectl("apply", "--server-side", "-f", str(CRDS))
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                     "crd/diffusiontrainingjobs.difftrain.io")  # fmt: skip
+        self._wait_established(["diffusiontrainingjobs.difftrain.io"])
+
+    def _wait_established(self, names: list[str], timeout: float = 60) -> None:
+        """Wait until these CRDs are Established. Polled here: `kubectl wait` fails at
+        once on a CRD whose status has no conditions yet."""
+        path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/"
+
+        def established() -> bool:
+            for name in names:
+                conditions = (self.api("GET", path + name) or {}).get("status", {})
+                if not any(c["type"] == "Established" and c["status"] == "True"
+                           for c in conditions.get("conditions") or []):  # fmt: skip
+                    return False
+            return True
+
+        self._wait_for(established, "the CRDs to be Established", timeout)
 
     def apply(self, *objects: dict) -> None:
         text = yaml.safe_dump_all(list(objects))
@@ -271,9 +285,8 @@ class ControlPlane:
             return
         manifests = self.binaries.kueue_manifests
         self.kubectl("apply", "--server-side", "-f", str(manifests / "crds"))
-        names = [f"crd/{'.'.join(reversed(p.stem.split('_', 1)))}"
-                 for p in sorted((manifests / "crds").glob("*.yaml"))]  # fmt: skip
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *names)
+        self._wait_established([".".join(reversed(p.stem.split("_", 1)))
+                                for p in sorted((manifests / "crds").glob("*.yaml"))])  # fmt: skip
         certs = self.folder / "kueue" / "certs"
         serving_certificate(self.folder / "pki", "kueue-webhooks", certs)
         webhook_port, health_port = free_port(), free_port()

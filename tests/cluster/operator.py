@@ -310,7 +310,8 @@ class Cluster:
 def tour(cluster: Cluster) -> None:
     """The operator's whole range of work in ``cluster``'s namespace: a job runs and
     expires (TTL), one crashes and restarts, one is suspended, one's pods are refused
-    (a missing ServiceAccount), and one is re-created over its orphaned children."""
+    (a missing ServiceAccount), one waits for a LocalQueue that does not exist, and one is
+    re-created over its orphaned children."""
     cluster.apply(job({"metadata": {"name": "orphan"}}))
     # Running pods: by then the garbage collector knows the Job's owner (orphaning a child
     # it has not seen yet leaves the child to be collected as dangling).
@@ -325,6 +326,10 @@ def tour(cluster: Cluster) -> None:
     cluster.apply(job({"metadata": {"name": "pause"}}))
     cluster.apply(job({"metadata": {"name": "refused"}},
                       spec={"resources": {"serviceAccountName": "no-such-account"}}))  # fmt: skip
+    cluster.plane.start_kueue()
+    cluster.apply(
+        job({"metadata": {"name": "queued"}}, spec={"runPolicy": {"queueName": "nowhere"}})
+    )
     orphan = cluster.apply(job({"metadata": {"name": "orphan"}}))
     (done,) = cluster.running_pods(1, "done")
     cluster.annotate(done, {"difftrain.test/exit-code": "0"})
@@ -336,6 +341,8 @@ def tour(cluster: Cluster) -> None:
     cluster.wait_phase("Suspended", "pause")
     wait_until(lambda: cluster.status("refused").get("reason") == "FailedCreate",
                what="refused's pods are refused")  # fmt: skip
+    wait_until(lambda: cluster.status("queued").get("reason") == "LocalQueueNotFound",
+               what="queued's LocalQueue is missing")  # fmt: skip
     wait_until(lambda: (cluster.job("orphan-a1") or {}).get("metadata", {}).get(
         "ownerReferences", [{}])[0].get("uid") == orphan["metadata"]["uid"],
         what="orphan has a Job of its own")  # fmt: skip

@@ -353,6 +353,19 @@ def test_a_second_job_on_the_same_output_is_refused_naming_the_first(cluster):
     cluster.running_pods(1, "third")  # the output is free once the first job ended
 
 
+def test_a_file_output_on_no_volume_is_refused_before_anything_is_created(cluster):
+    cluster.apply(demo(output={"uri": "file:///data/out"}))
+
+    cluster.wait_phase("Failed")
+    failed = cluster.condition("Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith(
+        "spec.output.uri: file:///data/out is not on a volume the job mounts"
+    ), failed
+    assert cluster.job("demo-a1") is None
+    assert cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config") is None
+
+
 def test_pods_the_api_server_refuses_are_reported_with_its_message(cluster):
     cluster.apply(demo(resources={"serviceAccountName": "no-such-account"}))
 
@@ -402,9 +415,10 @@ def _waiting(cluster) -> dict:
     return {}
 
 
-def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
-    cluster.plane.start_kueue()
-    gpus = {"name": "nvidia.com/gpu", "nominalQuota": 2}
+def _kueue_queue(cluster, gpus: int) -> None:
+    """A LocalQueue "team" in the test's namespace, on a ClusterQueue with ``gpus`` GPUs."""
+    quota = [{"name": "cpu", "nominalQuota": 1000}, {"name": "memory", "nominalQuota": "10Ti"},
+             {"name": "nvidia.com/gpu", "nominalQuota": gpus}]  # fmt: skip
     cluster.plane.apply(
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
          "metadata": {"name": "gpu"}},
@@ -414,20 +428,52 @@ def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
                       "kubernetes.io/metadata.name": cluster.namespace}},
                   "resourceGroups": [{
                       "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                      "flavors": [{"name": "gpu", "resources": [
-                          {"name": "cpu", "nominalQuota": 1000},
-                          {"name": "memory", "nominalQuota": "10Ti"}, gpus]}]}]}},
+                      "flavors": [{"name": "gpu", "resources": quota}]}]}},
         {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
          "metadata": {"name": "team", "namespace": cluster.namespace},
          "spec": {"clusterQueue": f"{cluster.namespace}-queue"}},
     )  # fmt: skip
+
+
+def test_a_queue_kueue_cannot_serve_is_reported_until_it_can(cluster):
+    """Queued with no Kueue installed, then for a LocalQueue that does not exist, then
+    admitted once it does: each wait says why."""
+    assert "kueue" not in cluster.plane.processes, "this test runs before Kueue starts"
+    cluster.apply(demo(runPolicy={"queueName": "team"}))
+
+    wait_until(lambda: cluster.status().get("reason") == "KueueNotFound", what="KueueNotFound")
+    assert cluster.condition("Suspended")["message"] == (
+        "queued for Kueue queue team, but Kueue is not installed (its API is not served): "
+        "install Kueue, or remove spec.runPolicy.queueName"
+    )
+    assert cluster.printed()["REASON"] == "KueueNotFound"
+    cluster.plane.start_kueue()
+    wait_until(lambda: cluster.status().get("reason") == "LocalQueueNotFound",
+               what="LocalQueueNotFound")  # fmt: skip
+    assert cluster.condition("Suspended")["message"] == (
+        f"LocalQueue team does not exist in namespace {cluster.namespace}: create it, or fix "
+        "spec.runPolicy.queueName"
+    )
+    _kueue_queue(cluster, gpus=2)
+    cluster.running_pods(1)
+    cluster.wait_phase("Running")
+    warnings = [e["reason"] for e in cluster.events() if e["type"] == "Warning"]
+    assert warnings == ["KueueNotFound", "LocalQueueNotFound"]
+
+
+def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
+    cluster.plane.start_kueue()
+    _kueue_queue(cluster, gpus=2)
     queued = {"runPolicy": {"queueName": "team"}, "resources": {"nodes": 2}}
     cluster.apply(job({"metadata": {"name": "first"}}, spec=queued))
     cluster.running_pods(2, "first")
     cluster.apply(job({"metadata": {"name": "second"}}, spec=queued))
 
-    waiting = wait_until(lambda: cluster.condition("Suspended", "second"), what="second waits")
+    waiting = wait_until(lambda: (c := cluster.condition("Suspended", "second"))
+                         and "insufficient" in c["message"] and c,
+                         what="second waits, with Kueue's reason")  # fmt: skip
     assert waiting["reason"] == "WaitingForAdmission"
+    assert waiting["message"].startswith("queued in Kueue queue team: couldn't assign flavors")
     time.sleep(1.5)
     assert cluster.job("second-a1")["spec"]["suspend"] is True and not cluster.pods("second")
     for pod in cluster.pods("first"):

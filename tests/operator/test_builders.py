@@ -26,6 +26,13 @@ CASES = {
     "two-nodes-eight-gpus": _example("multinode.yaml"),
     "kueue": _example("kueue.yaml"),
     "suspended": job(IDENTITY, spec={"runPolicy": {"suspend": True}}),
+    "volumes": job(IDENTITY, spec={
+        "model": {"base": "file:///models/sd15"},
+        "output": {"uri": "file:///mnt/runs/demo"},
+        "resources": {"volumes": [
+            {"name": "models", "claimName": "team-models", "mountPath": "/models",
+             "readOnly": True},
+            {"name": "runs", "claimName": "team-runs", "mountPath": "/mnt/runs"}]}}),
     "secrets-and-endpoint": _example(
         "sd15-lora-s3.yaml",
         {"spec": {"storage": {"secretRef": {"sessionTokenKey": "AWS_SESSION_TOKEN"}},
@@ -218,3 +225,17 @@ def test_render_refuses_an_invalid_manifest(write_manifest, capsys):
 
     assert main(["render", str(path)]) == 2
     assert capsys.readouterr().err.endswith("spec.resources.nodes: must be >= 1 (got 0)\n")
+
+
+def test_volumes_are_claims_mounted_where_the_spec_says():
+    trainer = _trainer_job(CASES["volumes"])
+    pod = trainer["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}  # fmt: skip
+    mounts = {m["name"]: (m["mountPath"], m["readOnly"]) for m in container["volumeMounts"]
+              if m["name"].startswith("claim-")}  # fmt: skip
+    assert claims == {"claim-models": {"claimName": "team-models", "readOnly": True},
+                      "claim-runs": {"claimName": "team-runs", "readOnly": False}}  # fmt: skip
+    assert mounts == {"claim-models": ("/models", True), "claim-runs": ("/mnt/runs", False)}

@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.builders import job
+from tests.builders import job, merge
 from tests.operator.conftest import eventually
 
 NS = "ml"
@@ -34,7 +34,9 @@ async def _send(k8s, method: str, path: str, body=None, content_type="applicatio
 
 
 async def create(k8s, name="demo", spec=None, patch=None, namespace=NS):
-    manifest = job({"metadata": {"name": name, **(patch or {})}}, spec=spec)
+    """A job with an output of its own in S3 (a cluster refuses a file:// output)."""
+    own = {"output": {"uri": f"s3://outputs/{namespace}/{name}"}}
+    manifest = job({"metadata": {"name": name, **(patch or {})}}, spec=merge(own, spec or {}))
     return await _send(k8s, "POST", JOBS.replace(f"/{NS}/", f"/{namespace}/"), manifest)
 
 

@@ -72,6 +72,14 @@ pods; and posts Events.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+# What Kueue says of a queued job: whether its LocalQueue exists, and why its Workload
+# waits (quota, an inactive ClusterQueue). Harmless where Kueue is not installed.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["localqueues"]
+  verbs: ["get"]
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
 # create: the job's own Events; list: the Job controller's FailedCreate Events, which say
 # why the API server refuses a job's pods (quota, a missing ServiceAccount, Pod Security).
 - apiGroups: [""]

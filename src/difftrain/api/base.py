@@ -39,8 +39,9 @@ class SpecProblems(ValueError):
         super().__init__("; ".join(_join(path, message) for path, message in problems))
 
 
-def _join(path: tuple[str, ...], message: str) -> str:
-    return f"{'.'.join(path)}: {message}" if path else message
+def _join(path: tuple[str | int, ...], message: str) -> str:
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    return f"{text.lstrip('.')}: {message}" if path else message
 
 
 def raise_problems(problems: list[tuple[tuple[str, ...], str]]) -> None:

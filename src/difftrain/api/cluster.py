@@ -56,6 +56,48 @@ class Toleration(ApiModel):
     )
 
 
+# Where the trainer container already mounts something of its own.
+RESERVED_MOUNTS = ("/etc/difftrain", "/dev/shm", "/scratch", "/cache", "/tmp")
+_RESERVED_CEL = "[" + ", ".join(f"'{m}'" for m in RESERVED_MOUNTS) + "]"
+
+
+class Volume(ApiModel):
+    """A PersistentVolumeClaim mounted in every trainer pod: file:// models, datasets and
+    outputs under its mountPath are then legal in a cluster."""
+
+    model_config = with_rules(
+        {
+            "rule": f"!{_RESERVED_CEL}.exists(m, self.mountPath == m || "
+            "self.mountPath.startsWith(m + '/'))",
+            "message": "must not be, or be inside, one of the trainer's own mounts "
+            f"({', '.join(RESERVED_MOUNTS)})",
+            "fieldPath": ".mountPath",
+        }
+    )
+
+    name: str = Field(
+        max_length=57, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Volume name (a DNS label; the pod's volume is claim-<name>).",
+    )  # fmt: skip
+    claim_name: ShortStr = Field(description="The PersistentVolumeClaim, in the job's namespace.")
+    mount_path: str = Field(
+        max_length=1024, pattern=r"^/[^:]*[^/:]$",
+        description="Absolute path in the trainer container, e.g. /mnt/data.",
+    )  # fmt: skip
+    read_only: bool = Field(False, description="Mount it read-only (models and datasets only).")
+
+    @model_validator(mode="after")
+    def _not_reserved(self):
+        for mount in RESERVED_MOUNTS:
+            if self.mount_path == mount or self.mount_path.startswith(mount + "/"):
+                raise_problems(
+                    [(("mountPath",), f"must not be, or be inside, one of the trainer's own "
+                                      f"mounts ({', '.join(RESERVED_MOUNTS)}); got "
+                                      f"{self.mount_path}")]
+                )  # fmt: skip
+        return self
+
+
 class ResourcesSpec(ApiModel):
     """Pods, devices and placement. Each node is one pod running torchrun."""
 
@@ -69,6 +111,12 @@ class ResourcesSpec(ApiModel):
             "rule": "!has(self.requests) || !('nvidia.com/gpu' in self.requests)",
             "message": "set GPUs with spec.resources.gpusPerNode, not requests",
             "fieldPath": ".requests",
+        },
+        {
+            "rule": "!has(self.volumes) || self.volumes.all(v, "
+            "self.volumes.exists_one(w, w.mountPath == v.mountPath))",
+            "message": "each mountPath may be used once",
+            "fieldPath": ".volumes",
         },
     )
 
@@ -109,6 +157,12 @@ class ResourcesSpec(ApiModel):
     service_account_name: ShortStr | None = Field(
         None, description="ServiceAccount of the pods (e.g. for IRSA)."
     )
+    volumes: list[Volume] = Field(
+        [],
+        max_length=16,
+        description="PersistentVolumeClaims mounted in every trainer pod.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     @model_validator(mode="after")
     def _gpus_via_gpus_per_node(self):
@@ -117,6 +171,12 @@ class ResourcesSpec(ApiModel):
             for field, values in (("requests", self.requests), ("limits", self.limits))
             if GPU_RESOURCE in values
         ]
+        for key, field in (("name", "name"), ("mount_path", "mountPath")):
+            values = [getattr(volume, key) for volume in self.volumes]
+            twice = sorted({value for value in values if values.count(value) > 1})
+            if twice:
+                problems.append((("volumes",), f"each {field} may be used once; used more than "
+                                 f"once: {', '.join(twice)}"))  # fmt: skip
         raise_problems(problems)
         return self
 

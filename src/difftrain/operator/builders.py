@@ -206,6 +206,10 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
             {"name": "scratch", "mountPath": "/scratch"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(
+                {"name": f"claim-{v.name}", "mountPath": v.mount_path, "readOnly": v.read_only}
+                for v in resources.volumes
+            ),
         ],
         "terminationMessagePolicy": "File",
     }
@@ -223,6 +227,13 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
         },
         "containers": [container],
         "volumes": [
+            *(
+                {
+                    "name": f"claim-{v.name}",
+                    "persistentVolumeClaim": {"claimName": v.claim_name, "readOnly": v.read_only},
+                }
+                for v in resources.volumes
+            ),
             {"name": "config", "configMap": {"name": config_map_name(job.metadata.name)}},
             {
                 "name": "shm",

@@ -14,6 +14,7 @@ from difftrain.api.crd import PLURAL
 from difftrain.api.job import API_VERSION, KIND
 
 FIELD_MANAGER = "difftrain"
+KUEUE_API = "kueue.x-k8s.io/v1beta1"  # served by every Kueue release since 0.5
 
 _PATHS = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
@@ -158,6 +159,31 @@ class Kube:
             return event.get("lastTimestamp") or event.get("eventTime") or ""
 
         return max(items, key=when).get("message") or None
+
+    async def kueue_wait(self, namespace: str, queue: str, job_uid: str) -> tuple[str, str]:
+        """What Kueue says of a queued Job: ("KueueNotFound", ""), ("LocalQueueNotFound",
+        ""), or ("", the message of its Workload's False QuotaReserved or Admitted
+        condition, "" if it has none or no Workload yet)."""
+        base = f"/apis/{KUEUE_API}/namespaces/{namespace}"
+        try:
+            found = await self._call(
+                "GET", f"{base}/workloads",
+                query=[("labelSelector", f"kueue.x-k8s.io/job-uid={job_uid}")],
+            )  # fmt: skip
+        except ApiError as error:
+            if error.status == 404:  # the resource is not served: no Kueue
+                return "KueueNotFound", ""
+            raise
+        if await self._get(f"{base}/localqueues/{queue}") is None:
+            return "LocalQueueNotFound", ""
+        for workload in (found or {}).get("items", []):
+            for condition in workload.get("status", {}).get("conditions", []) or []:
+                if (
+                    condition.get("type") in ("QuotaReserved", "Admitted")
+                    and condition.get("status") == "False"
+                ):
+                    return "", condition.get("message", "")
+        return "", ""
 
     async def get_training_job(self, namespace: str, name: str) -> dict | None:
         return await self._get(f"{self._collection(API_VERSION, KIND, namespace)}/{name}")

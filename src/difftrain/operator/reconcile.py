@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from difftrain.api.validation import validate_job
-from difftrain.operator import builders, progress
+from difftrain.operator import admission, builders, progress
 from difftrain.operator.builders import Defaults
 from difftrain.operator.kube import ApiError, Kube
 from difftrain.operator.metrics import OperatorMetrics
@@ -22,6 +22,7 @@ from difftrain.operator.status import (
     FAILURE_GRACE,
     TERMINAL,
     events,
+    kueue_wait,
     missing_pods,
     next_status,
     observe,
@@ -42,7 +43,8 @@ def _owned_by(child: dict, uid: str) -> bool:
     return any(r.get("uid") == uid and r.get("controller") for r in references)
 
 
-# A Job younger than this is still making its pods: its Events are not read yet.
+# A Job younger than this is still making its pods, or Kueue its Workload: what they say
+# of it is not read yet.
 FAILED_CREATE_AFTER = timedelta(seconds=3)
 
 
@@ -116,6 +118,11 @@ class Controller:
             await self._wait_for_predecessor(body, current, batch, now)
             return
         if batch is None and attempt == 1 and not status.get("phase"):
+            refused = admission.problems(job)
+            if refused:
+                new = self._failed(current, "InvalidSpec", "; ".join(refused), metadata, now)
+                await self._publish(body, status, new, now)
+                return
             holder = await self._output_holder(body)
             if holder:
                 message = (
@@ -143,6 +150,10 @@ class Controller:
         if batch and missing_pods(batch, pods) and _age(batch, now) > FAILED_CREATE_AFTER:
             refused = await self.kube.failed_create(namespace, batch["metadata"]["uid"])
         seen = observe(batch, pods, now, self.grace, refused)
+        queue = job.spec.run_policy.queue_name
+        if seen.reason == "WaitingForAdmission" and _age(batch, now) > FAILED_CREATE_AFTER:
+            said = await self.kube.kueue_wait(namespace, queue, batch["metadata"]["uid"])
+            seen = kueue_wait(seen, namespace, queue, said)
         new, action = next_status(job, current, seen, now)
         if new.get("phase") == "Running":
             await self._read_progress(job, pods, new, now)

@@ -173,6 +173,22 @@ def missing_pods(batch_job: dict, pods: list[dict]) -> bool:
     return len(live) < batch_job.get("spec", {}).get("parallelism", 1)
 
 
+def kueue_wait(seen: Observation, namespace: str, queue: str, said: tuple[str, str]):
+    """The waiting Observation with what Kueue said of it (Kube.kueue_wait)."""
+    reason, message = said
+    if reason == "KueueNotFound":
+        message = (f"queued for Kueue queue {queue}, but Kueue is not installed (its API is "
+                   "not served): install Kueue, or remove spec.runPolicy.queueName")  # fmt: skip
+        return Observation("waiting", reason, message)
+    if reason == "LocalQueueNotFound":
+        message = (f"LocalQueue {queue} does not exist in namespace {namespace}: create it, "
+                   "or fix spec.runPolicy.queueName")  # fmt: skip
+        return Observation("waiting", reason, message)
+    if message:
+        return Observation("waiting", seen.reason, f"{seen.message}: {message}")
+    return seen
+
+
 def observe(
     batch_job: dict | None, pods: list[dict], now: datetime, grace: timedelta = FAILURE_GRACE,
     refused: str | None = None,
@@ -288,8 +304,8 @@ def next_status(
     for kind, true in wanted.items():
         old = next((c for c in conditions if c["type"] == kind), None)
         still_true = true and old and old["status"] == "True"
-        if still_true and seen.state != "failed":
-            continue  # keep why it became true (e.g. the failure behind a restart)
+        if still_true and kind == "Restarting" and seen.state != "failed":
+            continue  # keep the failure behind a restart while the new attempt starts
         if true or (old and old["status"] == "True"):  # set, or clear one that was set
             conditions = set_condition(conditions, kind, true, reason, message, now, generation)
     if seen.state == "pending":  # say what Running waits for
@@ -355,11 +371,15 @@ def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
         if kind not in before or restarted:
             level = "Warning" if kind in WARNING_CONDITIONS else "Normal"
             found.append((level, condition["reason"], condition["message"]))
-    was = {c["type"]: c.get("reason") for c in old.get("conditions", []) if c["status"] == "False"}
+    was = {c["type"]: (c["status"], c.get("reason")) for c in old.get("conditions", [])}
     for condition in new.get("conditions", []):
         reason = condition.get("reason")
-        new_wait = reason in WAIT_EVENTS and was.get(condition["type"]) != reason
-        if condition["status"] == "False" and new_wait:
+        state = (condition["status"], reason)
+        if (
+            reason in WAIT_EVENTS
+            and was.get(condition["type"]) != state
+            and not any(found_reason == reason for _, found_reason, _ in found)
+        ):
             found.append((WAIT_EVENTS[reason], reason, condition["message"]))
     return found
 
