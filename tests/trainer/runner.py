@@ -10,6 +10,7 @@ from pathlib import Path
 from difftrain.api.config import TrainerConfig
 from difftrain.local import free_port
 from tests.builders import job, merge
+from tests.trainer import forkserver
 
 # A LoRA job on the tiny SD preset that trains in seconds on a CPU.
 FAST_SPEC = {
@@ -42,14 +43,10 @@ def trainer_env(config: Path, work: Path, cache: Path, extra: dict | None = None
     return env
 
 
-def start(config: Path, work: Path, cache: Path, extra: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "difftrain.trainer"],
-        env=trainer_env(config, work, cache, extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def start(config: Path, work: Path, cache: Path, extra: dict | None = None):
+    """``python -m difftrain.trainer`` in a process of its own, forked from a warm
+    interpreter (forkserver.py); a Popen-like object with its output as text."""
+    return forkserver.start(trainer_env(config, work, cache, extra))
 
 
 def run(config: Path, work: Path, cache: Path, extra: dict | None = None, timeout: int = 300):
