@@ -46,6 +46,7 @@ CUSTOM = {
         "resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
         "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
     },
+    "networkPolicy": {"enabled": True, "monitoringNamespace": "observability"},
     "imagePullSecrets": [{"name": "registry"}],
     "serviceAccount": {"create": False, "name": "difftrain-operator"},
     "metrics": {"service": {"enabled": False}},
@@ -202,8 +203,22 @@ def test_the_operator_accepts_what_the_chart_gives_it(tmp_path):
         requests={"cpu": "8", "memory": "64Gi"},  # numbers in values become quantities
         limits={"memory": "96Gi"},
         node_selector={"node.kubernetes.io/instance-type": "p5.48xlarge"},
+        network_policy=True,
+        metrics_namespaces=("difftrain-system", "observability"),
     )
     assert json.loads(environ["DIFFTRAIN_TRAINER_REQUESTS"]) == {"cpu": "8", "memory": "64Gi"}
+    assert args.failure_grace_seconds == 600
+
+
+def test_without_network_policies_the_operator_neither_makes_nor_may_make_them(tmp_path):
+    objects = render(tmp_path, {"networkPolicy": {"enabled": False}})
+    (deployment,) = _of_kind(objects, "Deployment")
+    environ = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]
+               ["containers"][0]["env"]}  # fmt: skip
+    (role,) = _of_kind(objects, "ClusterRole")
+
+    assert defaults_from_env(environ).network_policy is False
+    assert [r for r in role["rules"] if "networkpolicies" in r["resources"]] == []
 
 
 def test_default_images_follow_the_charts_app_version(tmp_path):

@@ -46,6 +46,7 @@ CONTROLLERS = [
     "node-lifecycle-controller",  # lifts the not-ready taint once kwok says Ready
     "deployment-controller",  # the chart's operator Deployment
     "replicaset-controller",
+    "resourcequota-controller",  # a namespace's quota, as the tests exhaust it
 ]
 
 

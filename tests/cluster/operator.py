@@ -310,7 +310,7 @@ class Cluster:
 def tour(cluster: Cluster) -> None:
     """The operator's whole range of work in ``cluster``'s namespace: a job runs and
     expires (TTL), one crashes and restarts, one is suspended, one's pods are refused
-    (a missing ServiceAccount), one waits for a LocalQueue that does not exist, and one is
+    (a missing PriorityClass), one waits for a LocalQueue that does not exist, and one is
     re-created over its orphaned children."""
     cluster.apply(job({"metadata": {"name": "orphan"}}))
     # Running pods: by then the garbage collector knows the Job's owner (orphaning a child
@@ -325,7 +325,7 @@ def tour(cluster: Cluster) -> None:
     cluster.apply(job({"metadata": {"name": "crash"}}))
     cluster.apply(job({"metadata": {"name": "pause"}}))
     cluster.apply(job({"metadata": {"name": "refused"}},
-                      spec={"resources": {"serviceAccountName": "no-such-account"}}))  # fmt: skip
+                      spec={"resources": {"priorityClassName": "no-such-class"}}))  # fmt: skip
     cluster.plane.start_kueue()
     cluster.apply(
         job({"metadata": {"name": "queued"}}, spec={"runPolicy": {"queueName": "nowhere"}})

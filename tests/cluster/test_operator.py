@@ -23,6 +23,7 @@ from tests.cluster.operator import (
     wait_until,
 )
 
+NETWORK_POLICIES = "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies"
 # A pod that cannot start (its image, its Secrets) fails its job after this many seconds.
 GRACE_SECONDS = 5
 
@@ -30,7 +31,9 @@ GRACE_SECONDS = 5
 @pytest.fixture(scope="module")
 def operator(control_plane, tmp_path_factory):
     running = Operator(control_plane, "difftrain-system", tmp_path_factory.mktemp("operator"),
-                       values=[f"operator.failureGraceSeconds={GRACE_SECONDS}"])  # fmt: skip
+                       values=[f"operator.failureGraceSeconds={GRACE_SECONDS}",
+                               "policy.allowedImages={registry.example/ml/*}",
+                               "policy.allowedServiceAccounts={robot}"])  # fmt: skip
     running.install().start()
     try:
         yield running
@@ -57,8 +60,10 @@ def test_a_job_runs_to_success_through_the_real_controllers(cluster):
              "blockOwnerDeletion": True}  # fmt: skip
     config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
     service = cluster.get("/api/v1/namespaces/{namespace}/services", "demo")
-    for child in (trainer, config, service):
+    policy = cluster.get(NETWORK_POLICIES, "demo")  # the chart turns them on
+    for child in (trainer, config, service, policy):
         assert child["metadata"]["ownerReferences"] == [owner]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"difftrain.io/job-name": "demo"}}
     assert trainer["spec"]["completionMode"] == "Indexed"
     pods = cluster.running_pods(2)
     assert {p["spec"]["nodeName"] for p in pods} <= {"kwok-node-0", "kwok-node-1"}
@@ -324,7 +329,8 @@ def test_a_recreated_job_never_takes_over_its_predecessors_children(cluster):
     uid = created["metadata"]["uid"]
     config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
     service = cluster.get("/api/v1/namespaces/{namespace}/services", "demo")
-    for child in (new, config, service):
+    policy = cluster.get(NETWORK_POLICIES, "demo")
+    for child in (new, config, service, policy):
         assert [r["uid"] for r in child["metadata"]["ownerReferences"]] == [uid]
     (pod,) = cluster.running_pods(1)
     assert pod["metadata"]["uid"] != old_pod["metadata"]["uid"]
@@ -366,16 +372,46 @@ def test_a_file_output_on_no_volume_is_refused_before_anything_is_created(cluste
     assert cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config") is None
 
 
-def test_pods_the_api_server_refuses_are_reported_with_its_message(cluster):
-    cluster.apply(demo(resources={"serviceAccountName": "no-such-account"}))
+@pytest.mark.parametrize(
+    ("cause", "said"),
+    [("missing-account", 'serviceaccount "robot" not found'),
+     ("exhausted-quota", "exceeded quota: no-pods")],
+)  # fmt: skip
+def test_pods_the_api_server_refuses_are_reported_with_its_message(cluster, cause, said):
+    if cause == "exhausted-quota":
+        cluster.plane.apply({"apiVersion": "v1", "kind": "ResourceQuota",
+                             "metadata": {"name": "no-pods", "namespace": cluster.namespace},
+                             "spec": {"hard": {"pods": "0"}}})  # fmt: skip
+        cluster.apply(demo())
+    else:
+        cluster.apply(demo(resources={"serviceAccountName": "robot"}))  # allowed, not created
 
     condition = wait_until(lambda: (c := _waiting(cluster)) and c["reason"] == "FailedCreate"
                            and c, what="FailedCreate in the status")  # fmt: skip
 
-    assert 'serviceaccount "no-such-account" not found' in condition["message"], condition
+    assert said in condition["message"], condition
     assert cluster.status()["phase"] == "Pending"
     assert cluster.printed()["REASON"] == "FailedCreate"
     assert "FailedCreate" in [e["reason"] for e in cluster.events() if e["type"] == "Warning"]
+
+
+def test_images_and_service_accounts_outside_the_policy_are_refused(cluster):
+    """The module's operator allows registry.example/ml/* and the account robot."""
+    cluster.apply(job({"metadata": {"name": "allowed"}},
+                      spec={"resources": {"image": "registry.example/ml/trainer:2"}}))  # fmt: skip
+    cluster.apply(job({"metadata": {"name": "image"}},
+                      spec={"resources": {"image": "evil.example/miner:1"}}))  # fmt: skip
+    cluster.apply(job({"metadata": {"name": "account"}},
+                      spec={"resources": {"serviceAccountName": "admin-robot"}}))  # fmt: skip
+
+    cluster.running_pods(1, "allowed")
+    for name, field in (("image", "spec.resources.image"),
+                        ("account", "spec.resources.serviceAccountName")):  # fmt: skip
+        cluster.wait_phase("Failed", name)
+        failed = cluster.condition("Failed", name)
+        assert failed["reason"] == "NotAllowed" and failed["message"].startswith(field), failed
+        assert cluster.job(f"{name}-a1") is None
+    assert "(allowed: default, robot)" in cluster.condition("Failed", "account")["message"]
 
 
 def test_blocking_owner_deletion_needs_the_finalizers_right(cluster):

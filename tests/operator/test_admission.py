@@ -3,7 +3,8 @@
 import pytest
 
 from difftrain.api.validation import load_job
-from difftrain.operator.admission import problems
+from difftrain.operator.admission import policy_problems, problems
+from difftrain.operator.builders import Defaults
 from tests.builders import job
 
 ON_VOLUMES = {"volumes": [
@@ -45,3 +46,42 @@ HINT = ("use s3://, or mount a PersistentVolumeClaim (spec.resources.volumes) an
 )  # fmt: skip
 def test_file_uris_must_lie_on_a_mounted_volume(spec, expected):
     assert problems(load_job(job(spec=spec))) == expected
+
+
+POLICY = Defaults(image="registry.example/difftrain-trainer:1",
+                  allowed_images=("registry.example/ml/*",),
+                  allowed_service_accounts=("robot",))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("resources", "refused"),
+    [
+        pytest.param({}, None, id="the-operators-image-and-the-default-account"),
+        pytest.param({"image": "registry.example/difftrain-trainer:1"}, None, id="trainer-image"),
+        pytest.param({"image": "registry.example/ml/sdxl:2"}, None, id="image-matching-a-pattern"),
+        pytest.param({"image": "evil.example/miner:1"},
+                     "spec.resources.image: evil.example/miner:1 is not allowed here (allowed: "
+                     "registry.example/difftrain-trainer:1, registry.example/ml/*)",
+                     id="other-image"),
+        pytest.param({"image": "registry.example/ml"}, "spec.resources.image", id="not-under-it"),
+        pytest.param({"serviceAccountName": "default"}, None, id="default-account-named"),
+        pytest.param({"serviceAccountName": "robot"}, None, id="allowed-account"),
+        pytest.param({"serviceAccountName": "admin"}, "spec.resources.serviceAccountName: admin "
+                     "is not allowed here (allowed: default, robot)", id="other-account"),
+    ],
+)  # fmt: skip
+def test_the_policy_allows_its_images_and_accounts_only(resources, refused):
+    found = policy_problems(load_job(job(spec={"resources": resources})), POLICY)
+
+    if refused is None:
+        assert found == []
+    else:
+        (problem,) = found
+        assert problem.startswith(refused), problem
+
+
+def test_with_no_policy_set_only_the_trainer_image_and_default_account_pass():
+    spec = job(spec={"resources": {"image": "registry.example/ml/sdxl:2",
+                                   "serviceAccountName": "robot"}})  # fmt: skip
+
+    assert len(policy_problems(load_job(spec), Defaults())) == 2

@@ -48,14 +48,51 @@ def test_children_match_golden_files(case, golden):
     golden(f"builders/{case}.yaml", rendered)
 
 
+WITH_POLICY = Defaults(network_policy=True, metrics_namespaces=("ops", "monitoring"))
+
+
+@pytest.mark.parametrize("defaults", [Defaults(), WITH_POLICY], ids=["plain", "network-policy"])
 @pytest.mark.parametrize("case", CASES)
-def test_children_pass_kubernetes_schema_strictly(case):
-    for manifest in children(load_job(CASES[case]), attempt=1, defaults=Defaults()):
+def test_children_pass_kubernetes_schema_strictly(case, defaults):
+    for manifest in children(load_job(CASES[case]), attempt=1, defaults=defaults):
         kubernetes_validate.validate(manifest, "1.33.0", strict=True)
 
 
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a matchLabels-only LabelSelector selects an object with ``labels``."""
+    assert set(selector) == {"matchLabels"}, selector
+    return all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+def test_the_network_policy_lets_in_only_the_jobs_pods_and_the_metrics_scrapers():
+    mine = children(load_job(job(IDENTITY, spec={"resources": {"nodes": 2}})), 1, WITH_POLICY)
+    other = children(load_job(job({"metadata": {"name": "other", "uid": "u-2"}})), 1, WITH_POLICY)
+    policy = next(m for m in mine if m["kind"] == "NetworkPolicy")
+    labels = mine[-1]["spec"]["template"]["metadata"]["labels"]
+    theirs = other[-1]["spec"]["template"]["metadata"]["labels"]
+
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert _selects(spec["podSelector"], labels) and not _selects(spec["podSelector"], theirs)
+    peers, scrapers = spec["ingress"]
+    (peer,) = peers["from"]
+    assert "ports" not in peers  # the collectives use ports of their own
+    assert _selects(peer["podSelector"], labels) and not _selects(peer["podSelector"], theirs)
+    assert [s["namespaceSelector"]["matchLabels"] for s in scrapers["from"]] == [
+        {"kubernetes.io/metadata.name": "ops"},
+        {"kubernetes.io/metadata.name": "monitoring"},
+    ]
+    assert scrapers["ports"] == [{"protocol": "TCP", "port": 9400}]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == IDENTITY["metadata"]["uid"]
+    assert [m["kind"] for m in children(load_job(job(IDENTITY)), 1, Defaults())] == [
+        "ConfigMap",
+        "Service",
+        "Job",
+    ]  # off unless the operator is told (the chart turns it on)
+
+
 def _trainer_job(manifest: dict, attempt: int = 1) -> dict:
-    return children(load_job(manifest), attempt, Defaults())[2]
+    return children(load_job(manifest), attempt, Defaults())[-1]
 
 
 def _env(job_manifest: dict) -> dict:
@@ -104,6 +141,15 @@ def test_credentials_only_by_reference():
     }  # fmt: skip
     assert env["AWS_ENDPOINT_URL"] == "http://minio.storage.svc:9000"
     assert "secretKeyRef" not in manifests[0]["data"]["job.json"]
+
+
+def test_a_hugging_face_token_comes_from_its_secret():
+    spec = {"model": {"base": "hf://org/gated"},
+            "storage": {"huggingFaceTokenSecretRef": {"name": "hub"}}}  # fmt: skip
+    env = _env(children(load_job(job(IDENTITY, spec=spec)), 1, Defaults())[-1])
+
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hub", "key": "HF_TOKEN",
+                                                "optional": False}}  # fmt: skip
 
 
 def test_prompts_never_reach_a_shell():
@@ -185,20 +231,27 @@ def test_operator_defaults_come_from_its_environment():
     }
 
     defaults = defaults_from_env(environ)
+    policy = defaults_from_env({"DIFFTRAIN_NETWORK_POLICY": "true",
+                                "DIFFTRAIN_METRICS_NAMESPACES": "ops, monitoring"})  # fmt: skip
 
     assert defaults == Defaults(image="registry/trainer:2", limits={"memory": "64Gi"})
+    assert policy == Defaults(network_policy=True, metrics_namespaces=("ops", "monitoring"))
 
 
 @pytest.mark.parametrize(
-    ("value", "message"),
-    [("{memory: 64Gi}", "DIFFTRAIN_TRAINER_LIMITS: not JSON"),
-     ('{"memory": 64}', "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings"),
-     ('["64Gi"]', "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings")],
+    ("variable", "value", "message"),
+    [("DIFFTRAIN_TRAINER_LIMITS", "{memory: 64Gi}", "DIFFTRAIN_TRAINER_LIMITS: not JSON"),
+     ("DIFFTRAIN_TRAINER_LIMITS", '{"memory": 64}',
+      "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings"),
+     ("DIFFTRAIN_TRAINER_LIMITS", '["64Gi"]',
+      "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings"),
+     ("DIFFTRAIN_NETWORK_POLICY", "yes",
+      "DIFFTRAIN_NETWORK_POLICY: must be true or false, got 'yes'")],
 )  # fmt: skip
 def test_a_malformed_default_stops_the_operator_naming_its_variable(
-    monkeypatch, capsys, value, message
+    monkeypatch, capsys, variable, value, message
 ):
-    monkeypatch.setenv("DIFFTRAIN_TRAINER_LIMITS", value)
+    monkeypatch.setenv(variable, value)
 
     assert main(["operator"]) == 2
     assert message in capsys.readouterr().err

@@ -8,7 +8,9 @@ The child resets what the server set up (signals, standard streams, environment,
 threads) and runs the module as ``python -m`` would.
 
 ``DIFFTRAIN_TEST_FRESH_TRAINERS=1`` makes :func:`start` start fresh interpreters
-instead. Tests of the pods' launcher (torchrun) and of ``difftrain run`` always do.
+instead; so does a run whose environment changes what the libraries read once, at import
+(``HF_HUB_OFFLINE``, ``HF_ENDPOINT``, torch's settings). Tests of the pods' launcher
+(torchrun) and of ``difftrain run`` always start fresh ones.
 
 Protocol, over a Unix socket: the client sends one JSON line (``env``, ``cwd``) with the
 write end of its output pipe attached (SCM_RIGHTS); the server answers ``pid N`` and,
@@ -174,7 +176,7 @@ def _socket_path() -> str:
             )  # fmt: skip
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError("the trainer fork server did not start")
-            _server.update(path=str(path), process=process)
+            _server.update(path=str(path), process=process, env=dict(os.environ))
             atexit.register(stop_server)
         return _server["path"]
 
@@ -266,9 +268,28 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
+# Variables the libraries read once, when imported (HF_HUB_OFFLINE, HF_ENDPOINT, torch's
+# and CUDA's settings): a run that sets them differently from the server needs a fresh
+# interpreter. (OMP_NUM_THREADS the child applies itself.)
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
+                   "CUDA_", "NCCL_", "MKL_", "PYTHON")  # fmt: skip
+_APPLIED_BY_THE_CHILD = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+
+
+def _imports_differently(env: dict) -> bool:
+    server = _server.get("env", os.environ)
+    names = {*env, *server}
+    return any(
+        name.startswith(_READ_AT_IMPORT) and name not in _APPLIED_BY_THE_CHILD
+        and env.get(name) != server.get(name)
+        for name in names
+    )  # fmt: skip
+
+
 def start(env: dict) -> "Forked | subprocess.Popen":
-    """``python -m difftrain.trainer`` with ``env``: forked, or fresh when asked."""
-    if os.environ.get("DIFFTRAIN_TEST_FRESH_TRAINERS") == "1":
+    """``python -m difftrain.trainer`` with ``env``: forked, or fresh when asked or when
+    ``env`` changes what the libraries read at import."""
+    if os.environ.get("DIFFTRAIN_TEST_FRESH_TRAINERS") == "1" or _imports_differently(env):
         return subprocess.Popen([sys.executable, "-m", MODULE], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
     return Forked(env)

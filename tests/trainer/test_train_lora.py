@@ -26,7 +26,12 @@ def s3_job(tmp_path, s3_env, bucket, shapes_folder):
         "model": {"base": f"s3://{bucket}/models/tiny-sd"},
         "dataset": {"uri": f"s3://{bucket}/data/shapes"},
         "output": {"uri": f"s3://{bucket}/runs/lora"},
-        "storage": {"endpoint": s3_env.endpoint, "pathStyle": True},
+        "storage": {
+            "endpoint": s3_env.endpoint,
+            "pathStyle": True,
+            "secretRef": {"name": "team-s3-keys"},
+        },
+        "resources": {"serviceAccountName": "team-robot"},
         "lora": {"rank": 4},
         "checkpoints": {"everySteps": 4},
     }
@@ -35,12 +40,20 @@ def s3_job(tmp_path, s3_env, bucket, shapes_folder):
     )
 
 
-def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, s3_env):
+def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, s3_env, bucket):
     config, output = s3_job
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
+    # What a shared model must not tell: where the team's storage is (endpoint, bucket),
+    # its Secret, its ServiceAccount. Checkpoints stay in the cluster; the rest is scanned.
+    private = [s3_env.endpoint.split("://")[1], bucket, "team-s3-keys", "team-robot"]
+    stored = output.keys()
+    exported = [k for k in stored if not k.startswith("checkpoints/")]
+    found = {(k, word) for k in exported for word in private
+             if word.encode() in output.read_bytes(k)}  # fmt: skip
+    assert found == set()
     # The credentials (from the environment, as secretKeyRef puts them) are nowhere else:
     # not in the config, the log, or any object the run wrote.
     keys, written = s3_env.admin, output.keys()
@@ -73,6 +86,8 @@ def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, 
     output.download_tree("model", model, unsafe_error=InvalidSpec)
     record = json.loads((model / "difftrain.json").read_text())
     assert (record["steps"], record["images"], record["name"]) == (6, 32, "lora-s3")
+    assert record["spec"]["model"]["base"] == "s3://redacted/models/tiny-sd"
+    assert "storage" not in record["spec"]
     losses = [json.loads(line) for line in output.read_bytes("metrics.jsonl").splitlines()]
     assert [entry["step"] for entry in losses] == [1, 2, 3, 4, 5, 6]
     # On a CPU: the process's resident memory, at least what the loaded model takes.

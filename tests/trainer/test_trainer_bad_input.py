@@ -1,10 +1,13 @@
 """Bad input to the trainer: the contract's exit code, and a message naming what to fix,
 in the log and in the termination log the operator reads."""
 
+import http.server
 import json
 import shutil
 import subprocess
 import sys
+import threading
+import typing
 
 import pytest
 
@@ -170,6 +173,70 @@ def test_hub_model_offline(tmp_path, trainer_cache, dataset):
     assert reason["message"].startswith(
         "cannot download hf://org/model: the Hugging Face Hub is not reachable from here"
     )
+
+
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """The Hub's answers, as the repository's name asks: org/status-429 answers 429."""
+
+    tokens: typing.ClassVar[list] = []
+
+    def do_GET(self):
+        _Hub.tokens.append(self.headers.get("authorization"))
+        code = int(self.path.split("status-")[1].split("/")[0]) if "status-" in self.path else 404
+        body = b'{"error": "as asked"}'
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *_):
+        pass
+
+
+@pytest.fixture
+def hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _Hub.tokens = []
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
+    tmp_path, trainer_cache, dataset, hub
+):
+    token = "hf_never_in_the_log_0123456789"
+    runs = []
+    for status in (401, 404, 429, 503):
+        folder = tmp_path / str(status)
+        folder.mkdir()
+        spec = {"model": {"base": f"hf://org/status-{status}"},
+                "dataset": {"uri": f"file://{dataset}"},
+                "output": {"uri": f"file://{folder}/out"}}  # fmt: skip
+        env = {"HF_ENDPOINT": hub, "HF_TOKEN": token, "HF_HUB_DISABLE_TELEMETRY": "1"}
+        runs.append((runner.write_config(folder, spec), folder, trainer_cache, env))
+
+    results = runner.run_together(runs)
+
+    said = [json.loads((folder / "termination-log").read_text()) for _, folder, _, _ in runs]
+    assert [code for code, _ in results] == [2, 2, 1, 1], results
+    assert [s["reason"] for s in said] == ["InvalidSpec", "InvalidSpec", "StorageUnavailable",
+                                           "StorageUnavailable"]  # fmt: skip
+    assert said[0]["message"].startswith(
+        "spec.model.base: hf://org/status-401 is not readable (401): the token in spec.storage"
+    )
+    assert "does not exist on the Hub" in said[1]["message"]
+    assert said[2]["message"].startswith(
+        "the Hugging Face Hub answered 429 for hf://org/status-429"
+    )
+    assert f"Bearer {token}" in _Hub.tokens  # the Secret's token reaches the Hub...
+    assert not [log for _, log in results if token in log]  # ...and no log
+    assert not [s for s in said if token in s["message"]]
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,13 @@ pods; and posts Events.
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list", "watch"]
+{{- if .Values.networkPolicy.enabled }}
+# Each job's NetworkPolicy: created and updated by server-side apply; get and delete for
+# one an earlier job of the same name left behind.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "delete"]
+{{- end }}
 # What Kueue says of a queued job: whether its LocalQueue exists, and why its Workload
 # waits (quota, an inactive ClusterQueue). Harmless where Kueue is not installed.
 - apiGroups: ["kueue.x-k8s.io"]

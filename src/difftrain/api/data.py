@@ -169,8 +169,21 @@ class SecretKeysRef(ApiModel):
     )
 
 
+class SecretKeyRef(ApiModel):
+    """One key of a Secret in the job's namespace."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Name of the Secret.",
+    )
+    key: ShortStr = Field("HF_TOKEN", min_length=1, description="Key holding the value.")
+
+
 class StorageSpec(ApiModel):
-    """The S3-compatible object store behind every s3:// URI of the job."""
+    """The S3-compatible object store behind every s3:// URI of the job, and the Hugging
+    Face Hub token for gated or private hf:// models."""
 
     endpoint: str | None = Field(
         None,
@@ -186,4 +199,9 @@ class StorageSpec(ApiModel):
     )
     path_style: bool = Field(
         False, description="Path-style addressing (most self-hosted stores need it)."
+    )
+    hugging_face_token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description="A Hugging Face access token (for gated or private hf:// models) from a "
+        "Secret; the trainer gets it as HF_TOKEN, and it is never logged or written.",
     )

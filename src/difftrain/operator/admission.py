@@ -1,14 +1,22 @@
 """Checks of a job that only a cluster makes: the operator runs them before it creates
-anything, and a job that fails one fails with InvalidSpec and the field named.
+anything, and a job that fails one fails with InvalidSpec (or NotAllowed, for the
+platform's policy) and the field named.
+
+Policy: whoever may create a DiffusionTrainingJob would otherwise run any image as any
+ServiceAccount of the namespace. A job may name only the operator's trainer image or one
+matching the chart's ``policy.allowedImages`` patterns, and only the namespace's
+``default`` ServiceAccount or one in ``policy.allowedServiceAccounts``.
 
 ``difftrain run`` runs the same manifest on one machine, where a ``file://`` path is a
 folder of that machine; in a pod it is a folder of the pod's own disk, gone with the pod,
 unless it lies on a volume the job mounts (``spec.resources.volumes``).
 """
 
+import fnmatch
 import posixpath
 
 from difftrain.api.job import DiffusionTrainingJob
+from difftrain.operator.builders import Defaults
 
 _HINT = (
     "use s3://, or mount a PersistentVolumeClaim (spec.resources.volumes) and use a path "
@@ -49,4 +57,27 @@ def problems(job: DiffusionTrainingJob) -> list[str]:
         elif volume.read_only and field == "spec.output.uri":
             found.append(f"{field}: {uri} is on volume {volume.name}, which is mounted "
                          "read-only; set its readOnly to false, or write elsewhere")  # fmt: skip
+    return found
+
+
+def policy_problems(job: DiffusionTrainingJob, defaults: Defaults) -> list[str]:
+    """What the operator's policy does not allow ``job`` to ask for."""
+    resources = job.spec.resources
+    found = []
+    image = resources.image
+    if (
+        image
+        and image != defaults.image
+        and not any(fnmatch.fnmatchcase(image, pattern) for pattern in defaults.allowed_images)
+    ):
+        allowed = ", ".join([defaults.image, *defaults.allowed_images])
+        found.append(f"spec.resources.image: {image} is not allowed here (allowed: {allowed}); "
+                     "leave it out for the operator's trainer image, or ask the platform team "
+                     "to add a pattern to the chart's policy.allowedImages")  # fmt: skip
+    account = resources.service_account_name
+    if account and account != "default" and account not in defaults.allowed_service_accounts:
+        allowed = ", ".join(["default", *defaults.allowed_service_accounts])
+        found.append(f"spec.resources.serviceAccountName: {account} is not allowed here "
+                     f"(allowed: {allowed}); ask the platform team to add it to the chart's "
+                     "policy.allowedServiceAccounts")  # fmt: skip
     return found

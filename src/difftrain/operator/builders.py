@@ -39,6 +39,14 @@ class Defaults:
     requests: dict[str, str] = field(default_factory=dict)
     limits: dict[str, str] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
+    # A NetworkPolicy per job (the chart turns it on): its pods accept connections only
+    # from each other, and on the metrics port from these namespaces' pods.
+    network_policy: bool = False
+    metrics_namespaces: tuple[str, ...] = ()
+    # What a job may ask for (admission.py): images matching these shell-style patterns
+    # besides ``image``, and ServiceAccounts besides the namespace's ``default``.
+    allowed_images: tuple[str, ...] = ()
+    allowed_service_accounts: tuple[str, ...] = ()
 
 
 def config_map_name(name: str) -> str:
@@ -157,6 +165,10 @@ def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
             }
             for variable, key, optional in keys
         ]
+    token = spec.storage.hugging_face_token_secret_ref
+    if token:
+        reference = {"name": token.name, "key": token.key, "optional": False}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": reference}})
     return env
 
 
@@ -256,6 +268,27 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
     return pod
 
 
+def network_policy(job: DiffusionTrainingJob, defaults: Defaults) -> dict:
+    """Ingress to the job's pods: from each other on every port (the rendezvous on 29500,
+    and the collectives' own ports), and on the metrics port from the operator's and the
+    monitoring namespaces. Nothing else reaches them."""
+    own = {"matchLabels": {JOB_NAME_LABEL: job.metadata.name}}
+    rules = [{"from": [{"podSelector": own}]}]
+    if defaults.metrics_namespaces:
+        rules.append({
+            "from": [{"namespaceSelector": {"matchLabels": {
+                "kubernetes.io/metadata.name": namespace}}}
+                for namespace in defaults.metrics_namespaces],
+            "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+        })  # fmt: skip
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, job.metadata.name),
+        "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": rules},
+    }
+
+
 def initially_suspended(job: DiffusionTrainingJob) -> bool:
     """A new attempt's Job starts suspended when the user suspended the job, or when Kueue
     must admit it first (Kueue then unsuspends it)."""
@@ -305,4 +338,5 @@ def trainer_job(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> 
 
 def children(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> list[dict]:
     """Everything attempt ``attempt`` needs, in the order to create it."""
-    return [config_map(job, attempt), service(job), trainer_job(job, attempt, defaults)]
+    policy = [network_policy(job, defaults)] if defaults.network_policy else []
+    return [config_map(job, attempt), service(job), *policy, trainer_job(job, attempt, defaults)]

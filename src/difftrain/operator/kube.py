@@ -21,6 +21,10 @@ _PATHS = {
     ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
     ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{namespace}/jobs",
+    (
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+    ): "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies",
     (API_VERSION, KIND): f"/apis/{API_VERSION}/namespaces/{{namespace}}/{PLURAL}",
 }
 

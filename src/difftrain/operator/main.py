@@ -45,6 +45,17 @@ def defaults_from_env(environ=os.environ) -> Defaults:
         ):
             raise ValueError(f"{variable}: must be a JSON object of strings, got {text!r}")
         values[name] = value
+    policy = environ.get("DIFFTRAIN_NETWORK_POLICY", "false")
+    if policy not in ("true", "false"):
+        raise ValueError(f"DIFFTRAIN_NETWORK_POLICY: must be true or false, got {policy!r}")
+    values["network_policy"] = policy == "true"
+    for variable, name in (
+        ("DIFFTRAIN_METRICS_NAMESPACES", "metrics_namespaces"),
+        ("DIFFTRAIN_ALLOWED_IMAGES", "allowed_images"),
+        ("DIFFTRAIN_ALLOWED_SERVICE_ACCOUNTS", "allowed_service_accounts"),
+    ):  # comma-separated lists
+        text = environ.get(variable, "")
+        values[name] = tuple(item.strip() for item in text.split(",") if item.strip())
     return Defaults(**values)
 
 

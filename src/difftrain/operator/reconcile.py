@@ -55,6 +55,14 @@ def _age(obj: dict, now: datetime) -> timedelta:
     return now - datetime.fromisoformat(created.replace("Z", "+00:00"))
 
 
+def _ever_created(status: dict) -> bool:
+    """Whether the job's children were ever created (its first checks are behind it)."""
+    return any(
+        c.get("type") == "Created" and c.get("status") == "True"
+        for c in status.get("conditions", [])
+    )
+
+
 def _finished(batch: dict) -> bool:
     return any(
         c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
@@ -117,20 +125,10 @@ class Controller:
         if batch is not None and not _owned_by(batch, metadata["uid"]):
             await self._wait_for_predecessor(body, current, batch, now)
             return
-        if batch is None and attempt == 1 and not status.get("phase"):
-            refused = admission.problems(job)
-            if refused:
-                new = self._failed(current, "InvalidSpec", "; ".join(refused), metadata, now)
-                await self._publish(body, status, new, now)
-                return
-            holder = await self._output_holder(body)
-            if holder:
-                message = (
-                    f"spec.output.uri {job.spec.output.uri} is in use by job "
-                    f"{holder.namespace}/{holder.name}; give this job an output.uri of its "
-                    "own, or delete that job and re-create this one"
-                )
-                new = self._failed(current, "OutputInUse", message, metadata, now)
+        if batch is None and attempt == 1 and not _ever_created(status):
+            refusal = await self._refusal(job, body)
+            if refusal:
+                new = self._failed(current, *refusal, metadata, now)
                 await self._publish(body, status, new, now)
                 return
         if batch is None:
@@ -168,6 +166,24 @@ class Controller:
             return
         await self._clean_up(body, status, new, job.spec.run_policy.clean_pod_policy, batch)
         await self._publish(body, status, new, now)
+
+    async def _refusal(self, job, body: dict) -> tuple[str, str] | None:
+        """(reason, message) when a new job must not start: what only a cluster checks,
+        the platform's policy, another live job on its output. None when it may."""
+        for reason, refused in (
+            ("InvalidSpec", admission.problems(job)),
+            ("NotAllowed", admission.policy_problems(job, self.defaults)),
+        ):
+            if refused:
+                return reason, "; ".join(refused)
+        holder = await self._output_holder(body)
+        if holder:
+            return "OutputInUse", (
+                f"spec.output.uri {job.spec.output.uri} is in use by job "
+                f"{holder.namespace}/{holder.name}; give this job an output.uri of its own, "
+                "or delete that job and re-create this one"
+            )
+        return None
 
     async def _output_holder(self, body: dict):
         """Another live job writing this job's output, if any (see outputs.py)."""

@@ -20,6 +20,49 @@ def formats_for(config: TrainerConfig) -> list[str]:
     return spec.output.formats or (["diffusers", "kohya"] if spec.trains_lora else ["diffusers"])
 
 
+# Written in place of what must not leave the cluster with a shared model.
+REDACTED = "redacted"
+_HOSTED = ("s3://", "http://", "https://")
+
+
+def redact_uri(value: str) -> str:
+    """``value`` with the host of an s3:// or http(s):// URI replaced (bucket names and
+    endpoints say where a team keeps its data); other strings as they are. hf:// ids
+    stay: they name public or gated models on the Hub, as a model card should."""
+    for scheme in _HOSTED:
+        if value.startswith(scheme):
+            _, _, path = value[len(scheme) :].partition("/")
+            return f"{scheme}{REDACTED}/{path}" if path else f"{scheme}{REDACTED}"
+    return value
+
+
+def redact_image(image: str | None) -> str | None:
+    """An image reference without its registry host (``registry.internal:5000/...``)."""
+    if not image:
+        return image
+    first, slash, rest = image.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return f"{REDACTED}/{rest}"
+    return image
+
+
+def _redact(value):
+    if isinstance(value, dict):
+        return {key: _redact(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redact(item) for item in value]
+    return redact_uri(value) if isinstance(value, str) else value
+
+
+def shareable_spec(config: TrainerConfig) -> dict:
+    """The spec as exported records carry it: no ``storage`` (endpoint, Secret name), no
+    ServiceAccount, and no URI hosts (see :func:`redact_uri`)."""
+    spec = config.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    spec.pop("storage", None)
+    spec.get("resources", {}).pop("serviceAccountName", None)
+    return _redact(spec)
+
+
 def spec_hash(config: TrainerConfig) -> str:
     text = config.spec.model_dump_json(by_alias=True, exclude_none=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -95,7 +138,7 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
     spec = config.spec
     training = spec.training
     rows = [
-        ("Base model", spec.model.base),
+        ("Base model", redact_uri(spec.model.base)),
         ("Method", spec.method),
         ("Architecture", facts["architecture"]),
         ("Training images", facts["images"]),
@@ -140,7 +183,7 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return (
         f"# {config.name}\n\n"
-        f"Trained with difftrain {__version__} from `{spec.model.base}`.\n\n"
+        f"Trained with difftrain {__version__} from `{redact_uri(spec.model.base)}`.\n\n"
         f"| | |\n| --- | --- |\n{table}\n\n"
         f"Load it with diffusers: `{usage}`.\n\n"
         f"Reproducibility record: `difftrain.json` (spec hash {spec_hash(config)[:12]}).\n"
@@ -184,8 +227,9 @@ def record(config: TrainerConfig, facts: dict) -> str:
             "finalLoss": facts["final_loss"],
             "startTime": facts["start_time"],
             "endTime": facts["end_time"],
-            "image": facts.get("image"),
-            "spec": config.spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+            "image": redact_image(facts.get("image")),
+            # What made the model, less what says where the team keeps things.
+            "spec": shareable_spec(config),
         },
         indent=2,
     )

@@ -10,6 +10,7 @@ pipelines, by whether the UNet takes SDXL's extra size/crop conditioning.
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,14 +78,45 @@ def _from_hub(repo: str, revision: str | None, cache: Path, weights: bool) -> Pa
                 repo, revision=revision, cache_dir=cache / "hub", allow_patterns=patterns
             )
         )
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError as error:
+        # The Hub's own answer, when it gave one (the library reports a refused request
+        # as "not in the local cache" with the HTTP error as its cause).
+        if isinstance(error.__cause__, HfHubHTTPError):
+            raise hub_error(repo, error.__cause__) from None
         raise StorageUnavailable(
             f"cannot download hf://{repo}: the Hugging Face Hub is not reachable from here "
             "(offline, or HF_HUB_OFFLINE is set) and the model is not cached; copy the model "
             "to s3:// or file:// and set spec.model.base to it"
         ) from None
     except HfHubHTTPError as error:
-        raise InvalidSpec(f"spec.model.base: cannot fetch hf://{repo}: {error}") from None
+        raise hub_error(repo, error) from None
+
+
+# Answers of the Hub that a later try may not get (rate limits, its own trouble).
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def hub_error(repo: str, error) -> Exception:
+    """The job's error for a failed Hub request: retryable (StorageUnavailable) for a rate
+    limit or a server error, InvalidSpec naming the fix for the rest."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    said = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if status in RETRYABLE_STATUS:
+        return StorageUnavailable(
+            f"the Hugging Face Hub answered {status} for hf://{repo}; the job will retry ({said})"
+        )
+    if status == 404:
+        return InvalidSpec(f"spec.model.base: hf://{repo} does not exist on the Hub, or is "
+                           "private and the token cannot see it; check the name (and "
+                           "spec.model.revision)")  # fmt: skip
+    if status in (401, 403):
+        token = "HF_TOKEN" in os.environ
+        fix = ("the token in spec.storage.huggingFaceTokenSecretRef may not read it: accept "
+               "the model's terms on the Hub with that account, or use a token that can"
+               if token else "a gated or private model needs a token: set "
+               "spec.storage.huggingFaceTokenSecretRef to a Secret holding one")  # fmt: skip
+        return InvalidSpec(f"spec.model.base: hf://{repo} is not readable ({status}): {fix}")
+    return InvalidSpec(f"spec.model.base: cannot fetch hf://{repo}: {said}")
 
 
 def encoder_name(index: int) -> str:
