@@ -104,6 +104,19 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )  # fmt: skip
 
+    async def create(self, manifest: dict) -> bool:
+        """Create ``manifest``; False when an object of its name exists already."""
+        metadata = manifest["metadata"]
+        path = self._collection(manifest["apiVersion"], manifest["kind"], metadata["namespace"])
+        try:
+            await self._call("POST", path, body=manifest, query=[("fieldManager", FIELD_MANAGER)],
+                             content_type="application/json")  # fmt: skip
+        except ApiError as error:
+            if error.status == 409 and error.reason == "AlreadyExists":
+                return False
+            raise
+        return True
+
     async def get_job(self, namespace: str, name: str) -> dict | None:
         return await self._get(f"{self._collection('batch/v1', 'Job', namespace)}/{name}")
 

@@ -252,11 +252,21 @@ class Controller:
         namespace, name = job.metadata.namespace, job.metadata.name
         if attempt > 1:
             await self.kube.delete_job(namespace, builders.job_name(name, attempt - 1))
-        manifests = builders.children(job, attempt, self.defaults)
-        for manifest in manifests[:-1]:  # the ConfigMap and the Service keep their names
+        for manifest in builders.children(job, attempt, self.defaults):
             kind, child = manifest["kind"], manifest["metadata"]["name"]
-            found = await self.kube.get(manifest["apiVersion"], kind, namespace, child)
-            if found and not _owned_by(found, job.metadata.uid):
+            try:
+                # The first attempt creates what keeps its name over attempts (ConfigMap,
+                # Service, NetworkPolicy), so that one already there is noticed: it is an
+                # earlier job's, or this job's from an operator that stopped half-way.
+                if attempt > 1 or kind == "Job":
+                    await self.kube.apply(manifest)
+                    continue
+                if await self.kube.create(manifest):
+                    continue
+                found = await self.kube.get(manifest["apiVersion"], kind, namespace, child)
+                if found is None or _owned_by(found, job.metadata.uid):
+                    await self.kube.apply(manifest)
+                    continue
                 if not found["metadata"].get("deletionTimestamp"):
                     uid = found["metadata"]["uid"]
                     await self.kube.delete(manifest["apiVersion"], kind, namespace, child, uid)
@@ -264,13 +274,9 @@ class Controller:
                 new = self._not_created(body, status, "WaitingForPredecessor", message, now)
                 await self._publish(body, status, new, now)
                 return True
-        for manifest in manifests:
-            try:
-                await self.kube.apply(manifest)
             except ApiError as error:
                 if error.status >= 500 or error.status == 429:
                     raise  # the API server's own trouble: the next trigger retries
-                kind, child = manifest["kind"], manifest["metadata"]["name"]
                 message = f"the API server refused {kind} {child}: {error.detail}"
                 new = self._not_created(body, status, "CreateRefused", message, now)
                 await self._publish(body, status, new, now)
