@@ -75,7 +75,10 @@ def _run(plane: ControlPlane, folder: Path, jobs: int, label: str) -> dict:
     time.sleep(3)  # its first lists and watches
     before = len(operator.requests())
     manifests = [
-        job({"metadata": {"name": f"job-{index}"}}, spec={"runPolicy": {"suspend": True}})
+        job(
+            {"metadata": {"name": f"job-{index}"}},
+            spec={"runPolicy": {"suspend": True}, "output": {"uri": f"s3://outputs/job-{index}"}},
+        )
         for index in range(jobs)
     ]
     started = time.perf_counter()
