@@ -14,6 +14,7 @@ from difftrain.api.crd import PLURAL
 from difftrain.api.job import API_VERSION, KIND
 
 FIELD_MANAGER = "difftrain"
+NETWORKING = "networking.k8s.io/v1"
 KUEUE_API = "kueue.x-k8s.io/v1beta1"  # served by every Kueue release since 0.5
 
 _PATHS = {
@@ -21,10 +22,7 @@ _PATHS = {
     ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
     ("v1", "Pod"): "/api/v1/namespaces/{namespace}/pods",
     ("batch/v1", "Job"): "/apis/batch/v1/namespaces/{namespace}/jobs",
-    (
-        "networking.k8s.io/v1",
-        "NetworkPolicy",
-    ): "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies",
+    (NETWORKING, "NetworkPolicy"): f"/apis/{NETWORKING}/namespaces/{{namespace}}/networkpolicies",
     (API_VERSION, KIND): f"/apis/{API_VERSION}/namespaces/{{namespace}}/{PLURAL}",
 }
 
