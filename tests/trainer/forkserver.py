@@ -9,7 +9,7 @@ threads) and runs the module as ``python -m`` would.
 
 ``DIFFTRAIN_TEST_FRESH_TRAINERS=1`` makes :func:`start` start fresh interpreters
 instead; so does a run whose environment changes what the libraries read once, at import
-(``HF_HUB_OFFLINE``, ``HF_ENDPOINT``, torch's settings). Tests of the pods' launcher
+(``HF_HUB_OFFLINE``, ``HF_ENDPOINT``). Tests of the pods' launcher
 (torchrun) and of ``difftrain run`` always start fresh ones.
 
 Protocol, over a Unix socket: the client sends one JSON line (``env``, ``cwd``) with the
@@ -268,12 +268,13 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-# Variables the libraries read once, when imported (HF_HUB_OFFLINE, HF_ENDPOINT, torch's
-# and CUDA's settings): a run that sets them differently from the server needs a fresh
-# interpreter. (OMP_NUM_THREADS the child applies itself.)
-_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_",
-                   "CUDA_", "NCCL_", "MKL_", "PYTHON")  # fmt: skip
-_APPLIED_BY_THE_CHILD = {"PYTHONUNBUFFERED", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+# Variables the libraries (and the interpreter) read once, at import or start-up
+# (HF_HUB_OFFLINE, HF_ENDPOINT, PYTHONHASHSEED): a run that sets them differently from
+# the server needs a fresh interpreter. torch's and CUDA's settings are read when first
+# used, in the child; OMP_NUM_THREADS the child applies itself. torch sets
+# TORCHINDUCTOR_CACHE_DIR in the test process on its own, so torch's names must not count.
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "PYTHON")
+_APPLIED_BY_THE_CHILD = {"PYTHONUNBUFFERED"}
 
 
 def _imports_differently(env: dict) -> bool:
