@@ -1,6 +1,6 @@
 """Where things come from and go: base model, dataset, outputs, and the object store."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -149,15 +149,16 @@ class OutputSpec(ApiModel):
     )
 
 
+# A Secret's name (a DNS subdomain), as both Secret references write it.
+SecretName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+
+
 class SecretKeysRef(ApiModel):
     """A Secret in the job's namespace holding S3 credentials."""
 
-    name: str = Field(
-        min_length=1,
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Name of the Secret.",
-    )
+    name: SecretName = Field(description="Name of the Secret.")
     access_key_id_key: ShortStr = Field(
         "AWS_ACCESS_KEY_ID", min_length=1, description="Key holding the access key id."
     )
@@ -172,12 +173,7 @@ class SecretKeysRef(ApiModel):
 class SecretKeyRef(ApiModel):
     """One key of a Secret in the job's namespace."""
 
-    name: str = Field(
-        min_length=1,
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
-        description="Name of the Secret.",
-    )
+    name: SecretName = Field(description="Name of the Secret.")
     key: ShortStr = Field("HF_TOKEN", min_length=1, description="Key holding the value.")
 
 
