@@ -48,12 +48,19 @@ def _noise(plane: ControlPlane, count: int) -> None:
     plane.kubectl("create", "namespace", "noise")
 
     def create(index: int) -> None:
-        plane.api("POST", "/api/v1/namespaces/noise/pods", {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": f"web-{index}", "labels": {"app": "web", "tier": "frontend"}},
-            "spec": {"nodeName": f"noise-node-{index % NOISE_NODES}",
-                     "containers": [{"name": "web", "image": "example.invalid/web:1"}]},
-        })  # fmt: skip
+        plane.api(
+            "POST",
+            "/api/v1/namespaces/noise/pods",
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": f"web-{index}", "labels": {"app": "web", "tier": "frontend"}},
+                "spec": {
+                    "nodeName": f"noise-node-{index % NOISE_NODES}",
+                    "containers": [{"name": "web", "image": "example.invalid/web:1"}],
+                },
+            },
+        )
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         list(pool.map(create, range(count)))
@@ -68,8 +75,9 @@ def _noise(plane: ControlPlane, count: int) -> None:
 def _run(plane: ControlPlane, folder: Path, jobs: int, label: str) -> dict:
     namespace = f"bench-{label}"
     plane.kubectl("create", "namespace", namespace)
-    operator = Operator(plane, f"ops-{label}", folder / label,
-                        values=["operator.resyncSeconds=3600"])  # fmt: skip
+    operator = Operator(
+        plane, f"ops-{label}", folder / label, values=["operator.resyncSeconds=3600"]
+    )
     operator.folder.mkdir(parents=True)
     operator.install().start()
     time.sleep(3)  # its first lists and watches
@@ -83,9 +91,14 @@ def _run(plane: ControlPlane, folder: Path, jobs: int, label: str) -> dict:
     ]
     started = time.perf_counter()
     if manifests:
-        plane.kubectl("create", "-n", namespace, "-f", "-",
-                      input=yaml.safe_dump({"apiVersion": "v1", "kind": "List",
-                                            "items": manifests}))  # fmt: skip
+        plane.kubectl(
+            "create",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            input=yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": manifests}),
+        )
 
     def all_created() -> bool:
         found = plane.api("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs?limit=1")
@@ -135,19 +148,25 @@ def main() -> None:
         rows.append(_run(plane, folder, args.jobs, "jobs"))
         started = time.perf_counter()
         _noise(plane, args.noise)
-        print(f"({args.noise} unrelated pods running after "
-              f"{time.perf_counter() - started:.0f} s)", file=sys.stderr)  # fmt: skip
+        print(
+            f"({args.noise} unrelated pods running after {time.perf_counter() - started:.0f} s)",
+            file=sys.stderr,
+        )
         rows.append(_run(plane, folder, 0, "noise-baseline"))
         rows.append(_run(plane, folder, args.jobs, "jobs-and-noise"))
     finally:
         plane.stop()
-    print(f"{'row':<16}{'jobs':>6}{'s to all Jobs':>15}{'requests/job':>14}"
-          f"{'operator CPU s':>16}{'peak RSS MiB':>14}")  # fmt: skip
+    print(
+        f"{'row':<16}{'jobs':>6}{'s to all Jobs':>15}{'requests/job':>14}"
+        f"{'operator CPU s':>16}{'peak RSS MiB':>14}"
+    )
     for row in rows:
         seconds = f"{row['seconds']:.1f}" if row["seconds"] is not None else "-"
         per_job = f"{row['requestsPerJob']:.1f}" if row["requestsPerJob"] is not None else "-"
-        print(f"{row['row']:<16}{row['jobs']:>6}{seconds:>15}{per_job:>14}"
-              f"{row['operatorCpuSeconds']:>16.1f}{row['peakRssMiB']:>14.0f}")  # fmt: skip
+        print(
+            f"{row['row']:<16}{row['jobs']:>6}{seconds:>15}{per_job:>14}"
+            f"{row['operatorCpuSeconds']:>16.1f}{row['peakRssMiB']:>14.0f}"
+        )
     if args.json:
         print(json.dumps(rows))
 

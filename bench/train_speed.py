@@ -162,8 +162,13 @@ def _components(base: str):
         from diffusers import StableDiffusionPipeline
 
         pipeline = StableDiffusionPipeline.from_pretrained(base.removeprefix("file://"))
-    return (pipeline.unet, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer,
-            pipeline.scheduler)  # fmt: skip
+    return (
+        pipeline.unet,
+        pipeline.vae,
+        pipeline.text_encoder,
+        pipeline.tokenizer,
+        pipeline.scheduler,
+    )
 
 
 def bare_loop(method: str, base: str, args) -> dict:
@@ -229,8 +234,13 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny-sd", "sd15"], default="tiny-sd")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 mixed precision")
     parser.add_argument("--methods", nargs="+", default=["lora", "finetune"])
-    parser.add_argument("--samples", type=int, default=0, metavar="N",
-                        help="also train with validation samples every N steps")  # fmt: skip
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train with validation samples every N steps",
+    )
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -247,9 +257,21 @@ def main() -> None:
                 results[f"difftrain {method} + samples"] = _trainer_run(
                     method, base, args, work, args.samples
                 )
-            command = [sys.executable, __file__, "--bare", method, "--base", base,
-                       "--steps", str(args.steps), "--resolution", str(args.resolution),
-                       "--batch", str(args.batch), *(["--gpu"] if args.gpu else [])]  # fmt: skip
+            command = [
+                sys.executable,
+                __file__,
+                "--bare",
+                method,
+                "--base",
+                base,
+                "--steps",
+                str(args.steps),
+                "--resolution",
+                str(args.resolution),
+                "--batch",
+                str(args.batch),
+                *(["--gpu"] if args.gpu else []),
+            ]
             out = work / "bare.json"
             with out.open("w") as handle:
                 child = _child(command, stdout=handle)
@@ -259,8 +281,9 @@ def main() -> None:
     print(f"{args.model}, {args.resolution} px, batch {args.batch}, {args.steps} steps, {where}")
     print(f"{'run':<32}{'images/s':>10}{memory:>14}{'wall s':>9}")
     for name, r in results.items():
-        print(f"{name:<32}{r['imagesPerSecond']:>10.2f}{r['peakMiB']:>14.0f}"
-              f"{r['wallSeconds']:>9.1f}")  # fmt: skip
+        print(
+            f"{name:<32}{r['imagesPerSecond']:>10.2f}{r['peakMiB']:>14.0f}{r['wallSeconds']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

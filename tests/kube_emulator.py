@@ -56,9 +56,12 @@ class ApiServer(KubernetesEmulator):
         super().__attrs_post_init__()
         for path, (kind, subresources) in RESOURCES.items():
             self.resources[path] = ResourceInfo(
-                kind=kind, singular=kind.lower(), namespaced=True, verbs=VERBS,
+                kind=kind,
+                singular=kind.lower(),
+                namespaced=True,
+                verbs=VERBS,
                 subresources=subresources,
-            )  # fmt: skip
+            )
         for path, kind in CLUSTER_RESOURCES.items():
             self.resources[path] = ResourceInfo(
                 kind=kind, singular=kind.lower(), namespaced=False, verbs=VERBS

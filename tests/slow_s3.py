@@ -53,8 +53,9 @@ class SlowS3:
                 if held:
                     time.sleep(delays.seconds)
                 connection = http.client.HTTPConnection(target.hostname, target.port, timeout=300)
-                connection.putrequest(self.command, self.path, skip_host=True,
-                                      skip_accept_encoding=True)  # fmt: skip
+                connection.putrequest(
+                    self.command, self.path, skip_host=True, skip_accept_encoding=True
+                )
                 for name, value in self.headers.items():
                     if name.lower() not in _HOP:
                         connection.putheader(name, value)

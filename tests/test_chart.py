@@ -30,19 +30,28 @@ KUBERNETES = "1.33.0"
 # Every value changed from its default, and the watch limited to two namespaces.
 CUSTOM = {
     "operator": {
-        "image": {"repository": "registry.example/difftrain-operator", "tag": "1.2.3",
-                  "pullPolicy": "Always"},
-        "resyncSeconds": 60, "failureGraceSeconds": 600, "metricsPort": 9090,
+        "image": {
+            "repository": "registry.example/difftrain-operator",
+            "tag": "1.2.3",
+            "pullPolicy": "Always",
+        },
+        "resyncSeconds": 60,
+        "failureGraceSeconds": 600,
+        "metricsPort": 9090,
         "healthPort": 9091,
         "nodeSelector": {"pool": "system"},
         "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
-        "podAnnotations": {"example.com/team": "ml-platform"}, "podLabels": {"team": "ml"},
+        "podAnnotations": {"example.com/team": "ml-platform"},
+        "podLabels": {"team": "ml"},
         "priorityClassName": "system-cluster-critical",
     },
     "watchNamespaces": ["team-a", "team-b"],
     "trainer": {
-        "image": {"repository": "registry.example/difftrain-trainer", "tag": "1.2.3-cu128",
-                  "pullPolicy": "Always"},
+        "image": {
+            "repository": "registry.example/difftrain-trainer",
+            "tag": "1.2.3-cu128",
+            "pullPolicy": "Always",
+        },
         "resources": {"requests": {"cpu": 8, "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
         "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
     },
@@ -50,7 +59,7 @@ CUSTOM = {
     "imagePullSecrets": [{"name": "registry"}],
     "serviceAccount": {"create": False, "name": "difftrain-operator"},
     "metrics": {"service": {"enabled": False}},
-}  # fmt: skip
+}
 
 # Every monitoring object on, with extra labels.
 MONITORING = {
@@ -59,10 +68,13 @@ MONITORING = {
         "podMonitor": {"enabled": True, "interval": "15s"},
         "serviceMonitor": {"enabled": True},
         "prometheusRule": {"enabled": True},
-        "dashboard": {"enabled": True, "namespace": "grafana",
-                      "annotations": {"grafana_folder": "Training"}},
+        "dashboard": {
+            "enabled": True,
+            "namespace": "grafana",
+            "annotations": {"grafana_folder": "Training"},
+        },
     }
-}  # fmt: skip
+}
 PROMETHEUS_OPERATOR = "monitoring.coreos.com/v1"
 
 
@@ -86,8 +98,9 @@ def _refused(tmp_path: Path, values: dict) -> str:
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     done = subprocess.run(
         [helm(), "template", "ops", str(CHART), "--values", str(tmp_path / "values.yaml")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0
     return done.stderr
 
@@ -114,8 +127,10 @@ def test_every_rendered_object_passes_the_kubernetes_schema_strictly(tmp_path, v
 def test_default_render_matches_its_golden_file(tmp_path, golden):
     done = subprocess.run(
         [helm(), "template", "ops", str(CHART), "--namespace", "difftrain-system"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
 
     golden("chart/default.yaml", done.stdout)
 
@@ -155,11 +170,15 @@ def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
     default, custom = render(tmp_path), render(tmp_path, CUSTOM)
 
     assert [o["kind"] for o in default if "Role" in o["kind"]] == [
-        "ClusterRole", "ClusterRoleBinding"
-    ]  # fmt: skip
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
     # Namespaced: only the rights to watch Namespace objects and CRDs are cluster-wide.
-    crds = {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-            "verbs": ["list", "watch"]}  # fmt: skip
+    crds = {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    }
     (cluster_role,) = _of_kind(custom, "ClusterRole")
     namespaces = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
     assert cluster_role["rules"] == [namespaces, crds]
@@ -213,8 +232,10 @@ def test_the_operator_accepts_what_the_chart_gives_it(tmp_path):
 def test_without_network_policies_the_operator_neither_makes_nor_may_make_them(tmp_path):
     objects = render(tmp_path, {"networkPolicy": {"enabled": False}})
     (deployment,) = _of_kind(objects, "Deployment")
-    environ = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]
-               ["containers"][0]["env"]}  # fmt: skip
+    environ = {
+        e["name"]: e["value"]
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     (role,) = _of_kind(objects, "ClusterRole")
 
     assert defaults_from_env(environ).network_policy is False
@@ -238,8 +259,10 @@ def _schema_errors(objects: list[dict]) -> list[str | None]:
     assert (modules / ".installed").exists(), "no schemas: `make test` installs them"
     done = subprocess.run(
         ["node", str(ROOT / "tests" / "monitoring_schemas.mjs"), str(modules)],
-        input=json.dumps(objects), capture_output=True, text=True,
-    )  # fmt: skip
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -257,11 +280,16 @@ def test_monitoring_objects_pass_their_schemas(tmp_path):
     broken["spec"]["podMetricsEndpoints"][0]["port"] = 9400  # a port *name* is a string
 
     assert sorted(o["kind"] for o in monitoring) == [
-        "PodMonitor", "PrometheusRule", "ServiceMonitor"
-    ]  # fmt: skip
-    assert _schema_errors([*monitoring, broken]) == [None, None, None, (
-        "data/spec/podMetricsEndpoints/0/port must be string"
-    )]  # fmt: skip
+        "PodMonitor",
+        "PrometheusRule",
+        "ServiceMonitor",
+    ]
+    assert _schema_errors([*monitoring, broken]) == [
+        None,
+        None,
+        None,
+        ("data/spec/podMetricsEndpoints/0/port must be string"),
+    ]
     for manifest in objects:
         if manifest not in monitoring:
             kubernetes_validate.validate(manifest, KUBERNETES, strict=True)
@@ -282,8 +310,10 @@ def test_the_monitors_find_the_trainer_pods_and_the_operator(tmp_path, watch):
     assert selector.items() <= trainer["metadata"]["labels"].items()
     (endpoint,) = pod_monitor["spec"]["podMetricsEndpoints"]
     assert (endpoint["port"], endpoint["interval"], endpoint["honorLabels"]) == (
-        "metrics", "15s", True
-    )  # fmt: skip
+        "metrics",
+        "15s",
+        True,
+    )
     assert endpoint["port"] in trainer_ports
     expected = {"matchNames": watch} if watch else {"any": True}
     assert pod_monitor["spec"]["namespaceSelector"] == expected

@@ -11,8 +11,16 @@ from difftrain.dashboard import dashboard, queries
 def test_the_panels_users_look_for():
     titles = [panel["title"] for panel in dashboard()["panels"]]
 
-    for wanted in ("Loss", "Learning rate", "Images per second", "Time left", "Device memory",
-                   "Progress", "Jobs by phase", "Restarts and preemptions"):  # fmt: skip
+    for wanted in (
+        "Loss",
+        "Learning rate",
+        "Images per second",
+        "Time left",
+        "Device memory",
+        "Progress",
+        "Jobs by phase",
+        "Restarts and preemptions",
+    ):
         assert wanted in titles
 
 

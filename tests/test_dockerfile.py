@@ -103,8 +103,10 @@ def test_the_wheel_step_builds_the_package_with_both_extras(tmp_path):
 
     done = subprocess.run(  # build isolation would fetch setuptools: the venv has it
         [sys.executable, "-m", "pip", *arguments, "--no-build-isolation"],
-        cwd=context, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=context,
+        capture_output=True,
+        text=True,
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     (wheel,) = (tmp_path / "wheels").glob("difftrain-*.whl")

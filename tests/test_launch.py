@@ -13,14 +13,26 @@ def test_shutdown_timeout_leaves_a_margin_within_the_grace_period(grace, expecte
 @pytest.mark.parametrize(
     ("argv", "env", "expected"),
     [
-        pytest.param([], {"DIFFTRAIN_GRACE_SECONDS": "300"}, ["--shutdown-timeout=285"],
-                     id="from-the-grace-period"),
+        pytest.param(
+            [],
+            {"DIFFTRAIN_GRACE_SECONDS": "300"},
+            ["--shutdown-timeout=285"],
+            id="from-the-grace-period",
+        ),
         pytest.param([], {}, ["--shutdown-timeout=30"], id="torchruns-default-without-one"),
-        pytest.param(["--shutdown-timeout=99"], {"DIFFTRAIN_GRACE_SECONDS": "300"},
-                     ["--shutdown-timeout=99"], id="a-flag-wins"),
-        pytest.param([], {"PET_SHUTDOWN_TIMEOUT": "50", "DIFFTRAIN_GRACE_SECONDS": "300"}, [],
-                     id="torchruns-variable-wins"),
+        pytest.param(
+            ["--shutdown-timeout=99"],
+            {"DIFFTRAIN_GRACE_SECONDS": "300"},
+            ["--shutdown-timeout=99"],
+            id="a-flag-wins",
+        ),
+        pytest.param(
+            [],
+            {"PET_SHUTDOWN_TIMEOUT": "50", "DIFFTRAIN_GRACE_SECONDS": "300"},
+            [],
+            id="torchruns-variable-wins",
+        ),
     ],
-)  # fmt: skip
+)
 def test_agent_arguments(argv, env, expected):
     assert _agent_arguments(argv, env) == [*expected, "--module", "difftrain.trainer"]

@@ -28,20 +28,35 @@ def _manifest(tmp_path, spec: dict) -> dict:
 def _difftrain_run(tmp_path, manifest, *args, env=None, popen=False):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    command = [sys.executable, "-m", "difftrain.cli", "run", str(path),
-               "--workdir", str(tmp_path / "work"), *args]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "difftrain.cli",
+        "run",
+        str(path),
+        "--workdir",
+        str(tmp_path / "work"),
+        *args,
+    ]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     if popen:
-        return subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return subprocess.Popen(
+            command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     return subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
 
 
 def test_two_local_nodes_train_together(tmp_path, shapes_folder):
     output = tmp_path / "out"
-    manifest = _manifest(tmp_path, {
-        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
-        "training": {"steps": 3}, "checkpoints": {"everySteps": 3}})  # fmt: skip
+    manifest = _manifest(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{output}"},
+            "training": {"steps": 3},
+            "checkpoints": {"everySteps": 3},
+        },
+    )
 
     result = _difftrain_run(tmp_path, manifest, "--nodes", "2")
 
@@ -55,8 +70,13 @@ def test_two_local_nodes_train_together(tmp_path, shapes_folder):
 
 def test_trainer_failure_is_reported_with_its_exit_code(tmp_path):
     (tmp_path / "empty").mkdir()
-    manifest = _manifest(tmp_path, {"dataset": {"uri": f"file://{tmp_path}/empty"},
-                                    "output": {"uri": f"file://{tmp_path}/out"}})  # fmt: skip
+    manifest = _manifest(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{tmp_path}/empty"},
+            "output": {"uri": f"file://{tmp_path}/out"},
+        },
+    )
 
     result = _difftrain_run(tmp_path, manifest)
 
@@ -68,7 +88,8 @@ def test_missing_secret_variable_is_named_before_anything_starts(tmp_path, monke
     manifest = _manifest(tmp_path, {"storage": {"secretRef": {"name": "s3-creds"}}})
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     container = children(load_job(manifest), 1, Defaults())[2]["spec"]["template"]["spec"][
-        "containers"][0]  # fmt: skip
+        "containers"
+    ][0]
 
     with pytest.raises(Exception) as raised:
         node_environment(container, 0, {"scratch": tmp_path}, 1234)
@@ -80,8 +101,9 @@ def test_missing_secret_variable_is_named_before_anything_starts(tmp_path, monke
 
 
 def test_pod_environment_is_mapped_to_this_machine(tmp_path):
-    container = children(load_job(_manifest(tmp_path, {})), 1, Defaults())[2]["spec"][
-        "template"]["spec"]["containers"][0]  # fmt: skip
+    container = children(load_job(_manifest(tmp_path, {})), 1, Defaults())[2]["spec"]["template"][
+        "spec"
+    ]["containers"][0]
     folders = {"config": tmp_path / "config", "scratch": tmp_path / "n3", "cache": tmp_path / "c"}
 
     env = node_environment(container, 3, folders, 4321)
@@ -131,15 +153,25 @@ def test_progress_line_from_the_trainers_metrics():
 @pytest.mark.parametrize(
     ("spec", "code", "message"),
     [
-        pytest.param({"output": {"uri": "file://{tmp}/blocker/out"}}, 4,
-                     "StorageAccessDenied: cannot write file://{tmp}/blocker/out: "
-                     "{tmp}/blocker is not a writable folder", id="unwritable-output"),
-        pytest.param({"dataset": {"uri": "s3://bucket-x/data"},
-                      "storage": {"endpoint": "http://127.0.0.1:9"}}, 1,
-                     "StorageUnavailable: list s3://bucket-x/data/: cannot reach "
-                     "http://127.0.0.1:9; check spec.storage.endpoint", id="unreachable-s3"),
+        pytest.param(
+            {"output": {"uri": "file://{tmp}/blocker/out"}},
+            4,
+            "StorageAccessDenied: cannot write file://{tmp}/blocker/out: "
+            "{tmp}/blocker is not a writable folder",
+            id="unwritable-output",
+        ),
+        pytest.param(
+            {
+                "dataset": {"uri": "s3://bucket-x/data"},
+                "storage": {"endpoint": "http://127.0.0.1:9"},
+            },
+            1,
+            "StorageUnavailable: list s3://bucket-x/data/: cannot reach "
+            "http://127.0.0.1:9; check spec.storage.endpoint",
+            id="unreachable-s3",
+        ),
     ],
-)  # fmt: skip
+)
 def test_storage_problems_fail_before_training(tmp_path, spec, code, message):
     (tmp_path / "blocker").write_text("a file where a folder should be")
     spec = json.loads(json.dumps(spec).replace("{tmp}", str(tmp_path)))

@@ -52,15 +52,19 @@ def _rules_file(tmp_path: Path, **values) -> Path:
 
 
 def _alerts(rules: Path) -> dict[str, str]:
-    return {r["alert"]: r["expr"] for g in yaml.safe_load(rules.read_text())["groups"]
-            for r in g["rules"]}  # fmt: skip
+    return {
+        r["alert"]: r["expr"]
+        for g in yaml.safe_load(rules.read_text())["groups"]
+        for r in g["rules"]
+    }
 
 
 def test_promtool_accepts_the_rules(tmp_path):
     done = subprocess.run(
         [_binary("promtool"), "check", "rules", str(_rules_file(tmp_path))],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 4 rules found" in done.stdout
@@ -72,8 +76,10 @@ def test_the_alerts_fire_on_trouble_and_stay_silent_otherwise(tmp_path):
 
     done = subprocess.run(
         [_binary("promtool"), "test", "rules", "alerts_test.yaml"],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -95,11 +101,15 @@ class Prometheus:
         self.port = free_port()
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.process = subprocess.Popen(
-            [_binary("prometheus"), f"--config.file={folder / 'prometheus.yml'}",
-             f"--storage.tsdb.path={folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=(folder / "prometheus.log").open("w"),
-        )  # fmt: skip
+            [
+                _binary("prometheus"),
+                f"--config.file={folder / 'prometheus.yml'}",
+                f"--storage.tsdb.path={folder / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(folder / "prometheus.log").open("w"),
+        )
         try:
             self.wait(lambda: self._get("/-/ready", raw=True), 60, "Prometheus to be ready")
         except AssertionError:
@@ -170,9 +180,13 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
         "output": {"uri": f"file://{tmp_path}/out"},
         "training": {"steps": 2000, "batchSize": 4},
         "checkpoints": {"everySteps": 3},
-        "validation": {"prompts": ["a red circle"], "imagesPerPrompt": 2, "everySteps": 3,
-                       "inferenceSteps": 1},
-    }  # fmt: skip
+        "validation": {
+            "prompts": ["a red circle"],
+            "imagesPerPrompt": 2,
+            "everySteps": 3,
+            "inferenceSteps": 1,
+        },
+    }
     config = runner.write_config(tmp_path, spec, name="watched")
     # The chart's rules with a short stall window, so that its `offset` finds data.
     rules = _rules_file(
@@ -180,24 +194,35 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
     )
     dashboard = json.loads(_monitoring(tmp_path)["ConfigMap"]["data"]["difftrain.json"])
     # As the chart's PodMonitor and ServiceMonitor: honorLabels keeps the job's labels.
-    prometheus = Prometheus(tmp_path, {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(rules)],
-        "scrape_configs": [
-            {"job_name": "trainers", "honor_labels": True,
-             "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]},
-            {"job_name": "operator", "honor_labels": True,
-             "static_configs": [{"targets": [f"127.0.0.1:{operator_metrics}"]}]},
-        ],
-    })  # fmt: skip
+    prometheus = Prometheus(
+        tmp_path,
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(rules)],
+            "scrape_configs": [
+                {
+                    "job_name": "trainers",
+                    "honor_labels": True,
+                    "static_configs": [{"targets": [f"127.0.0.1:{port}"]}],
+                },
+                {
+                    "job_name": "operator",
+                    "honor_labels": True,
+                    "static_configs": [{"targets": [f"127.0.0.1:{operator_metrics}"]}],
+                },
+            ],
+        },
+    )
     process = runner.start(config, tmp_path, trainer_cache, {"DIFFTRAIN_METRICS_PORT": str(port)})
     try:
         prometheus.wait(
             lambda: prometheus.query(
-                'difftrain_samples_generated_total >= 2 and on() difftrain_step >= 4'
+                "difftrain_samples_generated_total >= 2 and on() difftrain_step >= 4"
                 " and on() difftrain_last_checkpoint_step >= 3"
-            ), 180, "the run to step, checkpoint and sample in Prometheus",
-        )  # fmt: skip
+            ),
+            180,
+            "the run to step, checkpoint and sample in Prometheus",
+        )
         series = {
             s["metric"]["__name__"]: s for s in prometheus.query('{__name__=~"difftrain_.*"}')
         }
@@ -214,8 +239,9 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
             prometheus.wait(lambda e=expr: prometheus.query(_as_bool(e)), 30, f"data for {name}")
         prometheus.wait(
             lambda: {a["labels"]["alertname"] for a in prometheus.api("alerts")["alerts"]},
-            30, "an alert",
-        )  # fmt: skip
+            30,
+            "an alert",
+        )
         groups = prometheus.api("rules")["groups"]
         firing = prometheus.api("alerts")["alerts"]
     finally:

@@ -59,8 +59,15 @@ def shapes_model(tmp_path_factory):
         },
     )
     (work / "job.yaml").write_text(yaml.safe_dump(manifest))
-    command = [sys.executable, "-m", "difftrain.cli", "run", str(work / "job.yaml"),
-               "--workdir", str(work / "nodes")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "difftrain.cli",
+        "run",
+        str(work / "job.yaml"),
+        "--workdir",
+        str(work / "nodes"),
+    ]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
 
@@ -82,9 +89,13 @@ def test_dreambooth_on_the_shapes_model_teaches_it_the_subjects_colour(
 ):
     # The subject: green circles, large on white; "sks" is the rare word that names it.
     subject = write_dataset(
-        tmp_path / "subject", count=16, extents=("large",), colours=("green",),
-        shapes=("circle",), backgrounds=("white",),
-    )  # fmt: skip
+        tmp_path / "subject",
+        count=16,
+        extents=("large",),
+        colours=("green",),
+        shapes=("circle",),
+        backgrounds=("white",),
+    )
     base = shapes_model / "model"
     spec = {
         "method": "dreambooth",
@@ -122,6 +133,7 @@ def _colours(pipeline, prompt: str) -> list[str | None]:
 
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
-    images = generate(pipeline, [prompt], size=SHORT["resolution"], seed=0, per_prompt=8,
-                      steps=20, guidance=5.0)  # fmt: skip
+    images = generate(
+        pipeline, [prompt], size=SHORT["resolution"], seed=0, per_prompt=8, steps=20, guidance=5.0
+    )
     return [shape_colour(image) for _, _, image in images]

@@ -38,8 +38,14 @@ def test_dataset_command_writes_the_images_and_captions_layout(tmp_path, capsys)
 
 
 def test_one_subject_only(tmp_path):
-    write_dataset(tmp_path, count=4, extents=("large",), colours=("red",), shapes=("square",),
-                  backgrounds=("white",))  # fmt: skip
+    write_dataset(
+        tmp_path,
+        count=4,
+        extents=("large",),
+        colours=("red",),
+        shapes=("square",),
+        backgrounds=("white",),
+    )
 
     captions = {p.read_text() for p in (tmp_path / "captions").iterdir()}
     pictures = {p.read_bytes() for p in (tmp_path / "images").iterdir()}

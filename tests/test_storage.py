@@ -69,16 +69,20 @@ def _files_under(folder):
 @pytest.mark.parametrize(
     ("key", "why", "error"),
     [
-        pytest.param("images/../../../escaped.txt", "its key has a '..' part", DatasetError,
-                     id="dot-dot-inside"),
-        pytest.param("../escaped.txt", "its key has a '..' part", DatasetError,
-                     id="dot-dot-first"),
+        pytest.param(
+            "images/../../../escaped.txt",
+            "its key has a '..' part",
+            DatasetError,
+            id="dot-dot-inside",
+        ),
+        pytest.param("../escaped.txt", "its key has a '..' part", DatasetError, id="dot-dot-first"),
         pytest.param("images/..", "its key has a '..' part", InvalidSpec, id="dot-dot-last"),
         pytest.param("/escaped.txt", "its key starts with '/'", InvalidSpec, id="absolute"),
-        pytest.param("//etc/escaped.txt", "its key starts with '/'", DatasetError,
-                     id="absolute-double-slash"),
+        pytest.param(
+            "//etc/escaped.txt", "its key starts with '/'", DatasetError, id="absolute-double-slash"
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_key_that_would_leave_the_destination_is_refused(
     s3_env, bucket, tmp_path, key, why, error
 ):
@@ -128,8 +132,9 @@ def test_a_link_out_of_the_destination_is_refused(tmp_path):
 def test_folder_markers_are_skipped(s3_env, bucket, tmp_path, prefix, files):
     client = s3_env.client()
     markers = ["data/", "data/images/", "data/images/sub/", "data/captions/"]  # as consoles make
-    for key in markers + [f"data/{name}" for name in ("images/a.png", "images/sub/b.png",
-                                                      "captions/a.txt")]:  # fmt: skip
+    for key in markers + [
+        f"data/{name}" for name in ("images/a.png", "images/sub/b.png", "captions/a.txt")
+    ]:
         client.put_object(Bucket=bucket, Key=key, Body=b"" if key in markers else key.encode())
     store = open_store(f"s3://{bucket}/data", S3Settings(endpoint=s3_env.endpoint))
 
@@ -180,30 +185,38 @@ def _failures(*pairs):
     ("failures", "total", "error", "message"),
     [
         pytest.param(
-            _failures(("k/1", "AccessDenied")), 3, StorageAccessDenied,
+            _failures(("k/1", "AccessDenied")),
+            3,
+            StorageAccessDenied,
             "delete s3://b/k/1: 1 of 3 objects not deleted, access denied (AccessDenied); "
             "check the credentials (spec.storage.secretRef) and the bucket's policy",
             id="denied",
         ),
         pytest.param(
-            _failures(("k/1", "InternalError"), ("k/2", "SlowDown")), 2, StorageUnavailable,
+            _failures(("k/1", "InternalError"), ("k/2", "SlowDown")),
+            2,
+            StorageUnavailable,
             "delete s3://b/k/1, s3://b/k/2: 2 of 2 objects not deleted (InternalError)",
             id="unavailable",
         ),
         pytest.param(
-            _failures(("k/1", "InternalError"), ("k/2", "AccessDenied")), 9, StorageAccessDenied,
+            _failures(("k/1", "InternalError"), ("k/2", "AccessDenied")),
+            9,
+            StorageAccessDenied,
             "delete s3://b/k/2: 2 of 9 objects not deleted, access denied (AccessDenied); "
             "check the credentials (spec.storage.secretRef) and the bucket's policy",
             id="denied-wins-over-unavailable",
         ),
         pytest.param(
-            _failures(*((f"k/{i}", "InternalError") for i in range(5))), 1000, StorageUnavailable,
+            _failures(*((f"k/{i}", "InternalError") for i in range(5))),
+            1000,
+            StorageUnavailable,
             "delete s3://b/k/0, s3://b/k/1, s3://b/k/2, ...: 5 of 1000 objects not deleted "
             "(InternalError)",
             id="many",
         ),
     ],
-)  # fmt: skip
+)
 def test_per_key_delete_failures_become_errors(failures, total, error, message):
     raised = storage.delete_error("b", failures, total)
 

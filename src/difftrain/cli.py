@@ -56,8 +56,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.file}: holds {len(jobs)} jobs; run one at a time", file=sys.stderr)
         return InvalidSpec.exit_code
     try:
-        return local.run(local.with_nodes(jobs[0], args.nodes), Path(args.workdir),
-                         local.free_port())  # fmt: skip
+        return local.run(
+            local.with_nodes(jobs[0], args.nodes), Path(args.workdir), local.free_port()
+        )
     except InvalidSpec as error:
         print(error, file=sys.stderr)
         return error.exit_code
@@ -80,9 +81,13 @@ def _operator(args: argparse.Namespace) -> int:
         print(f"difftrain operator: {error}", file=sys.stderr)
         return 2
     run(
-        args.namespace, args.resync_seconds, args.metrics_port, args.health_port, defaults,
+        args.namespace,
+        args.resync_seconds,
+        args.metrics_port,
+        args.health_port,
+        defaults,
         args.failure_grace_seconds,
-    )  # fmt: skip
+    )
     return 0
 
 
@@ -136,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("file", metavar="FILE")
     run.add_argument("--nodes", type=int, help="override spec.resources.nodes")
-    run.add_argument("--workdir", default=".difftrain",
-                     help="local scratch, cache and config (default .difftrain)")  # fmt: skip
+    run.add_argument(
+        "--workdir",
+        default=".difftrain",
+        help="local scratch, cache and config (default .difftrain)",
+    )
     run.set_defaults(run=_run)
 
     dataset = commands.add_parser("dataset", help="write a built-in dataset to a folder")
@@ -160,17 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
         "in-cluster service account, or the current kubeconfig context.",
     )
     operator.add_argument(
-        "--namespace", action="append", default=[], metavar="NS",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
         help="watch this namespace (repeatable); all namespaces when absent",
-    )  # fmt: skip
+    )
     operator.add_argument(
-        "--resync-seconds", type=float, default=30.0,
+        "--resync-seconds",
+        type=float,
+        default=30.0,
         help="how often every job is reconciled regardless of events",
-    )  # fmt: skip
+    )
     operator.add_argument(
-        "--failure-grace-seconds", type=float, default=300.0,
+        "--failure-grace-seconds",
+        type=float,
+        default=300.0,
         help="how long a pod may wait on its image or its Secrets before the job fails",
-    )  # fmt: skip
+    )
     operator.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics")
     operator.add_argument("--health-port", type=int, default=8081, help="liveness /healthz")
     operator.set_defaults(run=_operator)

@@ -46,8 +46,11 @@ def node_environment(
 ) -> dict:
     """The pod's environment for node ``index``, resolved for this machine; ``threads``
     CPU threads per process unless ``OMP_NUM_THREADS`` is set already."""
-    mounts = {m["mountPath"]: folders[m["name"]] for m in container["volumeMounts"]
-              if m["name"] in folders}  # fmt: skip
+    mounts = {
+        m["mountPath"]: folders[m["name"]]
+        for m in container["volumeMounts"]
+        if m["name"] in folders
+    }
     env = dict(os.environ)
     for entry in container["env"]:
         name = entry["name"]
@@ -163,8 +166,9 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
             print("still stopping: the checkpoint is being written", file=sys.stderr)
             return
         stopping.set()
-        print("stopping: the trainer writes a checkpoint first; run again to resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "stopping: the trainer writes a checkpoint first; run again to resume", file=sys.stderr
+        )
         for process, _, _ in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -178,8 +182,12 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
             if stopping.is_set():
                 break
             node = base / f"node{index}"
-            folders = {"config": base / "config", "scratch": node / "scratch",
-                       "cache": base / "cache", "tmp": node / "tmp"}  # fmt: skip
+            folders = {
+                "config": base / "config",
+                "scratch": node / "scratch",
+                "cache": base / "cache",
+                "tmp": node / "tmp",
+            }
             for folder in folders.values():
                 folder.mkdir(parents=True, exist_ok=True)
             env = node_environment(
@@ -188,9 +196,15 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
             # Each node in a process group of its own, as each pod is on its own: a
             # terminal's Ctrl-C reaches only this process, which turns it into exactly one
             # SIGTERM per node (the pods' launcher forwards it to its trainers).
-            process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, process_group=0)  # fmt: skip
+            process = subprocess.Popen(
+                command,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                process_group=0,
+            )
             reader = threading.Thread(
                 target=_stream, args=(process, f"[node {index}] "), daemon=True
             )

@@ -70,9 +70,11 @@ def write_dataset(
     def wanted(index: int) -> bool:
         colour, shape, extent, background = _COMBINATIONS[index % len(_COMBINATIONS)]
         return (
-            colour in colours and shape in shapes and extent in extents
+            colour in colours
+            and shape in shapes
+            and extent in extents
             and background in backgrounds
-        )  # fmt: skip
+        )
 
     indices = filter(wanted, itertools.count())
     for index in itertools.islice(indices, count):

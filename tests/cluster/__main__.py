@@ -31,9 +31,12 @@ def up(folder: Path) -> int:
     with log:
         supervisor = subprocess.Popen(
             [sys.executable, "-m", "tests.cluster", "serve", str(folder)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=build.ROOT,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=build.ROOT,
+        )
     while not (folder / "ready").exists():
         if supervisor.poll() is not None:
             print((folder / "supervisor.log").read_text(), file=sys.stderr)

@@ -118,9 +118,12 @@ def _go(*args: str, cwd: Path, env: dict | None = None) -> str:
     if shutil.which("go") is None:
         raise BuildError("the control plane is built with Go (1.26 or newer): install Go")
     result = subprocess.run(
-        ["go", *args], cwd=cwd, env={**_go_env(), **(env or {})},
-        capture_output=True, text=True,
-    )  # fmt: skip
+        ["go", *args],
+        cwd=cwd,
+        env={**_go_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise BuildError(f"go {' '.join(args)} failed in {cwd}:\n{result.stderr[-4000:]}")
     return result.stdout
@@ -164,8 +167,10 @@ def _build_kubernetes(bin_dir: Path, src: Path) -> None:
     lines = ["module difftrain.test/kubernetes", "", "go 1.26.0", "", "replace ("]
     lines += [f"\t{module} => {module} {tag}" for module, tag in sorted(replaces.items())]
     (src / "go.mod").write_text("\n".join([*lines, ")", ""]))
-    commands = [f"k8s.io/kubernetes/cmd/{name}" for name in
-                ("kube-apiserver", "kube-controller-manager", "kube-scheduler")]  # fmt: skip
+    commands = [
+        f"k8s.io/kubernetes/cmd/{name}"
+        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+    ]
     _go("get", *(f"{command}@{KUBERNETES}" for command in commands), cwd=src)
     _go("build", "-ldflags", _version_flags(KUBERNETES), "-o", str(bin_dir), *commands, cwd=src)
 
@@ -174,9 +179,12 @@ def _version_flags(version: str) -> str:
     """Stamp the version as Kubernetes' release builds do, so clients see a real one."""
     major, minor = version.removeprefix("v").split(".")[:2]
     stamps = {
-        "gitVersion": version, "gitMajor": major, "gitMinor": minor,
-        "gitTreeState": "clean", "buildDate": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }  # fmt: skip
+        "gitVersion": version,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+        "buildDate": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
     flags = ["-s", "-w"]
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         flags += [f"-X {package}.{name}={value}" for name, value in stamps.items()]
@@ -214,8 +222,14 @@ def _build_kueue(bin_dir: Path, src: Path) -> None:
 
 def _go_install(package: str, version: str):
     def build(bin_dir: Path, _src: Path) -> None:
-        _go("install", "-ldflags", "-s -w", f"{package}@{version}", cwd=CACHE,
-            env={"GOBIN": str(bin_dir)})  # fmt: skip
+        _go(
+            "install",
+            "-ldflags",
+            "-s -w",
+            f"{package}@{version}",
+            cwd=CACHE,
+            env={"GOBIN": str(bin_dir)},
+        )
 
     return build
 

@@ -84,53 +84,83 @@ class ControlPlane:
         (self.folder / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin,system:masters\n")
         self._write_kubeconfig()
         try:
-            self._start("etcd", [
-                self.binaries.etcd, "--name=test", f"--data-dir={self.folder / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
-                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-cluster=test=http://127.0.0.1:{peer_port}",
-                "--unsafe-no-fsync", "--log-level=warn",
-            ])  # fmt: skip
-            self._start("kube-apiserver", [
-                self.binaries.apiserver, f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-                f"--secure-port={self.port}", f"--cert-dir={self.folder / 'apiserver'}",
-                f"--tls-cert-file={pki['serving.crt']}",
-                f"--tls-private-key-file={pki['serving.key']}",
-                f"--client-ca-file={pki['ca.crt']}",
-                f"--token-auth-file={self.folder / 'tokens.csv'}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={pki['sa.pub']}",
-                f"--service-account-signing-key-file={pki['sa.key']}",
-                "--authorization-mode=RBAC", f"--service-cluster-ip-range={SERVICE_CIDR}",
-                # As OpenShift runs it: blockOwnerDeletion needs update on the owner's
-                # finalizers subresource.
-                "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
-                "--allow-privileged=true", "--profiling=false",
-                f"--audit-policy-file={self._write_audit_policy()}",
-                f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
-            ])  # fmt: skip
+            self._start(
+                "etcd",
+                [
+                    self.binaries.etcd,
+                    "--name=test",
+                    f"--data-dir={self.folder / 'etcd'}",
+                    f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                    f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                    f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                    f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                    f"--initial-cluster=test=http://127.0.0.1:{peer_port}",
+                    "--unsafe-no-fsync",
+                    "--log-level=warn",
+                ],
+            )
+            self._start(
+                "kube-apiserver",
+                [
+                    self.binaries.apiserver,
+                    f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",
+                    f"--secure-port={self.port}",
+                    f"--cert-dir={self.folder / 'apiserver'}",
+                    f"--tls-cert-file={pki['serving.crt']}",
+                    f"--tls-private-key-file={pki['serving.key']}",
+                    f"--client-ca-file={pki['ca.crt']}",
+                    f"--token-auth-file={self.folder / 'tokens.csv'}",
+                    "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                    f"--service-account-key-file={pki['sa.pub']}",
+                    f"--service-account-signing-key-file={pki['sa.key']}",
+                    "--authorization-mode=RBAC",
+                    f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    # As OpenShift runs it: blockOwnerDeletion needs update on the owner's
+                    # finalizers subresource.
+                    "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
+                    "--allow-privileged=true",
+                    "--profiling=false",
+                    f"--audit-policy-file={self._write_audit_policy()}",
+                    f"--audit-log-path={self.audit_log}",
+                    "--audit-log-format=json",
+                ],
+            )
             self._wait_ready(timeout)
-            self._start("kube-controller-manager", [
-                self.binaries.controller_manager, f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect=false", "--secure-port=0",
-                f"--controllers={','.join(CONTROLLERS)}",
-                f"--root-ca-file={pki['ca.crt']}",
-                f"--service-account-private-key-file={pki['sa.key']}",
-                "--use-service-account-credentials=false",
-            ])  # fmt: skip
-            self._start("kube-scheduler", [
-                self.binaries.scheduler, f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect=false", "--secure-port=0",
-            ])  # fmt: skip
-            self._start("kwok", [
-                self.binaries.kwok, f"--kubeconfig={self.kubeconfig}",
-                "--manage-all-nodes=false",
-                f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL}=true",
-                f"--config={STAGES}", "--server-address=",
-            ])  # fmt: skip
+            self._start(
+                "kube-controller-manager",
+                [
+                    self.binaries.controller_manager,
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                    f"--controllers={','.join(CONTROLLERS)}",
+                    f"--root-ca-file={pki['ca.crt']}",
+                    f"--service-account-private-key-file={pki['sa.key']}",
+                    "--use-service-account-credentials=false",
+                ],
+            )
+            self._start(
+                "kube-scheduler",
+                [
+                    self.binaries.scheduler,
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--secure-port=0",
+                ],
+            )
+            self._start(
+                "kwok",
+                [
+                    self.binaries.kwok,
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--manage-all-nodes=false",
+                    f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL}=true",
+                    f"--config={STAGES}",
+                    "--server-address=",
+                ],
+            )
             for index in range(self.nodes):
                 self.apply(fake_node(f"kwok-node-{index}"))
         except BaseException:
@@ -154,8 +184,11 @@ class ControlPlane:
         """Run kubectl against this control plane; the CompletedProcess."""
         result = subprocess.run(
             [kubectl_binary(), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check and result.returncode != 0:
             raise ControlPlaneError(f"kubectl {' '.join(args)}: {result.stderr}")
         return result
@@ -163,11 +196,15 @@ class ControlPlane:
     def api(self, method: str, path: str, body=None, content_type="application/json"):
         """One request as the admin: the decoded JSON answer, or None for 404."""
         request = urllib.request.Request(
-            self.url + path, method=method,
+            self.url + path,
+            method=method,
             data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": content_type,
-                     "Accept": "application/json"},
-        )  # fmt: skip
+            headers={
+                "Authorization": f"Bearer {ADMIN_TOKEN}",
+                "Content-Type": content_type,
+                "Accept": "application/json",
+            },
+        )
         if not hasattr(self, "_tls"):
             self._tls = ssl.create_default_context(cafile=str(self.ca))
         try:
@@ -191,8 +228,10 @@ class ControlPlane:
         def established() -> bool:
             for name in names:
                 conditions = (self.api("GET", path + name) or {}).get("status", {})
-                if not any(c["type"] == "Established" and c["status"] == "True"
-                           for c in conditions.get("conditions") or []):  # fmt: skip
+                if not any(
+                    c["type"] == "Established" and c["status"] == "True"
+                    for c in conditions.get("conditions") or []
+                ):
                     return False
             return True
 
@@ -206,10 +245,13 @@ class ControlPlane:
         log = (self.folder / "logs" / f"{name}.log").open("w")
         with log:
             self.processes[name] = subprocess.Popen(
-                [str(part) for part in command], stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [str(part) for part in command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
                 env={**os.environ, **env} if env else None,
-            )  # fmt: skip
+            )
         time.sleep(0.2)
         self.check_alive()
 
@@ -243,14 +285,21 @@ class ControlPlane:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {
-                "server": self.url,
-                "certificate-authority-data": base64.b64encode(self.ca.read_bytes()).decode(),
-            }}],
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {
+                        "server": self.url,
+                        "certificate-authority-data": base64.b64encode(
+                            self.ca.read_bytes()
+                        ).decode(),
+                    },
+                }
+            ],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
             "current-context": "test",
-        }  # fmt: skip
+        }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         path.chmod(0o600)
         return path
@@ -259,11 +308,14 @@ class ControlPlane:
         # Service accounts only (the operator runs as one); the controllers and the tests
         # use the admin token and stay out of the log.
         policy = {
-            "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
             "omitStages": ["RequestReceived"],
-            "rules": [{"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
-                      {"level": "None"}],
-        }  # fmt: skip
+            "rules": [
+                {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                {"level": "None"},
+            ],
+        }
         path = self.folder / "audit-policy.yaml"
         path.write_text(yaml.safe_dump(policy))
         return path
@@ -286,26 +338,37 @@ class ControlPlane:
             return
         manifests = self.binaries.kueue_manifests
         self.kubectl("apply", "--server-side", "-f", str(manifests / "crds"))
-        self._wait_established([".".join(reversed(p.stem.split("_", 1)))
-                                for p in sorted((manifests / "crds").glob("*.yaml"))])  # fmt: skip
+        self._wait_established(
+            [
+                ".".join(reversed(p.stem.split("_", 1)))
+                for p in sorted((manifests / "crds").glob("*.yaml"))
+            ]
+        )
         certs = self.folder / "kueue" / "certs"
         serving_certificate(self.folder / "pki", "kueue-webhooks", certs)
         webhook_port, health_port = free_port(), free_port()
         config = {
-            "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration",
+            "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+            "kind": "Configuration",
             "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
             "metrics": {"bindAddress": "0"},
             "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(certs)},
             "leaderElection": {"leaderElect": False},
             "internalCertManagement": {"enable": False},
             "integrations": {"frameworks": ["batch/job"]},
-        }  # fmt: skip
+        }
         path = self.folder / "kueue" / "config.yaml"
         path.write_text(yaml.safe_dump(config))
-        self._start("kueue", [
-            self.binaries.kueue, f"--config={path}", f"--kubeconfig={self.kubeconfig}",
-            "--feature-gates=VisibilityOnDemand=false",
-        ], env={"KUEUE_METRICS_CERT_DIR": str(certs)})  # fmt: skip
+        self._start(
+            "kueue",
+            [
+                self.binaries.kueue,
+                f"--config={path}",
+                f"--kubeconfig={self.kubeconfig}",
+                "--feature-gates=VisibilityOnDemand=false",
+            ],
+            env={"KUEUE_METRICS_CERT_DIR": str(certs)},
+        )
         readyz = f"http://127.0.0.1:{health_port}/readyz"
         self._wait_for(lambda: fetch(readyz) is not None, "Kueue", timeout)
         self.apply(*kueue_webhooks(manifests / "webhooks.yaml", webhook_port, self.ca))
@@ -335,8 +398,10 @@ def kueue_webhooks(manifests: Path, port: int, ca: Path) -> list[dict]:
         for webhook in configuration["webhooks"]:
             path = webhook["clientConfig"]["service"]["path"]
             if any(part in path for part in KUEUE_WEBHOOK_PATHS):
-                webhook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}",
-                                           "caBundle": bundle}  # fmt: skip
+                webhook["clientConfig"] = {
+                    "url": f"https://127.0.0.1:{port}{path}",
+                    "caBundle": bundle,
+                }
                 kept.append(webhook)
         name = "kueue-" + configuration["metadata"]["name"]
         configurations.append({**configuration, "metadata": {"name": name}, "webhooks": kept})
@@ -379,24 +444,34 @@ def _write_pki(folder: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    paths = {name: folder / name for name in
-             ("ca.crt", "ca.key", "serving.crt", "serving.key", "sa.key", "sa.pub")}  # fmt: skip
+    paths = {
+        name: folder / name
+        for name in ("ca.crt", "ca.key", "serving.crt", "serving.key", "sa.key", "sa.pub")
+    }
     if all(path.exists() for path in paths.values()):
         return paths
     folder.mkdir(parents=True, exist_ok=True)
     ca, ca_key = _certificate("difftrain-test-ca", None)
     paths["ca.crt"].write_bytes(_pem(ca))
     _write_key(paths["ca.key"], ca_key)
-    names = ["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-             "kubernetes.default.svc.cluster.local"]  # fmt: skip
+    names = [
+        "localhost",
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
     addresses = ["127.0.0.1", str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))]
     serving, serving_key = _certificate("kube-apiserver", (ca, ca_key), names, addresses)
     paths["serving.crt"].write_bytes(_pem(serving))
     _write_key(paths["serving.key"], serving_key)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     _write_key(paths["sa.key"], sa_key)
-    paths["sa.pub"].write_bytes(sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    paths["sa.pub"].write_bytes(
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return paths
 
 
@@ -424,8 +499,11 @@ def _certificate(subject: str, issuer, names=(), addresses=()):
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
-    issuer_name, issuer_key = (subject, key) if issuer is None else (
-        issuer[0].subject.rfc4514_string().removeprefix("CN="), issuer[1])  # fmt: skip
+    issuer_name, issuer_key = (
+        (subject, key)
+        if issuer is None
+        else (issuer[0].subject.rfc4514_string().removeprefix("CN="), issuer[1])
+    )
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -438,13 +516,25 @@ def _certificate(subject: str, issuer, names=(), addresses=()):
     )
     if issuer is None:
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        builder = builder.add_extension(x509.KeyUsage(
-            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-            key_encipherment=False, data_encipherment=False, key_agreement=False,
-            encipher_only=False, decipher_only=False), True)  # fmt: skip
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
     else:
-        alternative = [*map(x509.DNSName, names),
-                       *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses)]  # fmt: skip
+        alternative = [
+            *map(x509.DNSName, names),
+            *(x509.IPAddress(ipaddress.ip_address(a)) for a in addresses),
+        ]
         builder = builder.add_extension(x509.SubjectAlternativeName(alternative), False)
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False
@@ -461,7 +551,11 @@ def _pem(certificate) -> bytes:
 def _write_key(path: Path, key) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))  # fmt: skip
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     path.chmod(0o600)

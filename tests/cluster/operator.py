@@ -50,15 +50,25 @@ class Operator:
 
     def install(self) -> "Operator":
         self.control_plane.kubectl("create", "namespace", self.namespace, check=False)
-        command = ["install", RELEASE, str(CHART), "-n", self.namespace, "--wait",
-                   "--timeout=120s", "--set", "operator.resyncSeconds=1"]  # fmt: skip
+        command = [
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            self.namespace,
+            "--wait",
+            "--timeout=120s",
+            "--set",
+            "operator.resyncSeconds=1",
+        ]
         for value in self.values:
             command += ["--set", value]
         self._helm(*command)
         (deployment,) = self.control_plane.api(
-            "GET", f"/apis/apps/v1/namespaces/{self.namespace}/deployments"
+            "GET",
+            f"/apis/apps/v1/namespaces/{self.namespace}/deployments"
             f"?labelSelector=app.kubernetes.io/instance={RELEASE}",
-        )["items"]  # fmt: skip
+        )["items"]
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         self.args, self.env = (
@@ -67,9 +77,13 @@ class Operator:
         )
         self.account = f"system:serviceaccount:{self.namespace}:{pod['serviceAccountName']}"
         token = self.control_plane.kubectl(
-            "create", "token", pod["serviceAccountName"], "-n", self.namespace,
+            "create",
+            "token",
+            pod["serviceAccountName"],
+            "-n",
+            self.namespace,
             "--duration=2h",
-        ).stdout.strip()  # fmt: skip
+        ).stdout.strip()
         self.kubeconfig = self.control_plane.write_kubeconfig(
             self.folder / "kubeconfig", self.account, token
         )
@@ -82,22 +96,38 @@ class Operator:
         self.log = self.folder / "operator.log"
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "difftrain.cli", "operator", *args,
-                 f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"],
-                env={**self.env, "KUBECONFIG": str(self.kubeconfig), "PATH": "/usr/bin:/bin",
-                     "HOME": str(self.folder)},
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "difftrain.cli",
+                    "operator",
+                    *args,
+                    f"--metrics-port={self.metrics_port}",
+                    f"--health-port={self.health_port}",
+                ],
+                env={
+                    **self.env,
+                    "KUBECONFIG": str(self.kubeconfig),
+                    "PATH": "/usr/bin:/bin",
+                    "HOME": str(self.folder),
+                },
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         wait_until(
             lambda: self.check_alive() or fetch(f"http://127.0.0.1:{self.health_port}/healthz"),
-            60, what="the operator answers on /healthz",
-        )  # fmt: skip
+            60,
+            what="the operator answers on /healthz",
+        )
         return self
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:
-            raise AssertionError(f"the operator exited with {self.process.returncode}:\n"
-                                 f"{self.log.read_text()[-3000:]}")  # fmt: skip
+            raise AssertionError(
+                f"the operator exited with {self.process.returncode}:\n"
+                f"{self.log.read_text()[-3000:]}"
+            )
 
     def metrics(self) -> str:
         return fetch(f"http://127.0.0.1:{self.metrics_port}/metrics") or ""
@@ -124,9 +154,12 @@ class Operator:
         bindings = self.control_plane.api(
             "GET", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings"
         )["items"]
-        (found,) = [b["roleRef"]["name"] for b in bindings
-                    if {"kind": "ServiceAccount", "name": name, "namespace": namespace}
-                    in (b.get("subjects") or [])]  # fmt: skip
+        (found,) = [
+            b["roleRef"]["name"]
+            for b in bindings
+            if {"kind": "ServiceAccount", "name": name, "namespace": namespace}
+            in (b.get("subjects") or [])
+        ]
         return found
 
     def granted(self) -> dict[str, set[tuple[str, str, str]]]:
@@ -136,12 +169,18 @@ class Operator:
         _, _, namespace, name = self.account.split(":")
 
         def mine(binding: dict) -> bool:
-            return any(s.get("kind") == "ServiceAccount" and s.get("name") == name
-                       and s.get("namespace") == namespace
-                       for s in binding.get("subjects") or [])  # fmt: skip
+            return any(
+                s.get("kind") == "ServiceAccount"
+                and s.get("name") == name
+                and s.get("namespace") == namespace
+                for s in binding.get("subjects") or []
+            )
 
-        found = [("", b) for b in self.control_plane.api("GET", f"{rbac}/clusterrolebindings")
-                 ["items"] if mine(b)]  # fmt: skip
+        found = [
+            ("", b)
+            for b in self.control_plane.api("GET", f"{rbac}/clusterrolebindings")["items"]
+            if mine(b)
+        ]
         found += [
             (b["metadata"]["namespace"], b)
             for b in self.control_plane.api("GET", f"{rbac}/rolebindings")["items"]
@@ -150,8 +189,11 @@ class Operator:
         granted = {}
         for scope, binding in found:
             ref = binding["roleRef"]
-            path = (f"{rbac}/clusterroles/{ref['name']}" if ref["kind"] == "ClusterRole"
-                    else f"{rbac}/namespaces/{scope}/roles/{ref['name']}")  # fmt: skip
+            path = (
+                f"{rbac}/clusterroles/{ref['name']}"
+                if ref["kind"] == "ClusterRole"
+                else f"{rbac}/namespaces/{scope}/roles/{ref['name']}"
+            )
             granted.setdefault(scope, set()).update(
                 (group, resource, verb)
                 for rule in self.control_plane.api("GET", path)["rules"]
@@ -164,8 +206,10 @@ class Operator:
     def _helm(self, *args: str) -> None:
         result = subprocess.run(
             [helm(), f"--kubeconfig={self.control_plane.kubeconfig}", *args],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
 
 
@@ -234,8 +278,7 @@ class Cluster:
         if manifest["spec"]["output"]["uri"] == MINIMAL_JOB["spec"]["output"]["uri"]:
             own = {"output": {"uri": f"s3://outputs/{self.namespace}/{name}"}}
             manifest = merge(manifest, {"spec": own})
-        self.plane.kubectl("apply", "-n", self.namespace, "-f", "-",
-                           input=yaml.safe_dump(manifest))  # fmt: skip
+        self.plane.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(manifest))
         return self.dtj(name)
 
     def dtj(self, name: str = "demo") -> dict | None:
@@ -252,8 +295,9 @@ class Cluster:
         self.operator.check_alive()
         return wait_until(
             lambda: self.status(name).get("phase") == phase and self.status(name),
-            timeout, what=f"{name} is {phase}: {dump(self.status(name))}",
-        )  # fmt: skip
+            timeout,
+            what=f"{name} is {phase}: {dump(self.status(name))}",
+        )
 
     def job(self, name: str) -> dict | None:
         return self.plane.api("GET", self.path(JOBS, name))
@@ -278,25 +322,40 @@ class Cluster:
 
     def annotate(self, pod: dict, annotations: dict) -> None:
         """Tell kwok how the pod ends (stages.yaml)."""
-        self.plane.api("PATCH", self.path(PODS, pod["metadata"]["name"]),
-                       {"metadata": {"annotations": annotations}},
-                       "application/merge-patch+json")  # fmt: skip
+        self.plane.api(
+            "PATCH",
+            self.path(PODS, pod["metadata"]["name"]),
+            {"metadata": {"annotations": annotations}},
+            "application/merge-patch+json",
+        )
 
     def index(self, pods: list[dict], index: int) -> dict:
         key = "batch.kubernetes.io/job-completion-index"
         return next(p for p in pods if p["metadata"]["annotations"][key] == str(index))
 
     def patch_dtj(self, spec: dict, name: str = "demo") -> None:
-        self.plane.kubectl("patch", "dtj", name, "-n", self.namespace, "--type=merge",
-                           "-p", json.dumps({"spec": spec}))  # fmt: skip
+        self.plane.kubectl(
+            "patch",
+            "dtj",
+            name,
+            "-n",
+            self.namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": spec}),
+        )
 
     def events(self, name: str = "demo") -> list[dict]:
         found = self.plane.api("GET", self.path("/api/v1/namespaces/{namespace}/events"))
         return sorted(
-            (e for e in found["items"] if e["involvedObject"].get("name") == name
-             and e["involvedObject"].get("kind") == "DiffusionTrainingJob"),
+            (
+                e
+                for e in found["items"]
+                if e["involvedObject"].get("name") == name
+                and e["involvedObject"].get("kind") == "DiffusionTrainingJob"
+            ),
             key=lambda e: int(e["metadata"]["resourceVersion"]),  # the order they were written
-        )  # fmt: skip
+        )
 
     def printed(self, name: str = "demo") -> dict[str, str]:
         """``kubectl get dtj -o wide``'s row for ``name``, by column."""
@@ -316,16 +375,31 @@ def tour(cluster: Cluster) -> None:
     # Running pods: by then the garbage collector knows the Job's owner (orphaning a child
     # it has not seen yet leaves the child to be collected as dangling).
     cluster.running_pods(1, "orphan")
-    cluster.plane.kubectl("delete", "dtj", "orphan", "-n", cluster.namespace,
-                          "--cascade=orphan", "--wait=true", "--timeout=30s")  # fmt: skip
-    wait_until(lambda: not cluster.job("orphan-a1")["metadata"].get("ownerReferences"),
-               what="orphan's Job is orphaned")  # fmt: skip
-    cluster.apply(job({"metadata": {"name": "done"}},
-                      spec={"runPolicy": {"ttlSecondsAfterFinished": 0}}))  # fmt: skip
+    cluster.plane.kubectl(
+        "delete",
+        "dtj",
+        "orphan",
+        "-n",
+        cluster.namespace,
+        "--cascade=orphan",
+        "--wait=true",
+        "--timeout=30s",
+    )
+    wait_until(
+        lambda: not cluster.job("orphan-a1")["metadata"].get("ownerReferences"),
+        what="orphan's Job is orphaned",
+    )
+    cluster.apply(
+        job({"metadata": {"name": "done"}}, spec={"runPolicy": {"ttlSecondsAfterFinished": 0}})
+    )
     cluster.apply(job({"metadata": {"name": "crash"}}))
     cluster.apply(job({"metadata": {"name": "pause"}}))
-    cluster.apply(job({"metadata": {"name": "refused"}},
-                      spec={"resources": {"priorityClassName": "no-such-class"}}))  # fmt: skip
+    cluster.apply(
+        job(
+            {"metadata": {"name": "refused"}},
+            spec={"resources": {"priorityClassName": "no-such-class"}},
+        )
+    )
     cluster.plane.start_kueue()
     cluster.apply(
         job({"metadata": {"name": "queued"}}, spec={"runPolicy": {"queueName": "nowhere"}})
@@ -339,11 +413,22 @@ def tour(cluster: Cluster) -> None:
     wait_until(lambda: cluster.dtj("done") is None, what="done expired")
     wait_until(lambda: cluster.job("crash-a2"), what="crash restarted")
     cluster.wait_phase("Suspended", "pause")
-    wait_until(lambda: cluster.status("refused").get("reason") == "FailedCreate",
-               what="refused's pods are refused")  # fmt: skip
-    wait_until(lambda: cluster.status("queued").get("reason") == "LocalQueueNotFound",
-               what="queued's LocalQueue is missing")  # fmt: skip
-    wait_until(lambda: (cluster.job("orphan-a1") or {}).get("metadata", {}).get(
-        "ownerReferences", [{}])[0].get("uid") == orphan["metadata"]["uid"],
-        what="orphan has a Job of its own")  # fmt: skip
+    wait_until(
+        lambda: cluster.status("refused").get("reason") == "FailedCreate",
+        what="refused's pods are refused",
+    )
+    wait_until(
+        lambda: cluster.status("queued").get("reason") == "LocalQueueNotFound",
+        what="queued's LocalQueue is missing",
+    )
+    wait_until(
+        lambda: (
+            (cluster.job("orphan-a1") or {})
+            .get("metadata", {})
+            .get("ownerReferences", [{}])[0]
+            .get("uid")
+            == orphan["metadata"]["uid"]
+        ),
+        what="orphan has a Job of its own",
+    )
     time.sleep(1.5)  # a resync or so

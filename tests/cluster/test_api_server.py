@@ -25,8 +25,11 @@ def _eventually(check, timeout: float = 30):
 
 
 def test_the_crd_installs_server_side_and_explains_itself(control_plane):
-    crd = json.loads(control_plane.kubectl(
-        "get", "crd", "diffusiontrainingjobs.difftrain.io", "-o", "json").stdout)  # fmt: skip
+    crd = json.loads(
+        control_plane.kubectl(
+            "get", "crd", "diffusiontrainingjobs.difftrain.io", "-o", "json"
+        ).stdout
+    )
     conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
     assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
 
@@ -35,8 +38,13 @@ def test_the_crd_installs_server_side_and_explains_itself(control_plane):
     assert "serverside-applied" in again.stdout
 
     # The API server publishes a new CRD's OpenAPI schema a moment after it is Established.
-    explained = _eventually(lambda: control_plane.kubectl(
-        "explain", "diffusiontrainingjob.spec.training", check=False).stdout)  # fmt: skip
+    explained = _eventually(
+        lambda: (
+            control_plane.kubectl(
+                "explain", "diffusiontrainingjob.spec.training", check=False
+            ).stdout
+        )
+    )
     assert "steps" in explained and "batchSize" in explained and "learningRate" in explained
 
 
@@ -44,8 +52,9 @@ def test_the_crd_installs_server_side_and_explains_itself(control_plane):
 def test_every_example_applies_on_the_api_server(control_plane, example):
     for document in yaml.safe_load_all(example.read_text()):
         if document and document.get("metadata", {}).get("namespace"):
-            control_plane.kubectl("create", "namespace", document["metadata"]["namespace"],
-                                  check=False)  # fmt: skip
+            control_plane.kubectl(
+                "create", "namespace", document["metadata"]["namespace"], check=False
+            )
 
     result = control_plane.kubectl("apply", "--dry-run=server", "-f", str(example), check=False)
 
@@ -83,8 +92,16 @@ def test_the_api_server_refuses_each_bad_manifest_as_difftrain_validate_does(
 ):
     field, _, problem = expected.partition(": ")
 
-    result = control_plane.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
-                                   input=yaml.safe_dump(manifest), check=False)  # fmt: skip
+    result = control_plane.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(manifest),
+        check=False,
+    )
 
     assert result.returncode != 0, f"the API server took it: {result.stdout}"
     if name in REFUSED_BY_KUBECTL:
@@ -106,8 +123,16 @@ def test_the_api_server_refuses_each_bad_manifest_as_difftrain_validate_does(
 
 
 def _apply(control_plane, namespace, manifest, check=True):
-    return control_plane.kubectl("apply", "--server-side", "-n", namespace, "-f", "-",
-                                 input=yaml.safe_dump(manifest), check=check)  # fmt: skip
+    return control_plane.kubectl(
+        "apply",
+        "--server-side",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=yaml.safe_dump(manifest),
+        check=check,
+    )
 
 
 def _generation(control_plane, namespace, name) -> int:
@@ -129,9 +154,8 @@ def test_reapplying_the_same_manifest_changes_nothing(control_plane, namespace):
 CHANGES = [
     ("training", {"training": {"learningRate": 0.5}}, "spec.training"),
     ("dataset", {"dataset": {"uri": "s3://other/data"}}, "spec.dataset"),
-    ("model-component", {"model": {"components": {"unet": {"sample_size": 16}}}},
-     "spec.model"),
-]  # fmt: skip
+    ("model-component", {"model": {"components": {"unet": {"sample_size": 16}}}}, "spec.model"),
+]
 
 
 @pytest.mark.parametrize(("change", "field"), [pytest.param(c, f, id=i) for i, c, f in CHANGES])

@@ -15,8 +15,12 @@ CHART = ROOT / "helm" / "difftrain"
 
 
 def _helm(control_plane, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([helm(), f"--kubeconfig={control_plane.kubeconfig}", *args],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [helm(), f"--kubeconfig={control_plane.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return result
 
@@ -25,44 +29,82 @@ def _helm(control_plane, *args: str) -> subprocess.CompletedProcess:
 def release(control_plane, namespace):
     """Uninstalls the release named ``ops`` in ``namespace`` after the test."""
     yield "ops"
-    subprocess.run([helm(), f"--kubeconfig={control_plane.kubeconfig}", "uninstall", "ops",
-                    "-n", namespace, "--wait", "--timeout=60s"], capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            helm(),
+            f"--kubeconfig={control_plane.kubeconfig}",
+            "uninstall",
+            "ops",
+            "-n",
+            namespace,
+            "--wait",
+            "--timeout=60s",
+        ],
+        capture_output=True,
+    )
 
 
 def _operator_account(control_plane, namespace: str) -> str:
     """The user the release's operator runs as, once its one Deployment is available."""
-    (deployment,) = json.loads(control_plane.kubectl(
-        "get", "deployment", "-n", namespace, "-l", "app.kubernetes.io/instance=ops",
-        "-o", "json").stdout)["items"]  # fmt: skip
+    (deployment,) = json.loads(
+        control_plane.kubectl(
+            "get",
+            "deployment",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/instance=ops",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
     assert deployment["status"].get("availableReplicas") == 1, deployment["status"]
     name = deployment["spec"]["template"]["spec"]["serviceAccountName"]
     return f"system:serviceaccount:{namespace}:{name}"
 
 
 def _can(control_plane, account: str, verb: str, resource: str, namespace: str, *more) -> bool:
-    result = control_plane.kubectl("auth", "can-i", verb, resource, "-n", namespace,
-                                   f"--as={account}", *more, check=False)  # fmt: skip
+    result = control_plane.kubectl(
+        "auth", "can-i", verb, resource, "-n", namespace, f"--as={account}", *more, check=False
+    )
     return result.stdout.strip() == "yes"
 
 
 def test_cluster_wide_install_runs_the_operator_with_rights_everywhere(
     control_plane, namespace, release
 ):
-    _helm(control_plane, "install", release, str(CHART), "-n", namespace,
-          "--wait", "--timeout=120s")  # fmt: skip
+    _helm(
+        control_plane, "install", release, str(CHART), "-n", namespace, "--wait", "--timeout=120s"
+    )
 
     account = _operator_account(control_plane, namespace)
     assert _can(control_plane, account, "create", "jobs.batch", "default")
-    assert _can(control_plane, account, "patch", "diffusiontrainingjobs.difftrain.io",
-                "kube-system", "--subresource=status")  # fmt: skip
+    assert _can(
+        control_plane,
+        account,
+        "patch",
+        "diffusiontrainingjobs.difftrain.io",
+        "kube-system",
+        "--subresource=status",
+    )
 
 
 def test_namespaced_install_grants_rights_only_in_its_namespaces(control_plane, namespace, release):
     for team in ("team-red", "team-blue"):
         control_plane.kubectl("create", "namespace", team, check=False)
 
-    _helm(control_plane, "install", release, str(CHART), "-n", namespace, "--wait",
-          "--timeout=120s", "--set", "watchNamespaces={team-red,team-blue}")  # fmt: skip
+    _helm(
+        control_plane,
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--wait",
+        "--timeout=120s",
+        "--set",
+        "watchNamespaces={team-red,team-blue}",
+    )
 
     account = _operator_account(control_plane, namespace)
     assert _can(control_plane, account, "create", "jobs.batch", "team-red")

@@ -31,8 +31,9 @@ def _job(name: str, annotations: dict) -> dict:
 def _wait_for(control_plane, namespace, kind, name, condition, timeout=60) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        found = json.loads(control_plane.kubectl(
-            "get", kind, name, "-n", namespace, "-o", "json").stdout)  # fmt: skip
+        found = json.loads(
+            control_plane.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout
+        )
         if condition(found):
             return found
         assert time.monotonic() < deadline, json.dumps(found.get("status"), indent=1)
@@ -40,8 +41,11 @@ def _wait_for(control_plane, namespace, kind, name, condition, timeout=60) -> di
 
 
 def _pod_of(control_plane, namespace, job: str) -> dict:
-    pods = json.loads(control_plane.kubectl(
-        "get", "pods", "-n", namespace, "-l", f"job-name={job}", "-o", "json").stdout)  # fmt: skip
+    pods = json.loads(
+        control_plane.kubectl(
+            "get", "pods", "-n", namespace, "-l", f"job-name={job}", "-o", "json"
+        ).stdout
+    )
     (pod,) = pods["items"]
     return pod
 
@@ -73,13 +77,21 @@ def test_fake_nodes_are_ready_with_gpus(control_plane):
 def test_a_job_runs_on_a_fake_node_and_ends_as_annotated(
     control_plane, namespace, annotations, phase, code
 ):
-    control_plane.kubectl("apply", "-n", namespace, "-f", "-",
-                          input=yaml.safe_dump(_job("work", annotations)))  # fmt: skip
+    control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(_job("work", annotations))
+    )
 
     done = "Complete" if phase == "Succeeded" else "Failed"
-    _wait_for(control_plane, namespace, "job", "work",
-              lambda job: any(c["type"] == done and c["status"] == "True"
-                              for c in job.get("status", {}).get("conditions", [])))  # fmt: skip
+    _wait_for(
+        control_plane,
+        namespace,
+        "job",
+        "work",
+        lambda job: any(
+            c["type"] == done and c["status"] == "True"
+            for c in job.get("status", {}).get("conditions", [])
+        ),
+    )
     pod = _pod_of(control_plane, namespace, "work")
     assert pod["spec"]["nodeName"].startswith("kwok-node-")  # bound by the scheduler
     assert pod["status"]["phase"] == phase
@@ -95,17 +107,25 @@ def test_a_job_runs_on_a_fake_node_and_ends_as_annotated(
 
 
 def test_deleting_a_job_removes_its_pods_through_the_garbage_collector(control_plane, namespace):
-    control_plane.kubectl("apply", "-n", namespace, "-f", "-",
-                          input=yaml.safe_dump(_job("long", {})))  # fmt: skip
-    _wait_for(control_plane, namespace, "job", "long",
-              lambda job: job.get("status", {}).get("active") == 1)  # fmt: skip
+    control_plane.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(_job("long", {}))
+    )
+    _wait_for(
+        control_plane,
+        namespace,
+        "job",
+        "long",
+        lambda job: job.get("status", {}).get("active") == 1,
+    )
 
-    control_plane.kubectl("delete", "job", "long", "-n", namespace,
-                          "--cascade=background", "--wait=false")  # fmt: skip
+    control_plane.kubectl(
+        "delete", "job", "long", "-n", namespace, "--cascade=background", "--wait=false"
+    )
 
     deadline = time.monotonic() + 60
-    while control_plane.kubectl("get", "pods", "-n", namespace, "-l", "job-name=long",
-                                "-o", "name").stdout.strip():  # fmt: skip
+    while control_plane.kubectl(
+        "get", "pods", "-n", namespace, "-l", "job-name=long", "-o", "name"
+    ).stdout.strip():
         assert time.monotonic() < deadline, "the job's pod outlived it"
         time.sleep(0.5)
 

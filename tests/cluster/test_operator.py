@@ -30,10 +30,16 @@ GRACE_SECONDS = 5
 
 @pytest.fixture(scope="module")
 def operator(control_plane, tmp_path_factory):
-    running = Operator(control_plane, "difftrain-system", tmp_path_factory.mktemp("operator"),
-                       values=[f"operator.failureGraceSeconds={GRACE_SECONDS}",
-                               "policy.allowedImages={registry.example/ml/*}",
-                               "policy.allowedServiceAccounts={robot}"])  # fmt: skip
+    running = Operator(
+        control_plane,
+        "difftrain-system",
+        tmp_path_factory.mktemp("operator"),
+        values=[
+            f"operator.failureGraceSeconds={GRACE_SECONDS}",
+            "policy.allowedImages={registry.example/ml/*}",
+            "policy.allowedServiceAccounts={robot}",
+        ],
+    )
     running.install().start()
     try:
         yield running
@@ -55,9 +61,14 @@ def test_a_job_runs_to_success_through_the_real_controllers(cluster):
     created = cluster.apply(demo(resources={"nodes": 2}))
 
     trainer = wait_until(lambda: cluster.job("demo-a1"), what="the attempt's Job")
-    owner = {"apiVersion": "difftrain.io/v1alpha1", "kind": "DiffusionTrainingJob",
-             "name": "demo", "uid": created["metadata"]["uid"], "controller": True,
-             "blockOwnerDeletion": True}  # fmt: skip
+    owner = {
+        "apiVersion": "difftrain.io/v1alpha1",
+        "kind": "DiffusionTrainingJob",
+        "name": "demo",
+        "uid": created["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
     config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
     service = cluster.get("/api/v1/namespaces/{namespace}/services", "demo")
     policy = cluster.get(NETWORK_POLICIES, "demo")  # the chart turns them on
@@ -78,8 +89,10 @@ def test_a_job_runs_to_success_through_the_real_controllers(cluster):
     assert cluster.condition("Succeeded")
     row = cluster.printed()
     assert (row["PHASE"], row["METHOD"], row["RESTARTS"]) == ("Succeeded", "lora", "0")
-    reasons = wait_until(lambda: (r := [e["reason"] for e in cluster.events()]) and
-                         "Completed" in r and r, what="a Completed event")  # fmt: skip
+    reasons = wait_until(
+        lambda: (r := [e["reason"] for e in cluster.events()]) and "Completed" in r and r,
+        what="a Completed event",
+    )
     assert reasons == ["JobCreated", "Training", "Completed"]
     assert "finalizers" not in cluster.dtj()["metadata"]  # deleting never waits on us
 
@@ -89,8 +102,9 @@ def test_exit_code_3_fails_the_job_as_a_dataset_error_with_no_restart(cluster):
     pods = cluster.running_pods(2)
 
     message = '{"reason": "DatasetError", "message": "the dataset has no images"}'
-    cluster.annotate(cluster.index(pods, 1), {"difftrain.test/exit-code": "3",
-                                              "difftrain.test/message": message})  # fmt: skip
+    cluster.annotate(
+        cluster.index(pods, 1), {"difftrain.test/exit-code": "3", "difftrain.test/message": message}
+    )
 
     cluster.wait_phase("Failed")
     failed = cluster.condition("Failed")
@@ -108,15 +122,21 @@ def test_a_crash_restarts_the_whole_gang_as_attempt_2(cluster):
     cluster.apply(demo(resources={"nodes": 2}))
     pods = cluster.running_pods(2)
 
-    cluster.annotate(cluster.index(pods, 1), {"difftrain.test/exit-code": "1",
-                                              "difftrain.test/message": "Traceback"})  # fmt: skip
+    cluster.annotate(
+        cluster.index(pods, 1),
+        {"difftrain.test/exit-code": "1", "difftrain.test/message": "Traceback"},
+    )
 
     second = wait_until(lambda: cluster.job("demo-a2"), what="attempt 2's Job")
-    env = {e["name"]: e.get("value") for e in second["spec"]["template"]["spec"]["containers"][0]
-           ["env"]}  # fmt: skip
+    env = {
+        e["name"]: e.get("value")
+        for e in second["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert env["PET_MASTER_ADDR"] == "demo-a2-0.demo"
-    wait_until(lambda: cluster.job("demo-a1") is None and not cluster.pods(attempt=1),
-               what="attempt 1's Job and pods are gone")  # fmt: skip
+    wait_until(
+        lambda: cluster.job("demo-a1") is None and not cluster.pods(attempt=1),
+        what="attempt 1's Job and pods are gone",
+    )
     cluster.running_pods(2, attempt=2)
     status = cluster.wait_phase("Running")
     assert (status["attempt"], status["restarts"]) == (2, 1)
@@ -149,10 +169,13 @@ def test_a_restarted_operator_creates_nothing_twice(cluster):
     cluster.wait_phase("Running")
     time.sleep(1.5)  # a resync
 
-    created = [e for e in cluster.operator.requests()
-               if (e.get("objectRef") or {}).get("namespace") == cluster.namespace
-               and e["objectRef"].get("resource") == "jobs"
-               and e.get("responseStatus", {}).get("code") == 201]  # fmt: skip
+    created = [
+        e
+        for e in cluster.operator.requests()
+        if (e.get("objectRef") or {}).get("namespace") == cluster.namespace
+        and e["objectRef"].get("resource") == "jobs"
+        and e.get("responseStatus", {}).get("code") == 201
+    ]
     assert [e["objectRef"]["name"] for e in created] == ["demo-a1"]
     jobs = cluster.plane.api("GET", cluster.path(JOBS))["items"]
     assert [j["metadata"]["name"] for j in jobs] == ["demo-a1"]
@@ -208,41 +231,55 @@ def test_a_finished_job_is_deleted_after_its_ttl_with_its_children(cluster):
     cluster.annotate(pod, {"difftrain.test/exit-code": "0"})
 
     wait_until(lambda: cluster.dtj() is None, 30, what="the TTL deleted the job")
-    wait_until(lambda: cluster.job("demo-a1") is None
-               and cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config") is None,
-               what="the garbage collector deleted the children")  # fmt: skip
+    wait_until(
+        lambda: (
+            cluster.job("demo-a1") is None
+            and cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config") is None
+        ),
+        what="the garbage collector deleted the children",
+    )
 
 
 def test_deleting_a_job_deletes_everything_it_owned(cluster):
     cluster.apply(demo(resources={"nodes": 2}))
     cluster.running_pods(2)
 
-    cluster.plane.kubectl("delete", "dtj", "demo", "-n", cluster.namespace, "--wait=true",
-                          "--timeout=30s")  # fmt: skip
+    cluster.plane.kubectl(
+        "delete", "dtj", "demo", "-n", cluster.namespace, "--wait=true", "--timeout=30s"
+    )
 
     def gone():
-        return (cluster.job("demo-a1") is None and not cluster.pods()
-                and cluster.get("/api/v1/namespaces/{namespace}/services", "demo") is None
-                and cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
-                is None)  # fmt: skip
+        return (
+            cluster.job("demo-a1") is None
+            and not cluster.pods()
+            and cluster.get("/api/v1/namespaces/{namespace}/services", "demo") is None
+            and cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config") is None
+        )
 
     wait_until(gone, what="the Job, pods, Service and ConfigMap are gone")
 
 
 MISSING_SECRET = {
     "dataset": {"uri": "s3://data/shapes", "resolution": 32},
-    "storage": {"endpoint": "http://s3.example:9000",
-                "secretRef": {"name": "difftrain-test-missing"}},
-}  # fmt: skip
+    "storage": {
+        "endpoint": "http://s3.example:9000",
+        "secretRef": {"name": "difftrain-test-missing"},
+    },
+}
 
 
 @pytest.mark.parametrize("policy", ["Running", "None"])
 def test_a_missing_secret_is_reported_then_fails_the_job_and_frees_its_pods(cluster, policy):
     cluster.apply(demo(runPolicy={"cleanPodPolicy": policy}, **MISSING_SECRET))
 
-    condition = wait_until(lambda: cluster.status().get("phase") == "Pending"
-                           and cluster.condition("Created") and _waiting(cluster),
-                           what="the pod's waiting reason in the status")  # fmt: skip
+    condition = wait_until(
+        lambda: (
+            cluster.status().get("phase") == "Pending"
+            and cluster.condition("Created")
+            and _waiting(cluster)
+        ),
+        what="the pod's waiting reason in the status",
+    )
     assert condition["reason"] == "CreateContainerConfigError"
     assert condition["message"] == 'secret "difftrain-test-missing" not found'
     assert cluster.printed()["REASON"] == "CreateContainerConfigError"
@@ -270,8 +307,10 @@ def test_clean_pod_policy_all_removes_the_finished_pods_too(cluster):
     cluster.annotate(cluster.index(pods, 0), {"difftrain.test/exit-code": "3"})
 
     cluster.wait_phase("Failed")
-    wait_until(lambda: cluster.job("demo-a1") is None and not cluster.pods(),
-               what="the Job and all its pods are gone")  # fmt: skip
+    wait_until(
+        lambda: cluster.job("demo-a1") is None and not cluster.pods(),
+        what="the Job and all its pods are gone",
+    )
     assert cluster.condition("Failed")["reason"] == "DatasetError"
 
 
@@ -293,17 +332,24 @@ def test_a_preemption_restarts_the_gang_without_using_up_max_restarts(cluster):
     row = cluster.printed()
     assert (row["RESTARTS"], row["PREEMPTIONS"]) == ("0", "1")
     warnings = [(e["reason"], e["message"]) for e in cluster.events() if e["type"] == "Warning"]
-    assert warnings == [("Preempted", "restart after preemption 1 (not counted in maxRestarts): "
-                         f"pod {evicted['metadata']['name']} was disrupted (EvictionByEvictionAPI"
-                         ": Eviction API: evicting)")]  # fmt: skip
+    assert warnings == [
+        (
+            "Preempted",
+            "restart after preemption 1 (not counted in maxRestarts): "
+            f"pod {evicted['metadata']['name']} was disrupted (EvictionByEvictionAPI"
+            ": Eviction API: evicting)",
+        )
+    ]
     labels = f'job="demo",namespace="{cluster.namespace}"'
     assert f"difftrain_operator_job_preemptions{{{labels}}} 1.0" in cluster.operator.metrics()
 
 
 def _disrupted(cluster, pod: dict) -> bool:
     found = cluster.get("/api/v1/namespaces/{namespace}/pods", pod["metadata"]["name"])
-    return any(c["type"] == "DisruptionTarget" and c["status"] == "True"
-               for c in (found or {}).get("status", {}).get("conditions", []))  # fmt: skip
+    return any(
+        c["type"] == "DisruptionTarget" and c["status"] == "True"
+        for c in (found or {}).get("status", {}).get("conditions", [])
+    )
 
 
 def test_a_recreated_job_never_takes_over_its_predecessors_children(cluster):
@@ -315,17 +361,29 @@ def test_a_recreated_job_never_takes_over_its_predecessors_children(cluster):
     cluster.annotate(old_pod, {"difftrain.test/exit-code": "0"})
     cluster.wait_phase("Succeeded")
     old = cluster.job("demo-a1")
-    cluster.plane.kubectl("delete", "dtj", "demo", "-n", cluster.namespace, "--cascade=orphan",
-                          "--wait=true", "--timeout=30s")  # fmt: skip
-    wait_until(lambda: not cluster.job("demo-a1")["metadata"].get("ownerReferences"),
-               what="the old Job is orphaned")  # fmt: skip
+    cluster.plane.kubectl(
+        "delete",
+        "dtj",
+        "demo",
+        "-n",
+        cluster.namespace,
+        "--cascade=orphan",
+        "--wait=true",
+        "--timeout=30s",
+    )
+    wait_until(
+        lambda: not cluster.job("demo-a1")["metadata"].get("ownerReferences"),
+        what="the old Job is orphaned",
+    )
 
     created = cluster.apply(demo())
 
     new = wait_until(
-        lambda: (j := cluster.job("demo-a1")) and j["metadata"]["uid"] != old["metadata"]["uid"]
-        and j, what="a new attempt Job",
-    )  # fmt: skip
+        lambda: (
+            (j := cluster.job("demo-a1")) and j["metadata"]["uid"] != old["metadata"]["uid"] and j
+        ),
+        what="a new attempt Job",
+    )
     uid = created["metadata"]["uid"]
     config = cluster.get("/api/v1/namespaces/{namespace}/configmaps", "demo-config")
     service = cluster.get("/api/v1/namespaces/{namespace}/services", "demo")
@@ -335,8 +393,7 @@ def test_a_recreated_job_never_takes_over_its_predecessors_children(cluster):
     (pod,) = cluster.running_pods(1)
     assert pod["metadata"]["uid"] != old_pod["metadata"]["uid"]
     cluster.wait_phase("Running")
-    reasons = [e["reason"] for e in cluster.events()
-               if e["involvedObject"]["uid"] == uid]  # fmt: skip
+    reasons = [e["reason"] for e in cluster.events() if e["involvedObject"]["uid"] == uid]
     assert reasons[0] == "WaitingForPredecessor" and "Completed" not in reasons, reasons
 
 
@@ -374,20 +431,29 @@ def test_a_file_output_on_no_volume_is_refused_before_anything_is_created(cluste
 
 @pytest.mark.parametrize(
     ("cause", "said"),
-    [("missing-account", 'serviceaccount "robot" not found'),
-     ("exhausted-quota", "exceeded quota: no-pods")],
-)  # fmt: skip
+    [
+        ("missing-account", 'serviceaccount "robot" not found'),
+        ("exhausted-quota", "exceeded quota: no-pods"),
+    ],
+)
 def test_pods_the_api_server_refuses_are_reported_with_its_message(cluster, cause, said):
     if cause == "exhausted-quota":
-        cluster.plane.apply({"apiVersion": "v1", "kind": "ResourceQuota",
-                             "metadata": {"name": "no-pods", "namespace": cluster.namespace},
-                             "spec": {"hard": {"pods": "0"}}})  # fmt: skip
+        cluster.plane.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ResourceQuota",
+                "metadata": {"name": "no-pods", "namespace": cluster.namespace},
+                "spec": {"hard": {"pods": "0"}},
+            }
+        )
         cluster.apply(demo())
     else:
         cluster.apply(demo(resources={"serviceAccountName": "robot"}))  # allowed, not created
 
-    condition = wait_until(lambda: (c := _waiting(cluster)) and c["reason"] == "FailedCreate"
-                           and c, what="FailedCreate in the status")  # fmt: skip
+    condition = wait_until(
+        lambda: (c := _waiting(cluster)) and c["reason"] == "FailedCreate" and c,
+        what="FailedCreate in the status",
+    )
 
     assert said in condition["message"], condition
     assert cluster.status()["phase"] == "Pending"
@@ -397,16 +463,27 @@ def test_pods_the_api_server_refuses_are_reported_with_its_message(cluster, caus
 
 def test_images_and_service_accounts_outside_the_policy_are_refused(cluster):
     """The module's operator allows registry.example/ml/* and the account robot."""
-    cluster.apply(job({"metadata": {"name": "allowed"}},
-                      spec={"resources": {"image": "registry.example/ml/trainer:2"}}))  # fmt: skip
-    cluster.apply(job({"metadata": {"name": "image"}},
-                      spec={"resources": {"image": "evil.example/miner:1"}}))  # fmt: skip
-    cluster.apply(job({"metadata": {"name": "account"}},
-                      spec={"resources": {"serviceAccountName": "admin-robot"}}))  # fmt: skip
+    cluster.apply(
+        job(
+            {"metadata": {"name": "allowed"}},
+            spec={"resources": {"image": "registry.example/ml/trainer:2"}},
+        )
+    )
+    cluster.apply(
+        job({"metadata": {"name": "image"}}, spec={"resources": {"image": "evil.example/miner:1"}})
+    )
+    cluster.apply(
+        job(
+            {"metadata": {"name": "account"}},
+            spec={"resources": {"serviceAccountName": "admin-robot"}},
+        )
+    )
 
     cluster.running_pods(1, "allowed")
-    for name, field in (("image", "spec.resources.image"),
-                        ("account", "spec.resources.serviceAccountName")):  # fmt: skip
+    for name, field in (
+        ("image", "spec.resources.image"),
+        ("account", "spec.resources.serviceAccountName"),
+    ):
         cluster.wait_phase("Failed", name)
         failed = cluster.condition("Failed", name)
         assert failed["reason"] == "NotAllowed" and failed["message"].startswith(field), failed
@@ -425,8 +502,10 @@ def test_blocking_owner_deletion_needs_the_finalizers_right(cluster):
     cluster.plane.api("PUT", path, {**role, "rules": kept})
     try:
         cluster.apply(demo())
-        created = wait_until(lambda: (c := _created(cluster)) and c["reason"] == "CreateRefused"
-                             and c, what="CreateRefused")  # fmt: skip
+        created = wait_until(
+            lambda: (c := _created(cluster)) and c["reason"] == "CreateRefused" and c,
+            what="CreateRefused",
+        )
         printed = cluster.printed()
     finally:
         cluster.plane.api("PUT", path, {**cluster.plane.api("GET", path), "rules": role["rules"]})
@@ -453,22 +532,40 @@ def _waiting(cluster) -> dict:
 
 def _kueue_queue(cluster, gpus: int) -> None:
     """A LocalQueue "team" in the test's namespace, on a ClusterQueue with ``gpus`` GPUs."""
-    quota = [{"name": "cpu", "nominalQuota": 1000}, {"name": "memory", "nominalQuota": "10Ti"},
-             {"name": "nvidia.com/gpu", "nominalQuota": gpus}]  # fmt: skip
+    quota = [
+        {"name": "cpu", "nominalQuota": 1000},
+        {"name": "memory", "nominalQuota": "10Ti"},
+        {"name": "nvidia.com/gpu", "nominalQuota": gpus},
+    ]
     cluster.plane.apply(
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor",
-         "metadata": {"name": "gpu"}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ClusterQueue",
-         "metadata": {"name": f"{cluster.namespace}-queue"},
-         "spec": {"namespaceSelector": {"matchLabels": {
-                      "kubernetes.io/metadata.name": cluster.namespace}},
-                  "resourceGroups": [{
-                      "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                      "flavors": [{"name": "gpu", "resources": quota}]}]}},
-        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
-         "metadata": {"name": "team", "namespace": cluster.namespace},
-         "spec": {"clusterQueue": f"{cluster.namespace}-queue"}},
-    )  # fmt: skip
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": "gpu"},
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": f"{cluster.namespace}-queue"},
+            "spec": {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}
+                },
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
+                        "flavors": [{"name": "gpu", "resources": quota}],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": "team", "namespace": cluster.namespace},
+            "spec": {"clusterQueue": f"{cluster.namespace}-queue"},
+        },
+    )
 
 
 def test_a_queue_kueue_cannot_serve_is_reported_until_it_can(cluster):
@@ -484,8 +581,9 @@ def test_a_queue_kueue_cannot_serve_is_reported_until_it_can(cluster):
     )
     assert cluster.printed()["REASON"] == "KueueNotFound"
     cluster.plane.start_kueue()
-    wait_until(lambda: cluster.status().get("reason") == "LocalQueueNotFound",
-               what="LocalQueueNotFound")  # fmt: skip
+    wait_until(
+        lambda: cluster.status().get("reason") == "LocalQueueNotFound", what="LocalQueueNotFound"
+    )
     assert cluster.condition("Suspended")["message"] == (
         f"LocalQueue team does not exist in namespace {cluster.namespace}: create it, or fix "
         "spec.runPolicy.queueName"
@@ -505,9 +603,12 @@ def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
     cluster.running_pods(2, "first")
     cluster.apply(job({"metadata": {"name": "second"}}, spec=queued))
 
-    waiting = wait_until(lambda: (c := cluster.condition("Suspended", "second"))
-                         and "insufficient" in c["message"] and c,
-                         what="second waits, with Kueue's reason")  # fmt: skip
+    waiting = wait_until(
+        lambda: (
+            (c := cluster.condition("Suspended", "second")) and "insufficient" in c["message"] and c
+        ),
+        what="second waits, with Kueue's reason",
+    )
     assert waiting["reason"] == "WaitingForAdmission"
     assert waiting["message"].startswith("queued in Kueue queue team: couldn't assign flavors")
     time.sleep(1.5)
@@ -535,13 +636,20 @@ def test_kueue_admits_the_second_job_only_when_the_first_is_done(cluster):
 def test_a_burst_of_jobs_all_get_their_children(cluster):
     names = [f"burst-{index}" for index in range(30)]
 
-    text = yaml.safe_dump_all([job({"metadata": {"name": n}},
-                                   spec={"output": {"uri": f"s3://outputs/{n}"}})
-                               for n in names])  # fmt: skip
+    text = yaml.safe_dump_all(
+        [
+            job({"metadata": {"name": n}}, spec={"output": {"uri": f"s3://outputs/{n}"}})
+            for n in names
+        ]
+    )
     cluster.plane.kubectl("apply", "-n", cluster.namespace, "-f", "-", input=text)
 
-    wait_until(lambda: all(cluster.job(f"{n}-a1") for n in names), 60, every=1,
-               what="every job has its Job")  # fmt: skip
+    wait_until(
+        lambda: all(cluster.job(f"{n}-a1") for n in names),
+        60,
+        every=1,
+        what="every job has its Job",
+    )
     wait_until(
         lambda: all(cluster.status(n).get("phase") in ("Pending", "Running") for n in names),
         60,
@@ -556,9 +664,12 @@ def test_the_operator_streams_only_its_own_pods_and_jobs(cluster):
     cluster.apply(demo())
     cluster.running_pods(1)
 
-    reads = [e["requestURI"] for e in cluster.operator.requests()
-             if e["verb"] in ("list", "watch")
-             and (e.get("objectRef") or {}).get("resource") in ("pods", "jobs")]  # fmt: skip
+    reads = [
+        e["requestURI"]
+        for e in cluster.operator.requests()
+        if e["verb"] in ("list", "watch")
+        and (e.get("objectRef") or {}).get("resource") in ("pods", "jobs")
+    ]
 
     def selector(uri: str) -> str:
         return urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query).get("labelSelector", [""])[0]

@@ -19,8 +19,9 @@ from tests.cluster.operator import (
 def test_a_namespaced_operator_works_in_its_namespace_only(control_plane, namespace, tmp_path):
     other = f"{namespace}-other"
     control_plane.kubectl("create", "namespace", other)
-    operator = Operator(control_plane, f"{namespace}-ops", tmp_path,
-                        values=[f"watchNamespaces={{{namespace}}}"])  # fmt: skip
+    operator = Operator(
+        control_plane, f"{namespace}-ops", tmp_path, values=[f"watchNamespaces={{{namespace}}}"]
+    )
     try:
         operator.install().start()
         mine, theirs = (
@@ -38,8 +39,9 @@ def test_a_namespaced_operator_works_in_its_namespace_only(control_plane, namesp
     finally:
         operator.stop()
         operator.uninstall()
-        control_plane.kubectl("delete", "namespace", other, f"{namespace}-ops", "--wait=false",
-                              check=False)  # fmt: skip
+        control_plane.kubectl(
+            "delete", "namespace", other, f"{namespace}-ops", "--wait=false", check=False
+        )
 
     assert refused(requests) == [], "requests the chart's RBAC refused"
     # Its jobs' rights in its namespace; cluster-wide, to watch Namespaces and CRDs alone.

@@ -49,12 +49,19 @@ class Operator:
         controller = Controller(Kube(api_client(self.url)), Defaults(), self.metrics)
         self._stop, ready = threading.Event(), threading.Event()
         self._thread = threading.Thread(
-            target=kopf.run, daemon=True,
-            kwargs={"registry": registry, "settings": settings, "standalone": True,
-                    "clusterwide": not self.namespaces, "namespaces": self.namespaces,
-                    "stop_flag": self._stop, "ready_flag": ready,
-                    "memo": kopf.Memo(controller=controller)},
-        )  # fmt: skip
+            target=kopf.run,
+            daemon=True,
+            kwargs={
+                "registry": registry,
+                "settings": settings,
+                "standalone": True,
+                "clusterwide": not self.namespaces,
+                "namespaces": self.namespaces,
+                "stop_flag": self._stop,
+                "ready_flag": ready,
+                "memo": kopf.Memo(controller=controller),
+            },
+        )
         self._thread.start()
         assert await asyncio.to_thread(ready.wait, 15), "the operator did not start"
 

@@ -26,19 +26,34 @@ CASES = {
     "two-nodes-eight-gpus": _example("multinode.yaml"),
     "kueue": _example("kueue.yaml"),
     "suspended": job(IDENTITY, spec={"runPolicy": {"suspend": True}}),
-    "volumes": job(IDENTITY, spec={
-        "model": {"base": "file:///models/sd15"},
-        "output": {"uri": "file:///mnt/runs/demo"},
-        "resources": {"volumes": [
-            {"name": "models", "claimName": "team-models", "mountPath": "/models",
-             "readOnly": True},
-            {"name": "runs", "claimName": "team-runs", "mountPath": "/mnt/runs"}]}}),
+    "volumes": job(
+        IDENTITY,
+        spec={
+            "model": {"base": "file:///models/sd15"},
+            "output": {"uri": "file:///mnt/runs/demo"},
+            "resources": {
+                "volumes": [
+                    {
+                        "name": "models",
+                        "claimName": "team-models",
+                        "mountPath": "/models",
+                        "readOnly": True,
+                    },
+                    {"name": "runs", "claimName": "team-runs", "mountPath": "/mnt/runs"},
+                ]
+            },
+        },
+    ),
     "secrets-and-endpoint": _example(
         "sd15-lora-s3.yaml",
-        {"spec": {"storage": {"secretRef": {"sessionTokenKey": "AWS_SESSION_TOKEN"}},
-                  "runPolicy": {"activeDeadlineSeconds": 86400}}},
+        {
+            "spec": {
+                "storage": {"secretRef": {"sessionTokenKey": "AWS_SESSION_TOKEN"}},
+                "runPolicy": {"activeDeadlineSeconds": 86400},
+            }
+        },
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -112,11 +127,14 @@ def test_torchrun_contract():
     assert {k: env[k] for k in env if k.startswith("PET_")} == {
         "PET_NNODES": "2",
         "PET_NPROC_PER_NODE": "8",
-        "PET_NODE_RANK": {"fieldRef": {"fieldPath":
-                          "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+        "PET_NODE_RANK": {
+            "fieldRef": {
+                "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+            }
+        },
         "PET_MASTER_ADDR": "sdxl-finetune-16gpu-a3-0.sdxl-finetune-16gpu",
         "PET_MASTER_PORT": "29500",
-    }  # fmt: skip
+    }
     assert pod["subdomain"] == "sdxl-finetune-16gpu"
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
 
@@ -125,10 +143,12 @@ def test_permanent_exit_codes_fail_fast_and_disruptions_are_ignored():
     rules = _trainer_job(job(IDENTITY))["spec"]["podFailurePolicy"]["rules"]
 
     assert rules == [
-        {"action": "FailJob",
-         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]}},
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]},
+        },
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    ]  # fmt: skip
+    ]
 
 
 def test_credentials_only_by_reference():
@@ -136,20 +156,26 @@ def test_credentials_only_by_reference():
     env = _env(manifests[2])
 
     assert env["AWS_SECRET_ACCESS_KEY"] == {
-        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_SECRET_ACCESS_KEY",
-                         "optional": False}
-    }  # fmt: skip
+        "secretKeyRef": {
+            "name": "s3-credentials",
+            "key": "AWS_SECRET_ACCESS_KEY",
+            "optional": False,
+        }
+    }
     assert env["AWS_ENDPOINT_URL"] == "http://minio.storage.svc:9000"
     assert "secretKeyRef" not in manifests[0]["data"]["job.json"]
 
 
 def test_a_hugging_face_token_comes_from_its_secret():
-    spec = {"model": {"base": "hf://org/gated"},
-            "storage": {"huggingFaceTokenSecretRef": {"name": "hub"}}}  # fmt: skip
+    spec = {
+        "model": {"base": "hf://org/gated"},
+        "storage": {"huggingFaceTokenSecretRef": {"name": "hub"}},
+    }
     env = _env(children(load_job(job(IDENTITY, spec=spec)), 1, Defaults())[-1])
 
-    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hub", "key": "HF_TOKEN",
-                                                "optional": False}}  # fmt: skip
+    assert env["HF_TOKEN"] == {
+        "secretKeyRef": {"name": "hub", "key": "HF_TOKEN", "optional": False}
+    }
 
 
 def test_prompts_never_reach_a_shell():
@@ -165,9 +191,13 @@ def test_prompts_never_reach_a_shell():
 
 @pytest.mark.parametrize(
     ("resources", "expected"),
-    [({}, "8Gi"), ({"limits": {"memory": "64Gi"}}, "32Gi"),
-     ({"limits": {"memory": "3G"}}, "1430Mi"), ({"sharedMemory": "2Gi"}, "2Gi")],
-)  # fmt: skip
+    [
+        ({}, "8Gi"),
+        ({"limits": {"memory": "64Gi"}}, "32Gi"),
+        ({"limits": {"memory": "3G"}}, "1430Mi"),
+        ({"sharedMemory": "2Gi"}, "2Gi"),
+    ],
+)
 def test_shared_memory_size(resources, expected):
     assert shared_memory(load_job(job(spec={"resources": resources}))) == expected
 
@@ -176,17 +206,29 @@ def test_shared_memory_size(resources, expected):
     ("spec", "expected"),
     [
         pytest.param({}, "2Gi", id="lora-on-a-preset"),
-        pytest.param({"method": "finetune", "model": {"base": "s3://bucket/sd15",
-                      "architecture": "sd"}}, "13Gi", id="finetune-sd"),
-        pytest.param({"method": "finetune", "model": {"base": "s3://bucket/m"}}, "36Gi",
-                     id="finetune-auto-taken-as-sdxl"),
-        pytest.param({"method": "finetune", "model": {"base": "s3://bucket/m"},
-                      "training": {"ema": {"enabled": True}},
-                      "output": {"uri": "s3://bucket/o", "formats": ["diffusers", "singleFile"]}},
-                     "48Gi", id="finetune-sdxl-ema-two-formats"),
+        pytest.param(
+            {"method": "finetune", "model": {"base": "s3://bucket/sd15", "architecture": "sd"}},
+            "13Gi",
+            id="finetune-sd",
+        ),
+        pytest.param(
+            {"method": "finetune", "model": {"base": "s3://bucket/m"}},
+            "36Gi",
+            id="finetune-auto-taken-as-sdxl",
+        ),
+        pytest.param(
+            {
+                "method": "finetune",
+                "model": {"base": "s3://bucket/m"},
+                "training": {"ema": {"enabled": True}},
+                "output": {"uri": "s3://bucket/o", "formats": ["diffusers", "singleFile"]},
+            },
+            "48Gi",
+            id="finetune-sdxl-ema-two-formats",
+        ),
         pytest.param({"resources": {"scratchSize": "100Gi"}}, "100Gi", id="given"),
     ],
-)  # fmt: skip
+)
 def test_scratch_disk_size(spec, expected):
     pod = _trainer_job(job(spec=spec))["spec"]["template"]["spec"]
 
@@ -195,7 +237,8 @@ def test_scratch_disk_size(spec, expected):
 
 def test_grace_period_reaches_the_pod_and_the_launcher():
     pod = _trainer_job(job(spec={"runPolicy": {"terminationGracePeriodSeconds": 900}}))["spec"][
-        "template"]["spec"]  # fmt: skip
+        "template"
+    ]["spec"]
 
     assert pod["terminationGracePeriodSeconds"] == 900
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
@@ -204,10 +247,12 @@ def test_grace_period_reaches_the_pod_and_the_launcher():
 
 def test_operator_defaults_fill_in_what_the_spec_leaves_out():
     defaults = Defaults(
-        image="registry/trainer:1", image_pull_policy="Always",
-        requests={"cpu": "4", "memory": "32Gi"}, limits={"memory": "64Gi"},
+        image="registry/trainer:1",
+        image_pull_policy="Always",
+        requests={"cpu": "4", "memory": "32Gi"},
+        limits={"memory": "64Gi"},
         node_selector={"pool": "gpu", "zone": "a"},
-    )  # fmt: skip
+    )
     manifest = job(spec={"resources": {"requests": {"cpu": "8"}, "nodeSelector": {"zone": "b"}}})
 
     pod = children(load_job(manifest), 1, defaults)[2]["spec"]["template"]["spec"]
@@ -231,8 +276,9 @@ def test_operator_defaults_come_from_its_environment():
     }
 
     defaults = defaults_from_env(environ)
-    policy = defaults_from_env({"DIFFTRAIN_NETWORK_POLICY": "true",
-                                "DIFFTRAIN_METRICS_NAMESPACES": "ops, monitoring"})  # fmt: skip
+    policy = defaults_from_env(
+        {"DIFFTRAIN_NETWORK_POLICY": "true", "DIFFTRAIN_METRICS_NAMESPACES": "ops, monitoring"}
+    )
 
     assert defaults == Defaults(image="registry/trainer:2", limits={"memory": "64Gi"})
     assert policy == Defaults(network_policy=True, metrics_namespaces=("ops", "monitoring"))
@@ -240,14 +286,25 @@ def test_operator_defaults_come_from_its_environment():
 
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
-    [("DIFFTRAIN_TRAINER_LIMITS", "{memory: 64Gi}", "DIFFTRAIN_TRAINER_LIMITS: not JSON"),
-     ("DIFFTRAIN_TRAINER_LIMITS", '{"memory": 64}',
-      "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings"),
-     ("DIFFTRAIN_TRAINER_LIMITS", '["64Gi"]',
-      "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings"),
-     ("DIFFTRAIN_NETWORK_POLICY", "yes",
-      "DIFFTRAIN_NETWORK_POLICY: must be true or false, got 'yes'")],
-)  # fmt: skip
+    [
+        ("DIFFTRAIN_TRAINER_LIMITS", "{memory: 64Gi}", "DIFFTRAIN_TRAINER_LIMITS: not JSON"),
+        (
+            "DIFFTRAIN_TRAINER_LIMITS",
+            '{"memory": 64}',
+            "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings",
+        ),
+        (
+            "DIFFTRAIN_TRAINER_LIMITS",
+            '["64Gi"]',
+            "DIFFTRAIN_TRAINER_LIMITS: must be a JSON object of strings",
+        ),
+        (
+            "DIFFTRAIN_NETWORK_POLICY",
+            "yes",
+            "DIFFTRAIN_NETWORK_POLICY: must be true or false, got 'yes'",
+        ),
+    ],
+)
 def test_a_malformed_default_stops_the_operator_naming_its_variable(
     monkeypatch, capsys, variable, value, message
 ):
@@ -285,10 +342,18 @@ def test_volumes_are_claims_mounted_where_the_spec_says():
     pod = trainer["spec"]["template"]["spec"]
     (container,) = pod["containers"]
 
-    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"]
-              if "persistentVolumeClaim" in v}  # fmt: skip
-    mounts = {m["name"]: (m["mountPath"], m["readOnly"]) for m in container["volumeMounts"]
-              if m["name"].startswith("claim-")}  # fmt: skip
-    assert claims == {"claim-models": {"claimName": "team-models", "readOnly": True},
-                      "claim-runs": {"claimName": "team-runs", "readOnly": False}}  # fmt: skip
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    mounts = {
+        m["name"]: (m["mountPath"], m["readOnly"])
+        for m in container["volumeMounts"]
+        if m["name"].startswith("claim-")
+    }
+    assert claims == {
+        "claim-models": {"claimName": "team-models", "readOnly": True},
+        "claim-runs": {"claimName": "team-runs", "readOnly": False},
+    }
     assert mounts == {"claim-models": ("/models", True), "claim-runs": ("/mnt/runs", False)}

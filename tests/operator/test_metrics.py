@@ -34,11 +34,22 @@ def test_jobs_are_counted_by_namespace_and_phase():
 
 def test_a_failed_job_has_one_failure_series_until_it_goes():
     metrics = OperatorMetrics()
-    metrics.observe("a", "one", {"phase": "Restarting", "restarts": 2, "conditions": [
-        {"type": "Restarting", "status": "True", "reason": "OOMKilled"}]})  # fmt: skip
+    metrics.observe(
+        "a",
+        "one",
+        {
+            "phase": "Restarting",
+            "restarts": 2,
+            "conditions": [{"type": "Restarting", "status": "True", "reason": "OOMKilled"}],
+        },
+    )
     assert _series(metrics, "difftrain_operator_job_failed") == {}
-    failed = {"phase": "Failed", "restarts": 2, "preemptions": 5,
-              "conditions": [_failed("MaxRestartsExceeded")]}  # fmt: skip
+    failed = {
+        "phase": "Failed",
+        "restarts": 2,
+        "preemptions": 5,
+        "conditions": [_failed("MaxRestartsExceeded")],
+    }
     metrics.observe("a", "one", failed)
     metrics.observe("a", "one", failed)  # every reconcile of a finished job observes it
 

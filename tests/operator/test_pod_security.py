@@ -11,20 +11,43 @@ from difftrain.operator.builders import Defaults, children
 from tests.operator.test_builders import CASES
 
 BASELINE_CAPABILITIES = {
-    "AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
-    "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT",
-}  # fmt: skip
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
 SAFE_SYSCTLS = {
-    "kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
     "net.ipv4.tcp_keepalive_probes",
-}  # fmt: skip
+}
 SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
 RESTRICTED_VOLUMES = {
-    "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-    "projected", "secret",
-}  # fmt: skip
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def violations(pod: dict, annotations: dict | None = None) -> list[str]:
@@ -32,9 +55,10 @@ def violations(pod: dict, annotations: dict | None = None) -> list[str]:
     found = []
     pod_context = pod.get("securityContext") or {}
     containers = [
-        c for key in ("initContainers", "containers", "ephemeralContainers")
+        c
+        for key in ("initContainers", "containers", "ephemeralContainers")
         for c in pod.get(key) or []
-    ]  # fmt: skip
+    ]
     contexts = [(f"container {c['name']}", c.get("securityContext") or {}) for c in containers]
     everything = [("pod", pod_context), *contexts]
 
@@ -146,23 +170,33 @@ def _set(path: str, value):
     [
         (_set("hostNetwork", True), "pod: hostNetwork"),
         (_set("containers.0.securityContext.privileged", True), "privileged"),
-        (_set("containers.0.securityContext.allowPrivilegeEscalation", True),
-         "allowPrivilegeEscalation not false"),
-        (_set("containers.0.securityContext.capabilities", {"add": ["SYS_ADMIN"]}),
-         "does not drop ALL capabilities"),
-        (_set("containers.0.securityContext.capabilities", {"drop": ["ALL"], "add": ["CHOWN"]}),
-         "adds more than NET_BIND_SERVICE"),
+        (
+            _set("containers.0.securityContext.allowPrivilegeEscalation", True),
+            "allowPrivilegeEscalation not false",
+        ),
+        (
+            _set("containers.0.securityContext.capabilities", {"add": ["SYS_ADMIN"]}),
+            "does not drop ALL capabilities",
+        ),
+        (
+            _set("containers.0.securityContext.capabilities", {"drop": ["ALL"], "add": ["CHOWN"]}),
+            "adds more than NET_BIND_SERVICE",
+        ),
         (_set("containers.0.securityContext.runAsNonRoot", False), "runAsNonRoot not true"),
         (_set("securityContext.runAsUser", 0), "pod: runAsUser 0"),
         (_set("securityContext.seccompProfile", {"type": "Unconfined"}), "seccompProfile"),
         (_set("containers.0.ports.0.hostPort", 9400), "hostPort"),
         (_set("volumes.0", {"name": "host", "hostPath": {"path": "/"}}), "volume host: hostPath"),
-        (_set("volumes.0", {"name": "nfs", "nfs": {"server": "x", "path": "/"}}),
-         "volume nfs: ['nfs']"),
-        (_set("securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
-         "sysctl kernel.msgmax"),
+        (
+            _set("volumes.0", {"name": "nfs", "nfs": {"server": "x", "path": "/"}}),
+            "volume nfs: ['nfs']",
+        ),
+        (
+            _set("securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]),
+            "sysctl kernel.msgmax",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_check_catches_each_kind_of_violation(change, expected):
     pod = copy.deepcopy(_trainer_pod())
     change(pod)

@@ -24,8 +24,9 @@ def _trainer(rank: int = 0, **values) -> Telemetry:
 
 
 def test_status_fields_from_the_main_process_metrics():
-    trainer = _trainer(step=150, total_steps=600, epoch=3, loss=0.25, images_per_second=31.5,
-                       eta_seconds=5025.7)  # fmt: skip
+    trainer = _trainer(
+        step=150, total_steps=600, epoch=3, loss=0.25, images_per_second=31.5, eta_seconds=5025.7
+    )
     trainer.checkpoint_saved(100)
     trainer.samples_generated(150, 4)
     other = _trainer(rank=1, step=149, total_steps=600)  # another node's view
@@ -34,13 +35,24 @@ def test_status_fields_from_the_main_process_metrics():
     found = progress.read(text, NOW, "s3://runs/demo/")
 
     assert found == {
-        "progress": {"step": 150, "totalSteps": 600, "percent": 25.0, "epoch": 3, "loss": 0.25,
-                     "imagesPerSecond": 31.5, "etaSeconds": 5025, "eta": "1h23m",
-                     "lastSeenTime": "2026-11-26T12:00:00Z"},
-        "lastCheckpoint": {"step": 100, "uri": "s3://runs/demo/checkpoints/step-00000100",
-                           "time": "2026-11-26T12:00:00Z"},
+        "progress": {
+            "step": 150,
+            "totalSteps": 600,
+            "percent": 25.0,
+            "epoch": 3,
+            "loss": 0.25,
+            "imagesPerSecond": 31.5,
+            "etaSeconds": 5025,
+            "eta": "1h23m",
+            "lastSeenTime": "2026-11-26T12:00:00Z",
+        },
+        "lastCheckpoint": {
+            "step": 100,
+            "uri": "s3://runs/demo/checkpoints/step-00000100",
+            "time": "2026-11-26T12:00:00Z",
+        },
         "outputs": {"samples": ["s3://runs/demo/samples/step-00000150"]},
-    }  # fmt: skip
+    }
 
 
 def test_the_autoencoder_stages_checkpoints_are_in_its_folder():
@@ -57,8 +69,9 @@ def test_before_the_first_step_and_with_a_broken_loss():
 
     found = progress.read(
         generate_latest(_trainer(step=1, total_steps=2, loss=math.nan).registry).decode(),
-        NOW, "s3://b/",
-    )  # fmt: skip
+        NOW,
+        "s3://b/",
+    )
 
     assert "loss" not in found["progress"] and found["progress"]["percent"] == 50.0
     assert "lastCheckpoint" not in found and "outputs" not in found
@@ -75,11 +88,19 @@ def test_human_duration(seconds, text):
 def _pod(index: str, ip: str | None, port: int = 9400, phase: str = "Running") -> dict:
     return {
         "metadata": {"annotations": {progress.INDEX_ANNOTATION: index}},
-        "spec": {"containers": [{"name": "trainer", "ports": [
-            {"name": "rendezvous", "containerPort": 29500},
-            {"name": "metrics", "containerPort": port}]}]},
+        "spec": {
+            "containers": [
+                {
+                    "name": "trainer",
+                    "ports": [
+                        {"name": "rendezvous", "containerPort": 29500},
+                        {"name": "metrics", "containerPort": port},
+                    ],
+                }
+            ]
+        },
         "status": {"phase": phase, **({"podIP": ip} if ip else {})},
-    }  # fmt: skip
+    }
 
 
 def test_the_endpoint_is_the_running_index_0_pods():
@@ -95,8 +116,13 @@ async def _running_pod(k8s, port: int) -> None:
     pod = _pod("0", "127.0.0.1", port)
     pod["apiVersion"], pod["kind"] = "v1", "Pod"
     labels = {"difftrain.io/job-name": "demo", "difftrain.io/attempt": "1"}
-    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": "demo-a1", "controller": True,
-             "uid": _get(k8s, "batch/v1/jobs", "demo-a1")["metadata"]["uid"]}  # fmt: skip
+    owner = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": "demo-a1",
+        "controller": True,
+        "uid": _get(k8s, "batch/v1/jobs", "demo-a1")["metadata"]["uid"],
+    }
     pod["metadata"].update(name="demo-a1-0-x", namespace=NS, labels=labels, ownerReferences=[owner])
     await _send(k8s, "POST", f"/api/v1/namespaces/{NS}/pods", pod)
 

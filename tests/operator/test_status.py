@@ -26,13 +26,22 @@ def batch_job(*conditions: tuple[str, str], suspend=False, queue=None) -> dict:
     return {
         "metadata": {"labels": labels},
         "spec": {"suspend": suspend},
-        "status": {"conditions": [{"type": t, "status": "True", "reason": r}
-                                  for t, r in conditions]},
-    }  # fmt: skip
+        "status": {
+            "conditions": [{"type": t, "status": "True", "reason": r} for t, r in conditions]
+        },
+    }
 
 
-def pod(phase="Running", exit_code=None, reason=None, message=None, waiting=None,
-        unschedulable=False, disrupted=False, age=timedelta(minutes=1)) -> dict:  # fmt: skip
+def pod(
+    phase="Running",
+    exit_code=None,
+    reason=None,
+    message=None,
+    waiting=None,
+    unschedulable=False,
+    disrupted=False,
+    age=timedelta(minutes=1),
+) -> dict:
     container = {"name": "trainer", "image": "trainer:1", "state": {}}
     if exit_code is not None:
         terminated = {"exitCode": exit_code, "reason": reason or "Error"}
@@ -52,8 +61,9 @@ def pod(phase="Running", exit_code=None, reason=None, message=None, waiting=None
             }
         )
     if disrupted:  # evicted: the Job controller makes a new pod in its place
-        conditions.append({"type": "DisruptionTarget", "status": "True",
-                           "reason": "EvictionByEvictionAPI"})  # fmt: skip
+        conditions.append(
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+        )
     created = (NOW - age).isoformat().replace("+00:00", "Z")
     return {
         "metadata": {"creationTimestamp": created},
@@ -70,63 +80,165 @@ CASES = [
     # id, batch job, pods, restarts so far, expected (phase, reason, action)
     ("no-job-yet", None, [], 0, ("Pending", "Creating", "none")),
     ("pods-starting", batch_job(), [pod("Pending")], 0, ("Pending", "PodsStarting", "none")),
-    ("unschedulable", batch_job(), [pod("Pending", unschedulable=True)], 0,
-     ("Pending", "Unschedulable", "none")),
-    ("image-pull-young", batch_job(), [pod("Pending", waiting="ErrImagePull")], 0,
-     ("Pending", "ErrImagePull", "none")),
-    ("image-pull-past-grace", batch_job(),
-     [pod("Pending", waiting="ImagePullBackOff", age=timedelta(minutes=10))], 0,
-     ("Failed", "ImagePullBackOff", "none")),
-    ("missing-secret", batch_job(), [pod("Pending", waiting="CreateContainerConfigError")], 0,
-     ("Pending", "CreateContainerConfigError", "none")),
-    ("missing-secret-past-grace", batch_job(),
-     [pod("Pending", waiting="CreateContainerConfigError", age=timedelta(minutes=10))], 0,
-     ("Failed", "CreateContainerConfigError", "none")),
+    (
+        "unschedulable",
+        batch_job(),
+        [pod("Pending", unschedulable=True)],
+        0,
+        ("Pending", "Unschedulable", "none"),
+    ),
+    (
+        "image-pull-young",
+        batch_job(),
+        [pod("Pending", waiting="ErrImagePull")],
+        0,
+        ("Pending", "ErrImagePull", "none"),
+    ),
+    (
+        "image-pull-past-grace",
+        batch_job(),
+        [pod("Pending", waiting="ImagePullBackOff", age=timedelta(minutes=10))],
+        0,
+        ("Failed", "ImagePullBackOff", "none"),
+    ),
+    (
+        "missing-secret",
+        batch_job(),
+        [pod("Pending", waiting="CreateContainerConfigError")],
+        0,
+        ("Pending", "CreateContainerConfigError", "none"),
+    ),
+    (
+        "missing-secret-past-grace",
+        batch_job(),
+        [pod("Pending", waiting="CreateContainerConfigError", age=timedelta(minutes=10))],
+        0,
+        ("Failed", "CreateContainerConfigError", "none"),
+    ),
     ("running", batch_job(), [pod(), pod()], 0, ("Running", "Training", "none")),
-    ("disrupted-pod-replaced", batch_job(), [pod("Failed", 143, disrupted=True), pod()], 0,
-     ("Running", "Training", "none")),
-    ("partly-running", batch_job(), [pod(), pod("Pending")], 0,
-     ("Pending", "PodsStarting", "none")),
-    ("succeeded", batch_job(("Complete", "Completed")), [pod("Succeeded")], 0,
-     ("Succeeded", "Completed", "none")),
-    ("dataset-error", batch_job(("Failed", "PodFailurePolicy")),
-     [pod("Failed", 3, message=trainer_says("DatasetError", "the dataset has no images"))], 0,
-     ("Failed", "DatasetError", "none")),
-    ("dataset-error-behind-exit-1", batch_job(FAILED),
-     [pod("Failed", 1, message=trainer_says("DatasetError", "no images"))], 0,
-     ("Failed", "DatasetError", "none")),
-    ("invalid-spec-without-message", batch_job(("Failed", "PodFailurePolicy")),
-     [pod("Failed", 2)], 0, ("Failed", "InvalidSpec", "none")),
-    ("storage-denied", batch_job(("FailureTarget", "PodFailurePolicy")),
-     [pod("Failed", 4, message=trainer_says("StorageAccessDenied", "list s3://b/: denied"))], 0,
-     ("Failed", "StorageAccessDenied", "none")),
-    ("oom-restarts", batch_job(FAILED), [pod("Failed", 137, reason="OOMKilled")], 0,
-     ("Restarting", "OOMKilled", "restart")),
-    ("crash-restarts", batch_job(FAILED), [pod("Failed", 1, message="Traceback ...")], 2,
-     ("Restarting", "Error", "restart")),
-    ("crash-after-max-restarts", batch_job(FAILED), [pod("Failed", 137)], 3,
-     ("Failed", "MaxRestartsExceeded", "none")),
+    (
+        "disrupted-pod-replaced",
+        batch_job(),
+        [pod("Failed", 143, disrupted=True), pod()],
+        0,
+        ("Running", "Training", "none"),
+    ),
+    (
+        "partly-running",
+        batch_job(),
+        [pod(), pod("Pending")],
+        0,
+        ("Pending", "PodsStarting", "none"),
+    ),
+    (
+        "succeeded",
+        batch_job(("Complete", "Completed")),
+        [pod("Succeeded")],
+        0,
+        ("Succeeded", "Completed", "none"),
+    ),
+    (
+        "dataset-error",
+        batch_job(("Failed", "PodFailurePolicy")),
+        [pod("Failed", 3, message=trainer_says("DatasetError", "the dataset has no images"))],
+        0,
+        ("Failed", "DatasetError", "none"),
+    ),
+    (
+        "dataset-error-behind-exit-1",
+        batch_job(FAILED),
+        [pod("Failed", 1, message=trainer_says("DatasetError", "no images"))],
+        0,
+        ("Failed", "DatasetError", "none"),
+    ),
+    (
+        "invalid-spec-without-message",
+        batch_job(("Failed", "PodFailurePolicy")),
+        [pod("Failed", 2)],
+        0,
+        ("Failed", "InvalidSpec", "none"),
+    ),
+    (
+        "storage-denied",
+        batch_job(("FailureTarget", "PodFailurePolicy")),
+        [pod("Failed", 4, message=trainer_says("StorageAccessDenied", "list s3://b/: denied"))],
+        0,
+        ("Failed", "StorageAccessDenied", "none"),
+    ),
+    (
+        "oom-restarts",
+        batch_job(FAILED),
+        [pod("Failed", 137, reason="OOMKilled")],
+        0,
+        ("Restarting", "OOMKilled", "restart"),
+    ),
+    (
+        "crash-restarts",
+        batch_job(FAILED),
+        [pod("Failed", 1, message="Traceback ...")],
+        2,
+        ("Restarting", "Error", "restart"),
+    ),
+    (
+        "crash-after-max-restarts",
+        batch_job(FAILED),
+        [pod("Failed", 137)],
+        3,
+        ("Failed", "MaxRestartsExceeded", "none"),
+    ),
     # A preemption: one pod disrupted, the other checkpointed on SIGTERM (143). It is not
     # a failure: a job with no restarts left goes on.
-    ("preempted", batch_job(FAILED), [pod("Failed", 143, disrupted=True), pod("Failed", 143)],
-     3, ("Restarting", "Preempted", "preempted")),
-    ("preempted-with-a-replacement-pod", batch_job(FAILED),
-     [pod("Failed", 143, disrupted=True), pod("Failed", 143), pod("Pending")], 3,
-     ("Restarting", "Preempted", "preempted")),
-    ("disrupted-but-a-peer-crashed", batch_job(FAILED),
-     [pod("Failed", 143, disrupted=True), pod("Failed", 1)], 0,
-     ("Restarting", "Error", "restart")),
-    ("disrupted-but-a-peer-failed-for-good", batch_job(FAILED),
-     [pod("Failed", 143, disrupted=True), pod("Failed", 3)], 0,
-     ("Failed", "DatasetError", "none")),
-    ("exit-143-without-a-disruption", batch_job(FAILED), [pod("Failed", 143)], 3,
-     ("Failed", "MaxRestartsExceeded", "none")),
-    ("deadline", batch_job(("Failed", "DeadlineExceeded")), [pod("Failed", 143)], 0,
-     ("Failed", "DeadlineExceeded", "none")),
+    (
+        "preempted",
+        batch_job(FAILED),
+        [pod("Failed", 143, disrupted=True), pod("Failed", 143)],
+        3,
+        ("Restarting", "Preempted", "preempted"),
+    ),
+    (
+        "preempted-with-a-replacement-pod",
+        batch_job(FAILED),
+        [pod("Failed", 143, disrupted=True), pod("Failed", 143), pod("Pending")],
+        3,
+        ("Restarting", "Preempted", "preempted"),
+    ),
+    (
+        "disrupted-but-a-peer-crashed",
+        batch_job(FAILED),
+        [pod("Failed", 143, disrupted=True), pod("Failed", 1)],
+        0,
+        ("Restarting", "Error", "restart"),
+    ),
+    (
+        "disrupted-but-a-peer-failed-for-good",
+        batch_job(FAILED),
+        [pod("Failed", 143, disrupted=True), pod("Failed", 3)],
+        0,
+        ("Failed", "DatasetError", "none"),
+    ),
+    (
+        "exit-143-without-a-disruption",
+        batch_job(FAILED),
+        [pod("Failed", 143)],
+        3,
+        ("Failed", "MaxRestartsExceeded", "none"),
+    ),
+    (
+        "deadline",
+        batch_job(("Failed", "DeadlineExceeded")),
+        [pod("Failed", 143)],
+        0,
+        ("Failed", "DeadlineExceeded", "none"),
+    ),
     ("suspended", batch_job(suspend=True), [], 0, ("Suspended", "Suspended", "none")),
-    ("queued-in-kueue", batch_job(suspend=True, queue="team-a"), [], 0,
-     ("Pending", "WaitingForAdmission", "none")),
-]  # fmt: skip
+    (
+        "queued-in-kueue",
+        batch_job(suspend=True, queue="team-a"),
+        [],
+        0,
+        ("Pending", "WaitingForAdmission", "none"),
+    ),
+]
 
 
 @pytest.mark.parametrize(
@@ -151,9 +263,11 @@ def _reason(status: dict) -> str:
 
 
 def test_messages_carry_the_trainers_words():
-    seen = observe(batch_job(("Failed", "PodFailurePolicy")),
-                   [pod("Failed", 3, message=trainer_says("DatasetError", "no images in s3://b/"))],
-                   NOW)  # fmt: skip
+    seen = observe(
+        batch_job(("Failed", "PodFailurePolicy")),
+        [pod("Failed", 3, message=trainer_says("DatasetError", "no images in s3://b/"))],
+        NOW,
+    )
     status, _ = next_status(load_job(job()), {}, seen, NOW)
 
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -172,8 +286,9 @@ def test_max_restarts_message_names_the_last_failure():
 def test_whole_status_of_a_running_job():
     spec = load_job(job({"metadata": {"generation": 4}}))
 
-    status, _ = next_status(spec, {"attempt": 1, "restarts": 0},
-                            observe(batch_job(), [pod()], NOW), NOW)  # fmt: skip
+    status, _ = next_status(
+        spec, {"attempt": 1, "restarts": 0}, observe(batch_job(), [pod()], NOW), NOW
+    )
 
     stamp = "2026-11-26T12:00:00Z"
     assert status == {
@@ -183,13 +298,24 @@ def test_whole_status_of_a_running_job():
         "observedGeneration": 4,
         "startTime": stamp,
         "conditions": [
-            {"type": "Created", "status": "True", "reason": "JobCreated",
-             "message": "the attempt's Job exists", "lastTransitionTime": stamp,
-             "observedGeneration": 4},
-            {"type": "Running", "status": "True", "reason": "Training",
-             "message": "1 pods running", "lastTransitionTime": stamp, "observedGeneration": 4},
+            {
+                "type": "Created",
+                "status": "True",
+                "reason": "JobCreated",
+                "message": "the attempt's Job exists",
+                "lastTransitionTime": stamp,
+                "observedGeneration": 4,
+            },
+            {
+                "type": "Running",
+                "status": "True",
+                "reason": "Training",
+                "message": "1 pods running",
+                "lastTransitionTime": stamp,
+                "observedGeneration": 4,
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 def test_transition_time_changes_only_with_status():
@@ -208,8 +334,12 @@ def test_conditions_that_stop_being_true_are_cleared():
     spec = load_job(job())
     running, _ = next_status(spec, {}, observe(batch_job(), [pod()], NOW), NOW)
 
-    done, _ = next_status(spec, running, observe(batch_job(("Complete", "Completed")), [], NOW),
-                          NOW + timedelta(hours=1))  # fmt: skip
+    done, _ = next_status(
+        spec,
+        running,
+        observe(batch_job(("Complete", "Completed")), [], NOW),
+        NOW + timedelta(hours=1),
+    )
 
     by_type = {c["type"]: c["status"] for c in done["conditions"]}
     assert by_type == {"Created": "True", "Running": "False", "Succeeded": "True"}
@@ -219,12 +349,17 @@ def test_conditions_that_stop_being_true_are_cleared():
 
 @pytest.mark.parametrize(
     ("ttl", "phase", "finished", "expired"),
-    [(None, "Succeeded", EARLIER, False), (3600, "Succeeded", EARLIER, True),
-     (3601, "Failed", EARLIER, False), (0, "Running", EARLIER, False)],
-)  # fmt: skip
+    [
+        (None, "Succeeded", EARLIER, False),
+        (3600, "Succeeded", EARLIER, True),
+        (3601, "Failed", EARLIER, False),
+        (0, "Running", EARLIER, False),
+    ],
+)
 def test_ttl_after_finished(ttl, phase, finished, expired):
-    spec = load_job(job(spec={"runPolicy": {"ttlSecondsAfterFinished": ttl}} if ttl is not None
-                        else {}))  # fmt: skip
+    spec = load_job(
+        job(spec={"runPolicy": {"ttlSecondsAfterFinished": ttl}} if ttl is not None else {})
+    )
 
     assert ttl_expired(spec, {"phase": phase, "completionTime": finished}, NOW) is expired
 
@@ -268,8 +403,9 @@ def test_an_event_for_each_condition_that_becomes_true():
     # The first reconcile can find the pods already running when it creates the Job.
     running, _ = next_status(spec, {}, observe(batch_job(), [pod()], NOW), NOW)
     again, _ = next_status(spec, running, observe(batch_job(), [pod()], NOW), NOW)
-    done, _ = next_status(spec, running, observe(batch_job(("Complete", "Completed")), [], NOW),
-                          NOW)  # fmt: skip
+    done, _ = next_status(
+        spec, running, observe(batch_job(("Complete", "Completed")), [], NOW), NOW
+    )
 
     assert events({}, running) == [
         ("Normal", "JobCreated", "the attempt's Job exists"),
@@ -305,8 +441,10 @@ def test_a_shorter_grace_fails_a_missing_secret_sooner():
 
     assert (default.state, default.permanent) == ("pending", False)
     assert (short.state, short.permanent, short.message) == (
-        "failed", True, "not found (for over 10 s)",
-    )  # fmt: skip
+        "failed",
+        True,
+        "not found (for over 10 s)",
+    )
 
 
 def test_a_preemption_is_counted_apart_and_says_which_pod():
@@ -343,16 +481,26 @@ def test_the_last_attempt_number_ends_the_job():
     ("conditions", "expected"),
     [
         ([("Created", "True", "JobCreated"), ("Running", "True", "Training")], "Training"),
-        ([("Created", "True", "JobCreated"), ("Running", "False", "CreateContainerConfigError")],
-         "CreateContainerConfigError"),
+        (
+            [("Created", "True", "JobCreated"), ("Running", "False", "CreateContainerConfigError")],
+            "CreateContainerConfigError",
+        ),
         ([("Created", "False", "CreateRefused")], "CreateRefused"),
         ([("Created", "False", "Creating")], "Creating"),
-        ([("Created", "True", "JobCreated"), ("Running", "False", "Training"),
-          ("Failed", "True", "MaxRestartsExceeded")], "MaxRestartsExceeded"),
-        ([("Created", "True", "JobCreated"), ("Suspended", "True", "WaitingForAdmission")],
-         "WaitingForAdmission"),
+        (
+            [
+                ("Created", "True", "JobCreated"),
+                ("Running", "False", "Training"),
+                ("Failed", "True", "MaxRestartsExceeded"),
+            ],
+            "MaxRestartsExceeded",
+        ),
+        (
+            [("Created", "True", "JobCreated"), ("Suspended", "True", "WaitingForAdmission")],
+            "WaitingForAdmission",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_summary_reason_is_the_telling_conditions(conditions, expected):
     status = {"conditions": [{"type": t, "status": v, "reason": r} for t, v, r in conditions]}
 
@@ -360,13 +508,23 @@ def test_the_summary_reason_is_the_telling_conditions(conditions, expected):
 
 
 def test_an_event_when_the_cluster_refuses_or_a_secret_is_missing():
-    refused = {"conditions": [{"type": "Created", "status": "False", "reason": "CreateRefused",
-                               "message": "forbidden"}]}  # fmt: skip
+    refused = {
+        "conditions": [
+            {
+                "type": "Created",
+                "status": "False",
+                "reason": "CreateRefused",
+                "message": "forbidden",
+            }
+        ]
+    }
     spec = load_job(job())
     waiting, _ = next_status(
-        spec, {}, observe(batch_job(), [pod("Pending", waiting="CreateContainerConfigError")],
-                          NOW), NOW,
-    )  # fmt: skip
+        spec,
+        {},
+        observe(batch_job(), [pod("Pending", waiting="CreateContainerConfigError")], NOW),
+        NOW,
+    )
 
     assert events({}, refused) == [("Warning", "CreateRefused", "forbidden")]
     assert events(refused, refused) == []

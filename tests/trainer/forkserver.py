@@ -65,10 +65,15 @@ def _child(request: dict, output: int) -> None:
         os.chdir(request["cwd"])
         # Unbuffered, as PYTHONUNBUFFERED makes a fresh interpreter's streams.
         sys.stdout, sys.stderr = (
-            io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8",
-                             errors="backslashreplace", line_buffering=True, write_through=True)
+            io.TextIOWrapper(
+                io.FileIO(fd, "w", closefd=False),
+                encoding="utf-8",
+                errors="backslashreplace",
+                line_buffering=True,
+                write_through=True,
+            )
             for fd in (1, 2)
-        )  # fmt: skip
+        )
         import torch
 
         # Intra-op threads are fixed when torch loads: follow this run's OMP_NUM_THREADS.
@@ -171,9 +176,11 @@ def _socket_path() -> str:
             path.unlink(missing_ok=True)
             process = subprocess.Popen(
                 [sys.executable, "-m", "tests.trainer.forkserver", str(path)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
                 cwd=Path(__file__).resolve().parents[2],
-            )  # fmt: skip
+            )
             if process.stdout.readline().strip() != "ready":
                 raise RuntimeError("the trainer fork server did not start")
             _server.update(path=str(path), process=process, env=dict(os.environ))
@@ -203,8 +210,9 @@ class Forked:
         self._control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._control.connect(_socket_path())
         message = (json.dumps({"env": env, "cwd": os.getcwd()}) + "\n").encode()
-        self._control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                           array.array("i", [write]))])  # fmt: skip
+        self._control.sendmsg(
+            [message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [write]))]
+        )
         os.close(write)
         self.stdout = open(read, encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
         self._buffer = b""
@@ -281,18 +289,24 @@ def _imports_differently(env: dict) -> bool:
     server = _server.get("env", os.environ)
     names = {*env, *server}
     return any(
-        name.startswith(_READ_AT_IMPORT) and name not in _APPLIED_BY_THE_CHILD
+        name.startswith(_READ_AT_IMPORT)
+        and name not in _APPLIED_BY_THE_CHILD
         and env.get(name) != server.get(name)
         for name in names
-    )  # fmt: skip
+    )
 
 
 def start(env: dict) -> "Forked | subprocess.Popen":
     """``python -m difftrain.trainer`` with ``env``: forked, or fresh when asked or when
     ``env`` changes what the libraries read at import."""
     if os.environ.get("DIFFTRAIN_TEST_FRESH_TRAINERS") == "1" or _imports_differently(env):
-        return subprocess.Popen([sys.executable, "-m", MODULE], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", MODULE],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     return Forked(env)
 
 

@@ -99,12 +99,20 @@ def start_nodes(
     for rank, metrics_port in enumerate(metrics_ports):
         work = folder / f"node{rank}"  # each node (pod) has its own disks
         command = [
-            sys.executable, "-m", "difftrain.launch",  # the pods' entry point (torchrun)
-            f"--nnodes={len(metrics_ports)}", "--nproc_per_node=1", f"--node_rank={rank}",
-            "--master_addr=127.0.0.1", f"--master_port={port}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "difftrain.launch",  # the pods' entry point (torchrun)
+            f"--nnodes={len(metrics_ports)}",
+            "--nproc_per_node=1",
+            f"--node_rank={rank}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+        ]
         own = {"DIFFTRAIN_METRICS_PORT": str(metrics_port), **(extra or {})}
         env = trainer_env(config, work, work / "cache", own)
-        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        nodes.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     return nodes

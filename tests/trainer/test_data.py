@@ -42,8 +42,11 @@ def test_sidecar_captions_and_every_format(tmp_path):
     examples = data.find_examples(tmp_path)
 
     assert [(e.image.name, e.caption) for e in examples] == [
-        ("a.JPG", "a.JPG"), ("b.jpeg", "b.jpeg"), ("c.png", "c.png"), ("d.webp", "d.webp")
-    ]  # fmt: skip
+        ("a.JPG", "a.JPG"),
+        ("b.jpeg", "b.jpeg"),
+        ("c.png", "c.png"),
+        ("d.webp", "d.webp"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -317,8 +320,11 @@ def test_an_extreme_aspect_ratio_needs_memory_for_the_target_size_only(tmp_path,
 
     result = subprocess.run(
         [sys.executable, "-c", _PEAK_MEMORY, str(small), str(thin), crop],
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
 
     growth_mib, *shape = (int(word) for word in result.stdout.split())
     assert shape == [3, 512, 512]
@@ -326,8 +332,9 @@ def test_an_extreme_aspect_ratio_needs_memory_for_the_target_size_only(tmp_path,
 
 
 def test_prefetched_batches_equal_batches_made_one_at_a_time(tmp_path):
-    examples = [data.Example(_image(tmp_path / f"{i}.png", colour=(i * 20, 0, 0)), str(i))
-                for i in range(8)]  # fmt: skip
+    examples = [
+        data.Example(_image(tmp_path / f"{i}.png", colour=(i * 20, 0, 0)), str(i)) for i in range(8)
+    ]
     transform = data.Transform(center_crop=False, random_flip=True, caption_dropout=0.3)
     dataset = data.TrainingSet(examples, transform)
     batches = data.Batches(_square(8), repeats=3, batch_size=2, world_size=1, rank=0, seed=5)

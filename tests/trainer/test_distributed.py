@@ -39,10 +39,15 @@ def test_two_nodes_train_in_sync_and_write_outputs_once(tmp_path, shapes_folder,
     prints = [re.findall(r"step 4: weights fingerprint (\S+)", log) for log in logs]
     assert len(prints[0]) == 1 and prints[0] == prints[1], prints
     assert sorted(p.name for p in (output / "checkpoints" / "step-00000004").iterdir()) == [
-        "COMPLETE", "optimizer.pt", "position.json", "rng-0.pt", "rng-1.pt", "run.json",
+        "COMPLETE",
+        "optimizer.pt",
+        "position.json",
+        "rng-0.pt",
+        "rng-1.pt",
+        "run.json",
         "scheduler.pt",
         "trainable.safetensors",
-    ]  # fmt: skip
+    ]
     assert ["model exported" in log for log in logs] == [True, False]
     assert ranks == {0: {"0"}, 1: {"1"}}  # each node's endpoint, with its global rank
     assert not (tmp_path / "node1" / "scratch-rank1" / "model").exists()

@@ -67,9 +67,14 @@ def test_class_images_are_made_once_and_reused_after_a_restart(
     assert "class images: 6 of 6 to make" in log, log
     images = output / "class-images"
     assert sorted(p.name for p in images.iterdir()) == [
-        "00000.png", "00001.png", "00002.png", "00003.png", "00004.png", "00005.png",
+        "00000.png",
+        "00001.png",
+        "00002.png",
+        "00003.png",
+        "00004.png",
+        "00005.png",
         "difftrain.json",
-    ]  # fmt: skip
+    ]
     record = json.loads((images / "difftrain.json").read_text())
     assert (record["classPrompt"], record["count"], record["seed"]) == ("a photo of a shape", 6, 11)
     # Mark one image (a remade one would lose the mark) and lose another.
@@ -97,9 +102,13 @@ def test_class_images_are_made_once_and_reused_after_a_restart(
 
 def _sample(pipeline) -> torch.Tensor:
     images = pipeline(
-        "a photo of sks shape", num_inference_steps=2, height=32, width=32,
-        generator=torch.Generator().manual_seed(0), output_type="pt",
-    ).images  # fmt: skip
+        "a photo of sks shape",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
     return images[0]
 
 
@@ -130,9 +139,15 @@ def test_the_prior_term_changes_training(tmp_path, trainer_cache, instance_folde
         Image.new("RGB", (32, 32)).save(black / f"{index}.png")
 
     (weighted, ignored, other), log = _final_loras(
-        tmp_path, trainer_cache, instance_folder,
-        [settings, {**settings, "priorLossWeight": 0}, {**settings, "classData": f"file://{black}"}],
-    )  # fmt: skip
+        tmp_path,
+        trainer_cache,
+        instance_folder,
+        [
+            settings,
+            {**settings, "priorLossWeight": 0},
+            {**settings, "classData": f"file://{black}"},
+        ],
+    )
 
     assert "class images:" not in log  # given, not made
     assert weighted.keys() == ignored.keys() == other.keys()
@@ -176,9 +191,14 @@ def test_two_processes_share_the_class_images(tmp_path, trainer_cache, instance_
     config = runner.write_config(tmp_path, spec)
     port = free_port()
     command = [
-        sys.executable, "-m", "difftrain.launch", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={port}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "difftrain.launch",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+    ]
     env = runner.trainer_env(config, tmp_path, trainer_cache, ONE_THREAD)
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -245,8 +265,9 @@ def test_without_an_instance_prompt_the_trainer_exits_2(tmp_path, trainer_cache,
 
 def test_each_instance_batch_is_followed_by_a_class_batch_of_its_size():
     def batches(count, seed):
-        return data.Batches(((16, 8),) * count, repeats=1, batch_size=2, world_size=1, rank=0,
-                            seed=seed)  # fmt: skip
+        return data.Batches(
+            ((16, 8),) * count, repeats=1, batch_size=2, world_size=1, rank=0, seed=seed
+        )
 
     paired = WithPrior(batches(4, 1), batches(6, 2), offset=4)
     epochs = [list(paired.epoch(e)) for e in range(3)]  # 2 instance batches, 3 class batches

@@ -25,20 +25,36 @@ def _found(holder: Holder, seconds_ago: float) -> dict:
     ("found", "verdict"),
     [
         pytest.param(_found(ME, 5), "take", id="this-attempt-restarted"),
-        pytest.param(_found(Holder("team", "sdxl-lora", "uid-1", 1, "pod-b"), 5), "take",
-                     id="earlier-attempt-of-this-job"),
-        pytest.param(_found(Holder("team", "sdxl-lora", "uid-1", 3, "pod-b"), 5), "refuse",
-                     id="later-attempt-of-this-job"),
-        pytest.param(_found(Holder("team", "other", "uid-9", 1, "pod-c"), 5), "refuse",
-                     id="another-live-job"),
-        pytest.param(_found(Holder("team", "other", "uid-9", 1, "pod-c"), 601), "take",
-                     id="another-job-gone-silent"),
-        pytest.param(_found(Holder("team", "sdxl-lora", "uid-0", 1, "pod-c"), 5), "wait",
-                     id="re-created-job-predecessor-stopping"),
-        pytest.param(_found(Holder("team", "sdxl-lora", "uid-0", 1, "pod-c"), 601), "take",
-                     id="re-created-job-predecessor-gone"),
+        pytest.param(
+            _found(Holder("team", "sdxl-lora", "uid-1", 1, "pod-b"), 5),
+            "take",
+            id="earlier-attempt-of-this-job",
+        ),
+        pytest.param(
+            _found(Holder("team", "sdxl-lora", "uid-1", 3, "pod-b"), 5),
+            "refuse",
+            id="later-attempt-of-this-job",
+        ),
+        pytest.param(
+            _found(Holder("team", "other", "uid-9", 1, "pod-c"), 5), "refuse", id="another-live-job"
+        ),
+        pytest.param(
+            _found(Holder("team", "other", "uid-9", 1, "pod-c"), 601),
+            "take",
+            id="another-job-gone-silent",
+        ),
+        pytest.param(
+            _found(Holder("team", "sdxl-lora", "uid-0", 1, "pod-c"), 5),
+            "wait",
+            id="re-created-job-predecessor-stopping",
+        ),
+        pytest.param(
+            _found(Holder("team", "sdxl-lora", "uid-0", 1, "pod-c"), 601),
+            "take",
+            id="re-created-job-predecessor-gone",
+        ),
     ],
-)  # fmt: skip
+)
 def test_who_may_take_an_owner_record(found, verdict):
     assert ownership.judge(found, ME, NOW) == verdict
 
@@ -113,8 +129,11 @@ def test_an_unreadable_owner_record_is_replaced(store):
 
 def test_two_trainers_on_one_output(tmp_path, shapes_folder, trainer_cache):
     output = tmp_path / "shared-out"
-    spec = {"dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
-            "training": {"steps": 100000}}  # fmt: skip
+    spec = {
+        "dataset": {"uri": f"file://{shapes_folder}"},
+        "output": {"uri": f"file://{output}"},
+        "training": {"steps": 100000},
+    }
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first = runner.write_config(tmp_path / "a", spec, name="first")

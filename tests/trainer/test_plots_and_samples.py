@@ -35,7 +35,7 @@ def test_loss_curve_draws_the_falling_loss():
     left = [
         y for y in range(plots.HEIGHT) if image.getpixel((plots.MARGIN_LEFT + 2, y)) != (255,) * 3
     ]
-    assert min(left) < plots.HEIGHT // 3  # fmt: skip
+    assert min(left) < plots.HEIGHT // 3
 
 
 def test_loss_curve_without_steps_says_so():
@@ -53,7 +53,7 @@ def test_write_loss_curve_reads_metrics_jsonl(tmp_path):
 
     path = plots.write_loss_curve(metrics, tmp_path / "loss.png", "job")
 
-    assert Image.open(path).size == (plots.WIDTH, plots.HEIGHT)  # fmt: skip
+    assert Image.open(path).size == (plots.WIDTH, plots.HEIGHT)
 
 
 def test_samples_are_written_with_their_prompts_and_a_grid(tmp_path):

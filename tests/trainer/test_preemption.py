@@ -161,8 +161,10 @@ def test_sigterm_to_the_launchers_checkpoints_within_the_grace_period(
     assert watch.seen_at is not None, logs
     upload = slow_s3.delays.span()
     complete_after = watch.seen_at - stopped_at
-    print(f"\ncheckpoint upload {upload:.1f} s; COMPLETE {complete_after:.1f} s after SIGTERM; "
-          f"both nodes exited {exited_after:.1f} s after it")  # fmt: skip
+    print(
+        f"\ncheckpoint upload {upload:.1f} s; COMPLETE {complete_after:.1f} s after SIGTERM; "
+        f"both nodes exited {exited_after:.1f} s after it"
+    )
     assert upload > 30  # past torchrun's default, which would have killed the workers
     step = _position(client, bucket, watch.key)
     assert step >= 3
@@ -175,8 +177,9 @@ def test_sigterm_to_the_launchers_checkpoints_within_the_grace_period(
     _assert_equal(reference_weights, _weights(client, bucket, f"run/{LAST}/trainable.safetensors"))
 
     # The same output with one node: its data order and random states are per process.
-    one_node = runner.write_config(tmp_path / "node0", merge(spec, {"resources": {"nodes": 1}}),
-                                   name="preempted")  # fmt: skip
+    one_node = runner.write_config(
+        tmp_path / "node0", merge(spec, {"resources": {"nodes": 1}}), name="preempted"
+    )
     code, log = runner.run(one_node, tmp_path / "node0", tmp_path / "node0" / "cache")
 
     assert code == 2, log
@@ -187,17 +190,32 @@ def test_ctrl_c_in_difftrain_run_checkpoints_every_node(
     tmp_path, shapes_folder, s3_env, slow_s3, bucket, reference_weights
 ):
     client = s3_env.client()
-    manifest = job({"metadata": {"name": "interrupted"}}, spec=merge(runner.FAST_SPEC,
-                   _spec(shapes_folder, f"s3://{bucket}/run", slow_s3.endpoint)))  # fmt: skip
+    manifest = job(
+        {"metadata": {"name": "interrupted"}},
+        spec=merge(runner.FAST_SPEC, _spec(shapes_folder, f"s3://{bucket}/run", slow_s3.endpoint)),
+    )
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(manifest))
-    command = [sys.executable, "-m", "difftrain.cli", "run", str(path),
-               "--workdir", str(tmp_path / "work")]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "difftrain.cli",
+        "run",
+        str(path),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
     env = {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"}
     slow_s3.hold(HELD, 5)  # the test above shows the long wait; this one, who gets the signal
     # Its own process group, as a terminal gives a foreground job: Ctrl-C goes to all of it.
-    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True, start_new_session=True)  # fmt: skip
+    run = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     output = Output(run)
     output.wait_for(STOP_AT)
     watch = Watch(client, bucket, "run/checkpoints/")
@@ -230,10 +248,17 @@ def test_ctrl_c_in_difftrain_run_checkpoints_every_node(
 def test_a_long_upload_by_the_main_process_outlasts_the_collective_timeout(
     tmp_path, shapes_folder, s3_env, slow_s3, bucket
 ):
-    spec = _spec(shapes_folder, f"s3://{bucket}/run", slow_s3.endpoint, **{
-        "training": {"steps": 4}, "checkpoints": {"everySteps": 2},
-        "validation": {"prompts": ["a red circle"], "everySteps": 2, "inferenceSteps": 2},
-        "runPolicy": {"collectiveTimeoutSeconds": 5}})  # fmt: skip
+    spec = _spec(
+        shapes_folder,
+        f"s3://{bucket}/run",
+        slow_s3.endpoint,
+        **{
+            "training": {"steps": 4},
+            "checkpoints": {"everySteps": 2},
+            "validation": {"prompts": ["a red circle"], "everySteps": 2, "inferenceSteps": 2},
+            "runPolicy": {"collectiveTimeoutSeconds": 5},
+        },
+    )
     config = runner.write_config(tmp_path, spec)
     slow_s3.hold(HELD, 8)
 
@@ -251,11 +276,20 @@ def test_sigterm_while_sampling_cuts_the_samples_short_not_the_checkpoint(
 ):
     output = tmp_path / "out"
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-    config = runner.write_config(tmp_path, {
-        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
-        "training": {"steps": 6},
-        "validation": {"prompts": prompts, "imagesPerPrompt": 16, "everySteps": 2,
-                       "inferenceSteps": 40}})  # fmt: skip
+    config = runner.write_config(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{output}"},
+            "training": {"steps": 6},
+            "validation": {
+                "prompts": prompts,
+                "imagesPerPrompt": 16,
+                "everySteps": 2,
+                "inferenceSteps": 40,
+            },
+        },
+    )
     process = runner.start(config, tmp_path, trainer_cache)
     output_lines = Output(process)
     output_lines.wait_for("step 2/6 ")  # samples are being taken now

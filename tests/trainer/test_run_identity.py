@@ -11,8 +11,10 @@ from difftrain.trainer import identity
 from tests.trainer import runner
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-SPEC = {"training": {"steps": 4, "learningRate": 1e-3},
-        "checkpoints": {"everySteps": 2, "keepLast": 3}}  # fmt: skip
+SPEC = {
+    "training": {"steps": 4, "learningRate": 1e-3},
+    "checkpoints": {"everySteps": 2, "keepLast": 3},
+}
 
 
 def _config(folder, shapes_folder, output, patch=None, name="run", uid="uid-a"):
@@ -46,14 +48,24 @@ def test_resume_follows_the_run_of_the_spec(tmp_path, shapes_folder, trainer_cac
     patches = {
         "changed": ({"training": {"learningRate": 5e-4}}, "tuned", "uid-b"),
         "recreated": ({}, "run", "uid-c"),  # the same manifest applied again: a new uid
-        "fresh": ({"training": {"steps": 3}, "checkpoints": {"everySteps": 1, "keepLast": 2,
-                                                            "resume": "never"}}, "run", "uid-d"),
-    }  # fmt: skip
+        "fresh": (
+            {
+                "training": {"steps": 3},
+                "checkpoints": {"everySteps": 1, "keepLast": 2, "resume": "never"},
+            },
+            "run",
+            "uid-d",
+        ),
+    }
     runs = [
-        (_config(tmp_path / name, shapes_folder, outputs[name], *patch), tmp_path / name,
-         trainer_cache, ONE_THREAD)
+        (
+            _config(tmp_path / name, shapes_folder, outputs[name], *patch),
+            tmp_path / name,
+            trainer_cache,
+            ONE_THREAD,
+        )
         for name, patch in patches.items()
-    ]  # fmt: skip
+    ]
 
     (changed, changed_log), (recreated, recreated_log), (fresh, fresh_log) = runner.run_together(
         runs
@@ -84,24 +96,30 @@ def test_resume_follows_the_run_of_the_spec(tmp_path, shapes_folder, trainer_cac
     assert "resumed from checkpoint step 3" in log
 
 
-SPEC_A = {"model": {"base": "preset:tiny-sd"}, "training": {"learningRate": 0.001},
-          "processes": 2}  # fmt: skip
+SPEC_A = {"model": {"base": "preset:tiny-sd"}, "training": {"learningRate": 0.001}, "processes": 2}
 
 
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
         pytest.param(SPEC_A, SPEC_A, [], id="same"),
-        pytest.param(SPEC_A, {**SPEC_A, "training": {"learningRate": 0.002, "steps": 9}},
-                     ["training.learningRate 0.001 → 0.002", "training.steps (default) → 9"],
-                     id="changed-and-added"),
-        pytest.param(SPEC_A, {**SPEC_A, "processes": 1},
-                     ["processes (spec.resources.nodes times gpusPerNode) 2 → 1"],
-                     id="world-size"),
-        pytest.param({**SPEC_A, "lora": {"rank": 8}}, SPEC_A, ["lora.rank 8 → (default)"],
-                     id="removed"),
+        pytest.param(
+            SPEC_A,
+            {**SPEC_A, "training": {"learningRate": 0.002, "steps": 9}},
+            ["training.learningRate 0.001 → 0.002", "training.steps (default) → 9"],
+            id="changed-and-added",
+        ),
+        pytest.param(
+            SPEC_A,
+            {**SPEC_A, "processes": 1},
+            ["processes (spec.resources.nodes times gpusPerNode) 2 → 1"],
+            id="world-size",
+        ),
+        pytest.param(
+            {**SPEC_A, "lora": {"rank": 8}}, SPEC_A, ["lora.rank 8 → (default)"], id="removed"
+        ),
     ],
-)  # fmt: skip
+)
 def test_differences_name_each_field(old, new, expected):
     assert identity.differences(old, new) == expected
 

@@ -20,16 +20,24 @@ def _files(folder):
 def test_scratch_keeps_no_uploaded_copies(tmp_path, shapes_folder, trainer_cache):
     output = tmp_path / "out"
     validation = {"prompts": ["a red circle"], "everySteps": 2, "inferenceSteps": 2}
-    config = runner.write_config(tmp_path, {
-        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
-        "training": {"steps": 5}, "checkpoints": {"everySteps": 1, "keepLast": 2},
-        "validation": validation})  # fmt: skip
+    config = runner.write_config(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{output}"},
+            "training": {"steps": 5},
+            "checkpoints": {"everySteps": 1, "keepLast": 2},
+            "validation": validation,
+        },
+    )
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
     assert [p.name for p in sorted((output / "checkpoints").iterdir())] == [
-        "step-00000004", "step-00000005"]  # fmt: skip
+        "step-00000004",
+        "step-00000005",
+    ]
     left = _files(tmp_path / "scratch")
     assert not [f for f in left if "/checkpoints/" in f or "/samples/" in f or "/model/" in f]
     assert "scratch-rank0/metrics.jsonl" in left  # the curve is rewritten whole each time
@@ -37,10 +45,16 @@ def test_scratch_keeps_no_uploaded_copies(tmp_path, shapes_folder, trainer_cache
 
 def test_a_scratch_limit_too_small_is_named_before_writing(tmp_path, shapes_folder, trainer_cache):
     output = tmp_path / "out"
-    config = runner.write_config(tmp_path, {
-        "dataset": {"uri": f"file://{shapes_folder}"}, "output": {"uri": f"file://{output}"},
-        "training": {"steps": 4}, "checkpoints": {"everySteps": 2},
-        "resources": {"scratchSize": "4Ki"}})  # fmt: skip
+    config = runner.write_config(
+        tmp_path,
+        {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{output}"},
+            "training": {"steps": 4},
+            "checkpoints": {"everySteps": 2},
+            "resources": {"scratchSize": "4Ki"},
+        },
+    )
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
@@ -60,8 +74,11 @@ def small_disk(tmp_path):
     """A real 256 KiB file system (tmpfs), for a disk that really fills up."""
     folder = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)  # fmt: skip
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield folder

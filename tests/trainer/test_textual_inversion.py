@@ -146,11 +146,15 @@ def test_sdxl_exports_both_text_encoders(tmp_path, trainer_cache, shapes_folder)
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.load_textual_inversion(
-        learned["clip_l"], token="<shape>", text_encoder=pipeline.text_encoder,
+        learned["clip_l"],
+        token="<shape>",
+        text_encoder=pipeline.text_encoder,
         tokenizer=pipeline.tokenizer,
-    )  # fmt: skip
+    )
     pipeline.load_textual_inversion(
-        learned["clip_g"], token="<shape>", text_encoder=pipeline.text_encoder_2,
+        learned["clip_g"],
+        token="<shape>",
+        text_encoder=pipeline.text_encoder_2,
         tokenizer=pipeline.tokenizer_2,
-    )  # fmt: skip
+    )
     assert _image(pipeline, "a <shape>").shape == (32, 32, 3)

@@ -95,8 +95,7 @@ def test_ema_weights_are_checkpointed_and_exported(tmp_path, trainer_cache, shap
     sample = np.asarray(Image.open(output / "samples" / "step-00000004" / "000-00.png"), int)
 
     def drawn():
-        [(_, _, image)] = generate(pipeline_for(model), ["a red circle"], size=32, seed=0,
-                                   steps=2)  # fmt: skip
+        [(_, _, image)] = generate(pipeline_for(model), ["a red circle"], size=32, seed=0, steps=2)
         return np.abs(np.asarray(image, dtype=int) - sample).max()
 
     averaged = drawn()

@@ -51,8 +51,9 @@ def test_lora_from_s3_exports_loadable_weights(tmp_path, trainer_cache, s3_job, 
     private = [s3_env.endpoint.split("://")[1], bucket, "team-s3-keys", "team-robot"]
     stored = output.keys()
     exported = [k for k in stored if not k.startswith("checkpoints/")]
-    found = {(k, word) for k in exported for word in private
-             if word.encode() in output.read_bytes(k)}  # fmt: skip
+    found = {
+        (k, word) for k in exported for word in private if word.encode() in output.read_bytes(k)
+    }
     assert found == set()
     # The credentials (from the environment, as secretKeyRef puts them) are nowhere else:
     # not in the config, the log, or any object the run wrote.

@@ -138,11 +138,14 @@ def test_an_object_key_that_leaves_its_folder_is_refused(
     exit_code, log, termination = _run(tmp_path, trainer_cache, spec)
 
     store, _, relative = key.partition("/")
-    assert (exit_code, termination) == (code, {
-        "reason": reason,
-        "message": f"s3://{bucket}/{store}: the object {relative!r} would be written outside "
-        "the folder it is copied into (its key has a '..' part); rename or delete it",
-    }), log  # fmt: skip
+    assert (exit_code, termination) == (
+        code,
+        {
+            "reason": reason,
+            "message": f"s3://{bucket}/{store}: the object {relative!r} would be written outside "
+            "the folder it is copied into (its key has a '..' part); rename or delete it",
+        },
+    ), log
     assert not (trainer_cache / "escaped.txt").exists()  # where the key leads from the cache
 
 
@@ -215,9 +218,11 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
     for status in (401, 404, 429, 503):
         folder = tmp_path / str(status)
         folder.mkdir()
-        spec = {"model": {"base": f"hf://org/status-{status}"},
-                "dataset": {"uri": f"file://{dataset}"},
-                "output": {"uri": f"file://{folder}/out"}}  # fmt: skip
+        spec = {
+            "model": {"base": f"hf://org/status-{status}"},
+            "dataset": {"uri": f"file://{dataset}"},
+            "output": {"uri": f"file://{folder}/out"},
+        }
         env = {"HF_ENDPOINT": hub, "HF_TOKEN": token, "HF_HUB_DISABLE_TELEMETRY": "1"}
         runs.append((runner.write_config(folder, spec), folder, trainer_cache, env))
 
@@ -225,8 +230,12 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
 
     said = [json.loads((folder / "termination-log").read_text()) for _, folder, _, _ in runs]
     assert [code for code, _ in results] == [2, 2, 1, 1], results
-    assert [s["reason"] for s in said] == ["InvalidSpec", "InvalidSpec", "StorageUnavailable",
-                                           "StorageUnavailable"]  # fmt: skip
+    assert [s["reason"] for s in said] == [
+        "InvalidSpec",
+        "InvalidSpec",
+        "StorageUnavailable",
+        "StorageUnavailable",
+    ]
     assert said[0]["message"].startswith(
         "spec.model.base: hf://org/status-401 is not readable (401): the token in spec.storage"
     )
@@ -293,16 +302,31 @@ def test_pod_entry_point_keeps_the_trainers_exit_code(tmp_path, trainer_cache):
     (tmp_path / "empty").mkdir()
     config = runner.write_config(
         tmp_path,
-        {"dataset": {"uri": f"file://{tmp_path}/empty"},
-         "output": {"uri": f"file://{tmp_path}/out"}},
-    )  # fmt: skip
-    env = runner.trainer_env(config, tmp_path, trainer_cache, {
-        "PET_NNODES": "1", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "0",
-        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(free_port()),
-    })  # fmt: skip
+        {
+            "dataset": {"uri": f"file://{tmp_path}/empty"},
+            "output": {"uri": f"file://{tmp_path}/out"},
+        },
+    )
+    env = runner.trainer_env(
+        config,
+        tmp_path,
+        trainer_cache,
+        {
+            "PET_NNODES": "1",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": "0",
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(free_port()),
+        },
+    )
 
-    result = subprocess.run([sys.executable, "-m", "difftrain.launch"], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "difftrain.launch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
     assert result.returncode == 3, result.stdout + result.stderr
     reason = json.loads((tmp_path / "termination-log").read_text())

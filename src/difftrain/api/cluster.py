@@ -76,14 +76,16 @@ class Volume(ApiModel):
     )
 
     name: str = Field(
-        max_length=57, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=57,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
         description="Volume name (a DNS label; the pod's volume is claim-<name>).",
-    )  # fmt: skip
+    )
     claim_name: ShortStr = Field(description="The PersistentVolumeClaim, in the job's namespace.")
     mount_path: str = Field(
-        max_length=1024, pattern=r"^/[^:]*[^/:]$",
+        max_length=1024,
+        pattern=r"^/[^:]*[^/:]$",
         description="Absolute path in the trainer container, e.g. /mnt/data.",
-    )  # fmt: skip
+    )
     read_only: bool = Field(False, description="Mount it read-only (models and datasets only).")
 
     @model_validator(mode="after")
@@ -91,10 +93,15 @@ class Volume(ApiModel):
         for mount in RESERVED_MOUNTS:
             if self.mount_path == mount or self.mount_path.startswith(mount + "/"):
                 raise_problems(
-                    [(("mountPath",), f"must not be, or be inside, one of the trainer's own "
-                                      f"mounts ({', '.join(RESERVED_MOUNTS)}); got "
-                                      f"{self.mount_path}")]
-                )  # fmt: skip
+                    [
+                        (
+                            ("mountPath",),
+                            f"must not be, or be inside, one of the trainer's own "
+                            f"mounts ({', '.join(RESERVED_MOUNTS)}); got "
+                            f"{self.mount_path}",
+                        )
+                    ]
+                )
         return self
 
 
@@ -175,8 +182,12 @@ class ResourcesSpec(ApiModel):
             values = [getattr(volume, key) for volume in self.volumes]
             twice = sorted({value for value in values if values.count(value) > 1})
             if twice:
-                problems.append((("volumes",), f"each {field} may be used once; used more than "
-                                 f"once: {', '.join(twice)}"))  # fmt: skip
+                problems.append(
+                    (
+                        ("volumes",),
+                        f"each {field} may be used once; used more than once: {', '.join(twice)}",
+                    )
+                )
         raise_problems(problems)
         return self
 

@@ -45,18 +45,30 @@ def problems(job: DiffusionTrainingJob) -> list[str]:
     for field, uri in _file_uris(dumped, "spec"):
         path = uri.removeprefix("file://")
         if not path.startswith("/"):
-            found.append(f"{field}: {uri} is a relative path, which a pod resolves on its own "
-                         f"disk and loses with it; {_HINT}")  # fmt: skip
+            found.append(
+                f"{field}: {uri} is a relative path, which a pod resolves on its own "
+                f"disk and loses with it; {_HINT}"
+            )
             continue
         path = posixpath.normpath(path)
-        volume = next((v for v in volumes if path == v.mount_path
-                       or path.startswith(v.mount_path.rstrip("/") + "/")), None)  # fmt: skip
+        volume = next(
+            (
+                v
+                for v in volumes
+                if path == v.mount_path or path.startswith(v.mount_path.rstrip("/") + "/")
+            ),
+            None,
+        )
         if volume is None:
-            found.append(f"{field}: {uri} is not on a volume the job mounts, so a pod would "
-                         f"lose it with its own disk; {_HINT}")  # fmt: skip
+            found.append(
+                f"{field}: {uri} is not on a volume the job mounts, so a pod would "
+                f"lose it with its own disk; {_HINT}"
+            )
         elif volume.read_only and field == "spec.output.uri":
-            found.append(f"{field}: {uri} is on volume {volume.name}, which is mounted "
-                         "read-only; set its readOnly to false, or write elsewhere")  # fmt: skip
+            found.append(
+                f"{field}: {uri} is on volume {volume.name}, which is mounted "
+                "read-only; set its readOnly to false, or write elsewhere"
+            )
     return found
 
 
@@ -71,13 +83,17 @@ def policy_problems(job: DiffusionTrainingJob, defaults: Defaults) -> list[str]:
         and not any(fnmatch.fnmatchcase(image, pattern) for pattern in defaults.allowed_images)
     ):
         allowed = ", ".join([defaults.image, *defaults.allowed_images])
-        found.append(f"spec.resources.image: {image} is not allowed here (allowed: {allowed}); "
-                     "leave it out for the operator's trainer image, or ask the platform team "
-                     "to add a pattern to the chart's policy.allowedImages")  # fmt: skip
+        found.append(
+            f"spec.resources.image: {image} is not allowed here (allowed: {allowed}); "
+            "leave it out for the operator's trainer image, or ask the platform team "
+            "to add a pattern to the chart's policy.allowedImages"
+        )
     account = resources.service_account_name
     if account and account != "default" and account not in defaults.allowed_service_accounts:
         allowed = ", ".join(["default", *defaults.allowed_service_accounts])
-        found.append(f"spec.resources.serviceAccountName: {account} is not allowed here "
-                     f"(allowed: {allowed}); ask the platform team to add it to the chart's "
-                     "policy.allowedServiceAccounts")  # fmt: skip
+        found.append(
+            f"spec.resources.serviceAccountName: {account} is not allowed here "
+            f"(allowed: {allowed}); ask the platform team to add it to the chart's "
+            "policy.allowedServiceAccounts"
+        )
     return found

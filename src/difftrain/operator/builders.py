@@ -275,12 +275,19 @@ def network_policy(job: DiffusionTrainingJob, defaults: Defaults) -> dict:
     own = {"matchLabels": {JOB_NAME_LABEL: job.metadata.name}}
     rules = [{"from": [{"podSelector": own}]}]
     if defaults.metrics_namespaces:
-        rules.append({
-            "from": [{"namespaceSelector": {"matchLabels": {
-                "kubernetes.io/metadata.name": namespace}}}
-                for namespace in defaults.metrics_namespaces],
-            "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
-        })  # fmt: skip
+        rules.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": namespace}
+                        }
+                    }
+                    for namespace in defaults.metrics_namespaces
+                ],
+                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+            }
+        )
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

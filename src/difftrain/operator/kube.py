@@ -65,9 +65,13 @@ class Kube:
         client = self.client
         # Bodies stay dicts: the client writes them as JSON, which is also valid YAML (apply).
         method, url, headers, body, _ = client.param_serialize(
-            method, path, query_params=query, header_params=headers, body=body,
+            method,
+            path,
+            query_params=query,
+            header_params=headers,
+            body=body,
             auth_settings=["BearerToken"],
-        )  # fmt: skip
+        )
         response = client.call_api(method, url, header_params=headers, body=body)
         response.read()
         if not 200 <= response.status < 300:
@@ -97,18 +101,25 @@ class Kube:
         metadata = manifest["metadata"]
         path = self._collection(manifest["apiVersion"], manifest["kind"], metadata["namespace"])
         return await self._call(
-            "PATCH", f"{path}/{metadata['name']}", body=manifest,
+            "PATCH",
+            f"{path}/{metadata['name']}",
+            body=manifest,
             query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
             content_type="application/apply-patch+yaml",
-        )  # fmt: skip
+        )
 
     async def create(self, manifest: dict) -> bool:
         """Create ``manifest``; False when an object of its name exists already."""
         metadata = manifest["metadata"]
         path = self._collection(manifest["apiVersion"], manifest["kind"], metadata["namespace"])
         try:
-            await self._call("POST", path, body=manifest, query=[("fieldManager", FIELD_MANAGER)],
-                             content_type="application/json")  # fmt: skip
+            await self._call(
+                "POST",
+                path,
+                body=manifest,
+                query=[("fieldManager", FIELD_MANAGER)],
+                content_type="application/json",
+            )
         except ApiError as error:
             if error.status == 409 and error.reason == "AlreadyExists":
                 return False
@@ -120,9 +131,11 @@ class Kube:
 
     async def set_job_suspended(self, namespace: str, name: str, suspended: bool) -> None:
         await self._call(
-            "PATCH", f"{self._collection('batch/v1', 'Job', namespace)}/{name}",
-            body={"spec": {"suspend": suspended}}, content_type="application/merge-patch+json",
-        )  # fmt: skip
+            "PATCH",
+            f"{self._collection('batch/v1', 'Job', namespace)}/{name}",
+            body={"spec": {"suspend": suspended}},
+            content_type="application/merge-patch+json",
+        )
 
     async def delete_job(self, namespace: str, name: str, uid: str | None = None) -> None:
         """Delete an attempt's Job and, in the background, its pods; with ``uid``, only
@@ -155,17 +168,19 @@ class Kube:
         pods = found.get("items", []) if found else []
         # Filter here too: the selector is an optimisation, the labels are the truth.
         return [
-            pod for pod in pods
+            pod
+            for pod in pods
             if all(pod.get("metadata", {}).get("labels", {}).get(k) == v for k, v in labels.items())
-        ]  # fmt: skip
+        ]
 
     async def failed_create(self, namespace: str, uid: str) -> str | None:
         """The message of the newest FailedCreate Event of the Job ``uid`` (the Job
         controller's word for pods the API server refused), or None."""
         found = await self._call(
-            "GET", f"/api/v1/namespaces/{namespace}/events",
+            "GET",
+            f"/api/v1/namespaces/{namespace}/events",
             query=[("fieldSelector", f"involvedObject.uid={uid},reason=FailedCreate")],
-        )  # fmt: skip
+        )
         items = (found or {}).get("items", [])
         if not items:
             return None
@@ -182,9 +197,10 @@ class Kube:
         base = f"/apis/{KUEUE_API}/namespaces/{namespace}"
         try:
             found = await self._call(
-                "GET", f"{base}/workloads",
+                "GET",
+                f"{base}/workloads",
                 query=[("labelSelector", f"kueue.x-k8s.io/job-uid={job_uid}")],
-            )  # fmt: skip
+            )
         except ApiError as error:
             if error.status == 404:  # the resource is not served: no Kueue
                 return "KueueNotFound", ""
@@ -216,29 +232,42 @@ class Kube:
     async def patch_status(self, namespace: str, name: str, status: dict) -> None:
         path = self._collection(API_VERSION, KIND, namespace)
         await self._call(
-            "PATCH", f"{path}/{name}/status", body={"status": status},
+            "PATCH",
+            f"{path}/{name}/status",
+            body={"status": status},
             content_type="application/merge-patch+json",
-        )  # fmt: skip
+        )
 
     async def post_event(self, job: dict, kind: str, reason: str, message: str, now: str) -> None:
         """A core/v1 Event about ``job`` (kubectl describe shows it)."""
         metadata = job["metadata"]
         await self._call(
-            "POST", f"/api/v1/namespaces/{metadata['namespace']}/events",
+            "POST",
+            f"/api/v1/namespaces/{metadata['namespace']}/events",
             body={
                 "apiVersion": "v1",
                 "kind": "Event",
-                "metadata": {"generateName": f"{metadata['name']}.",
-                             "namespace": metadata["namespace"]},
-                "involvedObject": {"apiVersion": API_VERSION, "kind": KIND,
-                                   "name": metadata["name"], "namespace": metadata["namespace"],
-                                   "uid": metadata.get("uid")},
-                "type": kind, "reason": reason, "message": message[:1024],
-                "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                "metadata": {
+                    "generateName": f"{metadata['name']}.",
+                    "namespace": metadata["namespace"],
+                },
+                "involvedObject": {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": metadata["name"],
+                    "namespace": metadata["namespace"],
+                    "uid": metadata.get("uid"),
+                },
+                "type": kind,
+                "reason": reason,
+                "message": message[:1024],
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
                 "source": {"component": "difftrain-operator"},
                 "reportingComponent": "difftrain-operator",
             },
-        )  # fmt: skip
+        )
 
     async def scrape(self, url: str, timeout: float) -> str | None:
         """The text at a trainer's metrics ``url``, or None when it cannot be read."""

@@ -23,37 +23,48 @@ class OperatorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         self.jobs = Gauge(
-            "difftrain_operator_jobs", "DiffusionTrainingJobs by namespace and phase",
-            ["namespace", "phase"], registry=self.registry,
-        )  # fmt: skip
+            "difftrain_operator_jobs",
+            "DiffusionTrainingJobs by namespace and phase",
+            ["namespace", "phase"],
+            registry=self.registry,
+        )
         self.job_restarts = Gauge(
-            "difftrain_operator_job_restarts", "Gang restarts of each job (status.restarts)",
-            ["namespace", "job"], registry=self.registry,
-        )  # fmt: skip
+            "difftrain_operator_job_restarts",
+            "Gang restarts of each job (status.restarts)",
+            ["namespace", "job"],
+            registry=self.registry,
+        )
         self.job_preemptions = Gauge(
             "difftrain_operator_job_preemptions",
             "Gang restarts of each job after a preemption (status.preemptions)",
-            ["namespace", "job"], registry=self.registry,
-        )  # fmt: skip
-        self.job_failed = Gauge(
-            "difftrain_operator_job_failed", "1 for each job that failed, with its reason",
-            ["namespace", "job", "reason"], registry=self.registry,
-        )  # fmt: skip
-        self.reconcile_seconds = Histogram(
-            "difftrain_operator_reconcile_duration_seconds", "Time to reconcile one job",
+            ["namespace", "job"],
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self.job_failed = Gauge(
+            "difftrain_operator_job_failed",
+            "1 for each job that failed, with its reason",
+            ["namespace", "job", "reason"],
+            registry=self.registry,
+        )
+        self.reconcile_seconds = Histogram(
+            "difftrain_operator_reconcile_duration_seconds",
+            "Time to reconcile one job",
+            registry=self.registry,
+        )
         self.restarts = Counter(
             "difftrain_operator_restarts", "Gang restarts", registry=self.registry
         )
         self.preemptions = Counter(
-            "difftrain_operator_preemptions", "Gang restarts after a preemption",
+            "difftrain_operator_preemptions",
+            "Gang restarts after a preemption",
             registry=self.registry,
-        )  # fmt: skip
+        )
         self.failures = Counter(
-            "difftrain_operator_failures", "Jobs that failed, by reason", ["reason"],
+            "difftrain_operator_failures",
+            "Jobs that failed, by reason",
+            ["reason"],
             registry=self.registry,
-        )  # fmt: skip
+        )
         self._phases: dict[tuple[str, str], str] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self._namespaces: set[str] = set()
@@ -66,9 +77,13 @@ class OperatorMetrics:
         self.job_restarts.labels(namespace=namespace, job=name).set(status.get("restarts", 0))
         self.job_preemptions.labels(namespace=namespace, job=name).set(status.get("preemptions", 0))
         failed = next(
-            (c for c in status.get("conditions", ()) if c["type"] == "Failed"
-             and c["status"] == "True"), None,
-        )  # fmt: skip
+            (
+                c
+                for c in status.get("conditions", ())
+                if c["type"] == "Failed" and c["status"] == "True"
+            ),
+            None,
+        )
         reason = failed and failed.get("reason", "")
         if self._failed.get(key) != reason:
             self._forget_failure(key)

@@ -43,8 +43,13 @@ class OutputIndex:
             c.get("type") == "Created" and c.get("status") == "True"
             for c in status.get("conditions", [])
         ) or bool(status.get("attempt"))
-        holder = Holder(*key, metadata["uid"], metadata.get("creationTimestamp", ""),
-                        started, status.get("phase") in TERMINAL)  # fmt: skip
+        holder = Holder(
+            *key,
+            metadata["uid"],
+            metadata.get("creationTimestamp", ""),
+            started,
+            status.get("phase") in TERMINAL,
+        )
         self._jobs[key] = (output_key(uri), holder)
 
     def forget(self, namespace: str, name: str) -> None:

@@ -198,8 +198,15 @@ class Controller:
     @staticmethod
     def _failed(status: dict, reason: str, message: str, metadata: dict, now) -> dict:
         """The job failed for good, before or without its children: an operator's check."""
-        conditions = set_condition(status.get("conditions", []), "Failed", True, reason,
-                                   message, now, metadata.get("generation"))  # fmt: skip
+        conditions = set_condition(
+            status.get("conditions", []),
+            "Failed",
+            True,
+            reason,
+            message,
+            now,
+            metadata.get("generation"),
+        )
         new = {**status, "phase": "Failed", "conditions": conditions}
         new.setdefault("completionTime", timestamp(now))
         return new

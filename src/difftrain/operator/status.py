@@ -25,8 +25,14 @@ STOPPED_EXIT_CODE = 143
 PERMANENT_REASONS = {2: "InvalidSpec", 3: "DatasetError", 4: "StorageAccessDenied"}
 TERMINAL = ("Succeeded", "Failed")
 CONDITION_TYPES = (
-    "Created", "Unschedulable", "Running", "Restarting", "Suspended", "Succeeded", "Failed"
-)  # fmt: skip
+    "Created",
+    "Unschedulable",
+    "Running",
+    "Restarting",
+    "Suspended",
+    "Succeeded",
+    "Failed",
+)
 
 State = Literal["missing", "waiting", "suspended", "pending", "running", "succeeded", "failed"]
 Action = Literal["none", "restart", "preempted"]
@@ -98,9 +104,11 @@ def _preemption(pods: list[dict]) -> Observation | None:
     name = disrupted[0].get("metadata", {}).get("name", "a pod")
     cause = ": ".join(filter(None, (condition.get("reason"), condition.get("message"))))
     return Observation(
-        "failed", "Preempted", f"pod {name} was disrupted ({cause or 'DisruptionTarget'})",
+        "failed",
+        "Preempted",
+        f"pod {name} was disrupted ({cause or 'DisruptionTarget'})",
         preempted=True,
-    )  # fmt: skip
+    )
 
 
 def failure(pods: list[dict]) -> Observation:
@@ -177,12 +185,16 @@ def kueue_wait(seen: Observation, namespace: str, queue: str, said: tuple[str, s
     """The waiting Observation with what Kueue said of it (Kube.kueue_wait)."""
     reason, message = said
     if reason == "KueueNotFound":
-        message = (f"queued for Kueue queue {queue}, but Kueue is not installed (its API is "
-                   "not served): install Kueue, or remove spec.runPolicy.queueName")  # fmt: skip
+        message = (
+            f"queued for Kueue queue {queue}, but Kueue is not installed (its API is "
+            "not served): install Kueue, or remove spec.runPolicy.queueName"
+        )
         return Observation("waiting", reason, message)
     if reason == "LocalQueueNotFound":
-        message = (f"LocalQueue {queue} does not exist in namespace {namespace}: create it, "
-                   "or fix spec.runPolicy.queueName")  # fmt: skip
+        message = (
+            f"LocalQueue {queue} does not exist in namespace {namespace}: create it, "
+            "or fix spec.runPolicy.queueName"
+        )
         return Observation("waiting", reason, message)
     if message:
         return Observation("waiting", seen.reason, f"{seen.message}: {message}")
@@ -190,9 +202,12 @@ def kueue_wait(seen: Observation, namespace: str, queue: str, said: tuple[str, s
 
 
 def observe(
-    batch_job: dict | None, pods: list[dict], now: datetime, grace: timedelta = FAILURE_GRACE,
+    batch_job: dict | None,
+    pods: list[dict],
+    now: datetime,
+    grace: timedelta = FAILURE_GRACE,
     refused: str | None = None,
-) -> Observation:  # fmt: skip
+) -> Observation:
     """What the attempt's Job (None if absent) and its pods say; a pod that cannot start
     for longer than ``grace`` (its image, its Secrets) fails the job. ``refused`` is why
     the API server refuses the Job's pods (its newest FailedCreate Event), if it does."""
@@ -232,9 +247,14 @@ def observe(
 
 
 def set_condition(
-    conditions: list[dict], kind: str, status: bool, reason: str, message: str,
-    now: datetime, generation: int | None,
-) -> list[dict]:  # fmt: skip
+    conditions: list[dict],
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+) -> list[dict]:
     """``conditions`` with ``kind`` set; its lastTransitionTime changes only when its
     status does."""
     value = "True" if status else "False"
@@ -295,10 +315,14 @@ def next_status(
     generation = job.metadata.generation
     created = seen.state != "missing"
     conditions = set_condition(
-        status.get("conditions", []), "Created", created,
+        status.get("conditions", []),
+        "Created",
+        created,
         "JobCreated" if created else reason,
-        "the attempt's Job exists" if created else message, now, generation,
-    )  # fmt: skip
+        "the attempt's Job exists" if created else message,
+        now,
+        generation,
+    )
     wanted = {kind: kind == active for kind in CONDITION_TYPES[2:]}
     wanted["Unschedulable"] = seen.reason == "Unschedulable"
     for kind, true in wanted.items():

@@ -126,8 +126,11 @@ class Ledger:
         checkpoint of this run, or another run's checkpoint of the same step (a
         ``resume: never`` run replaces those; it leaves every other step alone)."""
         if step in self.others:
-            log.warning("replacing checkpoint step %d of run %s with this run's", step,
-                        self.others.pop(step))  # fmt: skip
+            log.warning(
+                "replacing checkpoint step %d of run %s with this run's",
+                step,
+                self.others.pop(step),
+            )
         elif step not in self.complete | self.partial:
             return
         self.complete.discard(step)

@@ -82,16 +82,22 @@ def generate_class_images(accelerator, components, spec, output: Store, cache: P
     present = set(store.keys())
     accelerator.wait_for_everyone()  # every process has seen the same images before any is made
     if found is not None and found != wanted:
-        log.warning("class images under %s were made with other settings; making them "
-                    "again", store.uri)  # fmt: skip
+        log.warning(
+            "class images under %s were made with other settings; making them again", store.uri
+        )
         if accelerator.is_main_process:
             store.delete([RECORD])
         present = set()
     missing = [i for i in range(count) if image_name(i) not in present]
     if missing or found is None:
         mine = missing[accelerator.process_index :: accelerator.num_processes]
-        log.info("class images: %d of %d to make, %d by each of %d processes", len(missing),
-                 count, len(mine), accelerator.num_processes)  # fmt: skip
+        log.info(
+            "class images: %d of %d to make, %d by each of %d processes",
+            len(missing),
+            count,
+            len(mine),
+            accelerator.num_processes,
+        )
         if mine:
             _make(accelerator, components, spec, store, mine)
         accelerator.wait_for_everyone()
@@ -146,8 +152,12 @@ def class_examples(folder: Path, prompt: str, count: int, source: str) -> list[d
     if not usable:
         raise DatasetError(f"{source}: no readable class images; add images or remove it")
     if len(usable) < count:
-        log.warning("%s: %d class images, fewer than spec.dreambooth.numClassImages %d",
-                    source, len(usable), count)  # fmt: skip
+        log.warning(
+            "%s: %d class images, fewer than spec.dreambooth.numClassImages %d",
+            source,
+            len(usable),
+            count,
+        )
     return [data.Example(image, prompt) for image in usable]
 
 

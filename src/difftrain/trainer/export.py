@@ -196,8 +196,10 @@ def _dreambooth_rows(settings, facts: dict) -> list[tuple[str, str]]:
         trained += " and text encoders"
     prior = "off"
     if settings.class_prompt:
-        prior = (f"{facts['class_images']} class images of {settings.class_prompt}, "
-                 f"weight {settings.prior_loss_weight}")  # fmt: skip
+        prior = (
+            f"{facts['class_images']} class images of {settings.class_prompt}, "
+            f"weight {settings.prior_loss_weight}"
+        )
     return [
         ("Instance prompt", settings.instance_prompt),
         ("Prior preservation", prior),
@@ -206,8 +208,11 @@ def _dreambooth_rows(settings, facts: dict) -> list[tuple[str, str]]:
 
 
 def _from_scratch(reused: list[str]) -> str:
-    parts = ["UNet"] + [name for key, name in (("textEncoders", "text encoders"),
-                                              ("vae", "VAE")) if key not in reused]  # fmt: skip
+    parts = ["UNet"] + [
+        name
+        for key, name in (("textEncoders", "text encoders"), ("vae", "VAE"))
+        if key not in reused
+    ]
     kept = f"; {' and '.join(reused)} from the base" if reused else ""
     return ", ".join(parts) + kept
 

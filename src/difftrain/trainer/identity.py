@@ -78,8 +78,14 @@ class Run:
     def record(self, step: int) -> bytes:
         """``run.json`` of this run's checkpoint at ``step``."""
         saved = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
-        record = {"run": self.id, "step": step, "savedAt": saved, "job": self.job,
-                  "specHash": self.spec_hash, "spec": self.spec}  # fmt: skip
+        record = {
+            "run": self.id,
+            "step": step,
+            "savedAt": saved,
+            "job": self.job,
+            "specHash": self.spec_hash,
+            "spec": self.spec,
+        }
         return (json.dumps(record, indent=2) + "\n").encode()
 
 

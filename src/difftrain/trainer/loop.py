@@ -292,8 +292,19 @@ def _prepare(config: TrainerConfig, paths: Paths, settings, output: Store, lease
     )
     disk = Scratch(paths.base, scratch_bytes(spec))
     waiting = Waiting(accelerator.num_processes)
-    return Shared(config, paths, accelerator, components, batches, dataset, output, facts,
-                  lease, disk, waiting)  # fmt: skip
+    return Shared(
+        config,
+        paths,
+        accelerator,
+        components,
+        batches,
+        dataset,
+        output,
+        facts,
+        lease,
+        disk,
+        waiting,
+    )
 
 
 def _class_examples(spec, accelerator, components, output, paths, storage) -> list:
@@ -430,8 +441,12 @@ def build_autoencoder(shared: Shared) -> Trainer:
 
 def _shared_parts(shared: Shared) -> dict:
     """The Trainer fields every stage takes from the run."""
-    return {"disk": shared.disk, "waiting": shared.waiting, "lease": shared.lease,
-            "earlier_run": shared.run_id}  # fmt: skip
+    return {
+        "disk": shared.disk,
+        "waiting": shared.waiting,
+        "lease": shared.lease,
+        "earlier_run": shared.run_id,
+    }
 
 
 def _synchronising(trainer: Trainer, sync: bool) -> contextlib.ExitStack:
@@ -498,8 +513,10 @@ def train_step(trainer: Trainer, batch: dict, accumulation: int, sync: bool) -> 
         if trainer.prior_weight is None:
             loss = diffusion_loss(prediction, expected, weights)
         else:  # the second half of the batch is class images (dreambooth.WithPrior)
-            halves = [t.chunk(2) if t is not None else (None, None)
-                      for t in (prediction, expected, weights)]  # fmt: skip
+            halves = [
+                t.chunk(2) if t is not None else (None, None)
+                for t in (prediction, expected, weights)
+            ]
             instance, prior = (diffusion_loss(*parts) for parts in zip(*halves, strict=True))
             loss = instance + trainer.prior_weight * prior
         accelerator.backward(loss / accumulation)
@@ -603,8 +620,11 @@ def _run(shared: Shared, start_time: str) -> None:
 
     def request_stop(number, _):
         grace = os.environ.get("DIFFTRAIN_GRACE_SECONDS", "?")
-        log.warning("%s: finishing this step, then writing a checkpoint (%s s of grace)",
-                    signal.Signals(number).name, grace)  # fmt: skip
+        log.warning(
+            "%s: finishing this step, then writing a checkpoint (%s s of grace)",
+            signal.Signals(number).name,
+            grace,
+        )
         stop.requested = True
 
     # SIGINT too: torchrun's agent forwards a Ctrl-C it gets as SIGINT.
@@ -623,8 +643,9 @@ def _run(shared: Shared, start_time: str) -> None:
         if not (resumable and autoencoder.is_done(shared.output, _spec_hash(shared))):
             trainer = build_autoencoder(shared)
             train(trainer, Progress(telemetry, 0, total), stop)
-            shared.waiting.alone(main, "exporting the autoencoder",
-                                 lambda: _export_autoencoder(trainer))  # fmt: skip
+            shared.waiting.alone(
+                main, "exporting the autoencoder", lambda: _export_autoencoder(trainer)
+            )
             accelerator.free_memory()  # drop the stage's wrapped model and optimiser
             shared.run_id = trainer.run.id
             del trainer
@@ -744,9 +765,12 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
         if main:  # every process keeps its node's gauges; one writes the run's record
             metrics.append(entry)
             log.info(
-                "%sstep %d/%d loss %.4f", label, position.step, trainer.total_steps,
+                "%sstep %d/%d loss %.4f",
+                label,
+                position.step,
+                trainer.total_steps,
                 entry["loss"],
-            )  # fmt: skip
+            )
 
     for module in trainer.wrapped.values():
         module.train()
@@ -780,8 +804,9 @@ def train(trainer: Trainer, progress: Progress, stop: StopFlag) -> int:
                     save()
                     last_saved = position.step
                 if halt:
-                    raise Stopped(f"stopped at step {position.step} on a signal; checkpoint "
-                                  "written")  # fmt: skip
+                    raise Stopped(
+                        f"stopped at step {position.step} on a signal; checkpoint written"
+                    )
                 if position.step >= trainer.total_steps:
                     break
             else:
@@ -819,8 +844,11 @@ def resume(trainer: Trainer) -> checkpoint.Position:
     if accelerator.is_main_process:
         trainer.ledger = checkpoint.Ledger.of(trainer.output, run_id, found)
         if latest is None and any(f.run != run_id for f in found):
-            log.warning("%s holds checkpoints of earlier runs; they are left as they are, "
-                        "except any at a step this run saves too", trainer.output.uri)  # fmt: skip
+            log.warning(
+                "%s holds checkpoints of earlier runs; they are left as they are, "
+                "except any at a step this run saves too",
+                trainer.output.uri,
+            )
     if latest is None:
         return checkpoint.Position()
     return checkpoint.load(trainer, latest.step)
@@ -900,8 +928,9 @@ def _write_model(trainer: Trainer, folder: Path, formats: list[str], facts: dict
         if trainer.ema is not None:
             trainer.ema.copy_to(unet.parameters())  # export the average, as asked
         if config.spec.method == "full":
-            export.save_pipeline(sampling.pipeline_for(trainer.components, trainable.modules),
-                                 folder, dtype)  # fmt: skip
+            export.save_pipeline(
+                sampling.pipeline_for(trainer.components, trainable.modules), folder, dtype
+            )
         else:
             export.export_pipeline(trainer.components, trainable.modules, folder, dtype)
     facts["formats"] = formats

@@ -106,15 +106,20 @@ def hub_error(repo: str, error) -> Exception:
             f"the Hugging Face Hub answered {status} for hf://{repo}; the job will retry ({said})"
         )
     if status == 404:
-        return InvalidSpec(f"spec.model.base: hf://{repo} does not exist on the Hub, or is "
-                           "private and the token cannot see it; check the name (and "
-                           "spec.model.revision)")  # fmt: skip
+        return InvalidSpec(
+            f"spec.model.base: hf://{repo} does not exist on the Hub, or is "
+            "private and the token cannot see it; check the name (and "
+            "spec.model.revision)"
+        )
     if status in (401, 403):
         token = "HF_TOKEN" in os.environ
-        fix = ("the token in spec.storage.huggingFaceTokenSecretRef may not read it: accept "
-               "the model's terms on the Hub with that account, or use a token that can"
-               if token else "a gated or private model needs a token: set "
-               "spec.storage.huggingFaceTokenSecretRef to a Secret holding one")  # fmt: skip
+        fix = (
+            "the token in spec.storage.huggingFaceTokenSecretRef may not read it: accept "
+            "the model's terms on the Hub with that account, or use a token that can"
+            if token
+            else "a gated or private model needs a token: set "
+            "spec.storage.huggingFaceTokenSecretRef to a Secret holding one"
+        )
         return InvalidSpec(f"spec.model.base: hf://{repo} is not readable ({status}): {fix}")
     return InvalidSpec(f"spec.model.base: cannot fetch hf://{repo}: {said}")
 

@@ -166,14 +166,23 @@ def take(store: Store, holder: Holder) -> Lease:
             raise _refusal(store, found, holder, now)
         if verdict == "wait":
             if not waited:
-                log.warning("%s is held by an earlier job of the same name (uid %s); waiting "
-                            "for it to stop", store.uri, found["uid"])  # fmt: skip
+                log.warning(
+                    "%s is held by an earlier job of the same name (uid %s); waiting "
+                    "for it to stop",
+                    store.uri,
+                    found["uid"],
+                )
                 waited = True
             time.sleep(WAIT_POLL_SECONDS)
             continue
         if found is not None and not Holder.parse(found).same_job(holder):
-            log.warning("taking over %s from job %s/%s, silent since %s", store.uri,
-                        found["namespace"], found["name"], found["heartbeat"])  # fmt: skip
+            log.warning(
+                "taking over %s from job %s/%s, silent since %s",
+                store.uri,
+                found["namespace"],
+                found["name"],
+                found["heartbeat"],
+            )
         try:
             return Lease(store, holder, store.write_if(RECORD, _record(holder, now), tag))
         except Conflict:

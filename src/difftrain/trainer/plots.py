@@ -60,11 +60,13 @@ def loss_curve(entries: list[dict], title: str) -> Image.Image:
     draw.text(((left + right) // 2 - 15, bottom + 28), "step", fill=INK, font=font)
     if len(points) > 1:
         draw.line([(x(s), y(v)) for s, v in points], fill=RAW, width=1)
-        draw.line([(x(s), y(v)) for s, v in zip(steps, smooth(losses), strict=True)],
-                  fill=SMOOTH, width=2)  # fmt: skip
+        draw.line(
+            [(x(s), y(v)) for s, v in zip(steps, smooth(losses), strict=True)], fill=SMOOTH, width=2
+        )
     else:
-        draw.ellipse((x(steps[0]) - 3, y(losses[0]) - 3, x(steps[0]) + 3, y(losses[0]) + 3),
-                     fill=SMOOTH)  # fmt: skip
+        draw.ellipse(
+            (x(steps[0]) - 3, y(losses[0]) - 3, x(steps[0]) + 3, y(losses[0]) + 3), fill=SMOOTH
+        )
     return image
 
 

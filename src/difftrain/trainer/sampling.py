@@ -199,8 +199,12 @@ def validate(trainer, step: int, stopping: Callable[[], bool] | None = None) -> 
         )
     wanted = len(validation.prompts) * validation.images_per_prompt
     if len(results) < wanted:
-        log.warning("samples of step %d cut short at %d of %d images: the job is stopping",
-                    step, len(results), wanted)  # fmt: skip
+        log.warning(
+            "samples of step %d cut short at %d of %d images: the job is stopping",
+            step,
+            len(results),
+            wanted,
+        )
     if not results:
         return None
     folder = trainer.scratch / sample_prefix(step)
