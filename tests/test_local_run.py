@@ -8,12 +8,12 @@ import sys
 import pytest
 import yaml
 
+from difftrain import contract
 from difftrain.api.validation import load_job
 from difftrain.local import (
     combined_exit_code,
     node_environment,
     progress_line,
-    read_progress,
     threads_per_process,
 )
 from difftrain.operator.builders import Defaults, children
@@ -144,7 +144,7 @@ def test_progress_line_from_the_trainers_metrics():
         'difftrain_eta_seconds{job="a",namespace="n"} 72.4\n'
     )
 
-    line = progress_line(read_progress(text))
+    line = progress_line(contract.read_metrics(text))
 
     assert line == "progress: step 12/40 (30%), loss 0.1235, 25.1 images/s, ETA 1m12s"
     assert progress_line({}) is None

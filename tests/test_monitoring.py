@@ -18,10 +18,10 @@ import pytest
 import yaml
 from prometheus_client import start_http_server
 
+from difftrain.contract import COUNTERS, GAUGES
 from difftrain.dashboard import queries
 from difftrain.local import free_port
 from difftrain.operator.metrics import OperatorMetrics
-from difftrain.trainer.telemetry import COUNTERS, GAUGES
 from tests.test_chart import render
 from tests.trainer import runner
 

@@ -1,7 +1,8 @@
 """Error types shared by the CLI, the operator and the trainer.
 
 Each error carries a machine-readable ``reason`` and the process exit code of the
-operator-trainer contract (DESIGN.md: 2 invalid spec, 3 dataset, 4 storage access).
+operator-trainer contract (DESIGN.md: 2 invalid spec, 3 dataset, 4 storage access,
+143 stopped on a signal after a checkpoint); ``contract.py`` derives its tables from them.
 Errors are raised where a problem is detected and turned into a message and an exit
 code in one place per entry point.
 """
@@ -48,3 +49,11 @@ class DiskFull(DifftrainError):
 
     reason = "DiskFull"
     exit_code = 2
+
+
+class Stopped(DifftrainError):
+    """Training stopped on SIGTERM (or SIGINT) after writing a checkpoint; a restart
+    resumes."""
+
+    reason = "Stopped"
+    exit_code = 143

@@ -15,11 +15,10 @@ import sys
 import threading
 from pathlib import Path
 
+from difftrain import contract
 from difftrain.api.job import DiffusionTrainingJob
 from difftrain.errors import InvalidSpec
 from difftrain.operator.builders import COMPLETION_INDEX, Defaults, children
-
-PERMANENT = (2, 3, 4)
 
 
 def free_port() -> int:
@@ -73,7 +72,7 @@ def node_environment(
         DIFFTRAIN_TERMINATION_LOG=str(folders["scratch"] / "termination-log"),
     )
     if metrics_port:  # each local "node" needs its own metrics port
-        env["DIFFTRAIN_METRICS_PORT"] = str(metrics_port)
+        env[contract.METRICS_PORT_ENV] = str(metrics_port)
     if threads and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(threads)  # local nodes share the CPUs, not oversubscribe
     return env
@@ -98,18 +97,6 @@ def _stream(process: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def read_progress(text: str) -> dict[str, float]:
-    """The trainer's gauges from a Prometheus exposition, by name without the prefix."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {
-        sample.name.removeprefix("difftrain_"): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.startswith("difftrain_")
-    }
-
-
 def progress_line(values: dict[str, float]) -> str | None:
     """One line for people: step, percent, loss, throughput and ETA."""
     if not values.get("total_steps"):
@@ -121,8 +108,7 @@ def progress_line(values: dict[str, float]) -> str | None:
     if "images_per_second" in values:
         parts.append(f"{values['images_per_second']:.1f} images/s")
     if "eta_seconds" in values:
-        minutes, seconds = divmod(int(values["eta_seconds"]), 60)
-        parts.append(f"ETA {minutes}m{seconds:02d}s")
+        parts.append(f"ETA {contract.human_duration(int(values['eta_seconds']))}")
     return "progress: " + ", ".join(parts)
 
 
@@ -133,7 +119,7 @@ def _watch_progress(url: str, done: threading.Event, every: float = 0.5) -> None
     while not done.wait(every):
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
-                line = progress_line(read_progress(response.read().decode()))
+                line = progress_line(contract.read_metrics(response.read().decode()))
         except OSError:
             continue  # not serving yet, or finished
         if line and line != last:
@@ -144,7 +130,7 @@ def _watch_progress(url: str, done: threading.Event, every: float = 0.5) -> None
 def combined_exit_code(codes: list[int]) -> int:
     """One code for all nodes: a permanent failure first, then any failure."""
     for code in codes:
-        if code in PERMANENT:
+        if code in contract.PERMANENT_EXIT_CODES:
             return code
     return next((code for code in codes if code), 0)
 

@@ -8,7 +8,7 @@ import yaml
 
 from difftrain.api.validation import load_job
 from difftrain.cli import main
-from difftrain.operator.builders import Defaults, children, shared_memory
+from difftrain.operator.builders import Defaults, children, owned, shared_memory
 from difftrain.operator.main import defaults_from_env
 from difftrain.yamltext import dump_all
 from tests.builders import job, merge
@@ -98,7 +98,6 @@ def test_the_network_policy_lets_in_only_the_jobs_pods_and_the_metrics_scrapers(
         {"kubernetes.io/metadata.name": "monitoring"},
     ]
     assert scrapers["ports"] == [{"protocol": "TCP", "port": 9400}]
-    assert policy["metadata"]["ownerReferences"][0]["uid"] == IDENTITY["metadata"]["uid"]
     assert [m["kind"] for m in children(load_job(job(IDENTITY)), 1, Defaults())] == [
         "ConfigMap",
         "Service",
@@ -319,6 +318,26 @@ def test_first_attempt_of_a_queued_job_waits_for_kueue():
 
     assert trainer["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus"
     assert trainer["spec"]["suspend"] is True
+
+
+def test_the_applied_children_are_owned_by_the_job_and_the_built_ones_not():
+    dtj = load_job(CASES["cpu-one-node"])
+    built = children(dtj, 1, Defaults(network_policy=True))
+
+    applied = [owned(manifest, dtj) for manifest in built]
+
+    assert all("ownerReferences" not in m["metadata"] for m in built)
+    for manifest in applied:
+        (reference,) = manifest["metadata"]["ownerReferences"]
+        assert reference == {
+            "apiVersion": "difftrain.io/v1alpha1",
+            "kind": "DiffusionTrainingJob",
+            "name": "demo",
+            "uid": IDENTITY["metadata"]["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    assert [m["metadata"]["labels"] for m in applied] == [m["metadata"]["labels"] for m in built]
 
 
 def test_dry_run_leaves_out_owner_references(capsys):

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 from prometheus_client import generate_latest, start_http_server
 
+from difftrain import contract
 from difftrain.local import free_port
 from difftrain.operator import progress
 from difftrain.trainer.telemetry import Telemetry
@@ -82,12 +83,12 @@ def test_before_the_first_step_and_with_a_broken_loss():
     [(0, "0s"), (59, "59s"), (245, "4m05s"), (3600, "1h00m"), (90061, "25h01m")],
 )
 def test_human_duration(seconds, text):
-    assert progress.human_duration(seconds) == text
+    assert contract.human_duration(seconds) == text
 
 
 def _pod(index: str, ip: str | None, port: int = 9400, phase: str = "Running") -> dict:
     return {
-        "metadata": {"annotations": {progress.INDEX_ANNOTATION: index}},
+        "metadata": {"annotations": {contract.COMPLETION_INDEX: index}},
         "spec": {
             "containers": [
                 {

@@ -9,7 +9,7 @@ Nothing here reads the clock, the environment or the cluster.
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from difftrain import __version__
+from difftrain import __version__, contract
 from difftrain.api.cluster import GPU_RESOURCE
 from difftrain.api.config import TrainerConfig
 from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob, pod_hostname
@@ -17,15 +17,9 @@ from difftrain.api.quantity import format_bytes, parse_quantity
 from difftrain.api.scratch import scratch_size
 
 CONTAINER = "trainer"
-RENDEZVOUS_PORT = 29500
-METRICS_PORT = 9400
 CONFIG_MOUNT = "/etc/difftrain"
 DEFAULT_SHM = Decimal(8 * 2**30)
-PERMANENT_EXIT_CODES = [2, 3, 4]  # invalid spec, dataset error, storage access denied
-COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-JOB_NAME_LABEL = "difftrain.io/job-name"
-ATTEMPT_LABEL = "difftrain.io/attempt"
+COMPLETION_INDEX = f"metadata.annotations['{contract.COMPLETION_INDEX}']"
 RUN_AS = 1000
 
 
@@ -64,28 +58,32 @@ def labels(job: DiffusionTrainingJob) -> dict[str, str]:
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/part-of": "difftrain",
         "app.kubernetes.io/managed-by": "difftrain-operator",
-        JOB_NAME_LABEL: job.metadata.name,
+        contract.JOB_NAME_LABEL: job.metadata.name,
     }
 
 
 def _metadata(job: DiffusionTrainingJob, name: str, extra_labels: dict | None = None) -> dict:
-    metadata = {
+    return {
         "name": name,
         "namespace": job.metadata.namespace or "default",
         "labels": {**labels(job), **(extra_labels or {})},
     }
-    if job.metadata.uid:  # unknown before the API server creates the job (a dry run)
-        metadata["ownerReferences"] = [
-            {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": job.metadata.name,
-                "uid": job.metadata.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
-    return metadata
+
+
+def owned(manifest: dict, job: DiffusionTrainingJob) -> dict:
+    """``manifest`` with ``job`` (as the API server knows it, uid and all) as its
+    controller: what the operator applies. The builders leave it out, so that what
+    ``difftrain render`` prints is what they build."""
+    reference = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": job.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    metadata = {**manifest["metadata"], "ownerReferences": [reference]}
+    return {**manifest, "metadata": metadata}
 
 
 def config_map(job: DiffusionTrainingJob, attempt: int) -> dict:
@@ -115,10 +113,18 @@ def service(job: DiffusionTrainingJob) -> dict:
             "clusterIP": "None",
             # The rendezvous must resolve before pods are Ready (they never are, otherwise).
             "publishNotReadyAddresses": True,
-            "selector": {JOB_NAME_LABEL: job.metadata.name},
+            "selector": {contract.JOB_NAME_LABEL: job.metadata.name},
             "ports": [
-                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT},
-                {"name": "metrics", "port": METRICS_PORT, "targetPort": METRICS_PORT},
+                {
+                    "name": "rendezvous",
+                    "port": contract.RENDEZVOUS_PORT,
+                    "targetPort": contract.RENDEZVOUS_PORT,
+                },
+                {
+                    "name": "metrics",
+                    "port": contract.METRICS_PORT,
+                    "targetPort": contract.METRICS_PORT,
+                },
             ],
         },
     }
@@ -132,7 +138,7 @@ def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
         {"name": "PET_NPROC_PER_NODE", "value": str(max(1, spec.resources.gpus_per_node))},
         {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
         {"name": "PET_MASTER_ADDR", "value": f"{pod_hostname(name, attempt, 0)}.{name}"},
-        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "PET_MASTER_PORT", "value": str(contract.RENDEZVOUS_PORT)},
         {"name": "DIFFTRAIN_CONFIG", "value": f"{CONFIG_MOUNT}/job.json"},
         {"name": "DIFFTRAIN_SCRATCH", "value": "/scratch"},
         {"name": "DIFFTRAIN_CACHE", "value": "/cache"},
@@ -202,8 +208,8 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
         "command": ["python", "-m", "difftrain.launch"],
         "env": _env(job, attempt, image),
         "ports": [
-            {"name": "metrics", "containerPort": METRICS_PORT},
-            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+            {"name": "metrics", "containerPort": contract.METRICS_PORT},
+            {"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT},
         ],
         "resources": _resources(job, defaults),
         "securityContext": {
@@ -272,7 +278,7 @@ def network_policy(job: DiffusionTrainingJob, defaults: Defaults) -> dict:
     """Ingress to the job's pods: from each other on every port (the rendezvous on 29500,
     and the collectives' own ports), and on the metrics port from the operator's and the
     monitoring namespaces. Nothing else reaches them."""
-    own = {"matchLabels": {JOB_NAME_LABEL: job.metadata.name}}
+    own = {"matchLabels": {contract.JOB_NAME_LABEL: job.metadata.name}}
     rules = [{"from": [{"podSelector": own}]}]
     if defaults.metrics_namespaces:
         rules.append(
@@ -285,7 +291,7 @@ def network_policy(job: DiffusionTrainingJob, defaults: Defaults) -> dict:
                     }
                     for namespace in defaults.metrics_namespaces
                 ],
-                "ports": [{"protocol": "TCP", "port": METRICS_PORT}],
+                "ports": [{"protocol": "TCP", "port": contract.METRICS_PORT}],
             }
         )
     return {
@@ -307,10 +313,10 @@ def trainer_job(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> 
     """The Indexed Job running attempt ``attempt`` of the gang."""
     policy = job.spec.run_policy
     nodes = job.spec.resources.nodes
-    attempt_labels = {ATTEMPT_LABEL: str(attempt)}
+    attempt_labels = {contract.ATTEMPT_LABEL: str(attempt)}
     metadata = _metadata(job, job_name(job.metadata.name, attempt), attempt_labels)
     if policy.queue_name:
-        metadata["labels"][QUEUE_LABEL] = policy.queue_name
+        metadata["labels"][contract.QUEUE_LABEL] = policy.queue_name
     spec = {
         "completionMode": "Indexed",
         "completions": nodes,
@@ -323,7 +329,7 @@ def trainer_job(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> 
                     "onExitCodes": {
                         "containerName": CONTAINER,
                         "operator": "In",
-                        "values": PERMANENT_EXIT_CODES,
+                        "values": sorted(contract.PERMANENT_EXIT_CODES),
                     },
                 },
                 {

@@ -11,7 +11,7 @@ import logging
 
 import kopf
 
-from difftrain.operator.builders import JOB_NAME_LABEL
+from difftrain.contract import JOB_NAME_LABEL
 
 log = logging.getLogger(__name__)
 

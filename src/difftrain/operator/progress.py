@@ -10,9 +10,9 @@ nothing, so the last progress stays, with the time it was seen.
 import math
 from datetime import datetime, timedelta
 
+from difftrain import contract
 from difftrain.operator.status import timestamp
 
-INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 SCRAPE_TIMEOUT_SECONDS = 2.0
 
 
@@ -20,9 +20,9 @@ def main_pod_endpoint(pods: list[dict]) -> str | None:
     """The metrics URL of the running pod of completion index 0, if it has an IP."""
     for pod in pods:
         metadata, status = pod.get("metadata", {}), pod.get("status", {})
-        index = (metadata.get("annotations") or {}).get(INDEX_ANNOTATION) or (
+        index = (metadata.get("annotations") or {}).get(contract.COMPLETION_INDEX) or (
             metadata.get("labels") or {}
-        ).get(INDEX_ANNOTATION)
+        ).get(contract.COMPLETION_INDEX)
         if index != "0" or status.get("phase") != "Running" or not status.get("podIP"):
             continue
         ports = [
@@ -39,14 +39,7 @@ def main_pod_endpoint(pods: list[dict]) -> str | None:
 def read(text: str, now: datetime, output_uri: str) -> dict:
     """Status fields (``progress``, ``lastCheckpoint``, ``outputs``) from the trainer's
     exposition ``text``: the main process's series (``rank="0"``)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    values = {
-        sample.name.removeprefix("difftrain_"): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.startswith("difftrain_") and sample.labels.get("rank", "0") == "0"
-    }
+    values = contract.read_metrics(text)
     found = {}
     step, total = values.get("step"), values.get("total_steps")
     if step is None or not total:
@@ -65,30 +58,20 @@ def read(text: str, now: datetime, output_uri: str) -> dict:
     eta = values.get("eta_seconds")
     if eta is not None and math.isfinite(eta) and eta >= 0:
         progress["etaSeconds"] = int(eta)
-        progress["eta"] = human_duration(int(eta))
+        progress["eta"] = contract.human_duration(int(eta))
     found["progress"] = progress
     # Checkpoint steps count within the stage, as the folders are named.
-    root = output_uri.rstrip("/") + ("/autoencoder" if values.get("autoencoder_stage") else "")
+    root = contract.stage_root(output_uri, autoencoder=bool(values.get("autoencoder_stage")))
     saved = int(values.get("last_checkpoint_step", 0))
     if saved > 0:
         age = values.get("checkpoint_age_seconds", 0.0)
         found["lastCheckpoint"] = {
             "step": saved,
-            "uri": f"{root}/checkpoints/step-{saved:08d}",
+            "uri": f"{root}/{contract.checkpoint_prefix(saved)}",
             "time": timestamp(now - timedelta(seconds=age)),
         }
     sampled = int(values.get("last_samples_step", 0))
     if sampled > 0:
-        found["outputs"] = {"samples": [f"{output_uri.rstrip('/')}/samples/step-{sampled:08d}"]}
+        samples = f"{contract.stage_root(output_uri)}/{contract.samples_prefix(sampled)}"
+        found["outputs"] = {"samples": [samples]}
     return found
-
-
-def human_duration(seconds: int) -> str:
-    """ "1h23m", "4m05s", "12s": the ETA as people read it."""
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{seconds}s"

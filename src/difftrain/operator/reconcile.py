@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from difftrain import contract
 from difftrain.api.validation import validate_job
 from difftrain.operator import admission, builders, progress
 from difftrain.operator.builders import Defaults
@@ -139,7 +140,7 @@ class Controller:
         else:
             await self._sync_suspend(job, batch)
         pods = await self.kube.list_pods(
-            namespace, {builders.JOB_NAME_LABEL: name, builders.ATTEMPT_LABEL: str(attempt)}
+            namespace, {contract.JOB_NAME_LABEL: name, contract.ATTEMPT_LABEL: str(attempt)}
         )
         # A predecessor's pods (a job deleted and re-created under this name) carry the
         # same labels until the garbage collector removes them: only this Job's count.
@@ -259,7 +260,8 @@ class Controller:
         namespace, name = job.metadata.namespace, job.metadata.name
         if attempt > 1:
             await self.kube.delete_job(namespace, builders.job_name(name, attempt - 1))
-        for manifest in builders.children(job, attempt, self.defaults):
+        for built in builders.children(job, attempt, self.defaults):
+            manifest = builders.owned(built, job)
             kind, child = manifest["kind"], manifest["metadata"]["name"]
             try:
                 # The first attempt creates what keeps its name over attempts (ConfigMap,
@@ -308,7 +310,7 @@ class Controller:
         if batch is None or not _owned_by(batch, metadata["uid"]):
             return
         name = batch["metadata"]["name"]
-        queued = builders.QUEUE_LABEL in batch["metadata"].get("labels", {})
+        queued = contract.QUEUE_LABEL in batch["metadata"].get("labels", {})
         if policy == "All" or (queued and not _finished(batch)):
             log.info("deleting Job %s/%s: the job has ended", namespace, name)
             await self.kube.delete_job(namespace, name, batch["metadata"]["uid"])

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from difftrain import contract
 from difftrain.api.cluster import MAX_ATTEMPTS
 from difftrain.api.job import DiffusionTrainingJob
 
@@ -20,9 +21,6 @@ FAILURE_GRACE = timedelta(minutes=5)
 PULL_FAILURES = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
 # The kubelet cannot make the container (a missing Secret or ConfigMap key, most often).
 CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError")
-# What a trainer (and the launcher) exits with when stopped by SIGTERM after checkpointing.
-STOPPED_EXIT_CODE = 143
-PERMANENT_REASONS = {2: "InvalidSpec", 3: "DatasetError", 4: "StorageAccessDenied"}
 TERMINAL = ("Succeeded", "Failed")
 CONDITION_TYPES = (
     "Created",
@@ -98,7 +96,7 @@ def _preemption(pods: list[dict]) -> Observation | None:
     if not disrupted:
         return None
     others = [_terminated(pod) for pod in pods if not _disruption(pod)]
-    if any(t and t.get("exitCode") != STOPPED_EXIT_CODE for t in others):
+    if any(t and t.get("exitCode") != contract.STOPPED_EXIT_CODE for t in others):
         return None
     condition = _disruption(disrupted[0])
     name = disrupted[0].get("metadata", {}).get("name", "a pod")
@@ -126,8 +124,9 @@ def failure(pods: list[dict]) -> Observation:
         code = terminated.get("exitCode")
         reason, message = _trainer_message(terminated)
         # The trainer's own reason counts even if a launcher changed the exit code.
-        if code in PERMANENT_REASONS or reason in PERMANENT_REASONS.values():
-            return Observation("failed", reason or PERMANENT_REASONS[code], message, True)
+        permanent = contract.PERMANENT_EXIT_CODES
+        if code in permanent or reason in permanent.values():
+            return Observation("failed", reason or permanent[code], message, True)
         if terminated.get("reason") == "OOMKilled":
             message = message or "the trainer ran out of memory"
             found.append(Observation("failed", "OOMKilled", message))
@@ -227,11 +226,11 @@ def observe(
         return failure(pods)
     if batch_job.get("spec", {}).get("suspend"):
         labels = batch_job.get("metadata", {}).get("labels", {})
-        if "kueue.x-k8s.io/queue-name" in labels:
+        if contract.QUEUE_LABEL in labels:
             return Observation(
                 "waiting",
                 "WaitingForAdmission",
-                f"queued in Kueue queue {labels['kueue.x-k8s.io/queue-name']}",
+                f"queued in Kueue queue {labels[contract.QUEUE_LABEL]}",
             )
         return Observation("suspended", "Suspended", "suspended by spec.runPolicy.suspend")
     # A pod that ended while the Job goes on was replaced (an eviction, which the Job's
@@ -273,45 +272,58 @@ def set_condition(
     return sorted([*others, new], key=lambda c: CONDITION_TYPES.index(c["type"]))
 
 
-def _phase_and_action(job: DiffusionTrainingJob, status: dict, seen: Observation):
-    """(phase, the condition that is True, reason, message, action)."""
+@dataclass(frozen=True)
+class Decision:
+    """What an observation means for a job: its phase, the condition that is True (None
+    while nothing has happened yet), why, and the one action to take."""
+
+    phase: str
+    active: str | None
+    reason: str
+    message: str
+    action: Action
+
+
+def decide(job: DiffusionTrainingJob, status: dict, seen: Observation) -> Decision:
+    """What ``seen`` means for ``job``, whose current status is ``status``."""
     restarts = status.get("restarts", 0)
     if seen.state == "succeeded":
-        return "Succeeded", "Succeeded", seen.reason, seen.message, "none"
+        return Decision("Succeeded", "Succeeded", seen.reason, seen.message, "none")
     if seen.state == "failed" and status.get("attempt", 1) >= MAX_ATTEMPTS:
         message = f"{MAX_ATTEMPTS} attempts used; last failure: {seen.reason}: {seen.message}"
-        return "Failed", "Failed", "TooManyAttempts", message, "none"
+        return Decision("Failed", "Failed", "TooManyAttempts", message, "none")
     if seen.preempted:
         number = status.get("preemptions", 0) + 1
         message = f"restart after preemption {number} (not counted in maxRestarts): {seen.message}"
-        return "Restarting", "Restarting", seen.reason, message, "preempted"
+        return Decision("Restarting", "Restarting", seen.reason, message, "preempted")
     if seen.state == "failed":
         if seen.permanent:
-            return "Failed", "Failed", seen.reason, seen.message, "none"
+            return Decision("Failed", "Failed", seen.reason, seen.message, "none")
         limit = job.spec.run_policy.max_restarts
         if restarts >= limit:
             message = (
                 f"gave up after {restarts} restarts; last failure: {seen.reason}: {seen.message}"
             )
-            return "Failed", "Failed", "MaxRestartsExceeded", message, "none"
+            return Decision("Failed", "Failed", "MaxRestartsExceeded", message, "none")
         message = f"restart {restarts + 1} of {limit} after {seen.reason}: {seen.message}"
-        return "Restarting", "Restarting", seen.reason, message, "restart"
+        return Decision("Restarting", "Restarting", seen.reason, message, "restart")
     if seen.state == "running":
-        return "Running", "Running", seen.reason, seen.message, "none"
+        return Decision("Running", "Running", seen.reason, seen.message, "none")
     if seen.state == "suspended":
-        return "Suspended", "Suspended", seen.reason, seen.message, "none"
+        return Decision("Suspended", "Suspended", seen.reason, seen.message, "none")
     if seen.state == "waiting":
-        return "Pending", "Suspended", seen.reason, seen.message, "none"
+        return Decision("Pending", "Suspended", seen.reason, seen.message, "none")
     if restarts or status.get("preemptions"):  # a new attempt starts: restarting till it runs
-        return "Restarting", "Restarting", seen.reason, seen.message, "none"
-    return "Pending", None, seen.reason, seen.message, "none"
+        return Decision("Restarting", "Restarting", seen.reason, seen.message, "none")
+    return Decision("Pending", None, seen.reason, seen.message, "none")
 
 
 def next_status(
     job: DiffusionTrainingJob, status: dict, seen: Observation, now: datetime
 ) -> tuple[dict, Action]:
     """The new status of ``job`` (whose current status is ``status``), and what to do."""
-    phase, active, reason, message, action = _phase_and_action(job, status, seen)
+    decided = decide(job, status, seen)
+    reason, message = decided.reason, decided.message
     generation = job.metadata.generation
     created = seen.state != "missing"
     conditions = set_condition(
@@ -323,7 +335,7 @@ def next_status(
         now,
         generation,
     )
-    wanted = {kind: kind == active for kind in CONDITION_TYPES[2:]}
+    wanted = {kind: kind == decided.active for kind in CONDITION_TYPES[2:]}
     wanted["Unschedulable"] = seen.reason == "Unschedulable"
     for kind, true in wanted.items():
         old = next((c for c in conditions if c["type"] == kind), None)
@@ -335,14 +347,14 @@ def next_status(
     if seen.state == "pending":  # say what Running waits for
         conditions = set_condition(conditions, "Running", False, reason, message, now, generation)
     stamp = timestamp(now)
-    new = {**status, "phase": phase, "conditions": conditions}
+    new = {**status, "phase": decided.phase, "conditions": conditions}
     if generation is not None:
         new["observedGeneration"] = generation
-    if phase == "Running" and not status.get("startTime"):
+    if decided.phase == "Running" and not status.get("startTime"):
         new["startTime"] = stamp
-    if phase in TERMINAL and not status.get("completionTime"):
+    if decided.phase in TERMINAL and not status.get("completionTime"):
         new["completionTime"] = stamp
-    return new, action
+    return new, decided.action
 
 
 WARNING_CONDITIONS = ("Unschedulable", "Restarting", "Failed")

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from difftrain import contract
 from difftrain.errors import InvalidSpec
 from difftrain.storage import Store
 
 log = logging.getLogger(__name__)
 
-FOLDER = "autoencoder"
-MODEL = "model"
+FOLDER = contract.AUTOENCODER_STAGE
+MODEL = contract.MODEL
 RECORD = "difftrain.json"
 # Batches measured for the latent scaling factor.
 SCALE_BATCHES = 8

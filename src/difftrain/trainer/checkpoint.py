@@ -23,12 +23,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from difftrain import contract
 from difftrain.storage import Store
 from difftrain.trainer import identity
 
 log = logging.getLogger(__name__)
 
-FOLDER = "checkpoints"
+FOLDER = contract.CHECKPOINTS
 MARKER = "COMPLETE"
 WEIGHTS = "trainable.safetensors"
 EMA = "ema.pt"
@@ -43,8 +44,7 @@ class Position:
     batch: int = 0
 
 
-def step_prefix(step: int) -> str:
-    return f"{FOLDER}/step-{step:08d}"
+step_prefix = contract.checkpoint_prefix
 
 
 def _step_of(key: str) -> int | None:

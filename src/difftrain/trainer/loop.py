@@ -27,7 +27,7 @@ import torch
 
 from difftrain.api.config import TrainerConfig
 from difftrain.api.scratch import scratch_bytes
-from difftrain.errors import DatasetError, DifftrainError
+from difftrain.errors import DatasetError, Stopped
 from difftrain.storage import S3Settings, Store, open_store
 from difftrain.trainer import (
     autoencoder,
@@ -55,14 +55,6 @@ log = logging.getLogger(__name__)
 
 # Threads making batches ahead of the training step (see data.prefetched).
 DATA_WORKERS = min(4, os.cpu_count() or 1)
-
-
-class Stopped(DifftrainError):
-    """Training stopped on SIGTERM (or SIGINT) after writing a checkpoint; a restart
-    resumes."""
-
-    reason = "Stopped"
-    exit_code = 143
 
 
 @dataclass

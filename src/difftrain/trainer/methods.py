@@ -91,6 +91,11 @@ def check_supported(spec: DiffusionTrainingJobSpec) -> None:
             f"spec.training.strategy: {spec.training.strategy} is not supported by this "
             "trainer version; use ddp"
         )
+    if spec.evaluation is not None:
+        raise InvalidSpec(
+            "spec.evaluation: evaluation is not available in this trainer version; leave "
+            "spec.evaluation out (validation samples show progress meanwhile)"
+        )
     if "singleFile" in (spec.output.formats or []):
         raise InvalidSpec(
             "spec.output.formats: singleFile export is not available in this trainer version; "

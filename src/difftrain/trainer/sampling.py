@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from difftrain import contract
 from difftrain.storage import Store
 from difftrain.trainer.models import encoder_name
 
@@ -157,8 +158,7 @@ def write_samples(
     (folder / "prompts.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def sample_prefix(step: int) -> str:
-    return f"samples/step-{step:08d}"
+sample_prefix = contract.samples_prefix
 
 
 @contextlib.contextmanager

@@ -2,8 +2,9 @@
 
 The first process of each node (local rank 0) serves its own view: its step, loss,
 memory and checkpoints. The label ``rank`` is that process's global rank, so the whole
-job's series are those with ``rank="0"``. Names follow DESIGN.md: ``difftrain_`` prefix,
-base units, ``_total`` for counters; the other labels are the job's namespace and name.
+job's series are those with ``rank="0"``. The names are the contract's (contract.py):
+``difftrain_`` prefix, base units, ``_total`` for counters; the other labels are the
+job's namespace and name.
 ``DIFFTRAIN_METRICS_PORT`` moves the port (several local "nodes" on one machine need one
 each); a port already taken costs the metrics, never the training.
 """
@@ -16,33 +17,12 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from difftrain.contract import COUNTERS, GAUGES, METRIC_PREFIX, METRICS_PORT, METRICS_PORT_ENV
+
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 9400
 # Weight of the newest loss in loss_average (an exponential moving average).
 AVERAGE_WEIGHT = 0.1
-
-GAUGES = {
-    "step": "Optimiser steps done",
-    "total_steps": "Optimiser steps in the whole run",
-    "epoch": "Current epoch",
-    "loss": "Training loss averaged over the last logged steps",
-    "loss_average": "Exponential moving average of the training loss",
-    "learning_rate": "Learning rate of the first parameter group",
-    "images_per_second": "Training throughput, images per second over all processes",
-    "seconds_per_step": "Wall time of one optimiser step",
-    "eta_seconds": "Estimated seconds until the last step",
-    "device_memory_bytes": "GPU memory allocated by PyTorch, or resident memory on a CPU",
-    "device_memory_peak_bytes": "Most device memory allocated since start (RSS peak on a CPU)",
-    "autoencoder_stage": "1 while the autoencoder stage of method full trains, else 0",
-    "last_checkpoint_step": "Step of the stage's newest complete checkpoint (0 before one)",
-    "checkpoint_age_seconds": "Seconds since the newest checkpoint, or since start before one",
-    "dataset_images_skipped": "Dataset images skipped because they cannot be read",
-    "last_samples_step": "Step of the newest validation samples (0 before the first)",
-}
-COUNTERS = {
-    "samples_generated": "Validation sample images generated",
-}
 
 
 class Telemetry:
@@ -53,11 +33,11 @@ class Telemetry:
         self.labels = {"namespace": namespace, "job": name, "rank": str(rank)}
         names = list(self.labels)
         self.gauges = {
-            key: Gauge(f"difftrain_{key}", text, names, registry=self.registry)
+            key: Gauge(f"{METRIC_PREFIX}{key}", text, names, registry=self.registry)
             for key, text in GAUGES.items()
         }
         self.counters = {
-            key: Counter(f"difftrain_{key}", text, names, registry=self.registry)
+            key: Counter(f"{METRIC_PREFIX}{key}", text, names, registry=self.registry)
             for key, text in COUNTERS.items()
         }
         for counter in self.counters.values():
@@ -71,7 +51,7 @@ class Telemetry:
 
     def serve(self) -> int | None:
         """Start the HTTP endpoint; its port, or None if the port is taken."""
-        port = int(os.environ.get("DIFFTRAIN_METRICS_PORT", DEFAULT_PORT))
+        port = int(os.environ.get(METRICS_PORT_ENV, METRICS_PORT))
         try:
             start_http_server(port, registry=self.registry)
         except OSError as error:
