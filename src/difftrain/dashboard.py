@@ -14,61 +14,35 @@ TRAINER = 'namespace=~"$namespace", job=~"$job"'
 MAIN = f'{TRAINER}, rank="0"'
 WHO = "{{namespace}}/{{job}}"
 
+
+def _job(name: str, legend: str = WHO) -> tuple[str, str]:
+    """The job's series of trainer metric ``name`` (its main process's) and its legend."""
+    return f"difftrain_{name}{{{MAIN}}}", legend
+
+
+def _ranks(name: str, legend: str) -> tuple[str, str]:
+    """Every process's series of ``name``."""
+    return f"difftrain_{name}{{{TRAINER}}}", legend
+
+
+PROGRESS = f"100 * {_job('step')[0]} / {_job('total_steps')[0]}"
+PHASES = 'sum by (phase) (difftrain_operator_jobs{namespace=~"$namespace"})'
+RANK = f"{WHO} rank {{{{rank}}}}"
+
 # (title, panel type, unit, [(PromQL, legend)], width, height); rows fill 24 columns.
 PANELS = [
-    (
-        "Progress",
-        "bargauge",
-        "percent",
-        [(f"100 * difftrain_step{{{MAIN}}} / difftrain_total_steps{{{MAIN}}}", WHO)],
-        8,
-        6,
-    ),
-    ("Time left", "stat", "s", [(f"difftrain_eta_seconds{{{MAIN}}}", WHO)], 8, 6),
-    (
-        "Jobs by phase",
-        "stat",
-        "short",
-        [('sum by (phase) (difftrain_operator_jobs{namespace=~"$namespace"})', "{{phase}}")],
-        8,
-        6,
-    ),
-    (
-        "Loss",
-        "timeseries",
-        "short",
-        [
-            (f"difftrain_loss{{{MAIN}}}", WHO),
-            (f"difftrain_loss_average{{{MAIN}}}", f"{WHO} average"),
-        ],
-        12,
-        8,
-    ),
-    ("Learning rate", "timeseries", "short", [(f"difftrain_learning_rate{{{MAIN}}}", WHO)], 12, 8),
-    (
-        "Images per second",
-        "timeseries",
-        "short",
-        [(f"difftrain_images_per_second{{{MAIN}}}", WHO)],
-        12,
-        8,
-    ),
-    (
-        "Seconds per step",
-        "timeseries",
-        "s",
-        [(f"difftrain_seconds_per_step{{{MAIN}}}", WHO)],
-        12,
-        8,
-    ),
+    ("Progress", "bargauge", "percent", [(PROGRESS, WHO)], 8, 6),
+    ("Time left", "stat", "s", [_job("eta_seconds")], 8, 6),
+    ("Jobs by phase", "stat", "short", [(PHASES, "{{phase}}")], 8, 6),
+    ("Loss", "timeseries", "short", [_job("loss"), _job("loss_average", f"{WHO} average")], 12, 8),
+    ("Learning rate", "timeseries", "short", [_job("learning_rate")], 12, 8),
+    ("Images per second", "timeseries", "short", [_job("images_per_second")], 12, 8),
+    ("Seconds per step", "timeseries", "s", [_job("seconds_per_step")], 12, 8),
     (
         "Device memory",
         "timeseries",
         "bytes",
-        [
-            (f"difftrain_device_memory_bytes{{{TRAINER}}}", f"{WHO} rank {{{{rank}}}}"),
-            (f"difftrain_device_memory_peak_bytes{{{TRAINER}}}", f"{WHO} rank {{{{rank}}}} peak"),
-        ],
+        [_ranks("device_memory_bytes", RANK), _ranks("device_memory_peak_bytes", f"{RANK} peak")],
         12,
         8,
     ),
@@ -77,36 +51,15 @@ PANELS = [
         "timeseries",
         "short",
         [
-            (f"difftrain_operator_job_restarts{{{TRAINER}}}", f"{WHO} restarts"),
-            (f"difftrain_operator_job_preemptions{{{TRAINER}}}", f"{WHO} preemptions"),
+            _ranks("operator_job_restarts", f"{WHO} restarts"),
+            _ranks("operator_job_preemptions", f"{WHO} preemptions"),
         ],
         12,
         8,
     ),
-    (
-        "Checkpoint age",
-        "timeseries",
-        "s",
-        [(f"difftrain_checkpoint_age_seconds{{{MAIN}}}", WHO)],
-        8,
-        8,
-    ),
-    (
-        "Validation samples",
-        "timeseries",
-        "short",
-        [(f"difftrain_samples_generated_total{{{MAIN}}}", WHO)],
-        8,
-        8,
-    ),
-    (
-        "Dataset images skipped",
-        "timeseries",
-        "short",
-        [(f"difftrain_dataset_images_skipped{{{MAIN}}}", WHO)],
-        8,
-        8,
-    ),
+    ("Checkpoint age", "timeseries", "s", [_job("checkpoint_age_seconds")], 8, 8),
+    ("Validation samples", "timeseries", "short", [_job("samples_generated_total")], 8, 8),
+    ("Dataset images skipped", "timeseries", "short", [_job("dataset_images_skipped")], 8, 8),
 ]
 
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from difftrain.local import free_port
 from difftrain.shapes import write_dataset
 from difftrain.trainer import data
-from difftrain.trainer.dreambooth import WithPrior
+from difftrain.trainer.methods.dreambooth import WithPrior
 from difftrain.trainer.presets import build_preset
 from tests.trainer import runner
 from tests.trainer.test_resume import ONE_THREAD, _run_until

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from difftrain.trainer.loop import pauses_left
+from difftrain.trainer.records import pauses_left
 from difftrain.trainer.telemetry import Telemetry
 
 

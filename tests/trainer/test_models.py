@@ -79,3 +79,33 @@ def test_components_from_other_libraries_are_refused(tmp_path, sd_folder):
 
     with pytest.raises(InvalidSpec, match="component unet comes from 'my_package'"):
         load_components(folder, ModelSpec(base="file:///custom"))
+
+
+def test_a_model_of_another_family_is_refused_naming_what_it_is(tmp_path):
+    folder = tmp_path / "pixart"
+    (folder / "transformer").mkdir(parents=True)
+    index = {
+        "_class_name": "PixArtSigmaPipeline",
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "transformer" / "config.json").write_text(json.dumps({"patch_size": 2}))
+
+    with pytest.raises(InvalidSpec) as raised:
+        load_components(folder, ModelSpec(base="s3://models/pixart"))
+
+    assert str(raised.value) == (
+        "spec.model.base: s3://models/pixart is a PixArtSigmaPipeline this trainer does not "
+        "train; supported families: sdxl, sd"
+    )
+
+
+def test_every_preset_the_api_accepts_belongs_to_a_family():
+    from difftrain.api.uris import PRESETS
+    from difftrain.trainer import families
+
+    owned = {name: family.name for family in families.all_families() for name in family.presets}
+
+    assert owned == {"tiny-sd": "sd", "tiny-sdxl": "sdxl"}
+    assert set(PRESETS) == set(owned)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from difftrain.api.data import ModelSpec
 from difftrain.api.methods import TextualInversionSpec
-from difftrain.trainer import textual_inversion
+from difftrain.trainer.methods import textual_inversion
 from difftrain.trainer.models import load_components
 from difftrain.trainer.presets import write_preset
 from tests.trainer import runner

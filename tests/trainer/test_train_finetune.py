@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from difftrain.api.data import ModelSpec
 from difftrain.trainer import loss
-from difftrain.trainer.conditioning import encode_text, token_ids
+from difftrain.trainer.conditioning import token_ids
 from difftrain.trainer.data import Transform, find_examples
 from difftrain.trainer.models import load_components
 from difftrain.trainer.presets import write_preset
@@ -31,8 +31,8 @@ def evaluation_loss(components, examples, seed: int = 0) -> float:
         timesteps = torch.linspace(50, 950, len(examples)).long()
         noisy = loss.add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
         ids = token_ids(components, [s["caption"] for s in samples])
-        conditioning = encode_text(components, ids)
-        prediction = components.unet(noisy, timesteps, **conditioning).sample
+        conditioning = components.family.encode_text(components, ids)
+        prediction = components.denoiser(noisy, timesteps, **conditioning).sample
     return loss.diffusion_loss(prediction, noise).item()
 
 
@@ -100,7 +100,7 @@ def test_ema_weights_are_checkpointed_and_exported(tmp_path, trainer_cache, shap
 
     averaged = drawn()
     raw = load_file(output / "checkpoints" / "step-00000004" / "trainable.safetensors")
-    model.unet.load_state_dict({k.removeprefix("unet."): v for k, v in raw.items()})
+    model.denoiser.load_state_dict({k.removeprefix("unet."): v for k, v in raw.items()})
     assert averaged <= 2 < 4 < drawn()  # the sample is the averaged model's, not the raw one's
     last = output / "checkpoints" / "step-00000004"
     raw = load_file(last / "trainable.safetensors")

@@ -10,6 +10,7 @@ whose ``difftrain.json``, written last, marks the stage done. Its latent scaling
 is measured on the training images, so the diffusion stage sees unit-variance latents.
 """
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from difftrain import contract
 from difftrain.errors import InvalidSpec
 from difftrain.storage import Store
+from difftrain.trainer import data
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,22 @@ def export(vae, factor: float, folder: Path, store: Store, facts: dict) -> None:
     store.upload_tree(folder, MODEL)
     store.write_bytes(f"{MODEL}/{RECORD}", json.dumps(facts, indent=2).encode() + b"\n")
     log.info("autoencoder stage done: latent scaling factor %.4f, %s", factor, store.uri)
+
+
+def export_stage(stage) -> None:
+    """Measure the latent scale on the first batches of the data, then save the VAE."""
+    first = itertools.islice(stage.batches.epoch(0, 0), SCALE_BATCHES)
+    pixels = (data.collate([stage.dataset[key] for key in keys])["pixels"] for keys in first)
+    vae = stage.trainable.modules["vae"]
+    factor = scaling_factor(vae, pixels, stage.generator)
+    facts = {
+        "stage": FOLDER,
+        "steps": stage.total_steps,
+        "finalLoss": stage.losses[-1] if stage.losses else None,
+        "scalingFactor": factor,
+        "specHash": stage.identity.spec_hash,
+    }
+    export(vae, factor, stage.scratch / MODEL, stage.output, facts)
 
 
 def load(output: Store, scratch: Path):

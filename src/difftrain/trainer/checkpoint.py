@@ -210,7 +210,7 @@ def save(trainer, position: Position, gather) -> None:
 
     ``gather(obj)`` collects one object from every process. ``trainer`` provides
     ``trainable``, ``optimizer``, ``scheduler``, ``generator``, ``ema`` (None without
-    EMA), ``output``, ``scratch``, ``disk`` (a Scratch), ``waiting``, ``run`` and
+    EMA), ``output``, ``scratch``, ``disk`` (a Scratch), ``waiting``, ``identity`` and
     ``ledger`` (main process only). Replicas must hold identical weights; the checkpoint
     is refused if they do not.
     """
@@ -227,7 +227,7 @@ def save(trainer, position: Position, gather) -> None:
     def begin():
         trainer.ledger.clear(position.step)
         trainer.ledger.partial.add(position.step)
-        target.write_bytes(identity.RECORD, trainer.run.record(position.step))
+        target.write_bytes(identity.RECORD, trainer.identity.record(position.step))
 
     waiting.alone(main, "starting a checkpoint", begin)
     target.write_bytes(f"rng-{rank}.pt", _tensor_bytes(rng_state(trainer.generator)))

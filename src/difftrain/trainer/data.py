@@ -297,3 +297,20 @@ class Batches:
         dealt = [batches[i] for i in order][self.rank :: self.world_size]
         for batch in dealt[start : self.batches_per_epoch]:
             yield [(p % size, hash((self.seed, epoch, p)), *self.targets[p % size]) for p in batch]
+
+
+def fetch_dataset(uri: str, settings, cache: Path) -> Path:
+    """A local folder holding the dataset at ``uri`` (fetched once per node into ``cache``)."""
+    from difftrain.storage import open_store
+    from difftrain.trainer.cache import cached_folder
+
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    if uri == "builtin:shapes":
+        from difftrain.shapes import write_dataset
+
+        return cached_folder(cache, uri, write_dataset)
+    store = open_store(uri, settings)
+    return cached_folder(
+        cache, uri, lambda folder: store.download_tree("", folder, unsafe_error=DatasetError)
+    )

@@ -3,13 +3,16 @@ card, and ``difftrain.json`` (the reproducibility record)."""
 
 import hashlib
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from difftrain import __version__
+from difftrain import __version__, contract
 from difftrain.api.config import TrainerConfig
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,56 +71,6 @@ def spec_hash(config: TrainerConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _peft_state(module) -> dict[str, torch.Tensor]:
-    from peft.utils import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(module)
-
-
-def export_lora(components, trainable, formats: list[str], folder: Path, name: str, dtype):
-    """LoRA weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a kohya file."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
-
-    peft = {part: _peft_state(module) for part, module in trainable.modules.items()}
-    cast = {
-        part: {k: v.detach().to("cpu", dtype) for k, v in state.items()}
-        for part, state in peft.items()
-    }
-    if "diffusers" in formats:
-        layers = {
-            f"{part}_lora_layers": convert_state_dict_to_diffusers(state)
-            for part, state in cast.items()
-        }
-        # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
-        metadata = {
-            f"{part}_lora_adapter_metadata": module.peft_config["default"].to_dict()
-            for part, module in trainable.modules.items()
-        }
-        pipeline = (
-            StableDiffusionXLPipeline
-            if components.architecture == "sdxl"
-            else StableDiffusionPipeline
-        )
-        pipeline.save_lora_weights(folder, safe_serialization=True, **layers, **metadata)
-    if "kohya" in formats:
-        prefixed = {
-            f"{part}.{key}": value for part, state in cast.items() for key, value in state.items()
-        }
-        kohya = convert_state_dict_to_kohya(prefixed)
-        # diffusers writes alpha = rank here; kohya loaders scale by alpha / rank, so the
-        # real lora_alpha must be stored or the LoRA applies at the wrong strength.
-        for key in kohya:
-            if key.endswith(".alpha"):
-                part = _KOHYA_PARTS[key.split("_", 2)[1]]
-                alpha = trainable.modules[part].peft_config["default"].lora_alpha
-                kohya[key] = torch.tensor(float(alpha), dtype=dtype)
-        save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
-
-
-_KOHYA_PARTS = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
-
-
 def export_pipeline(components, modules: dict, folder: Path, dtype) -> None:
     """A complete diffusers pipeline folder: the base model with the trained ``modules``
     (bare modules by component name: unet, text_encoder, ...) in place, in ``dtype``."""
@@ -133,8 +86,8 @@ def save_pipeline(pipeline, folder: Path, dtype) -> None:
     pipeline.save_pretrained(folder, safe_serialization=True)
 
 
-def model_card(config: TrainerConfig, facts: dict) -> str:
-    """README.md for the model folder."""
+def model_card(config: TrainerConfig, facts: dict, method, family) -> str:
+    """README.md for the model folder; ``method`` adds its rows and says how to load it."""
     spec = config.spec
     training = spec.training
     rows = [
@@ -155,31 +108,8 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
         ("Final loss", f"{facts['final_loss']:.4f}" if facts["final_loss"] is not None else "-"),
         ("Exported as", ", ".join(facts["formats"])),
     ]
-    if spec.trains_lora:
-        lora = spec.lora
-        rank = lora.rank if lora else 16
-        rows.insert(2, ("LoRA rank / alpha", f"{rank} / {(lora.alpha if lora else None) or rank}"))
-    if spec.method == "full":
-        reused = spec.full_settings.reuse
-        rows.insert(2, ("Trained from scratch", _from_scratch(reused)))
-        if "vae" not in reused:
-            rows.insert(3, ("Autoencoder stage steps", spec.full_settings.autoencoder.steps))
-    if spec.method == "dreambooth":
-        rows[2:2] = _dreambooth_rows(spec.dreambooth, facts)
-    usage = 'DiffusionPipeline.from_pretrained("model/")'
-    if spec.trains_lora:
-        usage = 'pipe.load_lora_weights("model/")'
-    elif spec.method == "textualInversion":
-        settings = spec.textual_inversion
-        rows.insert(
-            2, ("Placeholder / vectors", f"{settings.placeholder_token} / {settings.vectors}")
-        )
-        usage = 'pipe.load_textual_inversion("model/learned_embeds.safetensors")'
-        if facts["architecture"] == "sdxl":
-            usage = (
-                'pipe.load_textual_inversion(embeds["clip_l"], token=TOKEN, ...)` for the first '
-                'text encoder and `embeds["clip_g"]` with `text_encoder_2`/`tokenizer_2'
-            )
+    own, usage = method.card(spec, facts, family)
+    rows[2:2] = own
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return (
         f"# {config.name}\n\n"
@@ -190,31 +120,27 @@ def model_card(config: TrainerConfig, facts: dict) -> str:
     )
 
 
-def _dreambooth_rows(settings, facts: dict) -> list[tuple[str, str]]:
-    trained = "LoRA" if settings.unet == "lora" else "whole UNet"
-    if settings.train_text_encoder:
-        trained += " and text encoders"
-    prior = "off"
-    if settings.class_prompt:
-        prior = (
-            f"{facts['class_images']} class images of {settings.class_prompt}, "
-            f"weight {settings.prior_loss_weight}"
-        )
-    return [
-        ("Instance prompt", settings.instance_prompt),
-        ("Prior preservation", prior),
-        ("Trained", trained),
-    ]
-
-
-def _from_scratch(reused: list[str]) -> str:
-    parts = ["UNet"] + [
-        name
-        for key, name in (("textEncoders", "text encoders"), ("vae", "VAE"))
-        if key not in reused
-    ]
-    kept = f"; {' and '.join(reused)} from the base" if reused else ""
-    return ", ".join(parts) + kept
+def export_model(stage, facts: dict) -> None:
+    """Write the trained model to ``OUTPUT/model/``: the method's files, the model card,
+    and ``difftrain.json`` last (its presence says the folder is complete)."""
+    config, method = stage.config, stage.run.method
+    formats = formats_for(config)
+    dtype = DTYPES[config.spec.output.dtype]
+    folder = stage.paths.scratch / contract.MODEL
+    size = method.export_bytes(stage, formats, dtype.itemsize)
+    with stage.disk.writing(folder, "the exported model", size):
+        folder.mkdir(parents=True, exist_ok=True)
+        method.export(stage, folder, formats, dtype)
+        facts["formats"] = formats
+        card = model_card(config, facts, method, stage.components.family)
+        (folder / "README.md").write_text(card)
+    store = stage.output.child(contract.MODEL)
+    try:
+        store.upload_tree(folder, "")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    store.write_bytes("difftrain.json", record(config, facts).encode())
+    log.info("model exported to %s", store.uri)
 
 
 def record(config: TrainerConfig, facts: dict) -> str:

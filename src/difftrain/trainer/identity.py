@@ -64,7 +64,7 @@ def new_run_id() -> str:
 
 
 @dataclass(frozen=True)
-class Run:
+class RunIdentity:
     """The run this job's processes write: its id and what identifies its spec."""
 
     id: str

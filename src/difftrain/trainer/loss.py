@@ -4,6 +4,8 @@ Shapes: latents, noise, predictions ``(B, C, H, W)``; timesteps ``(B,)`` integer
 ``alphas_cumprod`` ``(T,)``, the noise schedule's cumulative product of alphas.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -72,3 +74,42 @@ def diffusion_loss(prediction, expected, weights: torch.Tensor | None = None) ->
     if weights is not None:
         losses = losses * weights
     return losses.mean()
+
+
+@dataclass
+class Noised:
+    """One batch made ready for the denoiser: its input, the timesteps, what it should
+    output, and the per-sample loss weights (None for none)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weights: torch.Tensor | None
+
+
+@dataclass
+class Denoising:
+    """The objective of DDPM-trained models: noise the latents at a uniformly drawn
+    timestep; the target is the noise or the velocity; min-SNR weights when asked."""
+
+    alphas_cumprod: torch.Tensor  # on the training device
+    timesteps: int  # the schedule's length
+    prediction_type: str
+    noise_offset: float = 0.0
+    snr_gamma: float | None = None
+
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
+        noise = sample_noise(latents, generator, self.noise_offset)
+        steps = torch.randint(
+            0, self.timesteps, (latents.shape[0],), generator=generator, device=latents.device
+        )
+        alphas = self.alphas_cumprod
+        weights = None
+        if self.snr_gamma:
+            weights = min_snr_weights(steps, alphas, self.snr_gamma, self.prediction_type)
+        return Noised(
+            noisy=add_noise(latents, noise, steps, alphas),
+            timesteps=steps,
+            target=target(self.prediction_type, latents, noise, steps, alphas),
+            weights=weights,
+        )

@@ -3,8 +3,8 @@ its components for training.
 
 The folder is fetched once per node into the local cache. Components are loaded by the
 classes named in ``model_index.json``, only from diffusers and transformers (no remote
-code). SD 1.x/2.x and SDXL are told apart by the pipeline class or, for custom
-pipelines, by whether the UNet takes SDXL's extra size/crop conditioning.
+code). The model's family (families/) is told by ``model_index.json`` and the
+component configs.
 """
 
 import importlib
@@ -18,7 +18,9 @@ from typing import Any
 from difftrain.api.data import ModelSpec
 from difftrain.errors import InvalidSpec, StorageUnavailable
 from difftrain.storage import S3Settings, open_store
+from difftrain.trainer import families
 from difftrain.trainer.cache import cached_folder
+from difftrain.trainer.families import Family
 from difftrain.trainer.presets import write_preset
 
 log = logging.getLogger(__name__)
@@ -124,40 +126,50 @@ def hub_error(repo: str, error) -> Exception:
     return InvalidSpec(f"spec.model.base: cannot fetch hf://{repo}: {said}")
 
 
-def encoder_name(index: int) -> str:
-    """The component name of text encoder ``index``: text_encoder, text_encoder_2."""
-    return "text_encoder" + (f"_{index + 1}" if index else "")
-
-
-def encoder_names(architecture: str) -> list[str]:
-    """The text encoders' component names of an ``sd`` or ``sdxl`` model."""
-    return [encoder_name(index) for index in range(2 if architecture == "sdxl" else 1)]
-
-
 @dataclass
 class Components:
-    """A base model's parts, ready to train. SDXL has two text encoders and tokenizers."""
+    """A base model's parts, ready to train, and the family that knows how to train them."""
 
     folder: Path
-    architecture: str  # "sd" or "sdxl"
+    family: Family
     prediction_type: str  # "epsilon" or "v_prediction"
-    unet: Any
+    denoiser: Any  # the family's denoiser (its component ``family.denoiser``)
     vae: Any
     noise_scheduler: Any
     text_encoders: list = field(default_factory=list)
     tokenizers: list = field(default_factory=list)
+
+    @property
+    def architecture(self) -> str:
+        return self.family.name
 
 
 def read_index(folder: Path) -> dict:
     return json.loads((folder / "model_index.json").read_text())
 
 
-def detect_architecture(index: dict, unet_config: dict) -> str:
-    """``sdxl`` or ``sd``, from the pipeline class or the UNet's conditioning."""
-    name = index.get("_class_name", "")
-    if "XL" in name or unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    return "sd"
+def component_configs(folder: Path, index: dict, override: dict | None = None) -> dict:
+    """The config of every component of the model in ``folder`` that has one, by name;
+    ``override`` (inline configs) replaces the folder's."""
+    configs = {}
+    for name in index:
+        path = folder / name / "config.json"
+        if not name.startswith("_") and path.is_file():
+            configs[name] = json.loads(path.read_text())
+    configs.update({name: dict(config) for name, config in (override or {}).items()})
+    return configs
+
+
+def _family(model: ModelSpec, index: dict, configs: dict, what: str) -> Family:
+    """The model's family, checked against spec.model.architecture."""
+    family = families.detect(index, configs, model.base)
+    wanted = model.architecture
+    if wanted not in ("auto", "custom") and wanted != family.name:
+        raise InvalidSpec(
+            f"spec.model.architecture is {wanted} but {what} an {family.name} model; set "
+            f"architecture to auto or {family.name}"
+        )
+    return family
 
 
 def _component_class(index: dict, name: str) -> tuple[str, type]:
@@ -182,39 +194,30 @@ def _load_part(folder: Path, index: dict, name: str, variant: str | None):
 def load_components(folder: Path, model: ModelSpec) -> Components:
     """Load the parts of the model in ``folder`` as ``model`` (the spec) describes."""
     index = read_index(folder)
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    architecture = detect_architecture(index, unet_config)
-    if model.architecture in ("sd", "sdxl") and model.architecture != architecture:
-        raise InvalidSpec(
-            f"spec.model.architecture is {model.architecture} but {model.base} is an "
-            f"{architecture} model; set architecture to auto or {architecture}"
-        )
+    family = _family(model, index, component_configs(folder, index), f"{model.base} is")
     scheduler = _load_part(folder, index, "scheduler", None)
-    prediction_type = (
-        scheduler.config.prediction_type
-        if model.prediction_type == "auto"
-        else model.prediction_type
-    )
-    names = encoder_names(architecture)
+    names = family.encoder_names()
     return Components(
         folder=folder,
-        architecture=architecture,
-        prediction_type=prediction_type,
-        unet=_load_part(folder, index, "unet", model.variant),
+        family=family,
+        prediction_type=_prediction_type(model, scheduler),
+        denoiser=_load_part(folder, index, family.denoiser, model.variant),
         vae=_load_part(folder, index, "vae", model.variant),
         noise_scheduler=scheduler,
         text_encoders=[_load_part(folder, index, n, model.variant) for n in names],
-        tokenizers=[
-            _load_part(folder, index, n.replace("text_encoder", "tokenizer"), None) for n in names
-        ],
+        tokenizers=[_load_part(folder, index, tokenizer_name(n), None) for n in names],
     )
 
 
-def _config_of(folder: Path, name: str, override: dict | None) -> dict:
-    """The config of component ``name``: the spec's inline one, else the base's."""
-    if override is not None:
-        return dict(override)
-    return json.loads((folder / name / "config.json").read_text())
+def tokenizer_name(encoder: str) -> str:
+    """The tokenizer component of text encoder ``encoder``."""
+    return encoder.replace("text_encoder", "tokenizer")
+
+
+def _prediction_type(model: ModelSpec, scheduler) -> str:
+    if model.prediction_type == "auto":
+        return scheduler.config.prediction_type
+    return model.prediction_type
 
 
 def _build(index: dict, name: str, config: dict, field: str):
@@ -235,52 +238,36 @@ def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) 
     import torch
 
     index = read_index(folder)
-    inline = model.components
-    configs = {
-        name: _config_of(folder, name, getattr(inline, name, None) if inline else None)
-        for name in ("unet", "vae")
-    }
-    architecture = detect_architecture(index, configs["unet"])
-    if model.architecture in ("sd", "sdxl") and model.architecture != architecture:
-        raise InvalidSpec(
-            f"spec.model.architecture is {model.architecture} but the configs describe an "
-            f"{architecture} model; set architecture to auto or {architecture}"
-        )
-    names = encoder_names(architecture)
-    missing = [n for n in ("unet", "vae", "scheduler", *names) if n not in index]
+    inline = model.components.model_dump(exclude_none=True) if model.components else {}
+    configs = component_configs(folder, index, inline)
+    family = _family(model, index, configs, "the configs describe")
+    missing = [n for n in family.component_names() if n not in index]
     if missing:
         raise InvalidSpec(f"spec.model.base: {model.base} has no {', '.join(missing)} component")
-    if inline is not None and inline.scheduler is not None:
+    if "scheduler" in inline:
         from diffusers import DDPMScheduler
 
-        scheduler = DDPMScheduler.from_config(inline.scheduler)
+        scheduler = DDPMScheduler.from_config(inline["scheduler"])
     else:
         scheduler = _load_part(folder, index, "scheduler", None)
-    tokenizers = [
-        _load_part(folder, index, n.replace("text_encoder", "tokenizer"), None) for n in names
-    ]
+    names = family.encoder_names()
+    tokenizers = [_load_part(folder, index, tokenizer_name(n), None) for n in names]
+
+    def part(name: str, reused: bool):
+        if reused:
+            return _load_part(folder, index, name, model.variant)
+        return _build(index, name, configs[name], f"spec.model.components.{name}")
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # every process builds the same initial weights
-        unet = _build(index, "unet", configs["unet"], "spec.model.components.unet")
-        if "vae" in reuse:
-            vae = _load_part(folder, index, "vae", model.variant)
-        else:
-            vae = _build(index, "vae", configs["vae"], "spec.model.components.vae")
-        encoders = []
-        for name in names:
-            if "textEncoders" in reuse:
-                encoders.append(_load_part(folder, index, name, model.variant))
-                continue
-            override = getattr(inline, name, None) if inline else None
-            config = _config_of(folder, name, override)
-            encoders.append(_build(index, name, config, f"spec.model.components.{name}"))
+        denoiser = part(family.denoiser, False)
+        vae = part("vae", "vae" in reuse)
+        encoders = [part(name, "textEncoders" in reuse) for name in names]
     components = Components(
         folder=folder,
-        architecture=architecture,
-        prediction_type=scheduler.config.prediction_type
-        if model.prediction_type == "auto"
-        else model.prediction_type,
-        unet=unet,
+        family=family,
+        prediction_type=_prediction_type(model, scheduler),
+        denoiser=denoiser,
         vae=vae,
         noise_scheduler=scheduler,
         text_encoders=encoders,
@@ -292,24 +279,15 @@ def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) 
 
 def check_fit(components: Components) -> None:
     """Refuse component configs that cannot work together, naming the fields to fix."""
-    unet, vae = components.unet.config, components.vae.config
-    if unet.in_channels != vae.latent_channels:
-        raise InvalidSpec(
-            f"spec.model.components: the UNet's in_channels ({unet.in_channels}) must equal "
-            f"the VAE's latent_channels ({vae.latent_channels})"
-        )
-    widths = [encoder.config.hidden_size for encoder in components.text_encoders]
-    if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != sum(widths):
-        raise InvalidSpec(
-            f"spec.model.components: the UNet's cross_attention_dim ({unet.cross_attention_dim})"
-            f" must equal the text encoders' hidden_size ({' + '.join(map(str, widths))})"
-        )
-    for index, (encoder, tokenizer) in enumerate(
-        zip(components.text_encoders, components.tokenizers, strict=True)
+    components.family.check_fit(components)
+    for name, encoder, tokenizer in zip(
+        components.family.encoder_names(),
+        components.text_encoders,
+        components.tokenizers,
+        strict=True,
     ):
         if encoder.config.vocab_size < len(tokenizer):
             raise InvalidSpec(
-                f"spec.model.components.{encoder_name(index)}: vocab_size "
-                f"{encoder.config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
-                "tokens"
+                f"spec.model.components.{name}: vocab_size {encoder.config.vocab_size} is "
+                f"smaller than the tokenizer's {len(tokenizer)} tokens"
             )

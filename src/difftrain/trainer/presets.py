@@ -1,6 +1,7 @@
-"""Built-in tiny models (``preset:tiny-sd``, ``preset:tiny-sdxl``), made from configs.
+"""Built-in tiny models (``preset:NAME``; each model family names its own), made from
+configs.
 
-They have the architecture of SD 1.x and SDXL at a fraction of the size, random weights
+They have the architecture of their family at a fraction of the size, random weights
 from a fixed seed and the offline tokenizer, so every code path runs on a CPU in seconds
 and nothing is downloaded. :func:`write_preset` saves one as an ordinary diffusers folder,
 so presets load through exactly the same code as real models.
@@ -35,7 +36,8 @@ _VAE = {
     "sample_size": 32,
 }
 
-_UNET_SD = {
+# The UNet families' denoiser, at the size of the presets (each family adds its own).
+UNET = {
     "sample_size": 16,
     "in_channels": 4,
     "out_channels": 4,
@@ -47,20 +49,8 @@ _UNET_SD = {
     "attention_head_dim": 8,
 }
 
-_UNET_SDXL = {
-    **_UNET_SD,
-    "attention_head_dim": [2, 4],
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 8,
-    "transformer_layers_per_block": [1, 1],
-    # six size/crop numbers embedded with 8 dims each, plus the pooled text embedding
-    "projection_class_embeddings_input_dim": 6 * 8 + 32,
-    "cross_attention_dim": 64,  # both text encoders' hidden states, concatenated
-}
 
-
-def _text_config(tokenizer, projection_dim: int | None = None):
+def text_config(tokenizer, projection_dim: int | None = None):
     from transformers import CLIPTextConfig
 
     extra = {"projection_dim": projection_dim} if projection_dim else {}
@@ -78,44 +68,23 @@ def _text_config(tokenizer, projection_dim: int | None = None):
     )
 
 
-def build_preset(name: str):
-    """A diffusers pipeline for preset ``name`` with seeded random weights."""
-    from diffusers import (
-        AutoencoderKL,
-        DDPMScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def tokenizer():
+    """The offline CLIP tokenizer of every preset."""
+    return build_tokenizer()
 
-    tokenizer = build_tokenizer()
+
+def build_preset(name: str):
+    """A diffusers pipeline for preset ``name`` with seeded random weights: the VAE and
+    scheduler every preset shares, and its family's own parts."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    from difftrain.trainer import families
+
+    family = families.of_preset(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        vae = AutoencoderKL(**_VAE)
-        scheduler = DDPMScheduler(**_SCHEDULER)
-        if name == "tiny-sd":
-            return StableDiffusionPipeline(
-                vae=vae,
-                text_encoder=CLIPTextModel(_text_config(tokenizer)),
-                tokenizer=tokenizer,
-                unet=UNet2DConditionModel(**_UNET_SD),
-                scheduler=scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-        if name == "tiny-sdxl":
-            return StableDiffusionXLPipeline(
-                vae=vae,
-                text_encoder=CLIPTextModel(_text_config(tokenizer)),
-                text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, 32)),
-                tokenizer=tokenizer,
-                tokenizer_2=build_tokenizer(),
-                unet=UNet2DConditionModel(**_UNET_SDXL),
-                scheduler=scheduler,
-            )
-    raise ValueError(f"unknown preset {name!r}")
+        shared = {"vae": AutoencoderKL(**_VAE), "scheduler": DDPMScheduler(**_SCHEDULER)}
+        return family.pipeline({**shared, **family.preset_parts(name)})
 
 
 def write_preset(name: str, folder: Path) -> Path:

@@ -19,7 +19,6 @@ from PIL import Image
 
 from difftrain import contract
 from difftrain.storage import Store
-from difftrain.trainer.models import encoder_name
 
 log = logging.getLogger(__name__)
 
@@ -28,34 +27,24 @@ CHUNK = 16
 
 
 def pipeline_for(components, modules: dict | None = None):
-    """An SD or SDXL pipeline over ``components``, with ``modules`` (bare trained modules
+    """The family's pipeline over ``components``, with ``modules`` (bare trained modules
     by component name) in place of the loaded ones, and a fast multistep sampler."""
-    from diffusers import (
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLPipeline,
-    )
+    from diffusers import DPMSolverMultistepScheduler
+
+    from difftrain.trainer.models import tokenizer_name
 
     modules = modules or {}
-    encoders = [
-        modules.get(encoder_name(index), encoder)
-        for index, encoder in enumerate(components.text_encoders)
-    ]
+    family = components.family
     parts = {
         "vae": modules.get("vae", components.vae),
-        "unet": modules.get("unet", components.unet),
+        family.denoiser: modules.get(family.denoiser, components.denoiser),
         "scheduler": DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
-        "text_encoder": encoders[0],
-        "tokenizer": components.tokenizers[0],
     }
-    if components.architecture == "sdxl":
-        pipeline = StableDiffusionXLPipeline(
-            **parts, text_encoder_2=encoders[1], tokenizer_2=components.tokenizers[1]
-        )
-    else:
-        pipeline = StableDiffusionPipeline(
-            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+    pairs = zip(components.text_encoders, components.tokenizers, strict=True)
+    for name, (encoder, tokenizer) in zip(family.encoder_names(), pairs, strict=True):
+        parts[name] = modules.get(name, encoder)
+        parts[tokenizer_name(name)] = tokenizer
+    pipeline = family.pipeline(parts)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -99,7 +88,7 @@ def generate_each(
     """An image for each (prompt, seed) of ``wanted``, as (prompt, seed, image), made in
     chunks with generators of their own inside a forked random state; fewer if
     ``stopping()`` turns true between chunks (the job is being stopped)."""
-    device = pipeline.unet.device
+    device = pipeline.device
     results = []
     modes = {m: m.training for m in pipeline.components.values() if hasattr(m, "training")}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -163,12 +152,12 @@ sample_prefix = contract.samples_prefix
 
 @contextlib.contextmanager
 def _averaged(trainer):
-    """The UNet holds its EMA weights inside this context when the job keeps an EMA (the
-    weights the export will have), and its training weights again after it."""
+    """The denoiser holds its EMA weights inside this context when the job keeps an EMA
+    (the weights the export will have), and its training weights again after it."""
     if trainer.ema is None:
         yield
         return
-    parameters = list(trainer.trainable.modules["unet"].parameters())
+    parameters = trainer.denoiser_parameters()
     trainer.ema.store(parameters)
     trainer.ema.copy_to(parameters)
     try:

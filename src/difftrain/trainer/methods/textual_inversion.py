@@ -5,9 +5,8 @@ every tokenizer, its embedding rows start as copies of the initializer token's, 
 those rows train: after each optimiser step every other row is put back exactly, so the
 text encoders stay bit-identical apart from the new rows (weight decay and momentum
 never leak into them). Captions are prompt templates with the placeholder in them.
-The result is ``learned_embeds.safetensors`` in the layout ``load_textual_inversion``
-reads: ``{TOKEN: (N, D)}`` for one text encoder, ``{"clip_l": ..., "clip_g": ...}`` for
-SDXL's two (the layout SDXL embedding files share across tools).
+The result is ``learned_embeds.safetensors`` in the layout loaders of the model's
+family read (families/: ``{TOKEN: (N, D)}`` for one text encoder).
 """
 
 from pathlib import Path
@@ -16,11 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from difftrain.errors import InvalidSpec
-from difftrain.trainer.methods import Trainable
-from difftrain.trainer.models import encoder_name
+from difftrain.trainer.methods import Method, register
+from difftrain.trainer.trainable import Trainable
 
 FILE = "learned_embeds.safetensors"
-SDXL_KEYS = ("clip_l", "clip_g")
 
 TEMPLATES = {
     "object": (
@@ -71,7 +69,7 @@ class EmbeddingRows(Trainable):
     """
 
     def __init__(self, modules: dict[str, torch.nn.Module], rows: list[int]):
-        super().__init__(modules, lora=False)
+        super().__init__(modules)
         self.rows = rows
         self.frozen = {
             name: module.get_input_embeddings().weight.detach().clone()
@@ -121,8 +119,9 @@ def prepare(components, settings) -> EmbeddingRows:
     new = tokens(settings)
     rows = None
     modules = {}
-    pairs = zip(components.tokenizers, components.text_encoders, strict=True)
-    for index, (tokenizer, encoder) in enumerate(pairs):
+    names = components.family.encoder_names()
+    parts = zip(names, components.tokenizers, components.text_encoders, strict=True)
+    for name, tokenizer, encoder in parts:
         vocabulary = tokenizer.get_vocab()
         taken = [
             token
@@ -153,17 +152,41 @@ def prepare(components, settings) -> EmbeddingRows:
             weights[ids] = weights[start[0]].clone()
         encoder.requires_grad_(False)
         weights.requires_grad_(True)
-        modules[encoder_name(index)] = encoder
+        modules[name] = encoder
     return EmbeddingRows(modules, rows)
 
 
-def export(trainable: EmbeddingRows, settings, folder: Path, dtype) -> Path:
+def export(trainable: EmbeddingRows, family, settings, folder: Path, dtype) -> Path:
     """Write ``learned_embeds.safetensors`` for the loaders (see the module's docstring)."""
-    vectors = trainable.embeddings()
-    if len(vectors) == 1:
-        state = {settings.placeholder_token: vectors[encoder_name(0)].to(dtype)}
-    else:
-        state = {key: vectors[encoder_name(index)].to(dtype) for index, key in enumerate(SDXL_KEYS)}
+    vectors = {name: vector.to(dtype) for name, vector in trainable.embeddings().items()}
+    state = family.embedding_file(settings.placeholder_token, vectors)
     path = folder / FILE
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     return path
+
+
+class TextualInversion(Method):
+    name = "textualInversion"
+
+    def captions(self, spec):
+        concept = spec.textual_inversion
+        return TEMPLATES[concept.template], subject(concept)
+
+    def prepare(self, components, spec):
+        components.denoiser.requires_grad_(False)
+        return prepare(components, spec.textual_inversion)
+
+    def export(self, stage, folder, formats, dtype):
+        family = stage.components.family
+        export(stage.trainable, family, stage.config.spec.textual_inversion, folder, dtype)
+
+    def export_bytes(self, stage, formats, itemsize):
+        return stage.trainable.trained_count() * itemsize * len(formats)
+
+    def card(self, spec, facts, family):
+        settings = spec.textual_inversion
+        row = ("Placeholder / vectors", f"{settings.placeholder_token} / {settings.vectors}")
+        return [row], family.embedding_usage()
+
+
+register(TextualInversion())

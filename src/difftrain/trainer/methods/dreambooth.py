@@ -17,13 +17,15 @@ restart or rerun finds them there and makes only the missing ones;
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from difftrain.errors import DatasetError
 from difftrain.storage import Store
-from difftrain.trainer import data, sampling
+from difftrain.trainer import adapters, data, loss, sampling
 from difftrain.trainer.cache import cached_folder
+from difftrain.trainer.methods import Method, register, whole_denoiser, whole_text_encoders
+from difftrain.trainer.trainable import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ RECORD = "difftrain.json"
 
 def prior_weight(spec) -> float | None:
     """The class term's weight when the job preserves a prior, else None."""
-    settings = spec.dreambooth if spec.method == "dreambooth" else None
-    if settings is None or settings.class_prompt is None:
+    settings = spec.dreambooth
+    if settings.class_prompt is None:
         return None
     return settings.prior_loss_weight
 
@@ -120,7 +122,7 @@ def _make(accelerator, components, spec, store: Store, indices: list[int]) -> No
     import torch
 
     settings, validation = spec.dreambooth, spec.validation
-    for part in (components.unet, components.vae, *components.text_encoders):
+    for part in (components.denoiser, components.vae, *components.text_encoders):
         part.to(accelerator.device)
     pipeline = sampling.pipeline_for(components)
     wanted = [(settings.class_prompt, settings.class_seed + i) for i in indices]
@@ -196,3 +198,100 @@ class WithPrior:
             prior = next(self.prior.epoch(prior_epoch, prior_batch))
             width, height = keys[0][2:]
             yield keys + [(index + self.offset, seed, width, height) for index, seed, _, _ in prior]
+
+
+class DreamBooth(Method):
+    name = "dreambooth"
+
+    def examples(self, spec, examples):
+        return instance_examples(examples, spec.dreambooth.instance_prompt)
+
+    def extra_examples(self, setup, examples, batches):
+        """With prior preservation, the class images after the instance images, and
+        batches that follow each instance batch with as many class images."""
+        spec = setup.spec
+        if prior_weight(spec) is None:
+            return examples, batches, {}
+        classes = _class_examples(setup)
+        # Class batches in an order of their own; each takes its instance batch's size.
+        unsized = ((0, 0),) * len(classes)
+        prior = replace(batches, targets=unsized, repeats=1, seed=spec.training.seed + 1)
+        paired = WithPrior(batches, prior, offset=len(examples))
+        paired.check()
+        return examples + classes, paired, {"class_images": len(classes)}
+
+    def prepare(self, components, spec):
+        """LoRA adapters (spec.lora) or the whole denoiser; the text encoders too when asked."""
+        settings = spec.dreambooth
+        if settings.unet == "lora":
+            return adapters.add(components, spec, settings.train_text_encoder)
+        modules = whole_denoiser(components)
+        if settings.train_text_encoder:
+            whole_text_encoders(components, modules)
+        return Trainable(modules)
+
+    def loss(self, spec, prediction, target, weights):
+        weight = prior_weight(spec)
+        if weight is None:
+            return loss.diffusion_loss(prediction, target, weights)
+        # The second half of the batch is class images (WithPrior).
+        halves = [
+            t.chunk(2) if t is not None else (None, None) for t in (prediction, target, weights)
+        ]
+        instance, prior = (loss.diffusion_loss(*parts) for parts in zip(*halves, strict=True))
+        return instance + weight * prior
+
+    def export(self, stage, folder, formats, dtype):
+        if stage.trainable.lora:
+            name = stage.config.name
+            adapters.export(stage.components, stage.trainable, formats, folder, name, dtype)
+        else:
+            super().export(stage, folder, formats, dtype)
+
+    def export_bytes(self, stage, formats, itemsize):
+        if stage.trainable.lora:
+            return stage.trainable.trained_count() * itemsize * len(formats)
+        return super().export_bytes(stage, formats, itemsize)
+
+    def card(self, spec, facts, family):
+        settings = spec.dreambooth
+        trained = "LoRA" if settings.unet == "lora" else "whole UNet"
+        if settings.train_text_encoder:
+            trained += " and text encoders"
+        prior = "off"
+        if settings.class_prompt:
+            prior = (
+                f"{facts['class_images']} class images of {settings.class_prompt}, "
+                f"weight {settings.prior_loss_weight}"
+            )
+        rows = [
+            ("Instance prompt", settings.instance_prompt),
+            ("Prior preservation", prior),
+            ("Trained", trained),
+        ]
+        if settings.unet == "lora":
+            return [*rows, adapters.card_row(spec)], adapters.USAGE
+        return rows, 'DiffusionPipeline.from_pretrained("model/")'
+
+
+def _class_examples(setup) -> list[data.Example]:
+    """The class images: from spec.dreambooth.classData, or made by the base model."""
+    wanted = setup.spec.dreambooth
+    if wanted.class_data:
+        folder = data.fetch_dataset(
+            wanted.class_data, setup.storage, setup.paths.cache / "datasets"
+        )
+        source = "spec.dreambooth.classData"
+    else:
+        folder = generate_class_images(
+            setup.accelerator,
+            setup.components,
+            setup.spec,
+            setup.output,
+            setup.paths.cache / "class-images",
+        )
+        source = f"{setup.output.uri}/{FOLDER}"
+    return class_examples(folder, wanted.class_prompt, wanted.num_class_images, source)
+
+
+register(DreamBooth())

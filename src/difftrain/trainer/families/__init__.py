@@ -1,0 +1,139 @@
+"""Model families: what differs between the architectures the trainer trains.
+
+A family is one module here that defines a :class:`Family` subclass and registers an
+instance of it. The rest of the trainer asks the family of the loaded model (the
+``family`` of its :class:`~difftrain.trainer.models.Components`) and never names one:
+how it is detected in a model folder, which components it has, how its denoiser is
+called, what it learns to predict, which pipeline samples it, where LoRA goes, and how
+its adapters and embeddings are laid out in exported files. DEVELOPERS.md lists what a
+new family writes.
+"""
+
+from difftrain.errors import InvalidSpec
+from difftrain.trainer.registry import Registry
+
+
+class Family:
+    """The behaviour of one model family; subclasses fill in what their models need."""
+
+    name: str  # as spec.model.architecture and the model card call it
+    denoiser = "unet"  # the component that predicts the noise
+    text_encoders = 1  # how many text encoders (and tokenizers) the models have
+    priority = 0  # families with a higher one are asked first (the more specific ones)
+    presets: tuple[str, ...] = ()  # the built-in tiny models of the family (preset:NAME)
+
+    # What a model folder holds, and the model built from it.
+
+    def matches(self, index: dict, configs: dict[str, dict]) -> bool:
+        """Whether a model with this ``model_index.json`` and these component configs
+        (by component name) is of this family."""
+        raise NotImplementedError
+
+    def encoder_names(self) -> list[str]:
+        """The text encoders' component names: text_encoder, text_encoder_2, ..."""
+        return [encoder_name(index) for index in range(self.text_encoders)]
+
+    def component_names(self) -> list[str]:
+        """Every component a model of the family must have."""
+        return [self.denoiser, "vae", "scheduler", *self.encoder_names()]
+
+    def check_fit(self, components) -> None:
+        """Refuse component configs that cannot work together (a new model's)."""
+
+    def preset_parts(self, name: str) -> dict:
+        """The components of preset ``name`` other than the VAE and the scheduler
+        (presets.py makes those, and seeds the random weights), by component name."""
+        raise NotImplementedError
+
+    # Training.
+
+    def latents(self, components, pixels, generator):
+        """The latents the denoiser learns on, from pixels in [-1, 1]."""
+        raise NotImplementedError
+
+    def objective(self, components, training, device):
+        """The training objective: a callable (latents, generator) -> ``loss.Noised``."""
+        raise NotImplementedError
+
+    def encode_text(self, components, ids: list) -> dict:
+        """The denoiser's text conditioning for token ids (one tensor per tokenizer)."""
+        raise NotImplementedError
+
+    def conditioning(self, batch: dict, device) -> dict:
+        """The denoiser's conditioning that comes from the batch itself, not its text."""
+        return {}
+
+    def predict(self, denoiser, noisy, timesteps, text: dict, extra: dict):
+        """The denoiser's output for ``noisy`` at ``timesteps``."""
+        raise NotImplementedError
+
+    # Sampling and export.
+
+    def pipeline(self, parts: dict):
+        """A sampling pipeline over ``parts`` (components by name, tokenizers included)."""
+        raise NotImplementedError
+
+    def lora_targets(self, requested: list[str]) -> list[str]:
+        """Where LoRA goes in the denoiser for spec.lora.targetModules ``requested``
+        (whose default names the attention projections of diffusers' models: a family
+        may add its own, such as a second stream's)."""
+        raise NotImplementedError
+
+    def text_encoder_lora_targets(self) -> list[str]:
+        """Where LoRA goes in the text encoders."""
+        raise NotImplementedError
+
+    def save_lora(self, folder, layers: dict, metadata: dict) -> None:
+        """Write diffusers' LoRA file (``pytorch_lora_weights.safetensors``)."""
+        raise NotImplementedError
+
+    def kohya_component(self, prefix: str) -> str:
+        """The component a kohya key's prefix (``unet``, ``te1``, ...) belongs to."""
+        raise NotImplementedError
+
+    def embedding_file(self, token: str, vectors: dict) -> dict:
+        """Textual Inversion's file: learned vectors by encoder name, keyed as loaders
+        of the family's embeddings read them."""
+        raise NotImplementedError
+
+    def embedding_usage(self) -> str:
+        """How a user loads the family's embeddings (for the model card)."""
+        return 'pipe.load_textual_inversion("model/learned_embeds.safetensors")'
+
+
+def encoder_name(index: int) -> str:
+    """The component name of text encoder ``index``: text_encoder, text_encoder_2."""
+    return "text_encoder" + (f"_{index + 1}" if index else "")
+
+
+_FAMILIES = Registry(__name__)
+register = _FAMILIES.add
+
+
+def all_families() -> list[Family]:
+    """Every family, the most specific first (the order detection asks them in)."""
+    return sorted(_FAMILIES.parts().values(), key=lambda family: -family.priority)
+
+
+def named(name: str) -> Family:
+    return _FAMILIES.parts()[name]
+
+
+def detect(index: dict, configs: dict[str, dict], where: str) -> Family:
+    """The family of the model whose ``model_index.json`` is ``index`` and whose
+    components have ``configs``; InvalidSpec naming what it is when no family is."""
+    for family in all_families():
+        if family.matches(index, configs):
+            return family
+    known = ", ".join(family.name for family in all_families())
+    raise InvalidSpec(
+        f"spec.model.base: {where} is a {index.get('_class_name', 'model')} this trainer "
+        f"does not train; supported families: {known}"
+    )
+
+
+def of_preset(name: str) -> Family:
+    for family in all_families():
+        if name in family.presets:
+            return family
+    raise ValueError(f"unknown preset {name!r}")

@@ -1,0 +1,63 @@
+"""What the UNet families (SD 1.x/2.x, SDXL) share: VAE latents, the denoising objective
+(noise or velocity prediction over a DDPM schedule, min-SNR weights), CLIP text encoders
+and diffusers' LoRA layout. A base class, not a family: it registers nothing."""
+
+from difftrain.errors import InvalidSpec
+from difftrain.trainer import loss
+from difftrain.trainer.families import Family
+
+# Attention projections of CLIP text encoders.
+CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class UNetFamily(Family):
+    def latents(self, components, pixels, generator):
+        vae = components.vae
+        sampled = vae.encode(pixels).latent_dist.sample(generator)
+        return sampled.float() * vae.config.scaling_factor
+
+    def objective(self, components, training, device):
+        return loss.Denoising(
+            alphas_cumprod=components.noise_scheduler.alphas_cumprod.to(device),
+            timesteps=components.noise_scheduler.config.num_train_timesteps,
+            prediction_type=components.prediction_type,
+            noise_offset=training.noise_offset,
+            snr_gamma=training.snr_gamma,
+        )
+
+    def predict(self, denoiser, noisy, timesteps, text: dict, extra: dict):
+        return denoiser(noisy, timesteps, **text, **extra).sample
+
+    def check_fit(self, components) -> None:
+        unet, vae = components.denoiser.config, components.vae.config
+        if unet.in_channels != vae.latent_channels:
+            raise InvalidSpec(
+                f"spec.model.components: the UNet's in_channels ({unet.in_channels}) must "
+                f"equal the VAE's latent_channels ({vae.latent_channels})"
+            )
+        widths = [encoder.config.hidden_size for encoder in components.text_encoders]
+        if isinstance(unet.cross_attention_dim, int) and unet.cross_attention_dim != sum(widths):
+            raise InvalidSpec(
+                f"spec.model.components: the UNet's cross_attention_dim "
+                f"({unet.cross_attention_dim}) must equal the text encoders' hidden_size "
+                f"({' + '.join(map(str, widths))})"
+            )
+
+    def lora_targets(self, requested: list[str]) -> list[str]:
+        return list(requested)  # the API's default is the UNet's attention projections
+
+    def text_encoder_lora_targets(self) -> list[str]:
+        return list(CLIP_LORA_TARGETS)
+
+    def kohya_component(self, prefix: str) -> str:
+        if prefix == "unet":
+            return "unet"
+        return "text_encoder" + ("" if prefix == "te1" else f"_{prefix[2:]}")
+
+    def save_lora(self, folder, layers: dict, metadata: dict) -> None:
+        self.pipeline_class().save_lora_weights(
+            folder, safe_serialization=True, **layers, **metadata
+        )
+
+    def pipeline_class(self):
+        raise NotImplementedError

@@ -1,0 +1,24 @@
+"""LoRA: low-rank adapters on the frozen denoiser (and, when asked, text encoders)."""
+
+from difftrain.trainer import adapters
+from difftrain.trainer.methods import Method, register
+
+
+class Lora(Method):
+    name = "lora"
+
+    def prepare(self, components, spec):
+        return adapters.add(components, spec, adapters.settings_of(spec).train_text_encoder)
+
+    def export(self, stage, folder, formats, dtype):
+        name = stage.config.name
+        adapters.export(stage.components, stage.trainable, formats, folder, name, dtype)
+
+    def export_bytes(self, stage, formats, itemsize):
+        return stage.trainable.trained_count() * itemsize * len(formats)
+
+    def card(self, spec, facts, family):
+        return [adapters.card_row(spec)], adapters.USAGE
+
+
+register(Lora())

@@ -1,0 +1,91 @@
+"""What a stage records as it trains: ``metrics.jsonl``, the progress gauges, and the
+window of steps since the last record (its losses, its time less the pauses for
+checkpoints and samples, which the time left adds back as they are still to come)."""
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from difftrain import contract
+from difftrain.storage import Store
+from difftrain.trainer.telemetry import Telemetry
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one line per logged step, kept locally and uploaded whole."""
+
+    def __init__(self, path: Path, store: Store, resume_step: int):
+        self.path, self.store = path, store
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        if resume_step and store.exists(contract.METRICS_FILE):
+            lines = [
+                line
+                for line in store.read_bytes(contract.METRICS_FILE).decode().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
+        path.write_text("".join(line + "\n" for line in lines))
+
+    def append(self, entry: dict) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def upload(self) -> None:
+        self.store.upload(self.path, contract.METRICS_FILE)
+
+
+@dataclass
+class Progress:
+    """Where a stage's steps fall in the whole run, for the progress gauges: the
+    autoencoder stage comes first, and the diffusion stage's steps follow it."""
+
+    telemetry: Telemetry
+    offset: int
+    total: int
+
+    def update(self, step: int, **values) -> None:
+        self.telemetry.update(step=self.offset + step, total_steps=self.total, **values)
+
+    def begin(self, stage: str) -> None:
+        """A stage starts: checkpoint and sample steps count within it, as their folders
+        are named (the autoencoder stage's under OUTPUT/autoencoder/)."""
+        self.telemetry.update(autoencoder_stage=int(stage == contract.AUTOENCODER_STAGE))
+        self.telemetry.checkpoint_saved(0)
+
+    def checkpoint_saved(self, step: int) -> None:
+        self.telemetry.checkpoint_saved(step)
+
+    def samples_generated(self, step: int, count: int) -> None:
+        self.telemetry.samples_generated(step, count)
+
+
+@dataclass
+class Window:
+    """The optimiser steps since the last record."""
+
+    losses: list = field(default_factory=list)  # one per micro-batch
+    started: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds of checkpoints and samples within the window
+    last: dict = field(default_factory=lambda: {"save": 0.0, "sample": 0.0})  # the latest of each
+
+    @contextlib.contextmanager
+    def pause(self, kind: str):
+        """Time a checkpoint (``save``) or samples (``sample``): not training time."""
+        started = time.perf_counter()
+        yield
+        self.last[kind] = time.perf_counter() - started
+        self.paused += self.last[kind]
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused
+
+    def restart(self) -> None:
+        self.losses, self.started, self.paused = [], time.perf_counter(), 0.0
+
+
+def pauses_left(step: int, last: int, every: int) -> int:
+    """How many of the pauses taken every ``every`` steps, and once after ``last`` if it
+    is not one of them, come after ``step``."""
+    return last // every - step // every + (last % every != 0 and step < last)

@@ -1,0 +1,227 @@
+"""Everything a run sets up before its first step: the output held, the model and data
+fetched, the processes started, the model loaded and the data indexed (:func:`prepare`).
+What it makes, a :class:`Run`, is what every stage of the run shares."""
+
+import collections
+import datetime
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from difftrain.api.config import TrainerConfig
+from difftrain.api.scratch import scratch_bytes
+from difftrain.api.spec import DiffusionTrainingJobSpec
+from difftrain.storage import S3Settings, Store, open_store
+from difftrain.trainer import data, methods, models, ownership
+from difftrain.trainer.scratch import Scratch
+from difftrain.trainer.waiting import Waiting
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Paths:
+    """Node-local folders (emptyDirs in a pod): the cache, and this process's folder on
+    the node's scratch disk (``base``, shared by the node's processes)."""
+
+    cache: Path
+    scratch: Path
+    base: Path
+
+    @classmethod
+    def from_env(cls) -> "Paths":
+        base = Path(os.environ.get("DIFFTRAIN_SCRATCH", "/tmp/difftrain"))
+        cache = Path(os.environ.get("DIFFTRAIN_CACHE", base / "cache"))
+        rank = os.environ.get("RANK", "0")
+        return cls(cache=cache, scratch=base / f"scratch-rank{rank}", base=base)
+
+
+@dataclass
+class Run:
+    """What every stage of a run uses: processes, the method, model parts, data and the
+    output."""
+
+    config: TrainerConfig
+    paths: Paths
+    accelerator: "Accelerator"
+    method: methods.Method
+    components: models.Components
+    batches: data.Batches
+    dataset: data.TrainingSet
+    output: Store
+    facts: dict  # for the model card
+    lease: ownership.Lease | None  # the main process's hold on the output
+    disk: Scratch
+    waiting: Waiting
+    run_id: str | None = None  # the run this job writes, once a stage has chosen it
+
+    @property
+    def spec(self):
+        return self.config.spec
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class Setup:
+    """What a method needs to make extra examples (DreamBooth's class images)."""
+
+    spec: DiffusionTrainingJobSpec
+    storage: S3Settings
+    accelerator: "Accelerator"
+    components: models.Components
+    output: Store
+    paths: Paths
+    facts: dict = field(default_factory=dict)
+
+
+def gather_from_all(accelerator, value) -> list:
+    """``value`` from every process, in rank order (a synchronisation point)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def prepare(config: TrainerConfig, paths: Paths) -> Run:
+    """Hold the output, fetch the model and data, start the process group, load the
+    parts and the data."""
+    spec = config.spec
+    settings = S3Settings.from_spec(spec.storage)
+    method = methods.for_spec(spec)
+    output = open_store(spec.output.uri, settings)
+    if os.environ.get("RANK", "0") == "0":
+        output.check_writable()  # fail before hours of training, not at the first checkpoint
+    leases: list[ownership.Lease] = []  # the main process's, once the data is usable
+    try:
+        return _prepare(config, paths, settings, method, output, leases)
+    except BaseException:
+        for lease in leases:
+            lease.release()
+        raise
+
+
+def _prepare(config, paths: Paths, settings, method, output: Store, leases: list) -> Run:
+    spec = config.spec
+    # Fetch before torch.distributed starts: downloads are per node (not per rank), and
+    # libraries skip writing files on ranks other than 0 once it has.
+    model_folder = models.fetch_model(
+        spec.model, settings, paths.cache / "models", weights=method.needs_weights(spec)
+    )
+    data_folder = data.fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
+    accelerator = _accelerator(spec)
+    components = method.components(model_folder, spec, spec.training.seed)
+    examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder)
+    batches = _batches(spec, accelerator, training_sizes(spec.dataset, sizes))
+    if accelerator.is_main_process:  # before anything is written to the output
+        leases.append(ownership.take(output, ownership.Holder.of(config)))
+    examples = method.examples(spec, examples)
+    facts = {
+        "architecture": components.architecture,
+        "images": len(examples),
+        "processes": accelerator.num_processes,
+        "dataset_fingerprint": fingerprint(examples, data_folder),
+        "skipped": skipped,
+    }
+    setup = Setup(spec, settings, accelerator, components, output, paths)
+    examples, batches, extra = method.extra_examples(setup, examples, batches)
+    facts.update(extra)
+    templates, subject = method.captions(spec)
+    transform = data.Transform(
+        spec.dataset.center_crop,
+        spec.dataset.random_flip,
+        spec.dataset.caption_dropout,
+        templates,
+        subject,
+    )
+    return Run(
+        config=config,
+        paths=paths,
+        accelerator=accelerator,
+        method=method,
+        components=components,
+        batches=batches,
+        dataset=data.TrainingSet(examples, transform),
+        output=output,
+        facts=facts,
+        lease=leases[0] if leases else None,
+        disk=Scratch(paths.base, scratch_bytes(spec)),
+        waiting=Waiting(accelerator.num_processes),
+    )
+
+
+def _accelerator(spec):
+    """Start the process group (torchrun's environment) and seed every library."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+    on_cpu = spec.resources.gpus_per_node == 0 or not torch.cuda.is_available()
+    # Without cpu=True, Accelerate ignores torchrun's WORLD_SIZE on CPUs and each
+    # process would train alone.
+    timeout = datetime.timedelta(seconds=spec.run_policy.collective_timeout_seconds)
+    accelerator = Accelerator(
+        mixed_precision=spec.training.mixed_precision,
+        cpu=on_cpu,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+    )
+    set_seed(spec.training.seed)
+    return accelerator
+
+
+def _batches(spec, accelerator, targets: tuple) -> data.Batches:
+    counts = collections.Counter(targets).most_common()
+    log.info("%d images at %s", len(targets), ", ".join(f"{w}x{h} ({n})" for (w, h), n in counts))
+    batches = data.Batches(
+        targets=targets,
+        repeats=spec.dataset.repeats,
+        batch_size=spec.training.batch_size,
+        world_size=accelerator.num_processes,
+        rank=accelerator.process_index,
+        seed=spec.training.seed,
+    )
+    batches.check()
+    return batches
+
+
+def _usable_examples(accelerator, spec, folder: Path):
+    """The dataset's readable examples and their sizes; each process checks a share."""
+    examples = data.find_examples(folder)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    shares = gather_from_all(accelerator, data.image_sizes(examples[rank::world]))
+    sizes = [shares[i % world][i // world] for i in range(len(examples))]
+    usable = [(e, size) for e, size in zip(examples, sizes, strict=True) if size is not None]
+    skipped = [e for e, size in zip(examples, sizes, strict=True) if size is None]
+    data.check_usable([e for e, _ in usable], skipped, spec.dataset.max_skipped_fraction)
+    return [e for e, _ in usable], [size for _, size in usable], len(skipped)
+
+
+def training_sizes(dataset, sizes: list[data.Size]) -> tuple[data.Size, ...]:
+    """The (width, height) each image trains at: square, or its aspect-ratio bucket."""
+    side = dataset.resolution
+    if not dataset.bucketing.enabled:
+        return tuple((side, side) for _ in sizes)
+    bucketing = dataset.bucketing
+    buckets = data.bucket_sizes(
+        side, bucketing.min_resolution, bucketing.max_resolution, bucketing.step
+    )
+    return tuple(data.nearest_bucket(size, buckets) for size in sizes)
+
+
+def fingerprint(examples: list[data.Example], folder: Path) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(str(example.image.relative_to(folder)).encode())
+        digest.update(str(example.image.stat().st_size).encode())
+        digest.update(example.caption.encode())
+    return digest.hexdigest()

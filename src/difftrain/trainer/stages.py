@@ -1,0 +1,265 @@
+"""The stages of a run. Every run trains the diffusion model; method full trains the
+autoencoder first. A :class:`Stage` holds what its steps update (the trainable modules,
+their optimiser and schedule, the noise generator) and does one micro-batch's forward
+and backward pass (:meth:`Stage.forward_backward`) and the optimiser step; the loop
+(loop.py) decides when each happens."""
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from difftrain.storage import Store
+from difftrain.trainer import autoencoder, checkpoint, identity, methods, optim
+from difftrain.trainer.conditioning import token_ids
+from difftrain.trainer.identity import RunIdentity
+from difftrain.trainer.setup import Run
+from difftrain.trainer.trainable import Trainable
+
+if TYPE_CHECKING:
+    from diffusers.training_utils import EMAModel
+
+    from difftrain.trainer.loss import Noised
+
+FROZEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Stage:
+    """One stage of a run: the modules it trains and where its outputs go."""
+
+    run: Run
+    trainable: Trainable  # the bare modules: checkpoints and export use these
+    wrapped: dict  # the same modules as the accelerator prepared them (DDP): training uses these
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    total_steps: int
+    output: Store  # the stage's root: OUTPUT, or OUTPUT/autoencoder
+    scratch: Path  # the stage's local folder
+    ema: "EMAModel | None" = None  # of the denoiser, when spec.training.ema asks
+    samples: bool = False  # whether validation samples are taken
+    losses: list = field(default_factory=list)
+    identity: RunIdentity | None = None  # the run its checkpoints belong to
+    ledger: checkpoint.Ledger | None = None  # this run's checkpoints (main process)
+
+    name = "diffusion"
+
+    # What checkpoints, samples and exports read of the run.
+    config = property(lambda self: self.run.config)
+    accelerator = property(lambda self: self.run.accelerator)
+    components = property(lambda self: self.run.components)
+    batches = property(lambda self: self.run.batches)
+    dataset = property(lambda self: self.run.dataset)
+    paths = property(lambda self: self.run.paths)
+    disk = property(lambda self: self.run.disk)
+    waiting = property(lambda self: self.run.waiting)
+    lease = property(lambda self: self.run.lease)
+
+    def forward_backward(self, batch: dict, accumulation: int) -> float:
+        """One micro-batch: forward, loss, backward; the loss."""
+        raise NotImplementedError
+
+    def synchronising(self, sync: bool) -> contextlib.ExitStack:
+        """A context in which gradients are synchronised across processes only if ``sync``."""
+        stack = contextlib.ExitStack()
+        if not sync:
+            for module in self.wrapped.values():
+                stack.enter_context(self.accelerator.no_sync(module))
+        return stack
+
+    def optimizer_step(self) -> None:
+        max_norm = self.config.spec.training.max_grad_norm
+        if max_norm:
+            wrapped = self.wrapped.values()
+            parameters = [p for m in wrapped for p in m.parameters() if p.requires_grad]
+            self.accelerator.clip_grad_norm_(parameters, max_norm)
+        self.optimizer.step()
+        self.trainable.after_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(self.denoiser_parameters())
+
+    def denoiser_parameters(self) -> list:
+        return list(self.trainable.modules[self.components.family.denoiser].parameters())
+
+    def final_modules(self) -> dict:
+        """The trained modules as exported: with the EMA weights when the job keeps one."""
+        if self.ema is not None:
+            self.ema.copy_to(self.denoiser_parameters())  # export the average, as asked
+        return self.trainable.modules
+
+
+@dataclass
+class DiffusionStage(Stage):
+    """The diffusion model learns to denoise the latents of the training images."""
+
+    objective: "Callable[[torch.Tensor, torch.Generator], Noised] | None" = None  # the family's
+
+    def forward_backward(self, batch: dict, accumulation: int) -> float:
+        components, accelerator = self.components, self.accelerator
+        family, device = components.family, accelerator.device
+        denoiser = self.wrapped.get(family.denoiser, components.denoiser)
+        # Every copy to the device first: a copy from pageable memory waits for all the work
+        # queued before it, so a copy in mid-step would stall the step there.
+        pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
+        ids = [tokens.to(device) for tokens in token_ids(components, batch["captions"])]
+        extra = family.conditioning(batch, device)
+        trains_text = any(name in self.wrapped for name in family.encoder_names())
+        with accelerator.autocast():
+            with torch.no_grad():
+                latents = family.latents(components, pixels, self.generator)
+            noised = self.objective(latents, self.generator)
+            with torch.enable_grad() if trains_text else torch.no_grad():
+                text = family.encode_text(components, ids)
+            prediction = family.predict(denoiser, noised.noisy, noised.timesteps, text, extra)
+            loss = self.run.method.loss(self.config.spec, prediction, noised.target, noised.weights)
+            accelerator.backward(loss / accumulation)
+        return loss.detach().item()
+
+
+@dataclass
+class AutoencoderStage(Stage):
+    """Method full's first stage: the VAE learns to reconstruct the training images."""
+
+    name = "autoencoder"
+
+    def forward_backward(self, batch: dict, accumulation: int) -> float:
+        accelerator = self.accelerator
+        weight = self.config.spec.full_settings.autoencoder.kl_weight
+        with accelerator.autocast():
+            pixels = batch["pixels"].to(accelerator.device)
+            reconstruction, kl = self.wrapped["vae"](pixels, self.generator)
+            loss = autoencoder.loss(pixels, reconstruction, kl, weight)
+            accelerator.backward(loss / accumulation)
+        return loss.detach().item()
+
+
+def stage_steps(run: Run, name: str) -> int:
+    """Optimiser steps of stage ``name``."""
+    if name == methods.AUTOENCODER:
+        return run.spec.full_settings.autoencoder.steps
+    return diffusion_steps(run)
+
+
+def finished_earlier(run: Run, name: str) -> bool:
+    """Whether the stage was finished by an earlier attempt of this run (the autoencoder
+    stage's result is kept; the diffusion stage always runs, from its checkpoint)."""
+    if name != methods.AUTOENCODER or run.spec.checkpoints.resume != "auto":
+        return False
+    return autoencoder.is_done(run.output, identity.spec_hash(identity.training_spec(run.spec)))
+
+
+def diffusion_steps(run: Run) -> int:
+    """Optimiser steps of the diffusion stage: spec.training.steps, or its epochs."""
+    training = run.spec.training
+    per_epoch = run.batches.batches_per_epoch // training.gradient_accumulation_steps
+    return training.steps or training.epochs * max(1, per_epoch)
+
+
+def _generator(run: Run) -> torch.Generator:
+    accelerator = run.accelerator
+    return torch.Generator(device=accelerator.device).manual_seed(
+        run.spec.training.seed * 7919 + accelerator.process_index
+    )
+
+
+def build_diffusion(run: Run) -> DiffusionStage:
+    """The diffusion stage: what the method trains, on frozen parts."""
+    spec, accelerator, components = run.spec, run.accelerator, run.components
+    family, training = components.family, spec.training
+    components.vae.requires_grad_(False)
+    for encoder in components.text_encoders:
+        encoder.requires_grad_(False)
+    trainable = run.method.prepare(components, spec)
+    if training.gradient_checkpointing:
+        components.denoiser.enable_gradient_checkpointing()
+    _place_frozen(components, trainable, accelerator.device, training.mixed_precision)
+    groups = [
+        {"params": trainable.parameters(name), "lr": _learning_rate(training, name, family)}
+        for name in trainable.modules
+    ]
+    optimizer = optim.build_optimizer(training, groups)
+    names = list(trainable.modules)
+    *prepared, optimizer = accelerator.prepare(*trainable.modules.values(), optimizer)
+    wrapped = dict(zip(names, prepared, strict=True))
+    # Text encoders being trained must run through their wrappers to sync gradients.
+    for index, name in enumerate(family.encoder_names()):
+        if name in wrapped:
+            components.text_encoders[index] = wrapped[name]
+    total = diffusion_steps(run)
+    stage = DiffusionStage(
+        run=run,
+        trainable=trainable,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        scheduler=optim.build_scheduler(optimizer, training, total),
+        generator=_generator(run),
+        total_steps=total,
+        output=run.output,
+        scratch=run.paths.scratch,
+        samples=bool(spec.validation.prompts),
+        objective=family.objective(components, training, accelerator.device),
+    )
+    if training.ema.enabled:
+        stage.ema = _ema(trainable.modules[family.denoiser], training.ema.decay)
+        stage.ema.to(accelerator.device)
+    return stage
+
+
+def _place_frozen(components, trainable: Trainable, device, mixed_precision: str) -> None:
+    """Move the parts that do not train to the device, in the training precision (the
+    trained ones the accelerator moves, in fp32)."""
+    frozen = FROZEN_DTYPES.get(mixed_precision, torch.float32)
+    components.vae.to(device, dtype=frozen)
+    if components.family.denoiser not in trainable.modules:  # a frozen denoiser
+        components.denoiser.to(device, dtype=frozen)
+    trained = [id(module) for module in trainable.modules.values()]
+    for encoder in components.text_encoders:
+        encoder.to(device, dtype=torch.float32 if id(encoder) in trained else frozen)
+
+
+def _learning_rate(training, name: str, family) -> float:
+    if name == family.denoiser:
+        return training.learning_rate
+    return training.text_encoder_learning_rate or training.learning_rate
+
+
+def _ema(module, decay: float):
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(
+        module.parameters(), decay=decay, model_cls=type(module), model_config=module.config
+    )
+
+
+def build_autoencoder(run: Run) -> AutoencoderStage:
+    """The autoencoder stage (method full without a reused VAE)."""
+    spec, accelerator = run.spec, run.accelerator
+    settings = spec.full_settings.autoencoder
+    vae = run.components.vae
+    vae.requires_grad_(True)
+    vae.to(accelerator.device, dtype=torch.float32)
+    trainable = Trainable({"vae": vae})
+    optimizer = optim.build_optimizer(
+        spec.training, [{"params": trainable.parameters("vae"), "lr": settings.learning_rate}]
+    )
+    objective, optimizer = accelerator.prepare(autoencoder.Objective(vae), optimizer)
+    return AutoencoderStage(
+        run=run,
+        trainable=trainable,
+        wrapped={"vae": objective},
+        optimizer=optimizer,
+        scheduler=optim.build_scheduler(optimizer, spec.training, settings.steps),
+        generator=_generator(run),
+        total_steps=settings.steps,
+        output=run.output.child(autoencoder.FOLDER),
+        scratch=run.paths.scratch / autoencoder.FOLDER,
+    )
+
+
+BUILDERS = {methods.DIFFUSION: build_diffusion, methods.AUTOENCODER: build_autoencoder}
