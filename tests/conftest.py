@@ -94,12 +94,17 @@ def golden(request):
     """Compare text with tests/golden/NAME, or rewrite it with --update-golden."""
     update = request.config.getoption("--update-golden")
 
-    def check(name: str, text: str) -> None:
+    def check(name: str, text: str, same=str.__eq__) -> None:
+        """``same(text, recorded)`` says whether they agree (equal text by default)."""
         path = Path(__file__).parent / "golden" / name
         if update:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         assert path.exists(), f"no golden file {path}; run pytest --update-golden"
-        assert text == path.read_text(), f"{name} changed; review, then pytest --update-golden"
+        recorded = path.read_text()
+        assert same(text, recorded), (
+            f"{name} changed; review, then pytest --update-golden\n"
+            f"now:\n{text}recorded:\n{recorded}"
+        )
 
     return check

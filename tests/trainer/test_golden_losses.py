@@ -1,12 +1,16 @@
 """Golden losses: the first ten losses of a fixed tiny run, for every method on every
-model family, equal bit for bit what was recorded (one CPU thread).
+model family, equal what was recorded (one CPU thread).
 
-A change to the trainer's structure must not change a single number it computes; a
-change that means to (a new default, a fixed bug) rewrites the files with
-``pytest --update-golden`` and says why.
+A change to the trainer's structure must not change a number it computes; a change that
+means to (a new default, a fixed bug) rewrites the files with ``pytest --update-golden``
+and says why. On the machine that recorded them the losses are equal bit for bit; other
+CPUs round differently in their vector kernels (measured: at most 7e-6 apart, relatively,
+after ten steps of a full fine-tune), so values may differ by :data:`TOLERANCE`, far
+below what a changed default or a different random draw moves them (1e-3 and more).
 """
 
 import json
+import math
 
 import pytest
 
@@ -15,6 +19,7 @@ from tests.trainer import runner
 from tests.trainer.test_resume import ONE_THREAD
 
 STEPS = 10
+TOLERANCE = 5e-5  # relative
 
 # Each method with the settings that reach most of its code: adapters on the text
 # encoders, EMA, min-SNR, offset noise, accumulation, prior preservation, several vectors.
@@ -116,4 +121,22 @@ def test_first_losses_are_as_recorded(losses, golden, family, method):
     ), stages
     # repr() of a float reads back as the same float: the text is exact.
     text = "".join(f"{stage} {value!r}\n" for stage, values in stages.items() for value in values)
-    golden(f"losses/{family}-{method}.txt", text)
+    golden(f"losses/{family}-{method}.txt", text, same_losses)
+
+
+def same_losses(text: str, recorded: str) -> bool:
+    """The same stages and steps, each loss within :data:`TOLERANCE` of the recorded one."""
+    now, then = ([line.split() for line in t.splitlines()] for t in (text, recorded))
+    return len(now) == len(then) and all(
+        a[0] == b[0] and math.isclose(float(a[1]), float(b[1]), rel_tol=TOLERANCE)
+        for a, b in zip(now, then, strict=False)
+    )
+
+
+def test_losses_agree_within_the_tolerance_and_no_further():
+    recorded = "autoencoder 0.5\ndiffusion 1.0\n"
+
+    assert same_losses("autoencoder 0.500001\ndiffusion 1.0\n", recorded)
+    assert not same_losses("autoencoder 0.5001\ndiffusion 1.0\n", recorded)
+    assert not same_losses("diffusion 0.5\ndiffusion 1.0\n", recorded)
+    assert not same_losses("autoencoder 0.5\n", recorded)
