@@ -164,7 +164,15 @@ def test_free_form_only_for_inline_configs():
 
     assert free == [
         f"openAPIV3Schema.spec.model.components.{name}"
-        for name in ("unet", "vae", "textEncoder", "textEncoder2", "scheduler")
+        for name in (
+            "unet",
+            "transformer",
+            "vae",
+            "textEncoder",
+            "textEncoder2",
+            "textEncoder3",
+            "scheduler",
+        )
     ]
 
 

@@ -49,6 +49,13 @@ def test_minimal_job_gets_documented_defaults():
             "gradientCheckpointing": False,
             "noiseOffset": 0.0,
             "ema": {"enabled": False, "decay": 0.9999},
+            "flowMatching": {
+                "timestepDensity": "logitNormal",
+                "logitMean": 0.0,
+                "logitStd": 1.0,
+                "modeScale": 1.29,
+                "lossWeighting": "none",
+            },
             "seed": 42,
             "strategy": "ddp",
         },

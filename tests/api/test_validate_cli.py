@@ -80,6 +80,17 @@ BAD_MANIFESTS = [
         "spec.dataset.resolution: must be a multiple of 8 (got 500); use 496 or 504",
     ),
     (
+        "flow-logit-std-0",
+        job(spec={"training": {"flowMatching": {"logitStd": 0}}}),
+        "spec.training.flowMatching.logitStd: must be > 0 (got 0)",
+    ),
+    (
+        "flow-unknown-density",
+        job(spec={"training": {"flowMatching": {"timestepDensity": "beta"}}}),
+        "spec.training.flowMatching.timestepDensity: must be one of 'logitNormal', 'mode' "
+        "or 'uniform' (got 'beta')",
+    ),
+    (
         "steps-and-epochs",
         job(spec={"training": {"steps": 10, "epochs": 2}}),
         "spec.training: set exactly one of steps and epochs (both are set)",
@@ -116,7 +127,8 @@ BAD_MANIFESTS = [
     (
         "unknown-preset",
         job(spec={"model": {"base": "preset:huge"}}),
-        "spec.model.base: unknown preset 'preset:huge'; known presets: tiny-sd, tiny-sdxl",
+        "spec.model.base: unknown preset 'preset:huge'; known presets: tiny-sd, tiny-sdxl, "
+        "tiny-sd3",
     ),
     (
         "nodes-0",

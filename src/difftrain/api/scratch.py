@@ -4,8 +4,9 @@ Scratch holds one checkpoint at a time while it is uploaded (then deleted) and t
 model while it is exported, so the need is the larger of the two, with a margin. Without
 ``spec.resources.scratchSize`` it is estimated from the architecture and the method;
 an architecture that cannot be known before the model is loaded (``auto`` with a base
-other than a preset) is taken to be SDXL, the largest supported, so that the estimate
-errs on the side of room. A limit larger than used costs nothing: it only caps.
+other than a preset) is taken to be SDXL, so that the estimate errs on the side of room
+for the UNet families; a full fine-tune of SD3.5 Large should say ``architecture: sd3``
+(or set scratchSize). A limit larger than used costs nothing: it only caps.
 """
 
 import math
@@ -15,8 +16,9 @@ from difftrain.api.quantity import format_bytes, parse_quantity
 GIB = 2**30
 SMALLEST = 2 * GIB
 MARGIN = 1.25
-# Parameters (millions) of each architecture's UNet and of the whole pipeline.
-_PARAMETERS = {"sd": (860, 1070), "sdxl": (2570, 3470)}
+# Parameters (millions) of each architecture's denoiser and of the whole pipeline (SD3:
+# 3.5 Large, whose T5-XXL encoder is most of the rest).
+_PARAMETERS = {"sd": (860, 1070), "sdxl": (2570, 3470), "sd3": (8100, 13770)}
 _ADAM_BYTES = 4 + 8  # fp32 weights and two moments per parameter
 _EMA_BYTES = 4
 
@@ -25,9 +27,9 @@ def architecture_of(spec) -> str | None:
     """The architecture the estimate uses; None for the tiny presets."""
     if spec.model.base.startswith("preset:"):
         return None
-    if spec.model.architecture == "sd":
-        return "sd"
-    return "sdxl"  # sdxl, custom, or auto: the largest
+    if spec.model.architecture in ("sd", "sd3"):
+        return spec.model.architecture
+    return "sdxl"  # sdxl, custom, or auto
 
 
 def estimated_bytes(spec) -> int:

@@ -68,6 +68,23 @@ class EmaSpec(ApiModel):
     decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimiser step.")
 
 
+class FlowMatchingSpec(ApiModel):
+    """The flow-matching objective of transformer families (SD3): how training timesteps
+    are drawn and how their losses are weighted (the SD3 paper's choices)."""
+
+    timestep_density: Literal["logitNormal", "mode", "uniform"] = Field(
+        "logitNormal",
+        description="Density of the training timesteps: logit-normal (logitMean, logitStd), "
+        "the mode density (modeScale), or uniform.",
+    )
+    logit_mean: float = Field(0.0, ge=-10, le=10, description="logitNormal: the normal's mean.")
+    logit_std: float = Field(1.0, gt=0, le=10, description="logitNormal: the normal's std.")
+    mode_scale: float = Field(1.29, ge=-1, le=10, description="mode: the density's scale.")
+    loss_weighting: Literal["none", "sigmaSqrt", "cosmap"] = Field(
+        "none", description="Per-timestep loss weights: none, sigmaSqrt (1/sigma^2) or cosmap."
+    )
+
+
 class TrainingSpec(ApiModel):
     """The optimisation loop."""
 
@@ -116,6 +133,9 @@ class TrainingSpec(ApiModel):
         0.0, ge=0, le=1, description="Offset noise strength (helps very dark/bright images)."
     )
     ema: EmaSpec = section(EmaSpec, "Exponential moving average of the trained weights.")
+    flow_matching: FlowMatchingSpec = section(
+        FlowMatchingSpec, "Timesteps and loss weights of flow-matching models (SD3)."
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights, noise and data order.")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="Distributed strategy across processes: ddp (replicas) or fsdp (shards)."

@@ -37,16 +37,17 @@ def add(components, spec, text_encoders: bool) -> Trainable:
         raise InvalidSpec(f"spec.lora.targetModules: {error}") from None
     modules = {family.denoiser: components.denoiser}
     if text_encoders:
-        names = family.encoder_names()
-        for name, encoder in zip(names, components.text_encoders, strict=True):
-            encoder.add_adapter(_config(settings, family.text_encoder_lora_targets()))
-            modules[name] = encoder
+        trained = family.trained_encoders()
+        for name, encoder in zip(family.encoder_names(), components.text_encoders, strict=True):
+            if name in trained:
+                encoder.add_adapter(_config(settings, family.text_encoder_lora_targets()))
+                modules[name] = encoder
     return Trainable(modules, lora=True)
 
 
 def export(components, trainable: Trainable, formats: list[str], folder, name: str, dtype):
     """LoRA weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a kohya file."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
     cast = {
@@ -55,16 +56,12 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
     }
     family = components.family
     if "diffusers" in formats:
-        layers = {
-            f"{part}_lora_layers": convert_state_dict_to_diffusers(state)
-            for part, state in cast.items()
-        }
         # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
         metadata = {
             f"{part}_lora_adapter_metadata": module.peft_config["default"].to_dict()
             for part, module in trainable.modules.items()
         }
-        family.save_lora(folder, layers, metadata)
+        family.save_lora(folder, cast, metadata)
     if "kohya" in formats:
         prefixed = {
             f"{part}.{key}": value for part, state in cast.items() for key, value in state.items()

@@ -17,10 +17,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def formats_for(config: TrainerConfig) -> list[str]:
-    """The export formats: the spec's, or the method's standard set."""
+def formats_for(config: TrainerConfig, family) -> list[str]:
+    """The export formats: the spec's, or the family's standard set for the method."""
     spec = config.spec
-    return spec.output.formats or (["diffusers", "kohya"] if spec.trains_lora else ["diffusers"])
+    return spec.output.formats or family.export_formats(spec.trains_lora)
 
 
 # Written in place of what must not leave the cluster with a shared model.
@@ -124,7 +124,7 @@ def export_model(stage, facts: dict) -> None:
     """Write the trained model to ``OUTPUT/model/``: the method's files, the model card,
     and ``difftrain.json`` last (its presence says the folder is complete)."""
     config, method = stage.config, stage.run.method
-    formats = formats_for(config)
+    formats = formats_for(config, stage.components.family)
     dtype = DTYPES[config.spec.output.dtype]
     folder = stage.paths.scratch / contract.MODEL
     size = method.export_bytes(stage, formats, dtype.itemsize)

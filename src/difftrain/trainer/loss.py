@@ -113,3 +113,83 @@ class Denoising:
             target=target(self.prediction_type, latents, noise, steps, alphas),
             weights=weights,
         )
+
+
+# Flow matching (rectified flow, as SD3 trains): x_t = (1 - sigma) x0 + sigma noise, and
+# the model predicts the velocity noise - x0.
+
+
+def timestep_density(
+    kind: str, size: int, generator, device, mean=0.0, std=1.0, mode_scale=1.29
+) -> torch.Tensor:
+    """``size`` draws of u in [0, 1] from the SD3 paper's densities: ``logitNormal``
+    (sigmoid of a normal), ``mode`` (u - s (cos^2(pi u / 2) - 1 + u), mirrored) or
+    ``uniform``."""
+    if kind == "logitNormal":
+        normal = torch.randn(size, generator=generator, device=device) * std + mean
+        return torch.sigmoid(normal)
+    uniform = torch.rand(size, generator=generator, device=device)
+    if kind == "mode":
+        return 1 - uniform - mode_scale * (torch.cos(torch.pi * uniform / 2) ** 2 - 1 + uniform)
+    if kind == "uniform":
+        return uniform
+    raise ValueError(f"unknown timestep density {kind!r}")
+
+
+def flow_noisy(latents, noise, sigmas) -> torch.Tensor:
+    """``(1 - sigma) * x0 + sigma * noise``, ``sigmas`` of shape ``(B,)``."""
+    sigma = sigmas.float()[:, None, None, None]
+    return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
+
+
+def flow_target(latents, noise) -> torch.Tensor:
+    """The velocity along the straight path from the image to the noise."""
+    return noise - latents
+
+
+def flow_weights(kind: str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights: none, ``sigmaSqrt`` (1 / sigma^2) or ``cosmap``
+    (2 / (pi (1 - 2 sigma + 2 sigma^2)))."""
+    sigma = sigmas.float()
+    if kind == "none":
+        return None
+    if kind == "sigmaSqrt":
+        return sigma**-2
+    if kind == "cosmap":
+        return 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2))
+    raise ValueError(f"unknown loss weighting {kind!r}")
+
+
+@dataclass
+class FlowMatching:
+    """The objective of flow-matching models: a timestep u from the density, the
+    scheduler's (shifted) sigma and timestep at index ``u * T``, the noisy latents on the
+    straight path, and the velocity as the target."""
+
+    sigmas: torch.Tensor  # the training scheduler's sigmas, on the device, (T,)
+    timesteps: torch.Tensor  # and its timesteps, (T,)
+    settings: object  # spec.training.flowMatching
+
+    def __call__(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
+        settings = self.settings
+        noise = torch.randn(
+            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
+        u = timestep_density(
+            settings.timestep_density,
+            latents.shape[0],
+            generator,
+            latents.device,
+            settings.logit_mean,
+            settings.logit_std,
+            settings.mode_scale,
+        )
+        count = len(self.sigmas)
+        indices = (u * count).long().clamp(0, count - 1)
+        sigmas = self.sigmas[indices]
+        return Noised(
+            noisy=flow_noisy(latents, noise, sigmas),
+            timesteps=self.timesteps[indices],
+            target=flow_target(latents, noise),
+            weights=flow_weights(settings.loss_weighting, sigmas),
+        )

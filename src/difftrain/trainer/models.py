@@ -132,7 +132,7 @@ class Components:
 
     folder: Path
     family: Family
-    prediction_type: str  # "epsilon" or "v_prediction"
+    prediction_type: str  # "epsilon" or "v_prediction"; "flow" for flow-matching families
     denoiser: Any  # the family's denoiser (its component ``family.denoiser``)
     vae: Any
     noise_scheduler: Any
@@ -191,16 +191,29 @@ def _load_part(folder: Path, index: dict, name: str, variant: str | None):
     return cls.from_pretrained(folder / name, **options)
 
 
+def check_complete(model: ModelSpec, index: dict, family: Family) -> None:
+    """Refuse a model folder without a component its family needs (a pipeline saved
+    without its T5 encoder, say)."""
+    missing = [n for n in family.component_names() if not (index.get(n) or [None])[0]]
+    if missing:
+        raise InvalidSpec(
+            f"spec.model.base: {model.base} has no {', '.join(missing)} component; "
+            f"{family.name} models are trained with all of "
+            f"{', '.join(family.component_names())}"
+        )
+
+
 def load_components(folder: Path, model: ModelSpec) -> Components:
     """Load the parts of the model in ``folder`` as ``model`` (the spec) describes."""
     index = read_index(folder)
     family = _family(model, index, component_configs(folder, index), f"{model.base} is")
+    check_complete(model, index, family)
     scheduler = _load_part(folder, index, "scheduler", None)
     names = family.encoder_names()
     return Components(
         folder=folder,
         family=family,
-        prediction_type=_prediction_type(model, scheduler),
+        prediction_type=_prediction_type(model, family, scheduler),
         denoiser=_load_part(folder, index, family.denoiser, model.variant),
         vae=_load_part(folder, index, "vae", model.variant),
         noise_scheduler=scheduler,
@@ -214,9 +227,9 @@ def tokenizer_name(encoder: str) -> str:
     return encoder.replace("text_encoder", "tokenizer")
 
 
-def _prediction_type(model: ModelSpec, scheduler) -> str:
+def _prediction_type(model: ModelSpec, family: Family, scheduler) -> str:
     if model.prediction_type == "auto":
-        return scheduler.config.prediction_type
+        return family.prediction_type(scheduler)
     return model.prediction_type
 
 
@@ -241,13 +254,9 @@ def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) 
     inline = model.components.model_dump(exclude_none=True) if model.components else {}
     configs = component_configs(folder, index, inline)
     family = _family(model, index, configs, "the configs describe")
-    missing = [n for n in family.component_names() if n not in index]
-    if missing:
-        raise InvalidSpec(f"spec.model.base: {model.base} has no {', '.join(missing)} component")
+    check_complete(model, index, family)
     if "scheduler" in inline:
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(inline["scheduler"])
+        scheduler = _component_class(index, "scheduler")[1].from_config(inline["scheduler"])
     else:
         scheduler = _load_part(folder, index, "scheduler", None)
     names = family.encoder_names()
@@ -266,7 +275,7 @@ def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) 
     components = Components(
         folder=folder,
         family=family,
-        prediction_type=_prediction_type(model, scheduler),
+        prediction_type=_prediction_type(model, family, scheduler),
         denoiser=denoiser,
         vae=vae,
         noise_scheduler=scheduler,

@@ -28,22 +28,19 @@ CHUNK = 16
 
 def pipeline_for(components, modules: dict | None = None):
     """The family's pipeline over ``components``, with ``modules`` (bare trained modules
-    by component name) in place of the loaded ones, and a fast multistep sampler."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    from difftrain.trainer.models import tokenizer_name
-
+    by component name) in place of the loaded ones, and the family's sampler."""
     modules = modules or {}
     family = components.family
     parts = {
         "vae": modules.get("vae", components.vae),
         family.denoiser: modules.get(family.denoiser, components.denoiser),
-        "scheduler": DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config),
+        "scheduler": family.sampler(components.noise_scheduler.config),
     }
+    names = zip(family.encoder_names(), family.tokenizer_names(), strict=True)
     pairs = zip(components.text_encoders, components.tokenizers, strict=True)
-    for name, (encoder, tokenizer) in zip(family.encoder_names(), pairs, strict=True):
+    for (name, tokenizer_name), (encoder, tokenizer) in zip(names, pairs, strict=True):
         parts[name] = modules.get(name, encoder)
-        parts[tokenizer_name(name)] = tokenizer
+        parts[tokenizer_name] = tokenizer
     pipeline = family.pipeline(parts)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -60,6 +57,7 @@ def generate(
     guidance: float = 7.5,
     negative: str = "",
     stopping: Callable[[], bool] | None = None,
+    options: dict | None = None,
 ) -> list[tuple[str, int, Image.Image]]:
     """``per_prompt`` images for each prompt, as (prompt, seed, image); image ``k`` always
     uses seed ``seed + k``, so runs and steps are comparable."""
@@ -72,6 +70,7 @@ def generate(
         guidance=guidance,
         negative=negative,
         stopping=stopping,
+        options=options,
     )
 
 
@@ -84,10 +83,12 @@ def generate_each(
     guidance: float = 7.5,
     negative: str = "",
     stopping: Callable[[], bool] | None = None,
+    options: dict | None = None,
 ) -> list[tuple[str, int, Image.Image]]:
     """An image for each (prompt, seed) of ``wanted``, as (prompt, seed, image), made in
     chunks with generators of their own inside a forked random state; fewer if
-    ``stopping()`` turns true between chunks (the job is being stopped)."""
+    ``stopping()`` turns true between chunks (the job is being stopped). ``options``
+    go to the pipeline call as they are (the family's ``sampling_options``)."""
     device = pipeline.device
     results = []
     modes = {m: m.training for m in pipeline.components.values() if hasattr(m, "training")}
@@ -108,6 +109,7 @@ def generate_each(
                         num_inference_steps=steps,
                         guidance_scale=guidance,
                         generator=[torch.Generator(device).manual_seed(s) for _, s in chunk],
+                        **(options or {}),
                     ).images
                 results += [(p, s, image) for (p, s), image in zip(chunk, images, strict=True)]
         finally:
@@ -185,6 +187,7 @@ def validate(trainer, step: int, stopping: Callable[[], bool] | None = None) -> 
             guidance=validation.guidance_scale,
             negative=validation.negative_prompt,
             stopping=stopping,
+            options=trainer.components.family.sampling_options(trainer.components),
         )
     wanted = len(validation.prompts) * validation.images_per_prompt
     if len(results) < wanted:

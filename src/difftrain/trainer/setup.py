@@ -16,6 +16,7 @@ import torch
 from difftrain.api.config import TrainerConfig
 from difftrain.api.scratch import scratch_bytes
 from difftrain.api.spec import DiffusionTrainingJobSpec
+from difftrain.errors import InvalidSpec
 from difftrain.storage import S3Settings, Store, open_store
 from difftrain.trainer import data, methods, models, ownership
 from difftrain.trainer.scratch import Scratch
@@ -122,6 +123,7 @@ def _prepare(config, paths: Paths, settings, method, output: Store, leases: list
     data_folder = data.fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
     accelerator = _accelerator(spec)
     components = method.components(model_folder, spec, spec.training.seed)
+    check_model(spec, components)
     examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder)
     batches = _batches(spec, accelerator, training_sizes(spec.dataset, sizes))
     if accelerator.is_main_process:  # before anything is written to the output
@@ -204,6 +206,41 @@ def _usable_examples(accelerator, spec, folder: Path):
     skipped = [e for e, size in zip(examples, sizes, strict=True) if size is None]
     data.check_usable([e for e, _ in usable], skipped, spec.dataset.max_skipped_fraction)
     return [e for e, _ in usable], [size for _, size in usable], len(skipped)
+
+
+def check_model(spec, components) -> None:
+    """Refuse what the loaded model's family cannot train: the method, a setting, or a
+    training side."""
+    family = components.family
+    refusal = family.refused_methods.get(spec.method)
+    if refusal:
+        raise InvalidSpec(
+            f"spec.method: {spec.method} does not train {family.name} models: {refusal}"
+        )
+    family.check(spec, components)
+    check_sides(spec.dataset, components)
+
+
+def check_sides(dataset, components) -> None:
+    """Refuse training sides the model cannot take: each must be a multiple of what its
+    family's latents and patches divide by."""
+    multiple = components.family.pixel_multiple(components)
+    sides = [("resolution", dataset.resolution)]
+    if dataset.bucketing.enabled:
+        bucketing = dataset.bucketing
+        sides += [
+            ("bucketing.minResolution", bucketing.min_resolution),
+            ("bucketing.maxResolution", bucketing.max_resolution),
+            ("bucketing.step", bucketing.step),
+        ]
+    for name, side in sides:
+        if side % multiple:
+            low = side - side % multiple
+            near = f"{low} or {low + multiple}" if low else str(multiple)
+            raise InvalidSpec(
+                f"spec.dataset.{name}: {side} is not a multiple of {multiple}, as this "
+                f"{components.architecture} model's training sides must be; use {near}"
+            )
 
 
 def training_sizes(dataset, sizes: list[data.Size]) -> tuple[data.Size, ...]:

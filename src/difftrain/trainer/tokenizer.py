@@ -87,3 +87,37 @@ def build_tokenizer(max_length: int = 77) -> CLIPTokenizer:
         merges=merges,
         model_max_length=max_length,
     )
+
+
+# T5's special tokens, at the ids T5 gives them.
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+WORD_START = "\u2581"  # SentencePiece's mark of a word's first piece
+
+
+def build_t5_tokenizer(max_length: int = 32):
+    """A small T5 (SentencePiece Unigram) tokenizer built offline for the presets: the
+    special tokens, one piece per word of :data:`WORDS`, and every printable ASCII
+    character alone and at a word's start, so that any caption tokenizes."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    pieces = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0)]
+    pieces += [(WORD_START + word, -1.0) for word in dict.fromkeys(WORDS)]
+    pieces += [(WORD_START, -5.0)]
+    pieces += [(WORD_START + c, -8.0) for c in characters] + [(c, -10.0) for c in characters]
+    first = {}  # a word's own piece wins over the same letters as a character
+    for piece, score in pieces:
+        first.setdefault(piece, score)
+    model = Tokenizer(models.Unigram(list(first.items()), unk_id=2, byte_fallback=False))
+    model.normalizer = normalizers.Sequence([normalizers.Replace("  ", " ")])
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement=WORD_START)
+    model.decoder = decoders.Metaspace(replacement=WORD_START)
+    return T5TokenizerFast(
+        tokenizer_object=model,
+        eos_token=T5_EOS,
+        pad_token=T5_PAD,
+        unk_token=T5_UNK,
+        extra_ids=0,
+        model_max_length=max_length,
+    )

@@ -9,6 +9,8 @@ its adapters and embeddings are laid out in exported files. DEVELOPERS.md lists 
 new family writes.
 """
 
+from typing import ClassVar
+
 from difftrain.errors import InvalidSpec
 from difftrain.trainer.registry import Registry
 
@@ -18,9 +20,11 @@ class Family:
 
     name: str  # as spec.model.architecture and the model card call it
     denoiser = "unet"  # the component that predicts the noise
+    denoiser_title = "UNet"  # what the model card calls it
     text_encoders = 1  # how many text encoders (and tokenizers) the models have
     priority = 0  # families with a higher one are asked first (the more specific ones)
     presets: tuple[str, ...] = ()  # the built-in tiny models of the family (preset:NAME)
+    refused_methods: ClassVar[dict[str, str]] = {}  # spec.method values it does not train, and why
 
     # What a model folder holds, and the model built from it.
 
@@ -35,10 +39,20 @@ class Family:
 
     def component_names(self) -> list[str]:
         """Every component a model of the family must have."""
-        return [self.denoiser, "vae", "scheduler", *self.encoder_names()]
+        return [self.denoiser, "vae", "scheduler", *self.encoder_names(), *self.tokenizer_names()]
+
+    def tokenizer_names(self) -> list[str]:
+        return [name.replace("text_encoder", "tokenizer") for name in self.encoder_names()]
 
     def check_fit(self, components) -> None:
         """Refuse component configs that cannot work together (a new model's)."""
+
+    def check(self, spec, components) -> None:
+        """Refuse, once the model is loaded, job settings its family cannot train with."""
+
+    def pixel_multiple(self, components) -> int:
+        """What every training side (resolution, buckets) must be a multiple of."""
+        return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
     def preset_parts(self, name: str) -> dict:
         """The components of preset ``name`` other than the VAE and the scheduler
@@ -47,6 +61,10 @@ class Family:
 
     # Training.
 
+    def prediction_type(self, scheduler) -> str:
+        """What the denoiser predicts, by the model's scheduler."""
+        return scheduler.config.prediction_type
+
     def latents(self, components, pixels, generator):
         """The latents the denoiser learns on, from pixels in [-1, 1]."""
         raise NotImplementedError
@@ -54,6 +72,14 @@ class Family:
     def objective(self, components, training, device):
         """The training objective: a callable (latents, generator) -> ``loss.Noised``."""
         raise NotImplementedError
+
+    def token_length(self, index: int, tokenizer) -> int:
+        """Tokens per caption for tokenizer ``index`` (its own maximum by default)."""
+        return tokenizer.model_max_length
+
+    def trained_encoders(self) -> list[str]:
+        """The text encoders that train when a job trains them (all by default)."""
+        return self.encoder_names()
 
     def encode_text(self, components, ids: list) -> dict:
         """The denoiser's text conditioning for token ids (one tensor per tokenizer)."""
@@ -73,6 +99,18 @@ class Family:
         """A sampling pipeline over ``parts`` (components by name, tokenizers included)."""
         raise NotImplementedError
 
+    def sampler(self, config: dict):
+        """The scheduler validation samples are drawn with, from the training one's config."""
+        raise NotImplementedError
+
+    def sampling_options(self, components) -> dict:
+        """Arguments of the family's pipeline call beside the prompt, size and steps."""
+        return {}
+
+    def export_formats(self, lora: bool) -> list[str]:
+        """The export formats of a job that names none."""
+        return ["diffusers", "kohya"] if lora else ["diffusers"]
+
     def lora_targets(self, requested: list[str]) -> list[str]:
         """Where LoRA goes in the denoiser for spec.lora.targetModules ``requested``
         (whose default names the attention projections of diffusers' models: a family
@@ -83,8 +121,9 @@ class Family:
         """Where LoRA goes in the text encoders."""
         raise NotImplementedError
 
-    def save_lora(self, folder, layers: dict, metadata: dict) -> None:
-        """Write diffusers' LoRA file (``pytorch_lora_weights.safetensors``)."""
+    def save_lora(self, folder, states: dict, metadata: dict) -> None:
+        """Write diffusers' LoRA file (``pytorch_lora_weights.safetensors``) from peft's
+        state dicts and adapter configs (``metadata``), by component name."""
         raise NotImplementedError
 
     def kohya_component(self, prefix: str) -> str:

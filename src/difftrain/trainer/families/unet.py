@@ -43,6 +43,11 @@ class UNetFamily(Family):
                 f"({' + '.join(map(str, widths))})"
             )
 
+    def sampler(self, config: dict):
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(config)  # a fast multistep sampler
+
     def lora_targets(self, requested: list[str]) -> list[str]:
         return list(requested)  # the API's default is the UNet's attention projections
 
@@ -54,7 +59,13 @@ class UNetFamily(Family):
             return "unet"
         return "text_encoder" + ("" if prefix == "te1" else f"_{prefix[2:]}")
 
-    def save_lora(self, folder, layers: dict, metadata: dict) -> None:
+    def save_lora(self, folder, states: dict, metadata: dict) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = {
+            f"{part}_lora_layers": convert_state_dict_to_diffusers(state)
+            for part, state in states.items()
+        }
         self.pipeline_class().save_lora_weights(
             folder, safe_serialization=True, **layers, **metadata
         )

@@ -117,12 +117,13 @@ def for_spec(spec: DiffusionTrainingJobSpec) -> Method:
 
 
 def whole_text_encoders(components, modules: dict) -> None:
-    """Train every text encoder whole, beside ``modules``."""
-    for name, encoder in zip(
-        components.family.encoder_names(), components.text_encoders, strict=True
-    ):
-        encoder.requires_grad_(True)
-        modules[name] = encoder
+    """Train the family's trainable text encoders whole, beside ``modules``."""
+    family = components.family
+    trained = family.trained_encoders()
+    for name, encoder in zip(family.encoder_names(), components.text_encoders, strict=True):
+        if name in trained:
+            encoder.requires_grad_(True)
+            modules[name] = encoder
 
 
 def whole_denoiser(components) -> dict:

@@ -135,6 +135,7 @@ def _make(accelerator, components, spec, store: Store, indices: list[int]) -> No
                 steps=settings.class_inference_steps,
                 guidance=validation.guidance_scale,
                 negative=validation.negative_prompt,
+                options=components.family.sampling_options(components),
             )
             for _, seed, image in made:
                 buffer = io.BytesIO()

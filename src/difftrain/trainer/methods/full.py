@@ -34,15 +34,15 @@ class Full(Method):
 
     def card(self, spec, facts, family):
         reused = spec.full_settings.reuse
-        rows = [("Trained from scratch", _from_scratch(reused))]
+        rows = [("Trained from scratch", _from_scratch(reused, family.denoiser_title))]
         if "vae" not in reused:
             rows.append(("Autoencoder stage steps", spec.full_settings.autoencoder.steps))
         return rows, 'DiffusionPipeline.from_pretrained("model/")'
 
 
-def _from_scratch(reused: list[str]) -> str:
+def _from_scratch(reused: list[str], denoiser: str) -> str:
     named = (("textEncoders", "text encoders"), ("vae", "VAE"))
-    parts = ["UNet"] + [name for key, name in named if key not in reused]
+    parts = [denoiser] + [name for key, name in named if key not in reused]
     kept = f"; {' and '.join(reused)} from the base" if reused else ""
     return ", ".join(parts) + kept
 
