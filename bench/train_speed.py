@@ -3,6 +3,7 @@
     python bench/train_speed.py [--steps 30] [--resolution 64] [--batch 8]
     python bench/train_speed.py --model sd15 --gpu --resolution 512 --batch 8 --steps 40
     python bench/train_speed.py --samples 10 [...]
+    python bench/train_speed.py --model sd3-small --resolution 64 --batch 8
 
 Runs ``python -m difftrain.trainer`` (LoRA, then full fine-tune) over the built-in shapes
 data, and a bare loop doing the same work per step (VAE encode, text encode, UNet forward
@@ -16,7 +17,11 @@ every N steps (4 prompts, 25 sampler steps): what sampling costs in time and mem
 ``--model tiny-sd`` is the built-in preset. ``--model sd15`` has the architecture of
 Stable Diffusion 1.5 (860M-parameter UNet, its VAE, a CLIP ViT-L-sized text encoder over
 the offline tokenizer) with random weights, written once as a diffusers folder; it needs a
-GPU in practice. ``--gpu`` trains on one GPU in bf16 mixed precision.
+GPU in practice. ``--model sd3-small`` is an SD3.5-shaped model of a few million
+parameters (a 4-block MMDiT of width 128, the tiny preset's VAE, CLIP and a 256-wide T5)
+for CPUs; its bare loop does SD3's flow-matching step (logit-normal timesteps, the shifted
+sigmas, the velocity target; LoRA on both streams). ``--gpu`` trains on one GPU in bf16
+mixed precision.
 """
 
 import argparse
@@ -102,6 +107,45 @@ def write_sd15(folder: Path) -> str:
     return f"file://{folder}"
 
 
+SD3_SMALL_TRANSFORMER = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 4,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 256,
+    "caption_projection_dim": 128,
+    "pooled_projection_dim": 64,
+    "pos_embed_max_size": 96,
+    "qk_norm": "rms_norm",
+    "dual_attention_layers": (0, 1),
+}
+SD3_SMALL_T5 = {"d_model": 256, "d_kv": 64, "d_ff": 512, "num_layers": 2, "num_heads": 4}
+
+
+def write_sd3_small(folder: Path) -> str:
+    """The tiny SD3 preset with a larger transformer and T5 at ``folder``; its URI."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5EncoderModel
+
+    from difftrain.trainer.presets import build_preset
+
+    if not (folder / "model_index.json").exists():
+        torch.manual_seed(0)
+        pipeline = build_preset("tiny-sd3")
+        t5 = pipeline.text_encoder_3.config.to_dict() | SD3_SMALL_T5
+        pipeline.text_encoder_3 = T5EncoderModel(type(pipeline.text_encoder_3.config)(**t5))
+        pipeline.transformer = SD3Transformer2DModel(**SD3_SMALL_TRANSFORMER)
+        pipeline.register_modules(
+            transformer=pipeline.transformer, text_encoder_3=pipeline.text_encoder_3
+        )
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    return f"file://{folder}"
+
+
 PROMPTS = [
     "a red circle on a white background",
     "a blue square on a black background",
@@ -152,23 +196,84 @@ def _child(command: list[str], env: dict | None = None, stdout=subprocess.DEVNUL
     return {"wallSeconds": time.perf_counter() - started, "peakMiB": usage.ru_maxrss / 1024}
 
 
-def _components(base: str):
-    """(unet, vae, text encoder, tokenizer, noise scheduler) of ``base``."""
+def _pipeline(base: str):
     if base.startswith("preset:"):
         from difftrain.trainer.presets import build_preset
 
-        pipeline = build_preset(base.removeprefix("preset:"))
-    else:
-        from diffusers import StableDiffusionPipeline
+        return build_preset(base.removeprefix("preset:"))
+    from diffusers import DiffusionPipeline
 
-        pipeline = StableDiffusionPipeline.from_pretrained(base.removeprefix("file://"))
-    return (
-        pipeline.unet,
-        pipeline.vae,
-        pipeline.text_encoder,
-        pipeline.tokenizer,
-        pipeline.scheduler,
-    )
+    return DiffusionPipeline.from_pretrained(base.removeprefix("file://"))
+
+
+def _ids(tokenizer, batch: int, device, length: int | None = None):
+    return tokenizer(
+        ["a red circle on a white background"] * batch,
+        padding="max_length",
+        max_length=length or tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
+def _sd_step(pipeline, batch: int, device):
+    """SD's denoising step as a closure over fixed inputs: pixels -> loss."""
+    import torch
+
+    unet, vae, encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    ids = _ids(pipeline.tokenizer, batch, device)
+    alphas = pipeline.scheduler.alphas_cumprod.to(device)
+
+    def step(pixels):
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+            states = encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        a = alphas[t][:, None, None, None]
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        prediction = unet(noisy, t, states).sample
+        return torch.nn.functional.mse_loss(prediction.float(), noise.float())
+
+    return unet, ["to_q", "to_k", "to_v", "to_out.0"], step
+
+
+def _sd3_step(pipeline, batch: int, device):
+    """SD3's flow-matching step as a closure over fixed inputs: pixels -> loss."""
+    import torch
+
+    transformer, vae = pipeline.transformer, pipeline.vae
+    clips = [pipeline.text_encoder, pipeline.text_encoder_2]
+    ids = [_ids(pipeline.tokenizer, batch, device), _ids(pipeline.tokenizer_2, batch, device)]
+    t5_ids = _ids(pipeline.tokenizer_3, batch, device, 77)
+    sigmas = pipeline.scheduler.sigmas.to(device)
+    timesteps = pipeline.scheduler.timesteps.to(device)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+
+    def step(pixels):
+        with torch.no_grad():
+            latents = (vae.encode(pixels).latent_dist.sample() - shift) * scale
+            outputs = [e(i, output_hidden_states=True) for e, i in zip(clips, ids, strict=True)]
+            t5 = pipeline.text_encoder_3(t5_ids)[0]
+            clip = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+            clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+            states = torch.cat([clip, t5], dim=-2)
+            pooled = torch.cat([o[0] for o in outputs], dim=-1)
+        noise = torch.randn_like(latents)
+        index = (torch.sigmoid(torch.randn(batch, device=device)) * len(sigmas)).long()
+        sigma = sigmas[index][:, None, None, None]
+        noisy = (1 - sigma) * latents + sigma * noise
+        prediction = transformer(
+            hidden_states=noisy,
+            timestep=timesteps[index],
+            encoder_hidden_states=states,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+        return torch.nn.functional.mse_loss(prediction.float(), (noise - latents).float())
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+    return transformer, [*targets, "to_add_out"], step
 
 
 def bare_loop(method: str, base: str, args) -> dict:
@@ -177,42 +282,28 @@ def bare_loop(method: str, base: str, args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device("cuda" if args.gpu else "cpu")
-    unet, vae, encoder, tokenizer, scheduler = _components(base)
-    for module in (unet, vae, encoder):
-        module.to(device)
-    vae.requires_grad_(False)
-    encoder.requires_grad_(False)
+    pipeline = _pipeline(base)
+    pipeline.to(device)
+    for module in pipeline.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+    make = _sd3_step if hasattr(pipeline, "transformer") else _sd_step
+    denoiser, targets, step = make(pipeline, args.batch, device)
     if method == "lora":
         from peft import LoraConfig
 
-        unet.requires_grad_(False)
-        unet.add_adapter(
-            LoraConfig(r=16, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-        )
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+        denoiser.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets))
+    else:
+        denoiser.requires_grad_(True)
+    optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=1e-4)
     batch, resolution = args.batch, args.resolution
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
-    ids = tokenizer(
-        ["a red circle on a white background"] * batch,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        return_tensors="pt",
-    ).input_ids.to(device)
-    alphas = scheduler.alphas_cumprod.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.gpu)
     timings = []
     for _ in range(args.steps):
         started = time.perf_counter()
         with autocast:
-            with torch.no_grad():
-                latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-                states = encoder(ids)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (batch,), device=device)
-            a = alphas[t][:, None, None, None]
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-            prediction = unet(noisy, t, states).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+            loss = step(pixels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -226,12 +317,19 @@ def bare_loop(method: str, base: str, args) -> dict:
     return result
 
 
+MODELS = {
+    "tiny-sd": lambda folder: "preset:tiny-sd",
+    "sd15": write_sd15,
+    "sd3-small": write_sd3_small,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--model", choices=["tiny-sd", "sd15"], default="tiny-sd")
+    parser.add_argument("--model", choices=list(MODELS), default="tiny-sd")
     parser.add_argument("--gpu", action="store_true", help="one GPU, bf16 mixed precision")
     parser.add_argument("--methods", nargs="+", default=["lora", "finetune"])
     parser.add_argument(
@@ -250,7 +348,7 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        base = "preset:tiny-sd" if args.model == "tiny-sd" else write_sd15(work / "sd15")
+        base = MODELS[args.model](work / args.model)
         for method in args.methods:
             results[f"difftrain {method}"] = _trainer_run(method, base, args, work)
             if args.samples:

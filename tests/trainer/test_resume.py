@@ -17,9 +17,14 @@ STEPS = 12
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-# What each method trains, for the exact-resume test; every other setting is shared.
+# What each method trains (and on which family, when not SD), for the exact-resume test;
+# every other setting is shared.
 METHODS = {
     "lora": {"lora": {"rank": 4, "dropout": 0.1}},
+    "sd3-lora": {  # flow matching: its timestep draws must resume too
+        "model": {"base": "preset:tiny-sd3"},
+        "lora": {"rank": 4, "dropout": 0.1, "trainTextEncoder": True},
+    },
     "textualInversion": {
         "method": "textualInversion",
         "textualInversion": {"placeholderToken": "<shape>", "initializerToken": "circle"},
