@@ -216,6 +216,41 @@ CROSS_FIELD = [
         "metadata.name",
     ),
     (
+        "dora-on-lokr",
+        job(spec={"lora": {"type": "lokr", "dora": True}}),
+        "spec.lora.dora applies only to type lora",
+        "spec.lora.dora",
+    ),
+    (
+        "kohya-for-loha",
+        job(spec={"lora": {"type": "loha"}, "output": {"formats": ["kohya"]}}),
+        "spec.output.formats: kohya is written for plain LoRA only (not lokr, loha or dora); "
+        "use diffusers",
+        "spec.output.formats",
+    ),
+    (
+        "dora-with-text-encoders",
+        job(spec={"lora": {"dora": True, "trainTextEncoder": True}}),
+        "spec.lora.dora: not with trainTextEncoder: diffusers' pipelines load a text encoder's "
+        "DoRA without its trained magnitudes; leave trainTextEncoder off, or train the text "
+        "encoders with plain LoRA (dora false)",
+        "spec.lora.dora",
+    ),
+    (
+        "dora-with-dreambooth-text-encoders",
+        job(
+            spec={
+                "method": "dreambooth",
+                "dreambooth": {**DB, "trainTextEncoder": True},
+                "lora": {"dora": True},
+            }
+        ),
+        "spec.lora.dora: not with trainTextEncoder: diffusers' pipelines load a text encoder's "
+        "DoRA without its trained magnitudes; leave trainTextEncoder off, or train the text "
+        "encoders with plain LoRA (dora false)",
+        "spec.lora.dora",
+    ),
+    (
         "name-not-a-label",
         job({"metadata": {"name": "my_job"}}),
         "metadata.name must start with a lowercase letter and hold only lowercase letters, digits "

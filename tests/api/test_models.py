@@ -94,6 +94,8 @@ def test_lora_block_defaults():
     spec = DiffusionTrainingJob.model_validate(job(spec={"lora": {}})).spec
 
     assert spec.lora.model_dump(by_alias=True) == {
+        "type": "lora",
+        "dora": False,
         "rank": 16,
         "alpha": None,
         "dropout": 0.0,

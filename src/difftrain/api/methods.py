@@ -12,8 +12,28 @@ DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class LoraSpec(ApiModel):
-    """Low-rank adapters on the UNet's attention projections (and optionally the text encoder)."""
+    """Adapters on the denoiser's attention projections (and optionally the text encoders):
+    LoRA, DoRA, LoKr or LoHa."""
 
+    model_config = with_rules(
+        {
+            "rule": "!has(self.dora) || !self.dora || !has(self.type) || self.type == 'lora'",
+            "message": "spec.lora.dora applies only to type lora",
+            "fieldPath": ".dora",
+        }
+    )
+
+    type: Literal["lora", "lokr", "loha"] = Field(
+        "lora",
+        description="The adapter: lora (two low-rank factors), lokr (a Kronecker product of "
+        "two factors, LyCORIS's LoKr) or loha (a Hadamard product of two low-rank pairs, "
+        "LyCORIS's LoHa), each through peft.",
+    )
+    dora: bool = Field(
+        False,
+        description="Weight-decomposed LoRA (DoRA): a learned magnitude per output feature "
+        "beside the low-rank update of the direction. Type lora only.",
+    )
     rank: int = Field(16, ge=1, le=1024, description="Rank of each adapter's two factors.")
     alpha: float | None = Field(
         None,
@@ -21,7 +41,12 @@ class LoraSpec(ApiModel):
         le=4096,
         description="Scaling numerator: the update is scaled by alpha/rank. Defaults to the rank.",
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Dropout on the adapter's input (lora); on its rank dimension (lokr, loha).",
+    )
     target_modules: list[ShortStr] = Field(
         DEFAULT_LORA_TARGETS,
         min_length=1,
@@ -31,6 +56,17 @@ class LoraSpec(ApiModel):
     train_text_encoder: bool = Field(
         False, description="Also put adapters on the text encoder(s)' attention projections."
     )
+
+    @model_validator(mode="after")
+    def _dora_is_lora(self):
+        if self.dora and self.type != "lora":
+            raise_problems([(("dora",), f"applies only to type lora (type is {self.type})")])
+        return self
+
+    @property
+    def kohya_layout(self) -> bool:
+        """Whether the kohya layout is written for these adapters (plain LoRA only)."""
+        return self.type == "lora" and not self.dora
 
 
 class DreamBoothSpec(ApiModel):

@@ -31,6 +31,12 @@ def _cel_list(values) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
+_DORA_TEXT = (
+    "not with trainTextEncoder: diffusers' pipelines load a text encoder's DoRA without "
+    "its trained magnitudes; leave trainTextEncoder off, or train the text encoders with "
+    "plain LoRA (dora false)"
+)
+
 # CEL twins of DiffusionTrainingJobSpec.trains_lora and .trains_full_weights.
 _CEL_DREAMBOOTH_UNET = (
     "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == '{}')"
@@ -96,6 +102,22 @@ _RULES = (
         + _CEL_TRAINS_LORA,
         "message": "spec.output.formats: kohya applies only when a LoRA is trained",
         "fieldPath": ".output.formats",
+    },
+    {
+        "rule": "!has(self.output.formats) || !('kohya' in self.output.formats) || "
+        "!has(self.lora) || ((!has(self.lora.type) || self.lora.type == 'lora') && "
+        "(!has(self.lora.dora) || !self.lora.dora))",
+        "message": "spec.output.formats: kohya is written for plain LoRA only (not lokr, "
+        "loha or dora); use diffusers",
+        "fieldPath": ".output.formats",
+    },
+    {
+        "rule": "!has(self.lora) || !has(self.lora.dora) || !self.lora.dora || "
+        "((!has(self.lora.trainTextEncoder) || !self.lora.trainTextEncoder) && "
+        "(self.method != 'dreambooth' || !has(self.dreambooth) || "
+        "!has(self.dreambooth.trainTextEncoder) || !self.dreambooth.trainTextEncoder))",
+        "message": "spec.lora.dora: " + _DORA_TEXT,
+        "fieldPath": ".lora.dora",
     },
     {
         "rule": "!has(self.output.formats) || !('singleFile' in self.output.formats) || "
@@ -232,9 +254,20 @@ class DiffusionTrainingJobSpec(ApiModel):
                     f"dataset (spec.dataset.uri is {self.dataset.uri})",
                 )
             )
+        if self.lora is not None and self.lora.dora:
+            dreambooth = self.dreambooth if self.method == "dreambooth" else None
+            if self.lora.train_text_encoder or (dreambooth and dreambooth.train_text_encoder):
+                problems.append((("lora", "dora"), _DORA_TEXT))
         formats = self.output.formats or []
         if "kohya" in formats and not self.trains_lora:
             problems.append((("output", "formats"), "kohya applies only when a LoRA is trained"))
+        elif "kohya" in formats and self.lora is not None and not self.lora.kohya_layout:
+            problems.append(
+                (
+                    ("output", "formats"),
+                    "kohya is written for plain LoRA only (not lokr, loha or dora); use diffusers",
+                )
+            )
         if "singleFile" in formats and not self.trains_full_weights:
             problems.append(
                 (("output", "formats"), "singleFile applies only when full weights are trained")

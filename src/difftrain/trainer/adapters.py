@@ -14,13 +14,26 @@ def settings_of(spec) -> LoraSpec:
 
 
 def _config(settings: LoraSpec, targets: list[str]):
-    from peft import LoraConfig
+    """peft's config for the adapters spec.lora asks for, on the layers ``targets``."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    return LoraConfig(
+    alpha = settings.alpha or settings.rank
+    if settings.type == "lora":
+        return LoraConfig(
+            r=settings.rank,
+            lora_alpha=alpha,
+            lora_dropout=settings.dropout,
+            init_lora_weights="gaussian",
+            use_dora=settings.dora,
+            target_modules=targets,
+        )
+    kind = {"lokr": LoKrConfig, "loha": LoHaConfig}[settings.type]
+    # Both start as no change (one factor at zero), as LoRA's B does.
+    return kind(
         r=settings.rank,
-        lora_alpha=settings.alpha or settings.rank,
-        lora_dropout=settings.dropout,
-        init_lora_weights="gaussian",
+        alpha=alpha,
+        rank_dropout=settings.dropout,
+        init_weights=True,
         target_modules=targets,
     )
 
@@ -45,8 +58,18 @@ def add(components, spec, text_encoders: bool) -> Trainable:
     return Trainable(modules, lora=True)
 
 
+def _peft_config(module):
+    return module.peft_config["default"]
+
+
+def is_lora(trainable: Trainable) -> bool:
+    """Whether the adapters are LoRA (DoRA included), which diffusers' LoRA files hold."""
+    return all(_peft_config(m).peft_type == "LORA" for m in trainable.modules.values())
+
+
 def export(components, trainable: Trainable, formats: list[str], folder, name: str, dtype):
-    """LoRA weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a kohya file."""
+    """The adapters' weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a
+    kohya file for LoRA and DoRA; peft's folders for LoKr and LoHa (:func:`export_peft`)."""
     from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
@@ -55,6 +78,9 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
         for part, m in trainable.modules.items()
     }
     family = components.family
+    if not is_lora(trainable):
+        export_peft(trainable, cast, folder)
+        return
     if "diffusers" in formats:
         # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
         metadata = {
@@ -77,11 +103,47 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
         save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
 
 
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def export_peft(trainable: Trainable, states: dict, folder) -> None:
+    """LoKr and LoHa, which diffusers' LoRA files cannot hold, in peft's own layout: a
+    folder per component (``unet/``, ``text_encoder/``, ...) with the adapter's config
+    and its weights, keyed as peft names them."""
+    for part, module in trainable.modules.items():
+        target = folder / part
+        target.mkdir(parents=True, exist_ok=True)
+        _peft_config(module).save_pretrained(target)
+        save_file({k: v.contiguous() for k, v in states[part].items()}, target / PEFT_WEIGHTS)
+
+
+def load_peft(module, folder) -> None:
+    """Put the adapter exported by :func:`export_peft` in ``folder`` on ``module``: what
+    the model card tells users to do, and what the tests do."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    inject_adapter_in_model(PeftConfig.from_pretrained(folder), module)
+    set_peft_model_state_dict(module, load_file(folder / PEFT_WEIGHTS))
+
+
+NAMES = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa"}
+
+
 def card_row(spec) -> tuple[str, str]:
     """The model card's row about the adapters."""
-    lora = spec.lora
-    rank = lora.rank if lora else 16
-    return ("LoRA rank / alpha", f"{rank} / {(lora.alpha if lora else None) or rank}")
+    lora = settings_of(spec)
+    kind = "DoRA" if lora.dora else NAMES[lora.type]
+    return (f"{kind} rank / alpha", f"{lora.rank} / {lora.alpha or lora.rank:g}")
 
 
-USAGE = 'pipe.load_lora_weights("model/")'
+def usage(spec, family) -> str:
+    """How a user loads the adapters (for the model card)."""
+    if settings_of(spec).type == "lora":
+        return 'pipe.load_lora_weights("model/")'
+    return (
+        f'peft: `inject_adapter_in_model(PeftConfig.from_pretrained("model/{family.denoiser}"), '
+        f"pipe.{family.denoiser})`, then `set_peft_model_state_dict(pipe.{family.denoiser}, "
+        f'load_file("model/{family.denoiser}/{PEFT_WEIGHTS}"))` (and likewise for each text '
+        "encoder folder)"
+    )

@@ -20,7 +20,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def formats_for(config: TrainerConfig, family) -> list[str]:
     """The export formats: the spec's, or the family's standard set for the method."""
     spec = config.spec
-    return spec.output.formats or family.export_formats(spec.trains_lora)
+    if spec.output.formats:
+        return spec.output.formats
+    formats = family.export_formats(spec.trains_lora)
+    if spec.lora is not None and not spec.lora.kohya_layout:  # LoKr, LoHa, DoRA
+        formats = [name for name in formats if name != "kohya"]
+    return formats
 
 
 # Written in place of what must not leave the cluster with a shared model.

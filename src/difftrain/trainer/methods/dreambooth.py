@@ -256,7 +256,7 @@ class DreamBooth(Method):
 
     def card(self, spec, facts, family):
         settings = spec.dreambooth
-        trained = "LoRA" if settings.unet == "lora" else "whole UNet"
+        trained = "LoRA" if settings.unet == "lora" else f"whole {family.denoiser_title}"
         if settings.train_text_encoder:
             trained += " and text encoders"
         prior = "off"
@@ -271,7 +271,7 @@ class DreamBooth(Method):
             ("Trained", trained),
         ]
         if settings.unet == "lora":
-            return [*rows, adapters.card_row(spec)], adapters.USAGE
+            return [*rows, adapters.card_row(spec)], adapters.usage(spec, family)
         return rows, 'DiffusionPipeline.from_pretrained("model/")'
 
 

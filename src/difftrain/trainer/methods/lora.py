@@ -18,7 +18,7 @@ class Lora(Method):
         return stage.trainable.trained_count() * itemsize * len(formats)
 
     def card(self, spec, facts, family):
-        return [adapters.card_row(spec)], adapters.USAGE
+        return [adapters.card_row(spec)], adapters.usage(spec, family)
 
 
 register(Lora())
