@@ -85,6 +85,11 @@ BAD_MANIFESTS = [
         "spec.training.flowMatching.logitStd: must be > 0 (got 0)",
     ),
     (
+        "flow-negative-guidance",
+        job(spec={"training": {"flowMatching": {"guidance": -1}}}),
+        "spec.training.flowMatching.guidance: must be >= 0 (got -1)",
+    ),
+    (
         "flow-unknown-density",
         job(spec={"training": {"flowMatching": {"timestepDensity": "beta"}}}),
         "spec.training.flowMatching.timestepDensity: must be one of 'logitNormal', 'mode' "
@@ -128,7 +133,7 @@ BAD_MANIFESTS = [
         "unknown-preset",
         job(spec={"model": {"base": "preset:huge"}}),
         "spec.model.base: unknown preset 'preset:huge'; known presets: tiny-sd, tiny-sdxl, "
-        "tiny-sd3",
+        "tiny-sd3, tiny-flux",
     ),
     (
         "nodes-0",

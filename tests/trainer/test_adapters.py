@@ -18,6 +18,7 @@ CASES = [
     pytest.param("tiny-sdxl", {"type": "loha"}, "LoHaConfig", id="sdxl-loha"),
     pytest.param("tiny-sd3", {"type": "lokr"}, "LoKrConfig", id="sd3-lokr"),
     pytest.param("tiny-sd3", {"dora": True}, "LoraConfig", id="sd3-dora"),
+    pytest.param("tiny-flux", {"type": "loha"}, "LoHaConfig", id="flux-loha"),
 ]
 
 
@@ -66,7 +67,9 @@ def test_adapters_train_and_load_with_the_trained_weights(
     pipeline = build_preset(preset)
     before = _sample(pipeline)
     denoiser = "transformer" if hasattr(pipeline, "transformer") else "unet"
-    encoders = ["text_encoder", "text_encoder_2"] if preset != "tiny-sd" else ["text_encoder"]
+    encoders = {"tiny-sd": ["text_encoder"], "tiny-flux": ["text_encoder"]}.get(
+        preset, ["text_encoder", "text_encoder_2"]
+    )
     if "dora" in lora:
         encoders = []
     if config_class == "LoraConfig":

@@ -97,7 +97,7 @@ def test_a_model_of_another_family_is_refused_naming_what_it_is(tmp_path):
 
     assert str(raised.value) == (
         "spec.model.base: s3://models/pixart is a PixArtSigmaPipeline this trainer does not "
-        "train; supported families: sdxl, sd, sd3"
+        "train; supported families: sdxl, flux, sd, sd3"
     )
 
 
@@ -107,5 +107,10 @@ def test_every_preset_the_api_accepts_belongs_to_a_family():
 
     owned = {name: family.name for family in families.all_families() for name in family.presets}
 
-    assert owned == {"tiny-sd": "sd", "tiny-sdxl": "sdxl", "tiny-sd3": "sd3"}
+    assert owned == {
+        "tiny-sd": "sd",
+        "tiny-sdxl": "sdxl",
+        "tiny-sd3": "sd3",
+        "tiny-flux": "flux",
+    }
     assert set(PRESETS) == set(owned)

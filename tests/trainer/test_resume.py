@@ -25,6 +25,11 @@ METHODS = {
         "model": {"base": "preset:tiny-sd3"},
         "lora": {"rank": 4, "dropout": 0.1, "trainTextEncoder": True},
     },
+    "flux-lora": {  # and with sigmas shifted by the image size, and guidance
+        "model": {"base": "preset:tiny-flux"},
+        "lora": {"rank": 4, "dropout": 0.1},
+        "training": {"steps": STEPS, "batchSize": 8, "flowMatching": {"guidance": 2.0}},
+    },
     "textualInversion": {
         "method": "textualInversion",
         "textualInversion": {"placeholderToken": "<shape>", "initializerToken": "circle"},

@@ -18,12 +18,12 @@ class ComponentConfigs(ApiModel):
 
     unet: FreeForm | None = Field(None, description="UNet2DConditionModel config.")
     transformer: FreeForm | None = Field(
-        None, description="Transformer config (SD3Transformer2DModel for SD3 architectures)."
+        None, description="Transformer config (SD3Transformer2DModel, FluxTransformer2DModel)."
     )
     vae: FreeForm | None = Field(None, description="AutoencoderKL config.")
     text_encoder: FreeForm | None = Field(None, description="First text encoder config (CLIP).")
     text_encoder_2: FreeForm | None = Field(
-        None, description="Second text encoder config (SDXL and SD3 architectures)."
+        None, description="Second text encoder config (SDXL, SD3; Flux's T5)."
     )
     text_encoder_3: FreeForm | None = Field(
         None, description="Third text encoder config (the T5 encoder of SD3 architectures)."
@@ -44,13 +44,13 @@ class ModelSpec(ApiModel):
 
     base: Uri("s3", "hf", "file", "preset") = Field(
         description="Diffusers-format model folder: s3://, file://, hf://org/name, or a "
-        "built-in preset (preset:tiny-sd, preset:tiny-sdxl, preset:tiny-sd3). For method full "
-        "only its configs and tokenizers are used (spec.model.components can override the "
-        "configs).",
+        "built-in preset (preset:tiny-sd, preset:tiny-sdxl, preset:tiny-sd3, "
+        "preset:tiny-flux). For method full only its configs and tokenizers are used "
+        "(spec.model.components can override the configs).",
     )
-    architecture: Literal["auto", "sd", "sdxl", "sd3", "custom"] = Field(
+    architecture: Literal["auto", "sd", "sdxl", "sd3", "flux", "custom"] = Field(
         "auto",
-        description="auto detects the family (SD 1.x/2.x, SDXL, SD3/3.5) from the model's "
+        description="auto detects the family (SD 1.x/2.x, SDXL, SD3/3.5, Flux.1) from the model's "
         "configs; custom accepts any pipeline of a supported family.",
     )
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = Field(

@@ -5,8 +5,9 @@ model while it is exported, so the need is the larger of the two, with a margin.
 ``spec.resources.scratchSize`` it is estimated from the architecture and the method;
 an architecture that cannot be known before the model is loaded (``auto`` with a base
 other than a preset) is taken to be SDXL, so that the estimate errs on the side of room
-for the UNet families; a full fine-tune of SD3.5 Large should say ``architecture: sd3``
-(or set scratchSize). A limit larger than used costs nothing: it only caps.
+for the UNet families; a full fine-tune of SD3.5 Large or Flux should say its
+``architecture`` (sd3, flux) or set scratchSize. A limit larger than used costs nothing:
+it only caps.
 """
 
 import math
@@ -18,7 +19,12 @@ SMALLEST = 2 * GIB
 MARGIN = 1.25
 # Parameters (millions) of each architecture's denoiser and of the whole pipeline (SD3:
 # 3.5 Large, whose T5-XXL encoder is most of the rest).
-_PARAMETERS = {"sd": (860, 1070), "sdxl": (2570, 3470), "sd3": (8100, 13770)}
+_PARAMETERS = {
+    "sd": (860, 1070),
+    "sdxl": (2570, 3470),
+    "sd3": (8100, 13770),
+    "flux": (11900, 16860),  # Flux.1 dev: the transformer, then with T5-XXL, CLIP and VAE
+}
 _ADAM_BYTES = 4 + 8  # fp32 weights and two moments per parameter
 _EMA_BYTES = 4
 
@@ -27,7 +33,7 @@ def architecture_of(spec) -> str | None:
     """The architecture the estimate uses; None for the tiny presets."""
     if spec.model.base.startswith("preset:"):
         return None
-    if spec.model.architecture in ("sd", "sd3"):
+    if spec.model.architecture in ("sd", "sd3", "flux"):
         return spec.model.architecture
     return "sdxl"  # sdxl, custom, or auto
 

@@ -69,8 +69,8 @@ class EmaSpec(ApiModel):
 
 
 class FlowMatchingSpec(ApiModel):
-    """The flow-matching objective of transformer families (SD3): how training timesteps
-    are drawn and how their losses are weighted (the SD3 paper's choices)."""
+    """The flow-matching objective of transformer families (SD3, Flux): how training
+    timesteps are drawn and how their losses are weighted (the SD3 paper's choices)."""
 
     timestep_density: Literal["logitNormal", "mode", "uniform"] = Field(
         "logitNormal",
@@ -80,6 +80,13 @@ class FlowMatchingSpec(ApiModel):
     logit_mean: float = Field(0.0, ge=-10, le=10, description="logitNormal: the normal's mean.")
     logit_std: float = Field(1.0, gt=0, le=10, description="logitNormal: the normal's std.")
     mode_scale: float = Field(1.29, ge=-1, le=10, description="mode: the density's scale.")
+    guidance: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="The guidance value given to guidance-distilled models (Flux.1 dev) in "
+        "training: 1 when not set. Refused for a model without a guidance embedding.",
+    )
     loss_weighting: Literal["none", "sigmaSqrt", "cosmap"] = Field(
         "none", description="Per-timestep loss weights: none, sigmaSqrt (1/sigma^2) or cosmap."
     )
@@ -134,7 +141,7 @@ class TrainingSpec(ApiModel):
     )
     ema: EmaSpec = section(EmaSpec, "Exponential moving average of the trained weights.")
     flow_matching: FlowMatchingSpec = section(
-        FlowMatchingSpec, "Timesteps and loss weights of flow-matching models (SD3)."
+        FlowMatchingSpec, "Timesteps and loss weights of flow-matching models (SD3, Flux)."
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights, noise and data order.")
     strategy: Literal["ddp", "fsdp"] = Field(

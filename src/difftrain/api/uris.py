@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, WithJsonSchema
 
-PRESETS = ("tiny-sd", "tiny-sdxl", "tiny-sd3")
+PRESETS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 BUILTIN_DATASETS = ("shapes",)
 
 # scheme -> (regular expression for the whole URI, an example to show in errors).

@@ -4,6 +4,7 @@ Shapes: latents, noise, predictions ``(B, C, H, W)``; timesteps ``(B,)`` integer
 ``alphas_cumprod`` ``(T,)``, the noise schedule's cumulative product of alphas.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,28 @@ def flow_weights(kind: str, sigmas: torch.Tensor) -> torch.Tensor | None:
     raise ValueError(f"unknown loss weighting {kind!r}")
 
 
+@dataclass(frozen=True)
+class Shift:
+    """A resolution-dependent shift of sigmas (Flux's ``use_dynamic_shifting``): its
+    exponent mu grows linearly with the image's token count, from ``base_shift`` at
+    ``base_length`` tokens to ``max_shift`` at ``max_length``."""
+
+    base_length: int
+    max_length: int
+    base_shift: float
+    max_shift: float
+
+    def mu(self, length: int) -> float:
+        slope = (self.max_shift - self.base_shift) / (self.max_length - self.base_length)
+        return self.base_shift + slope * (length - self.base_length)
+
+
+def shift_sigmas(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
+    """Sigmas moved towards the noise by ``e^mu``: ``e^mu / (e^mu + 1 / sigma - 1)``."""
+    scale = math.exp(mu)
+    return scale / (scale + (1 / sigmas - 1))
+
+
 @dataclass
 class FlowMatching:
     """The objective of flow-matching models: a timestep u from the density, the
@@ -169,6 +192,9 @@ class FlowMatching:
     sigmas: torch.Tensor  # the training scheduler's sigmas, on the device, (T,)
     timesteps: torch.Tensor  # and its timesteps, (T,)
     settings: object  # spec.training.flowMatching
+    train_steps: int = 1000  # timestep = sigma * train_steps
+    shift: Shift | None = None  # shift sigmas by the image's size (Flux)
+    patch: int = 2  # latents per token side, for the image's token count
 
     def __call__(self, latents: torch.Tensor, generator: torch.Generator) -> Noised:
         settings = self.settings
@@ -186,10 +212,15 @@ class FlowMatching:
         )
         count = len(self.sigmas)
         indices = (u * count).long().clamp(0, count - 1)
-        sigmas = self.sigmas[indices]
+        sigmas, timesteps = self.sigmas[indices], self.timesteps[indices]
+        if self.shift is not None:
+            height, width = latents.shape[-2:]
+            length = (height // self.patch) * (width // self.patch)
+            sigmas = shift_sigmas(sigmas, self.shift.mu(length))
+            timesteps = sigmas * self.train_steps
         return Noised(
             noisy=flow_noisy(latents, noise, sigmas),
-            timesteps=self.timesteps[indices],
+            timesteps=timesteps,
             target=flow_target(latents, noise),
             weights=flow_weights(settings.loss_weighting, sigmas),
         )

@@ -108,7 +108,7 @@ class DiffusionStage(Stage):
         # queued before it, so a copy in mid-step would stall the step there.
         pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
         ids = [tokens.to(device) for tokens in token_ids(components, batch["captions"])]
-        extra = family.conditioning(batch, device)
+        extra = family.conditioning(components, batch, self.config.spec.training, device)
         trains_text = any(name in self.wrapped for name in family.encoder_names())
         with accelerator.autocast():
             with torch.no_grad():

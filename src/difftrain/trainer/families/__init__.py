@@ -85,8 +85,9 @@ class Family:
         """The denoiser's text conditioning for token ids (one tensor per tokenizer)."""
         raise NotImplementedError
 
-    def conditioning(self, batch: dict, device) -> dict:
-        """The denoiser's conditioning that comes from the batch itself, not its text."""
+    def conditioning(self, components, batch: dict, training, device) -> dict:
+        """The denoiser's conditioning besides the text: from the batch itself (SDXL's
+        sizes) or from spec.training ``training`` (Flux's guidance)."""
         return {}
 
     def predict(self, denoiser, noisy, timesteps, text: dict, extra: dict):

@@ -33,7 +33,7 @@ class StableDiffusionXL(UNetFamily):
             pooled = output[0]  # the last encoder's (projected) pooled embedding
         return {"encoder_hidden_states": torch.cat(states, dim=-1), "text_embeds": pooled}
 
-    def conditioning(self, batch: dict, device) -> dict:
+    def conditioning(self, components, batch: dict, training, device) -> dict:
         """SDXL's micro-conditioning ``(B, 6)``: original (h, w), crop (top, left) in the
         resized image, target (h, w), as in SDXL's training."""
         sizes = (batch["original_sizes"], batch["crops_top_left"], batch["target_sizes"])

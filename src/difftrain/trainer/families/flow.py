@@ -1,0 +1,177 @@
+"""What the flow-matching transformer families (SD3, Flux) share: latents with the VAE's
+shift, the flow-matching objective over the scheduler's sigmas (shifted by resolution
+when the scheduler asks), CLIP encoders that train and a T5 encoder that does not, LoRA
+on both streams' attention, peft-keyed LoRA files, and the settings of noise prediction
+they refuse. A base class, not a family: it registers nothing."""
+
+from typing import ClassVar
+
+from difftrain.api.methods import DEFAULT_LORA_TARGETS
+from difftrain.errors import InvalidSpec
+from difftrain.trainer import loss
+from difftrain.trainer.families import Family
+from difftrain.trainer.families.unet import CLIP_LORA_TARGETS
+
+# The projections of the text stream's attention, beside the image stream's (which the
+# API's default targets name).
+CONTEXT_LORA_TARGETS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+# A tiny VAE of the SD3/Flux kind: 16 latent channels, no quant convs; each family gives
+# its shift and scale.
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+# A tiny T5 v1.1 encoder (gated GELU), as SD3 and Flux use.
+TINY_T5 = {
+    "d_model": 80,
+    "d_kv": 16,
+    "d_ff": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "relative_attention_num_buckets": 8,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+}
+
+
+def tiny_t5():
+    """The tiny T5 encoder and its offline tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    from difftrain.trainer.tokenizer import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **TINY_T5,
+    )
+    return T5EncoderModel(config), tokenizer
+
+
+def resolution_shift(config) -> "loss.Shift | None":
+    """The resolution-dependent shift of sigmas that a scheduler config asks for
+    (``use_dynamic_shifting``, as Flux's does); None for a fixed shift."""
+    if not config.get("use_dynamic_shifting"):
+        return None
+    return loss.Shift(
+        base_length=config.get("base_image_seq_len", 256),
+        max_length=config.get("max_image_seq_len", 4096),
+        base_shift=config.get("base_shift", 0.5),
+        max_shift=config.get("max_shift", 1.15),
+    )
+
+
+class FlowFamily(Family):
+    denoiser = "transformer"
+    denoiser_title = "transformer"
+    t5: int  # the T5 encoder's place among the text encoders
+    t5_tokens: int  # T5 tokens per caption at most, in training and samples alike
+    refused_methods: ClassVar[dict[str, str]] = {
+        "textualInversion": "its T5 encoder reads every prompt beside the CLIP encoders, so "
+        "a new CLIP token alone teaches little; use lora or dreambooth",
+    }
+
+    def check(self, spec, components) -> None:
+        training = spec.training
+        for field, value in (
+            ("snrGamma", training.snr_gamma),
+            ("noiseOffset", training.noise_offset),
+        ):
+            if value:
+                raise InvalidSpec(
+                    f"spec.training.{field}: applies to noise-prediction models; {self.name} "
+                    "models learn by flow matching (see spec.training.flowMatching); remove it"
+                )
+        if spec.model.prediction_type != "auto":
+            raise InvalidSpec(
+                f"spec.model.predictionType: {self.name} models predict the flow's velocity; "
+                "leave predictionType at auto"
+            )
+        if "kohya" in (spec.output.formats or []):
+            raise InvalidSpec(
+                f"spec.output.formats: the kohya layout is not written for {self.name} "
+                "LoRA in this trainer version; use diffusers (ComfyUI and Forge load it too)"
+            )
+
+    def pixel_multiple(self, components) -> int:
+        return super().pixel_multiple(components) * self.patch(components)
+
+    def patch(self, components) -> int:
+        """The side of the latent patches the model reads as one token."""
+        return components.denoiser.config.patch_size
+
+    # Training.
+
+    def prediction_type(self, scheduler) -> str:
+        return "flow"  # the velocity from the image to the noise
+
+    def latents(self, components, pixels, generator):
+        vae = components.vae
+        sampled = vae.encode(pixels).latent_dist.sample(generator).float()
+        return (sampled - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+    def objective(self, components, training, device):
+        scheduler = components.noise_scheduler
+        fresh = type(scheduler).from_config(scheduler.config)  # the training schedule, unset
+        return loss.FlowMatching(
+            sigmas=fresh.sigmas.to(device),
+            timesteps=fresh.timesteps.to(device),
+            settings=training.flow_matching,
+            train_steps=scheduler.config.num_train_timesteps,
+            shift=resolution_shift(scheduler.config),
+            patch=self.patch(components),
+        )
+
+    def token_length(self, index: int, tokenizer) -> int:
+        if index == self.t5:
+            return min(tokenizer.model_max_length, self.t5_tokens)
+        return tokenizer.model_max_length
+
+    def trained_encoders(self) -> list[str]:
+        return self.encoder_names()[: self.t5]  # the CLIP encoders; T5 stays as it is
+
+    # Sampling and export.
+
+    def sampler(self, config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def sampling_options(self, components) -> dict:
+        tokenizer = components.tokenizers[self.t5]
+        return {"max_sequence_length": self.token_length(self.t5, tokenizer)}
+
+    def export_formats(self, lora: bool) -> list[str]:
+        return ["diffusers"]
+
+    def pipeline(self, parts: dict):
+        return self.pipeline_class()(**parts)
+
+    def pipeline_class(self):
+        raise NotImplementedError
+
+    def lora_targets(self, requested: list[str]) -> list[str]:
+        if list(requested) == DEFAULT_LORA_TARGETS:  # both streams' attention
+            return [*requested, *CONTEXT_LORA_TARGETS]
+        return list(requested)
+
+    def text_encoder_lora_targets(self) -> list[str]:
+        return list(CLIP_LORA_TARGETS)
+
+    def save_lora(self, folder, states: dict, metadata: dict) -> None:
+        layers = {f"{part}_lora_layers": state for part, state in states.items()}  # peft's keys
+        self.pipeline_class().save_lora_weights(
+            folder, safe_serialization=True, **layers, **metadata
+        )
