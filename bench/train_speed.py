@@ -4,6 +4,7 @@
     python bench/train_speed.py --model sd15 --gpu --resolution 512 --batch 8 --steps 40
     python bench/train_speed.py --samples 10 [...]
     python bench/train_speed.py --model sd3-small --resolution 64 --batch 8
+    python bench/train_speed.py --model flux-small --resolution 64 --batch 8
 
 Runs ``python -m difftrain.trainer`` (LoRA, then full fine-tune) over the built-in shapes
 data, and a bare loop doing the same work per step (VAE encode, text encode, UNet forward
@@ -20,8 +21,10 @@ the offline tokenizer) with random weights, written once as a diffusers folder; 
 GPU in practice. ``--model sd3-small`` is an SD3.5-shaped model of a few million
 parameters (a 4-block MMDiT of width 128, the tiny preset's VAE, CLIP and a 256-wide T5)
 for CPUs; its bare loop does SD3's flow-matching step (logit-normal timesteps, the shifted
-sigmas, the velocity target; LoRA on both streams). ``--gpu`` trains on one GPU in bf16
-mixed precision.
+sigmas, the velocity target; LoRA on both streams). ``--model flux-small`` is the same
+for Flux.1 dev's shape (3 double- and 6 single-stream blocks of width 128, the guidance
+embedding; latents packed 2x2, sigmas shifted by the image's size). ``--gpu`` trains on
+one GPU in bf16 mixed precision.
 """
 
 import argparse
@@ -146,6 +149,40 @@ def write_sd3_small(folder: Path) -> str:
     return f"file://{folder}"
 
 
+FLUX_SMALL_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 3,
+    "num_single_layers": 6,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (8, 12, 12),
+}
+
+
+def write_flux_small(folder: Path) -> str:
+    """The tiny Flux preset with a larger transformer and T5 at ``folder``; its URI."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    from difftrain.trainer.presets import build_preset
+
+    if not (folder / "model_index.json").exists():
+        torch.manual_seed(0)
+        pipeline = build_preset("tiny-flux")
+        t5 = pipeline.text_encoder_2.config.to_dict() | SD3_SMALL_T5
+        pipeline.register_modules(
+            transformer=FluxTransformer2DModel(**FLUX_SMALL_TRANSFORMER),
+            text_encoder_2=T5EncoderModel(type(pipeline.text_encoder_2.config)(**t5)),
+        )
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    return f"file://{folder}"
+
+
 PROMPTS = [
     "a red circle on a white background",
     "a blue square on a black background",
@@ -245,7 +282,9 @@ def _sd3_step(pipeline, batch: int, device):
     transformer, vae = pipeline.transformer, pipeline.vae
     clips = [pipeline.text_encoder, pipeline.text_encoder_2]
     ids = [_ids(pipeline.tokenizer, batch, device), _ids(pipeline.tokenizer_2, batch, device)]
-    t5_ids = _ids(pipeline.tokenizer_3, batch, device, 77)
+    t5_ids = _ids(
+        pipeline.tokenizer_3, batch, device, min(pipeline.tokenizer_3.model_max_length, 77)
+    )
     sigmas = pipeline.scheduler.sigmas.to(device)
     timesteps = pipeline.scheduler.timesteps.to(device)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
@@ -276,6 +315,55 @@ def _sd3_step(pipeline, batch: int, device):
     return transformer, [*targets, "to_add_out"], step
 
 
+def _flux_step(pipeline, batch: int, device):
+    """Flux's flow-matching step as a closure over fixed inputs: pixels -> loss."""
+    import math
+
+    import torch
+
+    transformer, vae = pipeline.transformer, pipeline.vae
+    clip_ids = _ids(pipeline.tokenizer, batch, device)
+    t5_ids = _ids(
+        pipeline.tokenizer_2, batch, device, min(pipeline.tokenizer_2.model_max_length, 512)
+    )
+    sigmas = pipeline.scheduler.sigmas.to(device)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    guidance = torch.full((batch,), 1.0, device=device)
+
+    def step(pixels):
+        with torch.no_grad():
+            latents = (vae.encode(pixels).latent_dist.sample() - shift) * scale
+            pooled = pipeline.text_encoder(clip_ids).pooler_output
+            states = pipeline.text_encoder_2(t5_ids)[0]
+        b, c, h, w = latents.shape
+        tokens = (h // 2) * (w // 2)
+        mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (tokens - 256)
+        index = (torch.sigmoid(torch.randn(batch, device=device)) * len(sigmas)).long()
+        sigma = math.exp(mu) / (math.exp(mu) + 1 / sigmas[index] - 1)
+        noise = torch.randn_like(latents)
+        noisy = (1 - sigma[:, None, None, None]) * latents + sigma[:, None, None, None] * noise
+        packed = noisy.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        ids = torch.zeros(h // 2, w // 2, 3, device=device)
+        ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
+        ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
+        prediction = transformer(
+            hidden_states=packed.reshape(b, tokens, c * 4),
+            timestep=sigma,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=states,
+            txt_ids=torch.zeros(states.shape[1], 3, device=device),
+            img_ids=ids.reshape(tokens, 3),
+            return_dict=False,
+        )[0]
+        prediction = prediction.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        target = (noise - latents).float()
+        return torch.nn.functional.mse_loss(prediction.reshape(b, c, h, w).float(), target)
+
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj"]
+    return transformer, [*targets, "to_add_out"], step
+
+
 def bare_loop(method: str, base: str, args) -> dict:
     """images/s (and peak GPU memory) of the same work without the trainer around it."""
     import torch
@@ -287,7 +375,8 @@ def bare_loop(method: str, base: str, args) -> dict:
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-    make = _sd3_step if hasattr(pipeline, "transformer") else _sd_step
+    name = type(pipeline).__name__
+    make = {"FluxPipeline": _flux_step, "StableDiffusion3Pipeline": _sd3_step}.get(name, _sd_step)
     denoiser, targets, step = make(pipeline, args.batch, device)
     if method == "lora":
         from peft import LoraConfig
@@ -321,6 +410,7 @@ MODELS = {
     "tiny-sd": lambda folder: "preset:tiny-sd",
     "sd15": write_sd15,
     "sd3-small": write_sd3_small,
+    "flux-small": write_flux_small,
 }
 
 
