@@ -216,6 +216,15 @@ CROSS_FIELD = [
         "metadata.name",
     ),
     (
+        "quantized-finetune",
+        job(
+            spec={"method": "finetune", "model": {"base": "preset:tiny-sd", "quantization": "int8"}}
+        ),
+        "spec.model.quantization applies only when adapters are trained (method lora, or "
+        "dreambooth with unet lora): the weights that train stay in full precision",
+        "spec.model.quantization",
+    ),
+    (
         "dora-on-lokr",
         job(spec={"lora": {"type": "lokr", "dora": True}}),
         "spec.lora.dora applies only to type lora",

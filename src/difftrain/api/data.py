@@ -62,6 +62,13 @@ class ModelSpec(ApiModel):
     )
     revision: ShortStr | None = Field(None, description="hf:// only: branch, tag or commit.")
     variant: ShortStr | None = Field(None, description='Weight file variant to load, e.g. "fp16".')
+    quantization: Literal["int8", "fp8", "nf4"] | None = Field(
+        None,
+        description="Keep the frozen denoiser in low precision while adapters train in full "
+        "(LoRA methods only): int8 (weights of 8-bit integers with a scale per row, any "
+        "device), fp8 (a GPU of compute capability 8.9 or later) or nf4 (not in this "
+        "version). Unset: the training precision.",
+    )
 
     @model_validator(mode="after")
     def _revision_needs_hf(self):

@@ -120,6 +120,12 @@ _RULES = (
         "fieldPath": ".lora.dora",
     },
     {
+        "rule": f"!has(self.model.quantization) || {_CEL_TRAINS_LORA}",
+        "message": "spec.model.quantization applies only when adapters are trained (method "
+        "lora, or dreambooth with unet lora): the weights that train stay in full precision",
+        "fieldPath": ".model.quantization",
+    },
+    {
         "rule": "!has(self.output.formats) || !('singleFile' in self.output.formats) || "
         + _CEL_TRAINS_FULL,
         "message": "spec.output.formats: singleFile applies only when full weights are trained",
@@ -252,6 +258,14 @@ class DiffusionTrainingJobSpec(ApiModel):
                     "must not be inside spec.dataset.uri: the job's samples would become "
                     "training images on its next start; write the output beside the "
                     f"dataset (spec.dataset.uri is {self.dataset.uri})",
+                )
+            )
+        if self.model.quantization is not None and not self.trains_lora:
+            problems.append(
+                (
+                    ("model", "quantization"),
+                    "applies only when adapters are trained (method lora, or dreambooth with "
+                    "unet lora): the weights that train stay in full precision",
                 )
             )
         if self.lora is not None and self.lora.dora:

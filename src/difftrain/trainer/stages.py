@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from difftrain.storage import Store
-from difftrain.trainer import autoencoder, checkpoint, identity, methods, optim
+from difftrain.trainer import autoencoder, checkpoint, identity, methods, optim, quantization
 from difftrain.trainer.conditioning import token_ids
 from difftrain.trainer.identity import RunIdentity
 from difftrain.trainer.setup import Run
@@ -175,6 +175,11 @@ def build_diffusion(run: Run) -> DiffusionStage:
     components.vae.requires_grad_(False)
     for encoder in components.text_encoders:
         encoder.requires_grad_(False)
+    if spec.model.quantization:  # the frozen base under adapters (the API allows no other)
+        components.denoiser.requires_grad_(False)
+        quantization.quantize(
+            components.denoiser, spec.model.quantization, accelerator.device, family.denoiser
+        )
     trainable = run.method.prepare(components, spec)
     if training.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
@@ -185,6 +190,8 @@ def build_diffusion(run: Run) -> DiffusionStage:
     ]
     optimizer = optim.build_optimizer(training, groups)
     names = list(trainable.modules)
+    for module in trainable.modules.values():
+        quantization.keep_out_of_sync(module)
     *prepared, optimizer = accelerator.prepare(*trainable.modules.values(), optimizer)
     wrapped = dict(zip(names, prepared, strict=True))
     # Text encoders being trained must run through their wrappers to sync gradients.
