@@ -72,8 +72,29 @@ METHODS = {
         "full": {"autoencoder": {"steps": 5, "learningRate": 1e-3}},
     },
 }
-FAMILIES = ["sd", "sdxl"]
-CASES = [(family, method) for family in FAMILIES for method in METHODS]
+# The flow-matching families (SD3, Flux) with each method they train and the settings
+# of their own objective in place of noise prediction's (min-SNR, offset noise,
+# v-prediction, which they refuse).
+FLOW = {"flowMatching": {"timestepDensity": "mode", "lossWeighting": "cosmap"}}
+FLOW_METHODS = {
+    "lora": {
+        "lora": {"rank": 4, "alpha": 8, "trainTextEncoder": True},
+        "training": FLOW,
+    },
+    "finetune": {
+        "method": "finetune",
+        "training": {
+            "ema": {"enabled": True, "decay": 0.9},
+            "gradientAccumulationSteps": 2,
+            "batchSize": 2,
+            "flowMatching": {"logitMean": 0.5, "lossWeighting": "sigmaSqrt"},
+        },
+    },
+    "dreambooth": METHODS["dreambooth"],
+    "full": METHODS["full"],
+}
+FAMILIES = {"sd": METHODS, "sdxl": METHODS, "sd3": FLOW_METHODS, "flux": FLOW_METHODS}
+CASES = [(family, method) for family, methods in FAMILIES.items() for method in methods]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +112,7 @@ def losses(tmp_path_factory, trainer_cache, shapes_folder) -> dict:
                 "training": {"steps": STEPS, "seed": 3},
                 "checkpoints": {"everySteps": 1000},
             },
-            METHODS[method],
+            FAMILIES[family][method],
         )
         runs.append((runner.write_config(folder, spec), folder, trainer_cache, ONE_THREAD))
     found = {}
