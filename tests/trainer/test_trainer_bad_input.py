@@ -258,9 +258,39 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
             id="single-file",
         ),
         pytest.param(
-            {"method": "finetune", "training": {"strategy": "fsdp"}},
-            "spec.training.strategy: fsdp is not supported by this trainer version; use ddp",
-            id="fsdp",
+            {"lora": {"rank": 4}, "training": {"strategy": "fsdp"}},
+            "spec.training.strategy: fsdp shards a denoiser that trains whole; use it with "
+            "method finetune, or dreambooth with unet full and without trainTextEncoder",
+            id="fsdp-lora",
+        ),
+        pytest.param(
+            {
+                "method": "dreambooth",
+                "dreambooth": {
+                    "instancePrompt": "a sks shape",
+                    "unet": "full",
+                    "trainTextEncoder": True,
+                },
+                "training": {"strategy": "fsdp"},
+            },
+            "spec.training.strategy: fsdp shards a denoiser that trains whole;",
+            id="fsdp-text-encoders",
+        ),
+        pytest.param(
+            {"method": "finetune", "training": {"strategy": "fsdp", "ema": {"enabled": True}}},
+            "spec.training.ema.enabled: an EMA of a sharded model is not kept in this trainer "
+            "version; turn it off or use strategy ddp",
+            id="fsdp-ema",
+        ),
+        pytest.param(
+            {
+                "method": "finetune",
+                "training": {"strategy": "fsdp"},
+                "validation": {"prompts": ["a red circle"]},
+            },
+            "spec.validation.prompts: samples of a sharded model are not taken in this trainer "
+            "version; leave the prompts out or use strategy ddp",
+            id="fsdp-samples",
         ),
         pytest.param(
             {"method": "finetune", "evaluation": {"clipScore": {"modelUri": "hf://org/clip"}}},

@@ -145,7 +145,10 @@ class TrainingSpec(ApiModel):
     )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for weights, noise and data order.")
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="Distributed strategy across processes: ddp (replicas) or fsdp (shards)."
+        "ddp",
+        description="Distributed strategy across processes: ddp (replicas) or fsdp (the "
+        "denoiser's parameters, gradients and optimiser state sharded across them; method "
+        "finetune, or dreambooth with unet full).",
     )
 
     @model_validator(mode="after")

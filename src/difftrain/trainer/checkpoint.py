@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from difftrain import contract
 from difftrain.storage import Store
-from difftrain.trainer import identity
+from difftrain.trainer import identity, sharding
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,10 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 
 
 def state_bytes(trainer) -> int:
-    """About how large the main process's checkpoint files are."""
+    """About how large the main process's checkpoint files are (a sharded run's main
+    process writes its shards before them, and deletes those once uploaded)."""
+    if trainer.sharded_from is not None:
+        return 1 << 20  # the schedule and the position
     tensors = list(trainer.trainable.state_dict().values())
     for state in trainer.optimizer.state_dict()["state"].values():
         tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
@@ -215,10 +218,12 @@ def save(trainer, position: Position, gather) -> None:
     is refused if they do not.
     """
     rank = trainer.accelerator.process_index
-    prints = gather(fingerprint(trainer.trainable.state_dict()))
-    log.info("step %d: weights fingerprint %s", position.step, prints[rank])
-    if len(set(prints)) > 1:
-        raise OutOfSync(f"step {position.step}: processes hold different weights: {prints}")
+    sharded = trainer.sharded_from is not None
+    if not sharded:  # shards differ by design; replicas must not
+        prints = gather(fingerprint(trainer.trainable.state_dict()))
+        log.info("step %d: weights fingerprint %s", position.step, prints[rank])
+        if len(set(prints)) > 1:
+            raise OutOfSync(f"step {position.step}: processes hold different weights: {prints}")
     prefix = step_prefix(position.step)
     target = trainer.output.child(prefix)
     main = rank == 0
@@ -231,6 +236,8 @@ def save(trainer, position: Position, gather) -> None:
 
     waiting.alone(main, "starting a checkpoint", begin)
     target.write_bytes(f"rng-{rank}.pt", _tensor_bytes(rng_state(trainer.generator)))
+    if sharded:
+        _upload_shards(trainer, position)
     waiting.alone(main, "uploading a checkpoint", lambda: _upload_main_files(trainer, position))
     if main:  # every process's files are up before COMPLETE
         target.write_bytes(MARKER, b"")
@@ -239,17 +246,37 @@ def save(trainer, position: Position, gather) -> None:
         log.info("checkpoint complete: %s", target.uri)
 
 
+def _sharded_module(trainer):
+    return trainer.trainable.modules[trainer.components.family.denoiser]
+
+
+def _upload_shards(trainer, position: Position) -> None:
+    """Every process writes its shards (a collective) and uploads its own files."""
+    prefix = step_prefix(position.step)
+    local = trainer.scratch / prefix / sharding.SHARDS
+    module = _sharded_module(trainer)
+    size = sharding.local_bytes(module, trainer.optimizer)
+    with trainer.disk.writing(local, f"the shards of step {position.step}", size):
+        try:
+            for path in sharding.save(module, trainer.optimizer, local):
+                trainer.output.child(prefix).upload(path, f"{sharding.SHARDS}/{path.name}")
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+
+
 def _upload_main_files(trainer, position: Position) -> None:
     prefix = step_prefix(position.step)
     local = trainer.scratch / prefix
     what = f"the checkpoint of step {position.step}"
+    sharded = trainer.sharded_from is not None
     with trainer.disk.writing(local, what, state_bytes(trainer)):
         local.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous().cpu() for k, v in trainer.trainable.state_dict().items()},
-            local / WEIGHTS,
-        )
-        torch.save(trainer.optimizer.state_dict(), local / "optimizer.pt")
+        if not sharded:  # a sharded run's weights and optimiser are in its shards
+            save_file(
+                {k: v.contiguous().cpu() for k, v in trainer.trainable.state_dict().items()},
+                local / WEIGHTS,
+            )
+            torch.save(trainer.optimizer.state_dict(), local / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), local / "scheduler.pt")
         (local / "position.json").write_text(json.dumps(asdict(position)))
         if trainer.ema is not None:
@@ -266,14 +293,22 @@ def load(trainer, step: int) -> Position:
     prefix = step_prefix(step)
     local = trainer.scratch / "resume" / prefix
     source = trainer.output.child(prefix)
-    names = [WEIGHTS, "optimizer.pt", "scheduler.pt", "position.json", f"rng-{rank}.pt"]
+    sharded = trainer.sharded_from is not None
+    names = ["scheduler.pt", "position.json", f"rng-{rank}.pt"]
+    names += [] if sharded else [WEIGHTS, "optimizer.pt"]
     if trainer.ema is not None:
         names.append(EMA)
     try:
+        if sharded:  # the index, then the files that hold this process's part
+            names += _shards_to_read(trainer, source, local / sharding.SHARDS)
         for name in names:
             source.download(name, local / name)
-        trainer.trainable.load_state_dict(load_file(local / WEIGHTS))
-        trainer.optimizer.load_state_dict(torch.load(local / "optimizer.pt", weights_only=True))
+        if sharded:
+            sharding.load(_sharded_module(trainer), trainer.optimizer, local / sharding.SHARDS)
+        else:
+            trainer.trainable.load_state_dict(load_file(local / WEIGHTS))
+            optimizer = torch.load(local / "optimizer.pt", weights_only=True)
+            trainer.optimizer.load_state_dict(optimizer)
         trainer.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
         restore_rng(torch.load(local / f"rng-{rank}.pt", weights_only=True), trainer.generator)
         if trainer.ema is not None:
@@ -281,3 +316,10 @@ def load(trainer, step: int) -> Position:
         return Position(**json.loads((local / "position.json").read_text()))
     finally:
         shutil.rmtree(trainer.scratch / "resume", ignore_errors=True)
+
+
+def _shards_to_read(trainer, source: Store, folder) -> list[str]:
+    """Download the shards' index into ``folder``; the shard files this process needs."""
+    source.download(f"{sharding.SHARDS}/{sharding.METADATA}", folder / sharding.METADATA)
+    needed = sharding.needed_files(_sharded_module(trainer), trainer.optimizer, folder)
+    return [f"{sharding.SHARDS}/{name}" for name in sorted(needed)]

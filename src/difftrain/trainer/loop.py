@@ -97,6 +97,7 @@ def _train_stages(shared: Run, start_time: str) -> None:
         if not finished_earlier(shared, name):
             stage = BUILDERS[name](shared)
             done = Training(stage, Progress(telemetry, offset, sum(lengths)), stop).run()
+            stage.gather_final()  # a sharded model, whole on the main process
             what = "the autoencoder" if name == methods.AUTOENCODER else "the model"
             shared.waiting.alone(
                 shared.main,

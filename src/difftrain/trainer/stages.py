@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from difftrain.storage import Store
-from difftrain.trainer import autoencoder, checkpoint, identity, methods, optim, quantization
+from difftrain.trainer import (
+    autoencoder,
+    checkpoint,
+    identity,
+    methods,
+    optim,
+    quantization,
+    sharding,
+)
 from difftrain.trainer.conditioning import token_ids
 from difftrain.trainer.identity import RunIdentity
 from difftrain.trainer.setup import Run
@@ -45,6 +53,8 @@ class Stage:
     losses: list = field(default_factory=list)
     identity: RunIdentity | None = None  # the run its checkpoints belong to
     ledger: checkpoint.Ledger | None = None  # this run's checkpoints (main process)
+    sharded_from: type | None = None  # the denoiser's class, when it is sharded (fsdp)
+    gathered: dict | None = None  # the whole trained modules, gathered for export (fsdp)
 
     name = "diffusion"
 
@@ -66,7 +76,10 @@ class Stage:
     def synchronising(self, sync: bool) -> contextlib.ExitStack:
         """A context in which gradients are synchronised across processes only if ``sync``."""
         stack = contextlib.ExitStack()
-        if not sync:
+        if self.sharded_from is not None:
+            for module in self.wrapped.values():
+                sharding.set_sync(module, sync)
+        elif not sync:
             for module in self.wrapped.values():
                 stack.enter_context(self.accelerator.no_sync(module))
         return stack
@@ -87,8 +100,20 @@ class Stage:
     def denoiser_parameters(self) -> list:
         return list(self.trainable.modules[self.components.family.denoiser].parameters())
 
+    def gather_final(self) -> None:
+        """Gather a sharded model whole on the main process for export; every process
+        calls it (a no-op unless sharded)."""
+        if self.sharded_from is None:
+            return
+        name = self.components.family.denoiser
+        module = self.trainable.modules[name]
+        whole = sharding.gather(module, self.sharded_from, self.run.main)
+        self.gathered = {name: whole} if whole is not None else None
+
     def final_modules(self) -> dict:
         """The trained modules as exported: with the EMA weights when the job keeps one."""
+        if self.gathered is not None:
+            return self.gathered
         if self.ema is not None:
             self.ema.copy_to(self.denoiser_parameters())  # export the average, as asked
         return self.trainable.modules
@@ -184,16 +209,24 @@ def build_diffusion(run: Run) -> DiffusionStage:
     if training.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
     _place_frozen(components, trainable, accelerator.device, training.mixed_precision)
+    sharded_from = None
+    if training.strategy == "fsdp":  # methods that train the denoiser alone (sharding.check)
+        denoiser = components.denoiser
+        blocks = family.blocks(denoiser)
+        sharded_from = sharding.shard(denoiser, blocks, accelerator, training.mixed_precision)
     groups = [
         {"params": trainable.parameters(name), "lr": _learning_rate(training, name, family)}
         for name in trainable.modules
     ]
     optimizer = optim.build_optimizer(training, groups)
-    names = list(trainable.modules)
-    for module in trainable.modules.values():
-        quantization.keep_out_of_sync(module)
-    *prepared, optimizer = accelerator.prepare(*trainable.modules.values(), optimizer)
-    wrapped = dict(zip(names, prepared, strict=True))
+    if sharded_from is not None:  # FSDP is its own wrapper
+        wrapped = dict(trainable.modules)
+    else:
+        names = list(trainable.modules)
+        for module in trainable.modules.values():
+            quantization.keep_out_of_sync(module)
+        *prepared, optimizer = accelerator.prepare(*trainable.modules.values(), optimizer)
+        wrapped = dict(zip(names, prepared, strict=True))
     # Text encoders being trained must run through their wrappers to sync gradients.
     for index, name in enumerate(family.encoder_names()):
         if name in wrapped:
@@ -210,6 +243,7 @@ def build_diffusion(run: Run) -> DiffusionStage:
         output=run.output,
         scratch=run.paths.scratch,
         samples=bool(spec.validation.prompts),
+        sharded_from=sharded_from,
         objective=family.objective(components, training, accelerator.device),
     )
     if training.ema.enabled:

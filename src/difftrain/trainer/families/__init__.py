@@ -50,6 +50,10 @@ class Family:
     def check(self, spec, components) -> None:
         """Refuse, once the model is loaded, job settings its family cannot train with."""
 
+    def blocks(self, denoiser) -> list:
+        """The denoiser's blocks, each a unit of its own when it is sharded (fsdp)."""
+        raise NotImplementedError
+
     def pixel_multiple(self, components) -> int:
         """What every training side (resolution, buckets) must be a multiple of."""
         return 2 ** (len(components.vae.config.block_out_channels) - 1)

@@ -108,6 +108,10 @@ class FlowFamily(Family):
     def pixel_multiple(self, components) -> int:
         return super().pixel_multiple(components) * self.patch(components)
 
+    def blocks(self, denoiser) -> list:
+        singles = getattr(denoiser, "single_transformer_blocks", [])  # Flux's
+        return [*denoiser.transformer_blocks, *singles]
+
     def patch(self, components) -> int:
         """The side of the latent patches the model reads as one token."""
         return components.denoiser.config.patch_size

@@ -43,6 +43,9 @@ class UNetFamily(Family):
                 f"({' + '.join(map(str, widths))})"
             )
 
+    def blocks(self, denoiser) -> list:
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+
     def sampler(self, config: dict):
         from diffusers import DPMSolverMultistepScheduler
 

@@ -8,7 +8,7 @@ compares ``spec.method``. DEVELOPERS.md lists what a new method writes.
 
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.errors import InvalidSpec
-from difftrain.trainer import loss
+from difftrain.trainer import loss, sharding
 from difftrain.trainer.registry import Registry
 from difftrain.trainer.trainable import Trainable
 
@@ -25,6 +25,11 @@ class Method:
 
     def check(self, spec: DiffusionTrainingJobSpec) -> None:
         """Refuse, before any work, settings this method cannot do."""
+
+    def can_shard(self, spec) -> bool:
+        """Whether it trains a whole denoiser and nothing else, as ``strategy: fsdp``
+        shards (sharding.py)."""
+        return False
 
     # The model and the data.
 
@@ -96,11 +101,6 @@ def for_spec(spec: DiffusionTrainingJobSpec) -> Method:
             f"spec.method: {spec.method} is not supported by this trainer version; "
             f"use {', '.join(sorted(known))}"
         )
-    if spec.training.strategy != "ddp":
-        raise InvalidSpec(
-            f"spec.training.strategy: {spec.training.strategy} is not supported by this "
-            "trainer version; use ddp"
-        )
     if spec.evaluation is not None:
         raise InvalidSpec(
             "spec.evaluation: evaluation is not available in this trainer version; leave "
@@ -112,6 +112,7 @@ def for_spec(spec: DiffusionTrainingJobSpec) -> Method:
             "use diffusers"
         )
     method = known[spec.method]
+    sharding.check(spec, method)
     method.check(spec)
     return method
 

@@ -204,6 +204,10 @@ class WithPrior:
 class DreamBooth(Method):
     name = "dreambooth"
 
+    def can_shard(self, spec) -> bool:
+        settings = spec.dreambooth
+        return settings.unet == "full" and not settings.train_text_encoder
+
     def examples(self, spec, examples):
         return instance_examples(examples, spec.dreambooth.instance_prompt)
 

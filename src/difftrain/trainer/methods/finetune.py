@@ -7,6 +7,9 @@ from difftrain.trainer.trainable import Trainable
 class Finetune(Method):
     name = "finetune"
 
+    def can_shard(self, spec) -> bool:
+        return True
+
     def prepare(self, components, spec):
         return Trainable(whole_denoiser(components))
 

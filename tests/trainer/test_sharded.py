@@ -1,0 +1,111 @@
+"""Sharded training (strategy fsdp) on two torchrun nodes over gloo: the losses of
+replicated training, sharded checkpoints that resume exactly, and a whole model out."""
+
+import concurrent.futures
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer import runner
+from tests.trainer.test_resume import ONE_THREAD
+
+STEPS = 6
+
+
+def _spec(shapes_folder, output, strategy: str, steps: int = STEPS) -> dict:
+    return {
+        "method": "finetune",
+        "model": {"base": "preset:tiny-flux"},
+        "dataset": {"uri": f"file://{shapes_folder}", "resolution": 32},
+        "output": {"uri": f"file://{output}", "dtype": "fp32"},
+        "training": {
+            "steps": steps,
+            "batchSize": 2,
+            "learningRate": 1e-3,
+            "strategy": strategy,
+            "gradientAccumulationSteps": 2,
+            "maxGradNorm": 1.0,
+            # constant: a run told to stop at step 3, then to go on to 6, must have the
+            # learning rates of one that ran to 6 (a cosine's depend on the last step)
+            "scheduler": {"type": "constant", "warmupRatio": 0},
+        },
+        "checkpoints": {"everySteps": 3},
+        "resources": {"nodes": 2},
+    }
+
+
+def _train(folder, spec) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    config = runner.write_config(folder, spec)
+    nodes = runner.start_nodes(config, folder, ONE_THREAD)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(node.communicate, timeout=300) for node in nodes]
+        logs = [done.result()[0] for done in running]
+    assert [node.returncode for node in nodes] == [0, 0], logs
+    return logs
+
+
+def _losses(output) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output / "metrics.jsonl").open()]
+
+
+def _transformer(output) -> dict[str, torch.Tensor]:
+    return load_file(output / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, shapes_folder):
+    """A sharded run of STEPS steps, and its output."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    logs = _train(folder, _spec(shapes_folder, folder / "out", "fsdp"))
+    return folder / "out", logs
+
+
+def test_sharded_training_has_the_losses_of_replicated_training(sharded, tmp_path, shapes_folder):
+    output, logs = sharded
+    _train(tmp_path, _spec(shapes_folder, tmp_path / "out", "ddp"))
+
+    assert "FluxTransformer2DModel sharded across 2 processes (3 blocks)" in logs[0]
+    replicated = _losses(tmp_path / "out")
+    losses = _losses(output)
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(replicated, rel=1e-4)
+    expected, got = _transformer(tmp_path / "out"), _transformer(output)
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(expected[k], got[k], rtol=1e-3, atol=1e-5) for k in got)
+
+
+def test_sharded_checkpoints_hold_each_process_part_and_resume_exactly(
+    sharded, tmp_path, shapes_folder
+):
+    output, _ = sharded
+    files = {p.name for p in (output / "checkpoints" / "step-00000003" / "shards").iterdir()}
+    assert files == {".metadata", "__0_0.distcp", "__1_0.distcp"}
+    assert not (output / "checkpoints" / "step-00000003" / "trainable.safetensors").exists()
+
+    resumed = tmp_path / "out"
+    _train(tmp_path, _spec(shapes_folder, resumed, "fsdp", steps=3))  # stops at step 3
+    logs = _train(tmp_path, _spec(shapes_folder, resumed, "fsdp"))  # then goes on to 6
+
+    assert "resumed from checkpoint step 3" in logs[0]
+    expected, got = _transformer(output), _transformer(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in got)
+    from diffusers import FluxPipeline
+
+    pipeline = FluxPipeline.from_pretrained(resumed / "model")
+    assert type(pipeline.transformer).__name__ == "FluxTransformer2DModel"
+
+
+def test_a_unet_family_shards_by_its_down_mid_and_up_blocks(tmp_path, shapes_folder):
+    spec = _spec(shapes_folder, tmp_path / "out", "fsdp", steps=2)
+    spec["model"] = {"base": "preset:tiny-sdxl"}
+
+    logs = _train(tmp_path, spec)
+
+    assert "UNet2DConditionModel sharded across 2 processes (5 blocks)" in logs[0]
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out" / "model")
+    assert pipeline.unet.config.addition_embed_type == "text_time"
