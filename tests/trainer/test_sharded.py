@@ -109,3 +109,28 @@ def test_a_unet_family_shards_by_its_down_mid_and_up_blocks(tmp_path, shapes_fol
 
     pipeline = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out" / "model")
     assert pipeline.unet.config.addition_embed_type == "text_time"
+
+
+def test_sharded_checkpoints_go_to_s3_and_come_back(tmp_path, shapes_folder, s3_env, bucket):
+    from difftrain.storage import S3Settings, open_store
+
+    uri = f"s3://{bucket}/runs/fsdp"
+    spec = _spec(shapes_folder, tmp_path / "unused", "fsdp", steps=2)
+    spec["output"] = {"uri": uri, "dtype": "fp32"}
+    spec["storage"] = {"endpoint": s3_env.endpoint, "pathStyle": True}
+    spec["checkpoints"] = {"everySteps": 2}
+    _train(tmp_path / "first", spec)
+    spec["training"]["steps"] = 4
+
+    logs = _train(tmp_path / "second", spec)
+
+    assert "resumed from checkpoint step 2" in logs[0]
+    store = open_store(uri, S3Settings(endpoint=s3_env.endpoint, path_style=True))
+    shards = sorted(store.keys("checkpoints/step-00000002/shards/"))
+    assert [key.rsplit("/", 1)[1] for key in shards] == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    assert store.exists("checkpoints/step-00000004/COMPLETE")
+    assert store.exists("model/difftrain.json")
