@@ -223,6 +223,13 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
             180,
             "the run to step, checkpoint and sample in Prometheus",
         )
+        # The operator is a target of its own, scraped on its own schedule: its metadata
+        # may come a scrape after the trainer's series.
+        prometheus.wait(
+            lambda: "difftrain_operator_jobs" in prometheus.api("metadata"),
+            60,
+            "the operator's metrics in Prometheus",
+        )
         series = {
             s["metric"]["__name__"]: s for s in prometheus.query('{__name__=~"difftrain_.*"}')
         }

@@ -29,6 +29,11 @@ def check(spec, method) -> None:
             "method finetune, or dreambooth with unet full and without trainTextEncoder "
             "(adapters, embeddings and training from scratch use ddp)"
         )
+    if spec.training.mixed_precision == "fp16":
+        raise InvalidSpec(
+            "spec.training.mixedPrecision: fp16 needs a loss scaler, which sharded training "
+            "does not keep in this trainer version; use bf16 (or no) with strategy fsdp"
+        )
     if spec.training.ema.enabled:
         raise InvalidSpec(
             "spec.training.ema.enabled: an EMA of a sharded model is not kept in this "
