@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from difftrain.trainer import adapters
 from difftrain.trainer.presets import build_preset
 from tests.trainer import runner
+from tests.trainer.families import sample
 
 CASES = [
     pytest.param("tiny-sd", {"type": "lokr"}, "LoKrConfig", id="sd-lokr"),
@@ -20,19 +21,6 @@ CASES = [
     pytest.param("tiny-sd3", {"dora": True}, "LoraConfig", id="sd3-dora"),
     pytest.param("tiny-flux", {"type": "loha"}, "LoHaConfig", id="flux-loha"),
 ]
-
-
-def _sample(pipeline) -> torch.Tensor:
-    extra = {"max_sequence_length": 32} if hasattr(pipeline, "transformer") else {}
-    return pipeline(
-        "a red circle on a white background",
-        num_inference_steps=2,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-        **extra,
-    ).images
 
 
 def _adapter_weights(module) -> dict[str, torch.Tensor]:
@@ -65,7 +53,7 @@ def test_adapters_train_and_load_with_the_trained_weights(
     assert code == 0, log
     model = output / "model"
     pipeline = build_preset(preset)
-    before = _sample(pipeline)
+    before = sample(pipeline)
     denoiser = "transformer" if hasattr(pipeline, "transformer") else "unet"
     encoders = {"tiny-sd": ["text_encoder"], "tiny-flux": ["text_encoder"]}.get(
         preset, ["text_encoder", "text_encoder_2"]
@@ -84,7 +72,7 @@ def test_adapters_train_and_load_with_the_trained_weights(
     loaded = next(iter(getattr(pipeline, denoiser).peft_config.values()))
     assert type(loaded).__name__ == config_class
     assert getattr(loaded, "use_dora", False) == lora.get("dora", False)
-    assert (_sample(pipeline) - before).abs().max() > 1e-4
+    assert (sample(pipeline) - before).abs().max() > 1e-4
     trained = load_file(output / "checkpoints" / "step-00000004" / "trainable.safetensors")
     for part in (denoiser, *encoders):
         got = _adapter_weights(getattr(pipeline, part))

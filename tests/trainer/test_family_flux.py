@@ -16,31 +16,7 @@ from difftrain.trainer.families import flux
 from difftrain.trainer.models import load_components
 from difftrain.trainer.presets import build_preset, write_preset
 from tests.trainer import runner
-
-FLUX = {"model": {"base": "preset:tiny-flux"}}
-
-
-def _sample(pipeline) -> torch.Tensor:
-    return pipeline(
-        "a red circle on a white background",
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-        max_sequence_length=32,
-    ).images
-
-
-def _spec(tmp_path, shapes_folder, **extra) -> dict:
-    spec = {
-        **FLUX,
-        "dataset": {"uri": f"file://{shapes_folder}", "resolution": 32},
-        "output": {"uri": f"file://{tmp_path}/out", "dtype": "fp32"},
-        "training": {"steps": 4, "batchSize": 4, "learningRate": 1e-3},
-    }
-    spec.update(extra)
-    return spec
+from tests.trainer.families import from_scratch, job, refused, sample
 
 
 def test_latents_are_packed_and_placed_as_flux_pipeline_does():
@@ -106,7 +82,7 @@ def test_the_preset_is_a_flux_dev_pipeline_of_a_few_hundred_thousand_parameters(
     assert isinstance(pipeline, FluxPipeline)
     assert pipeline.transformer.config.guidance_embeds
     assert 100_000 < sum(p.numel() for p in pipeline.transformer.parameters()) < 1_000_000
-    assert torch.equal(_sample(pipeline), _sample(build_preset("tiny-flux")))
+    assert torch.equal(sample(pipeline), sample(build_preset("tiny-flux")))
     folder = write_preset("tiny-flux", tmp_path / "model")
     components = load_components(folder, ModelSpec(base=f"file://{folder}"))
     assert components.family is families.named("flux")
@@ -135,9 +111,10 @@ def test_guidance_is_the_jobs_value_or_one(tmp_path):
 def test_flux_lora_trains_and_loads_in_diffusers_with_the_trained_weights(
     tmp_path, trainer_cache, shapes_folder
 ):
-    spec = _spec(
+    spec = job(
         tmp_path,
         shapes_folder,
+        "tiny-flux",
         lora={"rank": 4, "trainTextEncoder": True},
         training={"steps": 4, "batchSize": 4, "learningRate": 1e-2},
         checkpoints={"everySteps": 4},
@@ -157,9 +134,9 @@ def test_flux_lora_trains_and_loads_in_diffusers_with_the_trained_weights(
     assert any(".single_transformer_blocks." in name for name in adapted)
     assert any(name.endswith(".attn.add_q_proj") for name in adapted)  # the text stream
     pipeline = build_preset("tiny-flux")
-    before = _sample(pipeline)
+    before = sample(pipeline)
     pipeline.load_lora_weights(output / "model")
-    assert (_sample(pipeline) - before).abs().max() > 1e-4
+    assert (sample(pipeline) - before).abs().max() > 1e-4
     trained = load_file(output / "checkpoints" / "step-00000004" / "trainable.safetensors")
     for part in ("transformer", "text_encoder"):
         loaded = {
@@ -173,7 +150,7 @@ def test_flux_lora_trains_and_loads_in_diffusers_with_the_trained_weights(
 
 
 def test_flux_finetune_exports_a_pipeline_that_loads(tmp_path, trainer_cache, shapes_folder):
-    spec = _spec(tmp_path, shapes_folder, method="finetune")
+    spec = job(tmp_path, shapes_folder, "tiny-flux", method="finetune")
     spec["dataset"]["bucketing"] = {
         "enabled": True,
         "minResolution": 16,
@@ -191,37 +168,19 @@ def test_flux_finetune_exports_a_pipeline_that_loads(tmp_path, trainer_cache, sh
     base = build_preset("tiny-flux")
     new, old = trained.transformer.state_dict(), base.transformer.state_dict()
     assert any(not torch.equal(new[k], old[k]) for k in old)
-    assert _sample(trained).shape == (1, 3, 32, 32)
+    assert sample(trained).shape == (1, 3, 32, 32)
 
 
 # Bad input.
 
 
-def _refused(tmp_path, cache, spec) -> str:
-    config = runner.write_config(tmp_path, spec)
-    code, log = runner.run(config, tmp_path, cache)
-    assert code == 2, log
-    assert "step 1/" not in log
-    assert not (tmp_path / "out" / "checkpoints").exists()
-    return json.loads((tmp_path / "termination-log").read_text())["message"]
-
-
 def test_a_guidance_value_for_a_model_without_guidance_embedding_is_refused(
     tmp_path, trainer_cache, shapes_folder
 ):
-    base = write_preset("tiny-flux", tmp_path / "base")
-    transformer = json.loads((base / "transformer" / "config.json").read_text())
-    transformer["guidance_embeds"] = False  # as Flux.1 schnell
-    spec = _spec(
-        tmp_path,
-        shapes_folder,
-        method="full",
-        model={"base": "preset:tiny-flux", "components": {"transformer": transformer}},
-        full={"reuse": ["vae", "textEncoders"]},
-    )
+    spec = from_scratch(tmp_path, shapes_folder, "tiny-flux", guidance_embeds=False)  # schnell
     spec["training"]["flowMatching"] = {"guidance": 3.5}
 
-    assert _refused(tmp_path, trainer_cache, spec) == (
+    assert refused(tmp_path, trainer_cache, spec) == (
         "spec.training.flowMatching.guidance: this Flux model has no guidance embedding "
         "(guidance_embeds is false, as in Flux.1 schnell), so there is nothing to give the "
         "value to; remove it"

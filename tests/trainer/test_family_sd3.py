@@ -20,31 +20,7 @@ from difftrain.trainer.models import fetch_model, load_components, new_component
 from difftrain.trainer.presets import build_preset, write_preset
 from difftrain.trainer.tokenizer import build_t5_tokenizer
 from tests.trainer import runner
-
-SD3 = {"model": {"base": "preset:tiny-sd3"}}
-
-
-def _sample(pipeline) -> torch.Tensor:
-    return pipeline(
-        "a red circle on a white background",
-        num_inference_steps=3,
-        height=32,
-        width=32,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-        max_sequence_length=32,
-    ).images
-
-
-def _spec(tmp_path, shapes_folder, **extra) -> dict:
-    spec = {
-        **SD3,
-        "dataset": {"uri": f"file://{shapes_folder}", "resolution": 32},
-        "output": {"uri": f"file://{tmp_path}/out", "dtype": "fp32"},
-        "training": {"steps": 4, "batchSize": 4, "learningRate": 1e-3},
-    }
-    spec.update(extra)
-    return spec
+from tests.trainer.families import from_scratch, job, refused, sample
 
 
 def test_the_tiny_preset_is_an_sd3_pipeline_of_a_few_hundred_thousand_parameters():
@@ -61,9 +37,9 @@ def test_the_tiny_preset_is_an_sd3_pipeline_of_a_few_hundred_thousand_parameters
     assert 100_000 < sizes["transformer"] < 1_000_000, sizes
     assert sum(sizes.values()) < 2_000_000, sizes
     assert pipeline.vae.config.latent_channels == pipeline.transformer.config.in_channels == 16
-    image = _sample(pipeline)
+    image = sample(pipeline)
     assert image.shape == (1, 3, 32, 32)
-    assert torch.equal(image, _sample(build_preset("tiny-sd3")))  # same seed, same weights
+    assert torch.equal(image, sample(build_preset("tiny-sd3")))  # same seed, same weights
 
 
 def test_the_t5_tokenizer_reads_any_caption_and_ends_it():
@@ -93,9 +69,10 @@ def test_an_sd3_folder_is_detected_as_the_sd3_family(tmp_path):
 def test_sd3_lora_trains_both_streams_and_the_clip_encoders_and_loads_in_diffusers(
     tmp_path, trainer_cache, shapes_folder
 ):
-    spec = _spec(
+    spec = job(
         tmp_path,
         shapes_folder,
+        "tiny-sd3",
         lora={"rank": 4, "trainTextEncoder": True},
         validation={"prompts": ["a red circle"], "everySteps": 4, "inferenceSteps": 2},
     )
@@ -117,11 +94,11 @@ def test_sd3_lora_trains_both_streams_and_the_clip_encoders_and_loads_in_diffuse
     assert any(".attn2.to_q" in name for name in adapted)  # SD3.5's second image attention
     assert (tmp_path / "out" / "samples" / "step-00000004" / "grid.png").is_file()
     pipeline = build_preset("tiny-sd3")
-    before = _sample(pipeline)
+    before = sample(pipeline)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # peft warns of adapters the file lacks
         pipeline.load_lora_weights(model)
-    assert (_sample(pipeline) - before).abs().max() > 1e-4
+    assert (sample(pipeline) - before).abs().max() > 1e-4
     loaded = next(iter(pipeline.transformer.peft_config.values()))
     assert loaded.r == 4
     wrapped = {
@@ -152,9 +129,10 @@ def flow_loss(components, examples) -> float:
 def test_sd3_finetune_lowers_the_flow_loss_and_exports_a_pipeline(
     tmp_path, trainer_cache, shapes_folder
 ):
-    spec = _spec(
+    spec = job(
         tmp_path,
         shapes_folder,
+        "tiny-sd3",
         method="finetune",
         training={"steps": 40, "batchSize": 8, "learningRate": 2e-3},
     )
@@ -176,15 +154,16 @@ def test_sd3_finetune_lowers_the_flow_loss_and_exports_a_pipeline(
     from diffusers import StableDiffusion3Pipeline
 
     pipeline = StableDiffusion3Pipeline.from_pretrained(tmp_path / "out" / "model")
-    assert _sample(pipeline).shape == (1, 3, 32, 32)
+    assert sample(pipeline).shape == (1, 3, 32, 32)
 
 
 def test_sd3_dreambooth_makes_class_images_with_the_sd3_pipeline(
     tmp_path, trainer_cache, shapes_folder
 ):
-    spec = _spec(
+    spec = job(
         tmp_path,
         shapes_folder,
+        "tiny-sd3",
         method="dreambooth",
         dreambooth={
             "instancePrompt": "a photo of sks shape",
@@ -207,18 +186,7 @@ def test_sd3_dreambooth_makes_class_images_with_the_sd3_pipeline(
 def test_sd3_from_scratch_builds_the_transformer_from_inline_configs(
     tmp_path, trainer_cache, shapes_folder
 ):
-    transformer = json.loads(
-        (write_preset("tiny-sd3", tmp_path / "base") / "transformer" / "config.json").read_text()
-    )
-    transformer["num_layers"] = 1
-    transformer["dual_attention_layers"] = []
-    spec = _spec(
-        tmp_path,
-        shapes_folder,
-        method="full",
-        model={"base": "preset:tiny-sd3", "components": {"transformer": transformer}},
-        full={"reuse": ["vae", "textEncoders"]},
-    )
+    spec = from_scratch(tmp_path, shapes_folder, "tiny-sd3", num_layers=1, dual_attention_layers=[])
     config = runner.write_config(tmp_path, spec)
 
     code, log = runner.run(config, tmp_path, trainer_cache)
@@ -231,15 +199,6 @@ def test_sd3_from_scratch_builds_the_transformer_from_inline_configs(
 
 
 # Bad input.
-
-
-def _refused(tmp_path, cache, spec) -> str:
-    config = runner.write_config(tmp_path, spec)
-    code, log = runner.run(config, tmp_path, cache)
-    assert code == 2, log
-    assert "step 1/" not in log
-    assert not (tmp_path / "out" / "checkpoints").exists()
-    return json.loads((tmp_path / "termination-log").read_text())["message"]
 
 
 @pytest.mark.parametrize(
@@ -266,7 +225,7 @@ def _refused(tmp_path, cache, spec) -> str:
             id="kohya",
         ),
         pytest.param(
-            {"model": {**SD3["model"], "predictionType": "epsilon"}},
+            {"model": {"base": "preset:tiny-sd3", "predictionType": "epsilon"}},
             "spec.model.predictionType: sd3 models predict the flow's velocity",
             id="prediction-type",
         ),
@@ -275,31 +234,22 @@ def _refused(tmp_path, cache, spec) -> str:
 def test_settings_sd3_cannot_train_with_are_refused(
     tmp_path, trainer_cache, shapes_folder, extra, message
 ):
-    spec = _spec(tmp_path, shapes_folder)
+    spec = job(tmp_path, shapes_folder, "tiny-sd3")
     for key, value in extra.items():
         spec[key] = {**spec.get(key, {}), **value} if key != "method" else value
     spec["output"]["uri"] = f"file://{tmp_path}/out"
 
-    assert _refused(tmp_path, trainer_cache, spec).startswith(message)
+    assert refused(tmp_path, trainer_cache, spec).startswith(message)
 
 
 def test_a_resolution_that_does_not_fit_the_patches_is_refused(
     tmp_path, trainer_cache, shapes_folder
 ):
     # Patches of 8 latents over a VAE that halves: sides must be multiples of 16.
-    base = write_preset("tiny-sd3", tmp_path / "base")
-    transformer = json.loads((base / "transformer" / "config.json").read_text())
-    transformer["patch_size"] = 8
-    spec = _spec(
-        tmp_path,
-        shapes_folder,
-        method="full",
-        model={"base": "preset:tiny-sd3", "components": {"transformer": transformer}},
-        full={"reuse": ["vae", "textEncoders"]},
-    )
+    spec = from_scratch(tmp_path, shapes_folder, "tiny-sd3", patch_size=8)
     spec["dataset"]["resolution"] = 40
 
-    assert _refused(tmp_path, trainer_cache, spec) == (
+    assert refused(tmp_path, trainer_cache, spec) == (
         "spec.dataset.resolution: 40 is not a multiple of 16, as this sd3 model's training "
         "sides must be; use 32 or 48"
     )
@@ -337,9 +287,9 @@ def test_an_sd3_folder_without_its_t5_encoder_is_refused_naming_it(
     index["tokenizer_3"] = [None, None]
     (folder / "model_index.json").write_text(json.dumps(index))
     shutil.rmtree(folder / "text_encoder_3")
-    spec = _spec(tmp_path, shapes_folder, model={"base": f"file://{folder}"})
+    spec = job(tmp_path, shapes_folder, "tiny-sd3", model={"base": f"file://{folder}"})
 
-    assert _refused(tmp_path, trainer_cache, spec).startswith(
+    assert refused(tmp_path, trainer_cache, spec).startswith(
         f"spec.model.base: file://{folder} has no text_encoder_3, tokenizer_3 component; "
         "sd3 models are trained with all of transformer, vae, scheduler, text_encoder, "
         "text_encoder_2, text_encoder_3, tokenizer, tokenizer_2, tokenizer_3"

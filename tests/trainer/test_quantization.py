@@ -75,7 +75,8 @@ def test_an_int8_base_trains_like_the_full_one_and_its_lora_loads(
     assert "the frozen transformer in int8:" in log
     full, quantized = _losses(tmp_path / "full"), _losses(tmp_path / "int8")
     assert quantized != full  # the base really was quantized
-    assert all(abs(q - f) < 0.02 * f for q, f in zip(quantized, full, strict=True)), (
+    # measured: within 6e-5 of each other over six steps
+    assert all(abs(q - f) < 1e-3 * f for q, f in zip(quantized, full, strict=True)), (
         full,
         quantized,
     )

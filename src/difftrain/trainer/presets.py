@@ -25,7 +25,8 @@ _SCHEDULER = {
     "steps_offset": 1,
 }
 
-_VAE = {
+# The presets' VAE (the UNet families'; families/flow.py widens its latents).
+VAE = {
     "in_channels": 3,
     "out_channels": 3,
     "latent_channels": 4,
@@ -83,7 +84,7 @@ def build_preset(name: str):
     family = families.of_preset(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        shared = {"vae": AutoencoderKL(**_VAE), "scheduler": DDPMScheduler(**_SCHEDULER)}
+        shared = {"vae": AutoencoderKL(**VAE), "scheduler": DDPMScheduler(**_SCHEDULER)}
         return family.pipeline({**shared, **family.preset_parts(name)})
 
 

@@ -11,25 +11,15 @@ from difftrain.errors import InvalidSpec
 from difftrain.trainer import loss
 from difftrain.trainer.families import Family
 from difftrain.trainer.families.unet import CLIP_LORA_TARGETS
+from difftrain.trainer.presets import VAE
 
 # The projections of the text stream's attention, beside the image stream's (which the
 # API's default targets name).
 CONTEXT_LORA_TARGETS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
-# A tiny VAE of the SD3/Flux kind: 16 latent channels, no quant convs; each family gives
-# its shift and scale.
-TINY_VAE = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 16,
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-    "layers_per_block": 1,
-    "sample_size": 32,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+# The presets' VAE of the SD3/Flux kind: 16 latent channels, no quant convs; each family
+# gives its shift and scale.
+TINY_VAE = {**VAE, "latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
 # A tiny T5 v1.1 encoder (gated GELU), as SD3 and Flux use.
 TINY_T5 = {
     "d_model": 80,
@@ -73,15 +63,50 @@ def resolution_shift(config) -> "loss.Shift | None":
     )
 
 
+def require_equal(*pairs) -> None:
+    """Refuse inline configs whose parts do not fit: each of ``pairs`` is (the
+    transformer's field, its value, what it must equal, that value[, the value as told])."""
+    for field, value, what, wanted, *shown in pairs:
+        if value != wanted:
+            told = shown[0] if shown else value
+            raise InvalidSpec(
+                f"spec.model.components.transformer: {field} ({told}) must equal {what} ({wanted})"
+            )
+
+
 class FlowFamily(Family):
     denoiser = "transformer"
     denoiser_title = "transformer"
+    transformer_class: str  # the denoiser's class, as its config names it
+    pipeline_name: str  # the pipeline's class, as model_index.json names it
     t5: int  # the T5 encoder's place among the text encoders
     t5_tokens: int  # T5 tokens per caption at most, in training and samples alike
     refused_methods: ClassVar[dict[str, str]] = {
         "textualInversion": "its T5 encoder reads every prompt beside the CLIP encoders, so "
         "a new CLIP token alone teaches little; use lora or dreambooth",
     }
+
+    def fit_pairs(self, components) -> list:
+        """The family's own (field, value, what, wanted) pairs for :func:`require_equal`."""
+        return []
+
+    def check_fit(self, components) -> None:
+        transformer = components.denoiser.config
+        t5 = components.text_encoders[self.t5].config
+        joint = (
+            "joint_attention_dim",
+            transformer.joint_attention_dim,
+            "the T5 encoder's d_model",
+            t5.d_model,
+        )
+        require_equal(*self.fit_pairs(components), joint)
+
+    def matches(self, index: dict, configs: dict[str, dict]) -> bool:
+        transformer = configs.get("transformer") or {}
+        return (
+            transformer.get("_class_name") == self.transformer_class
+            or index.get("_class_name") == self.pipeline_name
+        )
 
     def check(self, spec, components) -> None:
         training = spec.training

@@ -63,30 +63,19 @@ class Flux(FlowFamily):
     text_encoders = 2
     presets = ("tiny-flux",)
     t5 = T5
+    transformer_class, pipeline_name = "FluxTransformer2DModel", "FluxPipeline"
     t5_tokens = 512  # Flux.1 dev's (schnell's tokenizer or the job may say fewer)
 
-    def matches(self, index: dict, configs: dict[str, dict]) -> bool:
-        transformer = configs.get("transformer") or {}
-        return (
-            transformer.get("_class_name") == "FluxTransformer2DModel"
-            or index.get("_class_name") == "FluxPipeline"
-        )
-
-    def check_fit(self, components) -> None:
+    def fit_pairs(self, components) -> list:
         transformer, vae = components.denoiser.config, components.vae.config
-        clip, t5 = (encoder.config for encoder in components.text_encoders)
-        pairs = [
+        clip = components.text_encoders[0].config
+        rope = sum(transformer.axes_dims_rope)
+        return [
             (
                 "in_channels",
                 transformer.in_channels,
                 "4 x the VAE's latent_channels",
                 4 * vae.latent_channels,
-            ),
-            (
-                "joint_attention_dim",
-                transformer.joint_attention_dim,
-                "the T5 encoder's d_model",
-                t5.d_model,
             ),
             (
                 "pooled_projection_dim",
@@ -96,18 +85,12 @@ class Flux(FlowFamily):
             ),
             (
                 "axes_dims_rope",
-                sum(transformer.axes_dims_rope),
+                rope,
                 "attention_head_dim",
                 transformer.attention_head_dim,
+                f"summing to {rope}",
             ),
         ]
-        for field, value, what, wanted in pairs:
-            if value != wanted:
-                shown = f"summing to {value}" if field == "axes_dims_rope" else value
-                raise InvalidSpec(
-                    f"spec.model.components.transformer: {field} ({shown}) must equal {what} "
-                    f"({wanted})"
-                )
 
     def check(self, spec, components) -> None:
         super().check(spec, components)
