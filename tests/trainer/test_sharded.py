@@ -32,6 +32,7 @@ def _spec(shapes_folder, output, strategy: str, steps: int = STEPS) -> dict:
             "scheduler": {"type": "constant", "warmupRatio": 0},
         },
         "checkpoints": {"everySteps": 3},
+        "validation": {"prompts": ["a red circle"], "everySteps": 3, "inferenceSteps": 2},
         "resources": {"nodes": 2},
     }
 
@@ -68,6 +69,9 @@ def test_sharded_training_has_the_losses_of_replicated_training(sharded, tmp_pat
     _train(tmp_path, _spec(shapes_folder, tmp_path / "out", "ddp"))
 
     assert "FluxTransformer2DModel sharded across 2 processes (3 blocks)" in logs[0]
+    # samples of the sharded model, made by both processes, written once
+    assert (output / "samples" / "step-00000003" / "grid.png").is_file()
+    assert [log.count("samples written to") for log in logs] == [2, 0]
     replicated = _losses(tmp_path / "out")
     losses = _losses(output)
     assert len(losses) == STEPS

@@ -289,16 +289,6 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
             id="fsdp-fp16",
         ),
         pytest.param(
-            {
-                "method": "finetune",
-                "training": {"strategy": "fsdp"},
-                "validation": {"prompts": ["a red circle"]},
-            },
-            "spec.validation.prompts: samples of a sharded model are not taken in this trainer "
-            "version; leave the prompts out or use strategy ddp",
-            id="fsdp-samples",
-        ),
-        pytest.param(
             {"method": "finetune", "evaluation": {"clipScore": {"modelUri": "hf://org/clip"}}},
             "spec.evaluation: evaluation is not available in this trainer version; leave "
             "spec.evaluation out (validation samples show progress meanwhile)",

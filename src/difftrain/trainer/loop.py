@@ -274,14 +274,20 @@ class Training:
         stage, step = self.stage, self.position.step
         validation = stage.config.spec.validation
 
-        def take_samples():
-            written = sampling.validate(stage, step, lambda: self.stop.requested)
-            log.info("samples written to %s", written)
-            count = len(validation.prompts) * validation.images_per_prompt
-            self.progress.samples_generated(step, count)
+        def take_samples(write: bool = True, stopping=lambda: self.stop.requested):
+            written = sampling.validate(stage, step, stopping, write)
+            if write:
+                log.info("samples written to %s", written)
+                count = len(validation.prompts) * validation.images_per_prompt
+                self.progress.samples_generated(step, count)
 
         with self.window.pause("sample"):
-            stage.waiting.alone(stage.run.main, "taking samples", take_samples)
+            if stage.sharded:  # every process runs the sharded model
+                take_samples(stage.run.main, stopping=None)  # all make every image
+                stage.after_sampling()
+                stage.waiting.barrier("samples written")
+            else:
+                stage.waiting.alone(stage.run.main, "taking samples", take_samples)
 
     def upload_curve(self) -> None:
         """Upload ``metrics.jsonl`` and its picture, ``loss.png``."""

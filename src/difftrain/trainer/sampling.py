@@ -168,11 +168,15 @@ def _averaged(trainer):
         trainer.ema.restore(parameters)
 
 
-def validate(trainer, step: int, stopping: Callable[[], bool] | None = None) -> str | None:
+def validate(
+    trainer, step: int, stopping: Callable[[], bool] | None = None, write: bool = True
+) -> str | None:
     """Generate the spec's validation samples at ``step`` and upload them; their URI.
 
     When ``stopping()`` turns true (SIGTERM), the images not yet made are left out: the
-    grace period is for the checkpoint. None when none were made."""
+    grace period is for the checkpoint. None when none were made. A sharded model's
+    processes all generate (each forward pass gathers the shards), and only the one told
+    to ``write`` writes."""
     spec = trainer.config.spec
     validation = spec.validation
     pipeline = pipeline_for(trainer.components, trainer.trainable.modules)
@@ -197,7 +201,7 @@ def validate(trainer, step: int, stopping: Callable[[], bool] | None = None) -> 
             len(results),
             wanted,
         )
-    if not results:
+    if not results or not write:
         return None
     folder = trainer.scratch / sample_prefix(step)
     write_samples(results, folder, validation.images_per_prompt)

@@ -39,11 +39,6 @@ def check(spec, method) -> None:
             "spec.training.ema.enabled: an EMA of a sharded model is not kept in this "
             "trainer version; turn it off or use strategy ddp"
         )
-    if spec.validation.prompts:
-        raise InvalidSpec(
-            "spec.validation.prompts: samples of a sharded model are not taken in this "
-            "trainer version; leave the prompts out or use strategy ddp"
-        )
 
 
 def shard(module: torch.nn.Module, blocks: list, accelerator, mixed_precision: str) -> type:
@@ -74,6 +69,12 @@ def set_sync(module: torch.nn.Module, sync: bool) -> None:
     """Whether the next backward passes reduce gradients across processes (off while
     gradients accumulate)."""
     module.set_requires_gradient_sync(sync)
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Free the gathered parameters again after forward passes without a backward (the
+    samples'): the outermost unit keeps them gathered, expecting one."""
+    module.reshard()
 
 
 def _states(module, optimizer) -> dict:

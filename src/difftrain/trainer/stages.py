@@ -100,6 +100,16 @@ class Stage:
     def denoiser_parameters(self) -> list:
         return list(self.trainable.modules[self.components.family.denoiser].parameters())
 
+    @property
+    def sharded(self) -> bool:
+        return self.sharded_from is not None
+
+    def after_sampling(self) -> None:
+        """Free what sampling gathered of a sharded model (a no-op unless sharded)."""
+        if self.sharded:
+            for module in self.wrapped.values():
+                sharding.reshard(module)
+
     def gather_final(self) -> None:
         """Gather a sharded model whole on the main process for export; every process
         calls it (a no-op unless sharded)."""
