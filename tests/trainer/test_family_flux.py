@@ -117,6 +117,11 @@ def test_flux_lora_trains_and_loads_in_diffusers_with_the_trained_weights(
         "tiny-flux",
         lora={"rank": 4, "trainTextEncoder": True},
         training={"steps": 4, "batchSize": 4, "learningRate": 1e-2},
+        output={
+            "uri": f"file://{tmp_path}/out",
+            "dtype": "fp32",
+            "formats": ["diffusers", "kohya"],
+        },
         checkpoints={"everySteps": 4},
         validation={"prompts": ["a red circle"], "everySteps": 4, "inferenceSteps": 2},
     )
@@ -128,6 +133,9 @@ def test_flux_lora_trains_and_loads_in_diffusers_with_the_trained_weights(
     assert code == 0, log
     output = tmp_path / "out"
     assert (output / "samples" / "step-00000004" / "grid.png").is_file()
+    kohya = load_file(output / "model" / "test-job.safetensors")
+    assert "lora_unet_single_blocks_1_linear1.lora_down.weight" in kohya
+    assert any(key.startswith("lora_te1_") for key in kohya)
     keys = load_file(output / "model" / "pytorch_lora_weights.safetensors")
     assert {key.split(".")[0] for key in keys} == {"transformer", "text_encoder"}
     adapted = {key.rsplit(".lora", 1)[0] for key in keys if key.startswith("transformer.")}
@@ -222,4 +230,99 @@ def test_a_flux_architecture_whose_parts_do_not_fit_is_refused(trainer_cache):
     assert str(error.value) == (
         "spec.model.components.transformer: axes_dims_rope (summing to 12) must equal "
         "attention_head_dim (16)"
+    )
+
+
+# Flux.1's width: diffusers' reader of kohya's Flux layout knows only Flux.1's sizes.
+FLUX1_WIDE = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,  # 3072 wide, as Flux.1
+    "joint_attention_dim": 80,  # the tiny T5's
+    "pooled_projection_dim": 32,  # the tiny CLIP's
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def _wide_pipeline():
+    from diffusers import FluxTransformer2DModel
+
+    pipeline = build_preset("tiny-flux")
+    torch.manual_seed(0)
+    pipeline.transformer = FluxTransformer2DModel(**FLUX1_WIDE)
+    return pipeline
+
+
+def _outputs(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 64, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 4, 80, generator=generator),
+        "pooled_projections": torch.randn(1, 32, generator=generator),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([1.0]),
+        "txt_ids": torch.zeros(4, 3),
+        "img_ids": torch.zeros(16, 3),
+        "return_dict": False,
+    }
+    ids = pipeline.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipeline.transformer(**inputs)[0], pipeline.text_encoder(ids).pooler_output
+
+
+def test_the_kohya_file_loads_through_diffusers_converter_as_the_trained_lora(tmp_path):
+    from types import SimpleNamespace
+
+    from difftrain.api.methods import LoraSpec
+    from difftrain.trainer import adapters
+
+    trained = _wide_pipeline()
+    components = SimpleNamespace(
+        family=families.named("flux"),
+        denoiser=trained.transformer,
+        text_encoders=[trained.text_encoder, trained.text_encoder_2],
+    )
+    settings = SimpleNamespace(lora=LoraSpec(rank=4, alpha=8))
+    trainable = adapters.add(components, settings, text_encoders=True)
+    with torch.no_grad():  # as if trained: every up matrix away from zero
+        for name, parameter in trained.transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.02)
+        for name, parameter in trained.text_encoder.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    adapters.export(components, trainable, ["diffusers", "kohya"], tmp_path, "job", torch.float32)
+    expected = _outputs(trained)
+    keys = load_file(tmp_path / "job.safetensors")
+    assert keys["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 3072)
+    assert keys["lora_unet_double_blocks_0_img_attn_qkv.alpha"] == 24  # 3 parts of alpha 8
+    assert keys["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 3072 + 12288, 16)
+    assert any(key.startswith("lora_te1_") for key in keys)
+
+    base = _outputs(_wide_pipeline())
+    for file in ("job.safetensors", "pytorch_lora_weights.safetensors"):
+        pipeline = _wide_pipeline()
+        pipeline.load_lora_weights(tmp_path / file)
+        for got, want, before in zip(_outputs(pipeline), expected, base, strict=True):
+            assert torch.allclose(got, want, atol=1e-5), file
+            assert not torch.allclose(got, before, atol=1e-4), file
+
+
+def test_kohya_for_layers_its_layout_does_not_name_is_refused(
+    tmp_path, trainer_cache, shapes_folder
+):
+    spec = job(
+        tmp_path,
+        shapes_folder,
+        "tiny-flux",
+        lora={"rank": 4, "targetModules": ["to_q", "proj_out"]},
+        output={"uri": f"file://{tmp_path}/out", "formats": ["kohya"]},
+    )
+
+    assert refused(tmp_path, trainer_cache, spec).startswith(
+        "spec.lora.targetModules: the kohya layout has no name for proj_out in Flux; target only "
     )

@@ -70,7 +70,6 @@ def is_lora(trainable: Trainable) -> bool:
 def export(components, trainable: Trainable, formats: list[str], folder, name: str, dtype):
     """The adapters' weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a
     kohya file for LoRA and DoRA; peft's folders for LoKr and LoHa (:func:`export_peft`)."""
-    from diffusers.utils import convert_state_dict_to_kohya
     from peft.utils import get_peft_model_state_dict
 
     cast = {
@@ -89,18 +88,27 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
         }
         family.save_lora(folder, cast, metadata)
     if "kohya" in formats:
-        prefixed = {
-            f"{part}.{key}": value for part, state in cast.items() for key, value in state.items()
-        }
-        kohya = convert_state_dict_to_kohya(prefixed)
-        # diffusers writes alpha = rank here; kohya loaders scale by alpha / rank, so the
-        # real lora_alpha must be stored or the LoRA applies at the wrong strength.
-        for key in kohya:
-            if key.endswith(".alpha"):
-                part = family.kohya_component(key.split("_", 2)[1])
-                alpha = trainable.modules[part].peft_config["default"].lora_alpha
-                kohya[key] = torch.tensor(float(alpha), dtype=dtype)
+        kohya = family.kohya_state(cast, trainable, dtype)
         save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
+
+
+def kohya_state(states: dict, trainable: Trainable, family, dtype) -> dict:
+    """LoRA in kohya's keys (``lora_unet_...``, ``lora_te1_...``), as diffusers names
+    them for the UNet families and for text encoders, with each layer's real alpha."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    prefixed = {
+        f"{part}.{key}": value for part, state in states.items() for key, value in state.items()
+    }
+    kohya = convert_state_dict_to_kohya(prefixed)
+    # diffusers writes alpha = rank here; kohya loaders scale by alpha / rank, so the
+    # real lora_alpha must be stored or the LoRA applies at the wrong strength.
+    for key in kohya:
+        if key.endswith(".alpha"):
+            part = family.kohya_component(key.split("_", 2)[1])
+            alpha = trainable.modules[part].peft_config["default"].lora_alpha
+            kohya[key] = torch.tensor(float(alpha), dtype=dtype)
+    return kohya
 
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -131,6 +131,13 @@ class Family:
         state dicts and adapter configs (``metadata``), by component name."""
         raise NotImplementedError
 
+    def kohya_state(self, states: dict, trainable, dtype) -> dict:
+        """LoRA in kohya's layout (ComfyUI, A1111/Forge), from peft's state dicts by
+        component name."""
+        from difftrain.trainer import adapters
+
+        return adapters.kohya_state(states, trainable, self, dtype)
+
     def kohya_component(self, prefix: str) -> str:
         """The component a kohya key's prefix (``unet``, ``te1``, ...) belongs to."""
         raise NotImplementedError

@@ -80,6 +80,7 @@ class FlowFamily(Family):
     transformer_class: str  # the denoiser's class, as its config names it
     pipeline_name: str  # the pipeline's class, as model_index.json names it
     t5: int  # the T5 encoder's place among the text encoders
+    kohya = False  # whether its LoRA is written in kohya's layout too (kohya_state)
     t5_tokens: int  # T5 tokens per caption at most, in training and samples alike
     refused_methods: ClassVar[dict[str, str]] = {
         "textualInversion": "its T5 encoder reads every prompt beside the CLIP encoders, so "
@@ -124,7 +125,7 @@ class FlowFamily(Family):
                 f"spec.model.predictionType: {self.name} models predict the flow's velocity; "
                 "leave predictionType at auto"
             )
-        if "kohya" in (spec.output.formats or []):
+        if "kohya" in (spec.output.formats or []) and not self.kohya:
             raise InvalidSpec(
                 f"spec.output.formats: the kohya layout is not written for {self.name} "
                 "LoRA in this trainer version; use diffusers (ComfyUI and Forge load it too)"
