@@ -73,6 +73,7 @@ def test_an_int8_base_trains_like_the_full_one_and_its_lora_loads(
     assert full_code == 0, full_log
     assert code == 0, log
     assert "the frozen transformer in int8:" in log
+    assert "the frozen text_encoder_2 in int8:" in log  # T5, which never trains
     full, quantized = _losses(tmp_path / "full"), _losses(tmp_path / "int8")
     assert quantized != full  # the base really was quantized
     # measured: within 6e-5 of each other over six steps

@@ -64,10 +64,10 @@ class ModelSpec(ApiModel):
     variant: ShortStr | None = Field(None, description='Weight file variant to load, e.g. "fp16".')
     quantization: Literal["int8", "fp8", "nf4"] | None = Field(
         None,
-        description="Keep the frozen denoiser in low precision while adapters train in full "
-        "(LoRA methods only): int8 (weights of 8-bit integers with a scale per row, any "
-        "device), fp8 (a GPU of compute capability 8.9 or later) or nf4 (not in this "
-        "version). Unset: the training precision.",
+        description="Keep the frozen denoiser (and the text encoders that do not train) in "
+        "low precision while adapters train in full (LoRA methods only): int8 (weights of "
+        "8-bit integers with a scale per row, any device), fp8 (a GPU of compute capability "
+        "8.9 or later) or nf4 (not in this version). Unset: the training precision.",
     )
 
     @model_validator(mode="after")

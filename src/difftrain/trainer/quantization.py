@@ -1,7 +1,7 @@
-"""A frozen denoiser in low precision under trained adapters (spec.model.quantization),
-through torchao: its linear layers' weights become 8-bit (int8: integers with a scale
-per output row; fp8: e4m3 floats on GPUs that have them), and peft's adapters on them
-train in full precision."""
+"""A frozen denoiser (and the text encoders that do not train) in low precision under
+trained adapters (spec.model.quantization), through torchao: their linear layers'
+weights become 8-bit (int8: integers with a scale per output row; fp8: e4m3 floats on
+GPUs that have them), and peft's adapters on them train in full precision."""
 
 import logging
 

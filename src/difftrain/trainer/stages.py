@@ -219,6 +219,10 @@ def build_diffusion(run: Run) -> DiffusionStage:
     if training.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
     _place_frozen(components, trainable, accelerator.device, training.mixed_precision)
+    if spec.model.quantization:  # and the text encoders that stay frozen (T5 above all)
+        for name, encoder in zip(family.encoder_names(), components.text_encoders, strict=True):
+            if name not in trainable.modules:
+                quantization.quantize(encoder, spec.model.quantization, accelerator.device, name)
     sharded_from = None
     if training.strategy == "fsdp":  # methods that train the denoiser alone (sharding.check)
         denoiser = components.denoiser
