@@ -58,13 +58,14 @@ def add(components, spec, text_encoders: bool) -> Trainable:
     return Trainable(modules, lora=True)
 
 
-def _peft_config(module):
+def peft_config(module):
+    """The config of ``module``'s adapter (peft names the one adapter "default")."""
     return module.peft_config["default"]
 
 
 def is_lora(trainable: Trainable) -> bool:
     """Whether the adapters are LoRA (DoRA included), which diffusers' LoRA files hold."""
-    return all(_peft_config(m).peft_type == "LORA" for m in trainable.modules.values())
+    return all(peft_config(m).peft_type == "LORA" for m in trainable.modules.values())
 
 
 def export(components, trainable: Trainable, formats: list[str], folder, name: str, dtype):
@@ -83,7 +84,7 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
     if "diffusers" in formats:
         # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
         metadata = {
-            f"{part}_lora_adapter_metadata": module.peft_config["default"].to_dict()
+            f"{part}_lora_adapter_metadata": peft_config(module).to_dict()
             for part, module in trainable.modules.items()
         }
         family.save_lora(folder, cast, metadata)
@@ -106,7 +107,7 @@ def kohya_state(states: dict, trainable: Trainable, family, dtype) -> dict:
     for key in kohya:
         if key.endswith(".alpha"):
             part = family.kohya_component(key.split("_", 2)[1])
-            alpha = trainable.modules[part].peft_config["default"].lora_alpha
+            alpha = peft_config(trainable.modules[part]).lora_alpha
             kohya[key] = torch.tensor(float(alpha), dtype=dtype)
     return kohya
 
@@ -121,7 +122,7 @@ def export_peft(trainable: Trainable, states: dict, folder) -> None:
     for part, module in trainable.modules.items():
         target = folder / part
         target.mkdir(parents=True, exist_ok=True)
-        _peft_config(module).save_pretrained(target)
+        peft_config(module).save_pretrained(target)
         save_file({k: v.contiguous() for k, v in states[part].items()}, target / PEFT_WEIGHTS)
 
 

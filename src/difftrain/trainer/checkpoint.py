@@ -194,7 +194,7 @@ def fingerprint(state: dict[str, torch.Tensor]) -> str:
 def state_bytes(trainer) -> int:
     """About how large the main process's checkpoint files are (a sharded run's main
     process writes its shards before them, and deletes those once uploaded)."""
-    if trainer.sharded_from is not None:
+    if trainer.sharded:
         return 1 << 20  # the schedule and the position
     tensors = list(trainer.trainable.state_dict().values())
     for state in trainer.optimizer.state_dict()["state"].values():
@@ -218,7 +218,7 @@ def save(trainer, position: Position, gather) -> None:
     is refused if they do not.
     """
     rank = trainer.accelerator.process_index
-    sharded = trainer.sharded_from is not None
+    sharded = trainer.sharded
     if not sharded:  # shards differ by design; replicas must not
         prints = gather(fingerprint(trainer.trainable.state_dict()))
         log.info("step %d: weights fingerprint %s", position.step, prints[rank])
@@ -268,7 +268,7 @@ def _upload_main_files(trainer, position: Position) -> None:
     prefix = step_prefix(position.step)
     local = trainer.scratch / prefix
     what = f"the checkpoint of step {position.step}"
-    sharded = trainer.sharded_from is not None
+    sharded = trainer.sharded
     with trainer.disk.writing(local, what, state_bytes(trainer)):
         local.mkdir(parents=True, exist_ok=True)
         if not sharded:  # a sharded run's weights and optimiser are in its shards
@@ -293,7 +293,7 @@ def load(trainer, step: int) -> Position:
     prefix = step_prefix(step)
     local = trainer.scratch / "resume" / prefix
     source = trainer.output.child(prefix)
-    sharded = trainer.sharded_from is not None
+    sharded = trainer.sharded
     names = ["scheduler.pt", "position.json", f"rng-{rank}.pt"]
     names += [] if sharded else [WEIGHTS, "optimizer.pt"]
     if trainer.ema is not None:

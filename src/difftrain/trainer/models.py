@@ -218,13 +218,8 @@ def load_components(folder: Path, model: ModelSpec) -> Components:
         vae=_load_part(folder, index, "vae", model.variant),
         noise_scheduler=scheduler,
         text_encoders=[_load_part(folder, index, n, model.variant) for n in names],
-        tokenizers=[_load_part(folder, index, tokenizer_name(n), None) for n in names],
+        tokenizers=[_load_part(folder, index, n, None) for n in family.tokenizer_names()],
     )
-
-
-def tokenizer_name(encoder: str) -> str:
-    """The tokenizer component of text encoder ``encoder``."""
-    return encoder.replace("text_encoder", "tokenizer")
 
 
 def _prediction_type(model: ModelSpec, family: Family, scheduler) -> str:
@@ -260,7 +255,7 @@ def new_components(folder: Path, model: ModelSpec, reuse: list[str], seed: int) 
     else:
         scheduler = _load_part(folder, index, "scheduler", None)
     names = family.encoder_names()
-    tokenizers = [_load_part(folder, index, tokenizer_name(n), None) for n in names]
+    tokenizers = [_load_part(folder, index, n, None) for n in family.tokenizer_names()]
 
     def part(name: str, reused: bool):
         if reused:

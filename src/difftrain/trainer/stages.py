@@ -76,7 +76,7 @@ class Stage:
     def synchronising(self, sync: bool) -> contextlib.ExitStack:
         """A context in which gradients are synchronised across processes only if ``sync``."""
         stack = contextlib.ExitStack()
-        if self.sharded_from is not None:
+        if self.sharded:
             for module in self.wrapped.values():
                 sharding.set_sync(module, sync)
         elif not sync:
@@ -113,7 +113,7 @@ class Stage:
     def gather_final(self) -> None:
         """Gather a sharded model whole on the main process for export; every process
         calls it (a no-op unless sharded)."""
-        if self.sharded_from is None:
+        if not self.sharded:
             return
         name = self.components.family.denoiser
         module = self.trainable.modules[name]

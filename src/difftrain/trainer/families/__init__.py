@@ -42,6 +42,7 @@ class Family:
         return [self.denoiser, "vae", "scheduler", *self.encoder_names(), *self.tokenizer_names()]
 
     def tokenizer_names(self) -> list[str]:
+        """The tokenizers' component names, in the text encoders' order."""
         return [name.replace("text_encoder", "tokenizer") for name in self.encoder_names()]
 
     def check_fit(self, components) -> None:

@@ -5,7 +5,6 @@ matching with sigmas shifted by the image's size."""
 
 import torch
 
-from difftrain.api.methods import LoraSpec
 from difftrain.errors import InvalidSpec
 from difftrain.trainer.families import register
 from difftrain.trainer.families.flow import TINY_VAE, FlowFamily, tiny_t5
@@ -139,6 +138,7 @@ class Flux(FlowFamily):
     t5 = T5
     transformer_class, pipeline_name = "FluxTransformer2DModel", "FluxPipeline"
     t5_tokens = 512  # Flux.1 dev's (schnell's tokenizer or the job may say fewer)
+    kohya = True  # its LoRA is written in kohya's layout too (kohya_state)
 
     def fit_pairs(self, components) -> list:
         transformer, vae = components.denoiser.config, components.vae.config
@@ -166,12 +166,12 @@ class Flux(FlowFamily):
             ),
         ]
 
-    kohya = True  # the layout flux LoRA is written in besides diffusers'
-
     def check(self, spec, components) -> None:
         super().check(spec, components)
         if "kohya" in (spec.output.formats or []):
-            targets = self.lora_targets((spec.lora or LoraSpec()).target_modules)
+            from difftrain.trainer import adapters
+
+            targets = self.lora_targets(adapters.settings_of(spec).target_modules)
             unnamed = sorted(set(targets) - KOHYA_TARGETS)
             if unnamed:
                 named = ", ".join(sorted(KOHYA_TARGETS))
@@ -192,7 +192,7 @@ class Flux(FlowFamily):
         from difftrain.trainer import adapters
 
         transformer = trainable.modules[self.denoiser]
-        alpha = transformer.peft_config["default"].lora_alpha
+        alpha = adapters.peft_config(transformer).lora_alpha
         kohya = kohya_transformer(states[self.denoiser], transformer, alpha, dtype)
         encoders = {name: state for name, state in states.items() if name != self.denoiser}
         if encoders:  # CLIP's LoRA, as for the UNet families
