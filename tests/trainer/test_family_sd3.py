@@ -220,11 +220,6 @@ def test_sd3_from_scratch_builds_the_transformer_from_inline_configs(
             id="snr-gamma",
         ),
         pytest.param(
-            {"lora": {"rank": 4}, "output": {"formats": ["diffusers", "kohya"]}},
-            "spec.output.formats: the kohya layout is not written for sd3 LoRA",
-            id="kohya",
-        ),
-        pytest.param(
             {"model": {"base": "preset:tiny-sd3", "predictionType": "epsilon"}},
             "spec.model.predictionType: sd3 models predict the flow's velocity",
             id="prediction-type",
@@ -324,3 +319,191 @@ def test_sd3_architectures_that_cannot_work_are_refused(trainer_cache, changed, 
         new_components(folder, model, reuse=[], seed=0)
 
     assert str(error.value) == message
+
+
+# Stability's MMDiT checkpoints name SD3's layers as kohya's SD3 layout does; diffusers
+# has no reader of kohya's SD3 LoRA, but it reads those checkpoints. The test writes the
+# base transformer in their layout, adds the kohya file's LoRA to it as a kohya loader
+# does (W + alpha / rank * up @ down), and reads it back with diffusers' converter.
+STREAMS = {  # the MMDiT's names of a block's layers, and diffusers', by stream
+    "x_block": {
+        "attn.proj": "attn.to_out.0",
+        "attn.ln_q": "attn.norm_q",
+        "attn.ln_k": "attn.norm_k",
+        "attn2.proj": "attn2.to_out.0",
+        "attn2.ln_q": "attn2.norm_q",
+        "attn2.ln_k": "attn2.norm_k",
+        "mlp.fc1": "ff.net.0.proj",
+        "mlp.fc2": "ff.net.2",
+        "adaLN_modulation.1": "norm1.linear",
+    },
+    "context_block": {
+        "attn.proj": "attn.to_add_out",
+        "attn.ln_q": "attn.norm_added_q",
+        "attn.ln_k": "attn.norm_added_k",
+        "mlp.fc1": "ff_context.net.0.proj",
+        "mlp.fc2": "ff_context.net.2",
+        "adaLN_modulation.1": "norm1_context.linear",
+    },
+}
+QKV = {
+    "x_block.attn": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "x_block.attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    "context_block.attn": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+OUTER = {
+    "pos_embed": "pos_embed.pos_embed",
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+    "final_layer.linear": "proj_out",
+    "final_layer.adaLN_modulation.1": "norm_out.linear",
+}
+
+
+def _swap(tensor):
+    first, second = tensor.chunk(2)
+    return torch.cat([second, first])
+
+
+def _mmdit_checkpoint(transformer) -> dict:
+    """The transformer's weights as Stability's SD3 checkpoints hold them."""
+    state = transformer.state_dict()
+    out = {"pos_embed": state["pos_embed.pos_embed"]}
+    for theirs, ours in OUTER.items():
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in state:
+                out[f"{theirs}.{kind}"] = state[f"{ours}.{kind}"]
+    for name in ("final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"):
+        out[name] = _swap(out[name])  # (shift, scale) there, (scale, shift) here
+    last = len(transformer.transformer_blocks) - 1
+    for i in range(last + 1):
+        block = f"transformer_blocks.{i}"
+        for stream, layers in STREAMS.items():
+            for theirs, ours in layers.items():
+                for kind in ("weight", "bias"):
+                    if f"{block}.{ours}.{kind}" in state:
+                        value = state[f"{block}.{ours}.{kind}"]
+                        if i == last and theirs == "adaLN_modulation.1" and stream != "x_block":
+                            value = _swap(value)
+                        out[f"joint_blocks.{i}.{stream}.{theirs}.{kind}"] = value
+        for theirs, parts in QKV.items():
+            for kind in ("weight", "bias"):
+                if f"{block}.{parts[0]}.{kind}" in state:
+                    fused = torch.cat([state[f"{block}.{part}.{kind}"] for part in parts])
+                    out[f"joint_blocks.{i}.{theirs}.qkv.{kind}"] = fused
+    return out
+
+
+def _from_mmdit(checkpoint: dict, config):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    transformer = SD3Transformer2DModel.from_config(config)
+    state = convert_sd3_transformer_checkpoint_to_diffusers(dict(checkpoint))
+    transformer.load_state_dict(state, strict=True)
+    return transformer
+
+
+def _transformer_output(transformer) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 8, 8, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 6, 80, generator=generator),
+        "pooled_projections": torch.randn(1, 64, generator=generator),
+        "timestep": torch.tensor([500.0]),
+        "return_dict": False,
+    }
+    with torch.no_grad():
+        return transformer(**inputs)[0]
+
+
+def _pooled(pipeline) -> list[torch.Tensor]:
+    ids = pipeline.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        return [pipeline.text_encoder(ids)[0], pipeline.text_encoder_2(ids)[0]]
+
+
+def test_the_kohya_file_holds_the_trained_lora_in_stabilitys_layer_names(tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from difftrain.api.methods import LoraSpec
+    from difftrain.trainer import adapters
+
+    trained = build_preset("tiny-sd3")
+    components = SimpleNamespace(
+        family=families.named("sd3"),
+        denoiser=trained.transformer,
+        text_encoders=[trained.text_encoder, trained.text_encoder_2, trained.text_encoder_3],
+    )
+    every = sorted(families.flow.kohya_targets(families.sd3.KOHYA_LAYERS))  # MLPs, norms too
+    settings = SimpleNamespace(lora=LoraSpec(rank=4, alpha=8, targetModules=every))
+    trainable = adapters.add(components, settings, text_encoders=True)
+    with torch.no_grad():  # as if trained: every up matrix away from zero
+        for part in (trained.transformer, trained.text_encoder, trained.text_encoder_2):
+            for name, parameter in part.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05)
+    adapters.export(components, trainable, ["diffusers", "kohya"], tmp_path, "job", torch.float32)
+    expected, expected_pooled = _transformer_output(trained.transformer), _pooled(trained)
+    kohya = load_file(tmp_path / "job.safetensors")
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape == (12, 64)
+    assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"] == 24  # 3 parts of alpha 8
+    assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_up.weight" in kohya  # SD3.5's
+    assert "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1.alpha" in kohya
+
+    base = build_preset("tiny-sd3")
+    checkpoint = _mmdit_checkpoint(base.transformer)
+    read_back = _from_mmdit(checkpoint, base.transformer.config).state_dict()
+    assert all(torch.equal(read_back[k], v) for k, v in base.transformer.state_dict().items())
+    layers = {key.replace(".", "_").removesuffix("_weight"): key for key in checkpoint}
+    applied = set()
+    for key, down in kohya.items():
+        if key.startswith("lora_unet_") and key.endswith(".lora_down.weight"):
+            module = key.removesuffix(".lora_down.weight")
+            up, alpha = kohya[f"{module}.lora_up.weight"], kohya[f"{module}.alpha"]
+            weight = layers[module.removeprefix("lora_unet_")]
+            checkpoint[weight] = checkpoint[weight] + alpha / down.shape[0] * up @ down
+            applied.add(module)
+    # Every linear layer of both blocks: the first's 7 of the image stream (SD3.5's second
+    # attention among them) and 5 of the text stream's; the last's 5 and 2 (its text
+    # stream ends after its attention's input).
+    assert len(applied) == 7 + 5 + 5 + 2
+    got = _transformer_output(_from_mmdit(checkpoint, base.transformer.config))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, _transformer_output(base.transformer), atol=1e-4)
+
+    # The CLIP encoders' part, lora_te1_ and lora_te2_ as SDXL's, through diffusers'
+    # kohya reader.
+    encoders = {k: v for k, v in kohya.items() if k.startswith("lora_te")}
+    assert {key.split("_")[1] for key in encoders} == {"te1", "te2"}
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(encoders)
+    pipeline = build_preset("tiny-sd3")
+    for part in ("text_encoder", "text_encoder_2"):
+        StableDiffusionXLPipeline.load_lora_into_text_encoder(
+            state, alphas, text_encoder=getattr(pipeline, part), prefix=part
+        )
+    for got, want, before in zip(_pooled(pipeline), expected_pooled, _pooled(base), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got, before, atol=1e-4)
+
+
+def test_sd3_kohya_for_layers_its_layout_does_not_name_is_refused(
+    tmp_path, trainer_cache, shapes_folder
+):
+    spec = job(
+        tmp_path,
+        shapes_folder,
+        "tiny-sd3",
+        lora={"rank": 4, "targetModules": ["to_q", "proj_out"]},
+        output={"uri": f"file://{tmp_path}/out", "formats": ["kohya"]},
+    )
+
+    assert refused(tmp_path, trainer_cache, spec).startswith(
+        "spec.lora.targetModules: the kohya layout has no name for proj_out in SD3; target only "
+    )

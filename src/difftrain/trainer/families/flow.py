@@ -6,6 +6,8 @@ they refuse. A base class, not a family: it registers nothing."""
 
 from typing import ClassVar
 
+import torch
+
 from difftrain.api.methods import DEFAULT_LORA_TARGETS
 from difftrain.errors import InvalidSpec
 from difftrain.trainer import loss
@@ -74,13 +76,65 @@ def require_equal(*pairs) -> None:
             )
 
 
+def kohya_targets(layers: dict) -> set[str]:
+    """The layer names lora.targetModules may give for a kohya export from a family's
+    table of kohya's names (see :func:`kohya_transformer`)."""
+    return {
+        name.removeprefix("attn.")
+        for _, table in layers.values()
+        for names in table.values()
+        for name in names
+    }
+
+
+def kohya_transformer(state: dict, transformer, layers: dict, alpha: float, dtype) -> dict:
+    """The transformer's LoRA (peft's keys) in kohya's layout, by the family's table
+    ``layers``: for each kind of block kohya names, the diffusers kind and, by kohya's
+    suffix, the diffusers layers it stands for (several for a fused projection, in their
+    order in it). A fused projection gets one LoRA of the parts' ranks together: their
+    down matrices stacked, their up matrices block-diagonal (a part without a LoRA a
+    zero block), its alpha the parts' alpha times their count, so that each part keeps
+    its scale (alpha / rank)."""
+    kohya = {}
+    for kohya_kind, (kind, table) in layers.items():
+        for index, block in enumerate(getattr(transformer, kind, [])):
+            for suffix, names in table.items():
+                parts = [_lora_pair(state, f"{kind}.{index}.{name}") for name in names]
+                if all(pair is None for pair in parts):
+                    continue
+                rank = next(pair for pair in parts if pair is not None)[0].shape[0]
+                downs, ups = [], []
+                for name, pair in zip(names, parts, strict=True):
+                    layer = block.get_submodule(name)
+                    layer = getattr(layer, "base_layer", layer)  # peft's wrapper, or none
+                    down, up = pair or (
+                        torch.zeros(rank, layer.in_features, dtype=dtype),
+                        torch.zeros(layer.out_features, rank, dtype=dtype),
+                    )
+                    downs.append(down)
+                    ups.append(up)
+                key = f"lora_unet_{kohya_kind}_{index}_{suffix}"
+                kohya[f"{key}.lora_down.weight"] = torch.cat(downs)
+                kohya[f"{key}.lora_up.weight"] = torch.block_diag(*ups)
+                kohya[f"{key}.alpha"] = torch.tensor(alpha * len(names), dtype=dtype)
+    return kohya
+
+
+def _lora_pair(state: dict, layer: str):
+    down = state.get(f"{layer}.lora_A.weight")
+    return None if down is None else (down, state[f"{layer}.lora_B.weight"])
+
+
 class FlowFamily(Family):
     denoiser = "transformer"
     denoiser_title = "transformer"
+    title: str  # the family as messages call it
     transformer_class: str  # the denoiser's class, as its config names it
     pipeline_name: str  # the pipeline's class, as model_index.json names it
     t5: int  # the T5 encoder's place among the text encoders
-    kohya = False  # whether its LoRA is written in kohya's layout too (kohya_state)
+    kohya_layers: ClassVar[dict]  # kohya's names of its layers (see kohya_transformer)
+    # Target names of spec.lora.targetModules that reach layers the layout does not name.
+    kohya_unnamed: ClassVar[frozenset] = frozenset()
     t5_tokens: int  # T5 tokens per caption at most, in training and samples alike
     refused_methods: ClassVar[dict[str, str]] = {
         "textualInversion": "its T5 encoder reads every prompt beside the CLIP encoders, so "
@@ -125,10 +179,20 @@ class FlowFamily(Family):
                 f"spec.model.predictionType: {self.name} models predict the flow's velocity; "
                 "leave predictionType at auto"
             )
-        if "kohya" in (spec.output.formats or []) and not self.kohya:
+        if "kohya" in (spec.output.formats or []):
+            self._check_kohya(spec)
+
+    def _check_kohya(self, spec) -> None:
+        from difftrain.trainer import adapters
+
+        named = kohya_targets(self.kohya_layers) - self.kohya_unnamed
+        targets = self.lora_targets(adapters.settings_of(spec).target_modules)
+        unnamed = sorted(set(targets) - named)
+        if unnamed:
             raise InvalidSpec(
-                f"spec.output.formats: the kohya layout is not written for {self.name} "
-                "LoRA in this trainer version; use diffusers (ComfyUI and Forge load it too)"
+                f"spec.lora.targetModules: the kohya layout has no name for "
+                f"{', '.join(unnamed)} in {self.title}; target only "
+                f"{', '.join(sorted(named))}, or leave kohya out of spec.output.formats"
             )
 
     def pixel_multiple(self, components) -> int:
@@ -199,6 +263,22 @@ class FlowFamily(Family):
 
     def text_encoder_lora_targets(self) -> list[str]:
         return list(CLIP_LORA_TARGETS)
+
+    def kohya_state(self, states: dict, trainable, dtype) -> dict:
+        from difftrain.trainer import adapters
+
+        transformer = trainable.modules[self.denoiser]
+        alpha = adapters.peft_config(transformer).lora_alpha
+        state = states[self.denoiser]
+        kohya = kohya_transformer(state, transformer, self.kohya_layers, alpha, dtype)
+        encoders = {name: state for name, state in states.items() if name != self.denoiser}
+        if encoders:  # the CLIP encoders' LoRA, as for the UNet families
+            kohya.update(adapters.kohya_state(encoders, trainable, self, dtype))
+        return kohya
+
+    def kohya_component(self, prefix: str) -> str:
+        # lora_te1_, lora_te2_: the CLIP encoders, the only ones that train
+        return "text_encoder" + ("" if prefix == "te1" else f"_{prefix[2:]}")
 
     def save_lora(self, folder, states: dict, metadata: dict) -> None:
         layers = {f"{part}_lora_layers": state for part, state in states.items()}  # peft's keys

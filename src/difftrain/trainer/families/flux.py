@@ -36,8 +36,7 @@ _SCHEDULER = {  # Flux.1 dev's: shifted by resolution
 }
 
 
-# kohya's (sd-scripts') names of Flux's layers, by block kind: the name's suffix, and the
-# diffusers layers it stands for (several for a fused projection, in their order in it).
+# kohya's (sd-scripts') names of Flux's layers (see flow.kohya_transformer).
 KOHYA_LAYERS = {
     "double_blocks": (
         "transformer_blocks",
@@ -63,52 +62,6 @@ KOHYA_LAYERS = {
         },
     ),
 }
-# The layer names lora.targetModules may give for a kohya export ("proj_out" is not one:
-# it would also reach the final layer, which the layout does not name).
-KOHYA_TARGETS = {
-    name.removeprefix("attn.")
-    for _, layers in KOHYA_LAYERS.values()
-    for names in layers.values()
-    for name in names
-} - {"proj_out"}
-
-
-def kohya_transformer(state: dict, transformer, alpha: float, dtype) -> dict:
-    """The transformer's LoRA (peft's keys) in kohya's layout. A fused projection (qkv,
-    and the single blocks' qkv with the MLP's input) gets one LoRA of the parts' ranks
-    together: their down matrices stacked, their up matrices block-diagonal (a part
-    without a LoRA a zero block), its alpha the parts' alpha times their count, so that
-    each part keeps its scale (alpha / rank)."""
-    kohya = {}
-    for kohya_kind, (kind, layers) in KOHYA_LAYERS.items():
-        for index, block in enumerate(getattr(transformer, kind, [])):
-            for suffix, names in layers.items():
-                parts = [_lora_pair(state, f"{kind}.{index}.{name}") for name in names]
-                if all(pair is None for pair in parts):
-                    continue
-                rank = next(pair for pair in parts if pair is not None)[0].shape[0]
-                downs, ups = [], []
-                for name, pair in zip(names, parts, strict=True):
-                    layer = block.get_submodule(name)
-                    layer = getattr(layer, "base_layer", layer)  # peft's wrapper, or none
-                    down, up = pair or (
-                        torch.zeros(rank, layer.in_features, dtype=dtype),
-                        torch.zeros(layer.out_features, rank, dtype=dtype),
-                    )
-                    downs.append(down)
-                    ups.append(up)
-                key = f"lora_unet_{kohya_kind}_{index}_{suffix}"
-                kohya[f"{key}.lora_down.weight"] = torch.cat(downs)
-                kohya[f"{key}.lora_up.weight"] = torch.block_diag(*ups)
-                kohya[f"{key}.alpha"] = torch.tensor(alpha * len(names), dtype=dtype)
-    return kohya
-
-
-def _lora_pair(state: dict, layer: str):
-    down = state.get(f"{layer}.lora_A.weight")
-    return None if down is None else (down, state[f"{layer}.lora_B.weight"])
-
-
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` latents as ``(B, H/2 * W/2, 4C)`` tokens, each a 2x2 patch."""
     b, c, h, w = latents.shape
@@ -138,7 +91,10 @@ class Flux(FlowFamily):
     t5 = T5
     transformer_class, pipeline_name = "FluxTransformer2DModel", "FluxPipeline"
     t5_tokens = 512  # Flux.1 dev's (schnell's tokenizer or the job may say fewer)
-    kohya = True  # its LoRA is written in kohya's layout too (kohya_state)
+    title = "Flux"
+    kohya_layers = KOHYA_LAYERS
+    # proj_out would also reach the final layer, which the layout does not name.
+    kohya_unnamed = frozenset({"proj_out"})
 
     def fit_pairs(self, components) -> list:
         transformer, vae = components.denoiser.config, components.vae.config
@@ -168,18 +124,6 @@ class Flux(FlowFamily):
 
     def check(self, spec, components) -> None:
         super().check(spec, components)
-        if "kohya" in (spec.output.formats or []):
-            from difftrain.trainer import adapters
-
-            targets = self.lora_targets(adapters.settings_of(spec).target_modules)
-            unnamed = sorted(set(targets) - KOHYA_TARGETS)
-            if unnamed:
-                named = ", ".join(sorted(KOHYA_TARGETS))
-                raise InvalidSpec(
-                    f"spec.lora.targetModules: the kohya layout has no name for "
-                    f"{', '.join(unnamed)} in Flux; target only {named}, or leave kohya out "
-                    "of spec.output.formats"
-                )
         guidance = spec.training.flow_matching.guidance
         if guidance is not None and not components.denoiser.config.guidance_embeds:
             raise InvalidSpec(
@@ -187,20 +131,6 @@ class Flux(FlowFamily):
                 "embedding (guidance_embeds is false, as in Flux.1 schnell), so there is "
                 "nothing to give the value to; remove it"
             )
-
-    def kohya_state(self, states: dict, trainable, dtype) -> dict:
-        from difftrain.trainer import adapters
-
-        transformer = trainable.modules[self.denoiser]
-        alpha = adapters.peft_config(transformer).lora_alpha
-        kohya = kohya_transformer(states[self.denoiser], transformer, alpha, dtype)
-        encoders = {name: state for name, state in states.items() if name != self.denoiser}
-        if encoders:  # CLIP's LoRA, as for the UNet families
-            kohya.update(adapters.kohya_state(encoders, trainable, self, dtype))
-        return kohya
-
-    def kohya_component(self, prefix: str) -> str:
-        return "text_encoder"  # lora_te1_: CLIP, the only encoder that trains
 
     def patch(self, components) -> int:
         return 2 * components.denoiser.config.patch_size  # 2x2 latents per token

@@ -28,9 +28,33 @@ _TINY_TRANSFORMER = {
 }
 _TINY_VAE = {**TINY_VAE, "shift_factor": 0.0609, "scaling_factor": 1.5305}  # SD3's
 
+# kohya's (sd-scripts') names of SD3's layers, those of Stability's MMDiT checkpoints
+# (see flow.kohya_transformer).
+KOHYA_LAYERS = {
+    "joint_blocks": (
+        "transformer_blocks",
+        {
+            "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+            "x_block_attn_proj": ("attn.to_out.0",),
+            "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),  # SD3.5's
+            "x_block_attn2_proj": ("attn2.to_out.0",),
+            "x_block_mlp_fc1": ("ff.net.0.proj",),
+            "x_block_mlp_fc2": ("ff.net.2",),
+            "x_block_adaLN_modulation_1": ("norm1.linear",),
+            "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+            "context_block_attn_proj": ("attn.to_add_out",),
+            "context_block_mlp_fc1": ("ff_context.net.0.proj",),
+            "context_block_mlp_fc2": ("ff_context.net.2",),
+            "context_block_adaLN_modulation_1": ("norm1_context.linear",),
+        },
+    ),
+}
+
 
 class StableDiffusion3(FlowFamily):
     name = "sd3"
+    title = "SD3"
+    kohya_layers = KOHYA_LAYERS
     text_encoders = 3
     presets = ("tiny-sd3",)
     t5 = T5
@@ -68,6 +92,17 @@ class StableDiffusion3(FlowFamily):
                 f"({sum(c.hidden_size for c in clip)}) must not exceed the T5 encoder's "
                 f"d_model ({t5.d_model})"
             )
+
+    def kohya_state(self, states: dict, trainable, dtype) -> dict:
+        kohya = super().kohya_state(states, trainable, dtype)
+        # The last block's text stream ends in a norm whose output halves (scale, shift)
+        # Stability's checkpoints hold the other way round (shift, scale).
+        last = len(trainable.modules[self.denoiser].transformer_blocks) - 1
+        key = f"lora_unet_joint_blocks_{last}_context_block_adaLN_modulation_1.lora_up.weight"
+        if key in kohya:
+            scale, shift = kohya[key].chunk(2)
+            kohya[key] = torch.cat([shift, scale])
+        return kohya
 
     def encode_text(self, components, ids: list) -> dict:
         """The CLIP encoders' penultimate hidden states side by side, zero-padded to the
