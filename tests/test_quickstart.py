@@ -1,7 +1,11 @@
 """The quickstart's model learns what it is told: a shortened run of
 examples/quickstart.yaml draws the prompted colours, and DreamBooth on that model with
-a few pictures of one subject teaches it the subject's colour."""
+a few pictures of one subject teaches it the subject's colour. So does a Flux model over
+the quickstart's autoencoder and text encoder: fine-tuned on the shapes, then taught the
+subject by a LoRA."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,14 +92,7 @@ def test_dreambooth_on_the_shapes_model_teaches_it_the_subjects_colour(
     tmp_path, trainer_cache, shapes_model
 ):
     # The subject: green circles, large on white; "sks" is the rare word that names it.
-    subject = write_dataset(
-        tmp_path / "subject",
-        count=16,
-        extents=("large",),
-        colours=("green",),
-        shapes=("circle",),
-        backgrounds=("white",),
-    )
+    subject = _subject(tmp_path)
     base = shapes_model / "model"
     spec = {
         "method": "dreambooth",
@@ -119,21 +116,128 @@ def test_dreambooth_on_the_shapes_model_teaches_it_the_subjects_colour(
     assert after.count("green") >= before.count("green") + 4, (before, after)
 
 
+# Flux's two stages: its transformer fine-tuned on the shapes (it starts from random
+# weights), then the subject's LoRA; about the fewest steps that pass with a margin.
+FLUX = {"base_steps": 500, "base_rate": 3e-3, "lora_steps": 300, "lora_rate": 1e-2}
+
+
+def test_a_lora_teaches_a_flux_model_the_subjects_colour(tmp_path, trainer_cache, shapes_model):
+    base = _flux_model(shapes_model / "model", tmp_path / "new")
+    shapes = shapes_model.parent / "shapes"
+    spec = {
+        "method": "finetune",
+        "model": {"base": f"file://{base}"},
+        "dataset": {
+            "uri": f"file://{shapes}",
+            "resolution": SHORT["resolution"],
+            "captionDropout": 0.1,  # for classifier-free guidance, as the quickstart's
+        },
+        "training": {
+            "steps": FLUX["base_steps"],
+            "batchSize": 8,
+            "learningRate": FLUX["base_rate"],
+            "scheduler": {"type": "cosine", "warmupSteps": 50},
+        },
+        "output": {"uri": f"file://{tmp_path}/base", "dtype": "fp32"},
+    }
+    config = runner.write_config(tmp_path, spec, name="base")
+    code, log = runner.run(config, tmp_path, trainer_cache, timeout=600)
+    assert code == 0, log
+    base = tmp_path / "base" / "model"
+    spec = {
+        "method": "dreambooth",
+        "dreambooth": {"instancePrompt": "a sks"},
+        "lora": {"rank": 8},
+        "model": {"base": f"file://{base}"},
+        "dataset": {"uri": f"file://{_subject(tmp_path)}", "resolution": SHORT["resolution"]},
+        "training": {
+            "steps": FLUX["lora_steps"],
+            "batchSize": 8,
+            "learningRate": FLUX["lora_rate"],
+        },
+        "output": {"uri": f"file://{tmp_path}/out", "dtype": "fp32"},
+    }
+    code, log = runner.run(runner.write_config(tmp_path, spec), tmp_path, trainer_cache)
+
+    assert code == 0, log
+    from diffusers import FluxPipeline
+
+    options = {"max_sequence_length": 32}  # the tiny T5 tokenizer's length
+    before = _colours(FluxPipeline.from_pretrained(base), "a sks", options)
+    pipeline = FluxPipeline.from_pretrained(base)
+    pipeline.load_lora_weights(tmp_path / "out" / "model")
+    after = _colours(pipeline, "a sks", options)
+    assert after.count("green") >= 6, after
+    assert after.count("green") >= before.count("green") + 4, (before, after)
+
+
+def _subject(folder: Path) -> Path:
+    """The subject: green circles, large on white; "sks" is the rare word that names it."""
+    return write_dataset(
+        folder / "subject",
+        count=16,
+        extents=("large",),
+        colours=("green",),
+        shapes=("circle",),
+        backgrounds=("white",),
+    )
+
+
+def _flux_model(trained: Path, folder: Path) -> Path:
+    """A Flux model folder over the quickstart model's (``trained``) VAE and CLIP text
+    encoder, with the preset's T5 encoder and a new transformer (random weights from a
+    fixed seed) whose input fits the VAE's 4 latent channels."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from difftrain.trainer.presets import write_preset
+
+    write_preset("tiny-flux", folder)
+    for part in ("vae", "text_encoder", "tokenizer"):
+        shutil.rmtree(folder / part)
+        shutil.copytree(trained / part, folder / part)
+    _edit_config(folder / "vae", shift_factor=0.0)  # Flux's pipeline reads one
+    transformer = folder / "transformer"
+    _edit_config(transformer, in_channels=16)  # 4 channels, packed 2 x 2
+    torch.manual_seed(0)
+    new = FluxTransformer2DModel.from_config(_config(transformer))
+    shutil.rmtree(transformer)
+    new.save_pretrained(transformer)
+    return folder
+
+
+def _config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    (folder / "config.json").write_text(json.dumps({**_config(folder), **changes}))
+
+
 def _pipeline(folder: Path):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
 
 
-def _colours(pipeline, prompt: str) -> list[str | None]:
-    """The colour of each of eight samples of ``prompt``, sampled as the quickstart's."""
+def _colours(pipeline, prompt: str, options: dict | None = None) -> list[str | None]:
+    """The colour of each of eight samples of ``prompt``, sampled as the quickstart's (a
+    UNet model with a fast multistep sampler, Flux with its own)."""
     from diffusers import DPMSolverMultistepScheduler
 
     from difftrain.trainer.sampling import generate
 
-    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    if hasattr(pipeline, "unet"):
+        pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
     pipeline.set_progress_bar_config(disable=True)
     images = generate(
-        pipeline, [prompt], size=SHORT["resolution"], seed=0, per_prompt=8, steps=20, guidance=5.0
+        pipeline,
+        [prompt],
+        size=SHORT["resolution"],
+        seed=0,
+        per_prompt=8,
+        steps=20,
+        guidance=5.0,
+        options=options,
     )
     return [shape_colour(image) for _, _, image in images]
