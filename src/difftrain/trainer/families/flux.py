@@ -62,6 +62,8 @@ KOHYA_LAYERS = {
         },
     ),
 }
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """``(B, C, H, W)`` latents as ``(B, H/2 * W/2, 4C)`` tokens, each a 2x2 patch."""
     b, c, h, w = latents.shape
