@@ -362,3 +362,63 @@ def test_read_only_credentials_are_not_writable(s3_env, bucket, monkeypatch):
 
     with pytest.raises(StorageAccessDenied, match="access denied"):
         open_store(f"s3://{bucket}/out", S3Settings(endpoint=s3_env.endpoint)).check_writable()
+
+
+def test_the_fingerprint_changes_when_an_object_is_written_added_or_removed(store):
+    store.write_bytes("data/a.txt", b"1")
+    store.write_bytes("data/b.txt", b"2")
+    store.write_bytes("other.txt", b"elsewhere")
+    before = store.fingerprint("data")
+    only_b = store.fingerprint("data", lambda key: key.endswith("b.txt"))
+
+    assert list(store.tags("data")) == ["data/a.txt", "data/b.txt"]
+    assert store.fingerprint("data") == before  # listing again changes nothing
+    store.write_bytes("other.txt", b"changed")  # outside the prefix
+    assert store.fingerprint("data") == before
+    store.write_bytes("data/a.txt", b"changed")
+    changed = store.fingerprint("data")
+    assert changed != before
+    assert store.fingerprint("data", lambda key: key.endswith("b.txt")) == only_b
+    store.write_bytes("data/c.txt", b"3")
+    assert store.fingerprint("data") not in (before, changed)
+    store.delete(["data/c.txt"])
+    assert store.fingerprint("data") == changed
+
+
+def test_a_changed_dataset_object_is_fetched_again(s3_env, bucket, tmp_path):
+    from difftrain.trainer.data import fetch_dataset
+
+    source = open_store(f"s3://{bucket}/data", S3Settings(endpoint=s3_env.endpoint))
+    source.write_bytes("a.txt", b"a red circle")
+    source.write_bytes("b.txt", b"a blue square")
+    settings, cache = S3Settings(endpoint=s3_env.endpoint), tmp_path / "cache"
+
+    first = fetch_dataset(f"s3://{bucket}/data", settings, cache)
+    again = fetch_dataset(f"s3://{bucket}/data", settings, cache)
+    source.write_bytes("a.txt", b"a green circle")
+    changed = fetch_dataset(f"s3://{bucket}/data", settings, cache)
+
+    assert again == first  # nothing changed: the node's copy is used
+    assert (changed / "a.txt").read_text() == "a green circle"
+    assert (first / "a.txt").read_text() == "a red circle"  # a run reading it keeps it
+
+
+def test_a_model_written_anew_is_fetched_again(s3_env, bucket, tmp_path):
+    from difftrain.api.data import ModelSpec
+    from difftrain.trainer.models import fetch_model
+
+    source = open_store(f"s3://{bucket}/model", S3Settings(endpoint=s3_env.endpoint))
+    source.write_bytes("model_index.json", b"{}")
+    source.write_bytes("unet/diffusion_pytorch_model.safetensors", b"weights 1")
+    settings, cache = S3Settings(endpoint=s3_env.endpoint), tmp_path / "cache"
+    model = ModelSpec(base=f"s3://{bucket}/model")
+
+    first = fetch_model(model, settings, cache)
+    configs = fetch_model(model, settings, cache, weights=False)
+    source.write_bytes("unet/diffusion_pytorch_model.safetensors", b"weights 2")
+
+    assert fetch_model(model, settings, cache, weights=False) == configs  # no config changed
+    changed = fetch_model(model, settings, cache)
+    assert changed != first
+    assert (changed / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"weights 2"
+    assert not (configs / "unet").exists()

@@ -11,6 +11,7 @@ operation, never a secret.
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
@@ -74,8 +75,22 @@ class Store(ABC):
         """The store rooted at ``prefix`` below this one."""
 
     @abstractmethod
+    def tags(self, prefix: str = "") -> dict[str, str]:
+        """Every key below the folder ``prefix`` (recursively), sorted, with its object's
+        tag (an ETag in S3), which every write changes."""
+
     def keys(self, prefix: str = "") -> list[str]:
         """Every key below the folder ``prefix`` (recursively), sorted."""
+        return list(self.tags(prefix))
+
+    def fingerprint(self, prefix: str = "", select: Callable[[str], bool] | None = None) -> str:
+        """A digest of the keys below ``prefix`` (those ``select`` accepts) and their
+        tags: it changes when any of those objects is written, added or removed."""
+        digest = hashlib.sha256()
+        for key, tag in self.tags(prefix).items():
+            if select is None or select(key):
+                digest.update(f"{key}\0{tag}\n".encode())
+        return digest.hexdigest()[:16]
 
     @abstractmethod
     def exists(self, key: str) -> bool:
@@ -211,15 +226,16 @@ class FileStore(Store):
                 f"cannot write {self.uri}: {existing} is not a writable folder"
             )
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def tags(self, prefix: str = "") -> dict[str, str]:
         base = self._path(prefix)
         if not base.is_dir():
-            return []
-        return sorted(
-            p.relative_to(self.root).as_posix()
+            return {}
+        files = sorted(
+            (p.relative_to(self.root).as_posix(), p)
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+        return {key: _file_tag(path.stat()) for key, path in files}
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -384,7 +400,7 @@ class S3Store(Store):
         self.write_bytes(probe, b"")
         self.delete([probe])
 
-    def keys(self, prefix: str = "") -> list[str]:
+    def tags(self, prefix: str = "") -> dict[str, str]:
         full = self._key(prefix)
         query = full + "/" if full else ""  # "a/b" must not match "a/bc"
         keys = []
@@ -393,9 +409,9 @@ class S3Store(Store):
                 Bucket=self.bucket, Prefix=query, PaginationConfig={"PageSize": LIST_PAGE_SIZE}
             )
             for page in pages:
-                keys += [item["Key"] for item in page.get("Contents", [])]
+                keys += [(item["Key"], item["ETag"]) for item in page.get("Contents", [])]
         start = len(self.prefix) + 1 if self.prefix else 0
-        return sorted(key[start:] for key in keys)
+        return {key[start:]: tag for key, tag in sorted(keys)}
 
     def exists(self, key: str) -> bool:
         if not self._key(key):

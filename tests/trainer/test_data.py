@@ -428,3 +428,81 @@ def test_a_batch_never_mixes_buckets():
     assert len(mine) == len(theirs) == batches.batches_per_epoch == 8  # (10 + 7) // 2
     assert all(len({key[2:] for key in batch}) == 1 for batch in mine + theirs)
     assert {key[2:] for batch in mine + theirs for key in batch} == {(8, 8), (16, 4)}
+
+
+# The scan of a dataset's images, kept on the node.
+
+
+def _images(folder, sizes) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for k, size in enumerate(sizes):
+        path = folder / f"{k}.png"
+        if size is None:
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", size, (200, 0, 0)).save(path)
+        examples.append(data.Example(path, ""))
+    return examples
+
+
+@pytest.fixture
+def decodes(monkeypatch):
+    """The paths data.load_rgb decodes, in order."""
+    seen, load = [], data.load_rgb
+
+    def counting(path):
+        seen.append(path)
+        return load(path)
+
+    monkeypatch.setattr(data, "load_rgb", counting)
+    return seen
+
+
+def test_a_second_scan_decodes_no_image_and_finds_the_same(tmp_path, decodes):
+    examples = _images(tmp_path / "images", [(32, 16), None, (8, 8)])
+    scans = tmp_path / "scans"
+
+    first = data.image_sizes(examples, scans, "rank0")
+    decoded = len(decodes)
+    second = data.image_sizes(examples, scans, "rank0")
+
+    assert first == second == [(32, 16), None, (8, 8)]
+    assert decoded == 3 and len(decodes) == 3  # none the second time
+
+
+def test_a_replaced_image_is_decoded_again(tmp_path, decodes):
+    examples = _images(tmp_path / "images", [(32, 16), (8, 8)])
+    scans = tmp_path / "scans"
+    data.image_sizes(examples, scans, "rank0")
+    Image.new("RGB", (20, 10)).save(examples[1].image)
+
+    sizes = data.image_sizes(examples, scans, "rank0")
+
+    assert sizes == [(32, 16), (20, 10)]
+    assert decodes[2:] == [examples[1].image]
+
+
+def test_every_process_share_is_reused_by_any_process(tmp_path, decodes):
+    examples = _images(tmp_path / "images", [(8, 8), (16, 8), (8, 16), (4, 4)])
+    scans = tmp_path / "scans"
+    data.image_sizes(examples[0::2], scans, "rank0")  # two processes, a share each
+    data.image_sizes(examples[1::2], scans, "rank1")
+    decoded = len(decodes)
+
+    sizes = data.image_sizes(examples, scans, "rank0")  # one process, all of them
+
+    assert sizes == [(8, 8), (16, 8), (8, 16), (4, 4)]
+    assert decoded == 4 and len(decodes) == 4
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"x": 3}'])
+def test_an_unreadable_scan_file_is_ignored_and_written_anew(tmp_path, decodes, content):
+    examples = _images(tmp_path / "images", [(8, 8)])
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "rank0.json").write_text(content)
+
+    assert data.image_sizes(examples, scans, "rank0") == [(8, 8)]
+    assert data.image_sizes(examples, scans, "rank0") == [(8, 8)]
+    assert len(decodes) == 1  # decoded once, then read from the new scan file

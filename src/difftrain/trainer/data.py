@@ -9,6 +9,7 @@ position), so a resumed run sees the same batches.
 """
 
 import collections
+import json
 import logging
 import math
 import random
@@ -87,16 +88,56 @@ def load_rgb(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_sizes(examples: list[Example]) -> list[tuple[int, int] | None]:
-    """Each example's upright (width, height), or None (logged) if it cannot be decoded."""
-    sizes = []
+def image_sizes(
+    examples: list[Example], scans: Path | None = None, name: str = "scan"
+) -> list[tuple[int, int] | None]:
+    """Each example's upright (width, height), or None (logged) if it cannot be decoded.
+
+    With ``scans`` (a node-local folder), what earlier scans found is reused: each file's
+    result is kept in ``scans/NAME.json`` under its path with its size and modification
+    time, and a file is decoded again only when those changed; every ``*.json`` there is
+    read (each process writes its own share under its own ``name``). An unreadable scan
+    file is ignored and written anew."""
+    known = _read_scans(scans) if scans is not None else {}
+    sizes, seen = [], {}
     for example in examples:
-        try:
-            sizes.append(load_rgb(example.image).size)
-        except Exception as error:  # PIL raises many types for broken files
-            log.warning("skipping unreadable image %s: %s", example.image, error)
-            sizes.append(None)
+        stat = example.image.stat()
+        tag = f"{stat.st_size}-{stat.st_mtime_ns}"
+        path = str(example.image)
+        entry = known.get(path)
+        if entry is not None and entry[0] == tag:
+            size = None if entry[1] is None else tuple(entry[1])
+            if size is None:
+                log.warning("skipping unreadable image %s (as when first scanned)", path)
+        else:
+            try:
+                size = load_rgb(example.image).size
+            except Exception as error:  # PIL raises many types for broken files
+                log.warning("skipping unreadable image %s: %s", example.image, error)
+                size = None
+        seen[path] = [tag, size]
+        sizes.append(size)
+    if scans is not None:
+        _write_scan(scans / f"{name}.json", seen)
     return sizes
+
+
+def _read_scans(folder: Path) -> dict:
+    known = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            entries = json.loads(path.read_text())
+            known.update({k: v for k, v in entries.items() if isinstance(v, list) and len(v) == 2})
+        except (OSError, ValueError, AttributeError):
+            log.warning("ignoring the unreadable dataset scan %s; scanning anew", path)
+    return known
+
+
+def _write_scan(path: Path, entries: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".tmp-{path.name}")
+    temporary.write_text(json.dumps(entries))
+    temporary.replace(path)  # readers see the old scan or the new one, whole
 
 
 def check_usable(examples: list[Example], skipped: list[Example], max_fraction: float) -> None:
@@ -300,7 +341,9 @@ class Batches:
 
 
 def fetch_dataset(uri: str, settings, cache: Path) -> Path:
-    """A local folder holding the dataset at ``uri`` (fetched once per node into ``cache``)."""
+    """A local folder holding the dataset at ``uri``, fetched once per node into
+    ``cache`` and again when any of its objects changes (the entry is keyed by their
+    tags: ETags in S3)."""
     from difftrain.storage import open_store
     from difftrain.trainer.cache import cached_folder
 
@@ -312,5 +355,7 @@ def fetch_dataset(uri: str, settings, cache: Path) -> Path:
         return cached_folder(cache, uri, write_dataset)
     store = open_store(uri, settings)
     return cached_folder(
-        cache, uri, lambda folder: store.download_tree("", folder, unsafe_error=DatasetError)
+        cache,
+        f"{uri}#{store.fingerprint()}",
+        lambda folder: store.download_tree("", folder, unsafe_error=DatasetError),
     )

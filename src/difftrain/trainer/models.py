@@ -47,10 +47,12 @@ def fetch_model(model: ModelSpec, settings: S3Settings, cache: Path, weights: bo
             raise _not_a_model(uri)
 
         def fill(target: Path) -> None:
-            select = None if weights else _not_weights
             store.download_tree("", target, select, unsafe_error=InvalidSpec)
 
-        folder = cached_folder(cache, uri if weights else uri + "#configs", fill)
+        # Keyed by the objects' tags (ETags): a model written anew is fetched anew.
+        select = None if weights else _not_weights
+        version = store.fingerprint("", select) + ("" if weights else "#configs")
+        folder = cached_folder(cache, f"{uri}#{version}", fill)
     else:
         folder = _from_hub(uri.removeprefix("hf://"), model.revision, cache, weights)
     if not (folder / "model_index.json").is_file():

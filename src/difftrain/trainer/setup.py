@@ -124,7 +124,7 @@ def _prepare(config, paths: Paths, settings, method, output: Store, leases: list
     accelerator = _accelerator(spec)
     components = method.components(model_folder, spec, spec.training.seed)
     check_model(spec, components)
-    examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder)
+    examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder, paths.cache)
     batches = _batches(spec, accelerator, training_sizes(spec.dataset, sizes))
     if accelerator.is_main_process:  # before anything is written to the output
         leases.append(ownership.take(output, ownership.Holder.of(config)))
@@ -196,11 +196,14 @@ def _batches(spec, accelerator, targets: tuple) -> data.Batches:
     return batches
 
 
-def _usable_examples(accelerator, spec, folder: Path):
-    """The dataset's readable examples and their sizes; each process checks a share."""
+def _usable_examples(accelerator, spec, folder: Path, cache: Path):
+    """The dataset's readable examples and their sizes; each process checks a share,
+    reusing what earlier starts on the node found (``cache``/scans/)."""
     examples = data.find_examples(folder)
     rank, world = accelerator.process_index, accelerator.num_processes
-    shares = gather_from_all(accelerator, data.image_sizes(examples[rank::world]))
+    scans = cache / "scans" / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    mine = data.image_sizes(examples[rank::world], scans, f"rank{rank}")
+    shares = gather_from_all(accelerator, mine)
     sizes = [shares[i % world][i // world] for i in range(len(examples))]
     usable = [(e, size) for e, size in zip(examples, sizes, strict=True) if size is not None]
     skipped = [e for e, size in zip(examples, sizes, strict=True) if size is None]
