@@ -506,3 +506,15 @@ def test_an_unreadable_scan_file_is_ignored_and_written_anew(tmp_path, decodes, 
     assert data.image_sizes(examples, scans, "rank0") == [(8, 8)]
     assert data.image_sizes(examples, scans, "rank0") == [(8, 8)]
     assert len(decodes) == 1  # decoded once, then read from the new scan file
+
+
+def test_a_dangling_link_is_skipped_as_unreadable_and_scanned_again(tmp_path):
+    examples = _images(tmp_path / "images", [(8, 8)])
+    link = tmp_path / "images" / "gone.png"
+    link.symlink_to(tmp_path / "nowhere.png")
+    examples.append(data.Example(link, ""))
+    scans = tmp_path / "scans"
+
+    assert data.image_sizes(examples, scans, "rank0") == [(8, 8), None]
+    (tmp_path / "nowhere.png").write_bytes((tmp_path / "images" / "0.png").read_bytes())
+    assert data.image_sizes(examples, scans, "rank0") == [(8, 8), (8, 8)]  # now there

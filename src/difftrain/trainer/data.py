@@ -101,11 +101,14 @@ def image_sizes(
     known = _read_scans(scans) if scans is not None else {}
     sizes, seen = [], {}
     for example in examples:
-        stat = example.image.stat()
-        tag = f"{stat.st_size}-{stat.st_mtime_ns}"
+        try:
+            stat = example.image.stat()
+            tag = f"{stat.st_size}-{stat.st_mtime_ns}"
+        except OSError:  # a dangling link, a file gone since the listing
+            tag = None  # never matches: looked at again next time
         path = str(example.image)
         entry = known.get(path)
-        if entry is not None and entry[0] == tag:
+        if tag is not None and entry is not None and entry[0] == tag:
             size = None if entry[1] is None else tuple(entry[1])
             if size is None:
                 log.warning("skipping unreadable image %s (as when first scanned)", path)
