@@ -91,26 +91,13 @@ def test_shortened_quickstart_draws_the_prompted_colours(shapes_model):
 def test_dreambooth_on_the_shapes_model_teaches_it_the_subjects_colour(
     tmp_path, trainer_cache, shapes_model
 ):
-    # The subject: green circles, large on white; "sks" is the rare word that names it.
-    subject = _subject(tmp_path)
     base = shapes_model / "model"
-    spec = {
-        "method": "dreambooth",
-        "dreambooth": {"instancePrompt": "a sks"},
-        "lora": {"rank": 8},
-        "model": {"base": f"file://{base}"},
-        "dataset": {"uri": f"file://{subject}", "resolution": SHORT["resolution"]},
-        "training": {"steps": 200, "batchSize": 8, "learningRate": 1e-3},
-        "output": {"uri": f"file://{tmp_path}/out", "dtype": "fp32"},
-    }
-    config = runner.write_config(tmp_path, spec, name="dreambooth")
 
-    code, log = runner.run(config, tmp_path, trainer_cache)
+    lora = _teach_subject(tmp_path, trainer_cache, base, steps=200, rate=1e-3)
 
-    assert code == 0, log
     before = _colours(_pipeline(base), "a sks")
     pipeline = _pipeline(base)
-    pipeline.load_lora_weights(tmp_path / "out" / "model")
+    pipeline.load_lora_weights(lora)
     after = _colours(pipeline, "a sks")
     assert after.count("green") >= 6, after
     assert after.count("green") >= before.count("green") + 4, (before, after)
@@ -144,31 +131,37 @@ def test_a_lora_teaches_a_flux_model_the_subjects_colour(tmp_path, trainer_cache
     code, log = runner.run(config, tmp_path, trainer_cache, timeout=600)
     assert code == 0, log
     base = tmp_path / "base" / "model"
+
+    lora = _teach_subject(
+        tmp_path, trainer_cache, base, steps=FLUX["lora_steps"], rate=FLUX["lora_rate"]
+    )
+
+    from diffusers import FluxPipeline
+
+    options = {"max_sequence_length": 32}  # the tiny T5 tokenizer's length
+    before = _colours(FluxPipeline.from_pretrained(base), "a sks", options)
+    pipeline = FluxPipeline.from_pretrained(base)
+    pipeline.load_lora_weights(lora)
+    after = _colours(pipeline, "a sks", options)
+    assert after.count("green") >= 6, after
+    assert after.count("green") >= before.count("green") + 4, (before, after)
+
+
+def _teach_subject(tmp_path, cache, base: Path, steps: int, rate: float) -> Path:
+    """Train DreamBooth's LoRA (rank 8) of the subject, named "a sks", on ``base``; the
+    folder of the exported LoRA."""
     spec = {
         "method": "dreambooth",
         "dreambooth": {"instancePrompt": "a sks"},
         "lora": {"rank": 8},
         "model": {"base": f"file://{base}"},
         "dataset": {"uri": f"file://{_subject(tmp_path)}", "resolution": SHORT["resolution"]},
-        "training": {
-            "steps": FLUX["lora_steps"],
-            "batchSize": 8,
-            "learningRate": FLUX["lora_rate"],
-        },
+        "training": {"steps": steps, "batchSize": 8, "learningRate": rate},
         "output": {"uri": f"file://{tmp_path}/out", "dtype": "fp32"},
     }
-    code, log = runner.run(runner.write_config(tmp_path, spec), tmp_path, trainer_cache)
-
+    code, log = runner.run(runner.write_config(tmp_path, spec, name="dreambooth"), tmp_path, cache)
     assert code == 0, log
-    from diffusers import FluxPipeline
-
-    options = {"max_sequence_length": 32}  # the tiny T5 tokenizer's length
-    before = _colours(FluxPipeline.from_pretrained(base), "a sks", options)
-    pipeline = FluxPipeline.from_pretrained(base)
-    pipeline.load_lora_weights(tmp_path / "out" / "model")
-    after = _colours(pipeline, "a sks", options)
-    assert after.count("green") >= 6, after
-    assert after.count("green") >= before.count("green") + 4, (before, after)
+    return tmp_path / "out" / "model"
 
 
 def _subject(folder: Path) -> Path:

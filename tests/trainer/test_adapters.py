@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from difftrain.trainer import adapters
 from difftrain.trainer.presets import build_preset
 from tests.trainer import runner
-from tests.trainer.families import sample
+from tests.trainer.families import job, refused, sample
 
 CASES = [
     pytest.param("tiny-sd", {"type": "lokr"}, "LoKrConfig", id="sd-lokr"),
@@ -89,3 +89,21 @@ def test_adapters_train_and_load_with_the_trained_weights(
     assert f"| {kind} rank / alpha | 4 / 8 |" in card
     record = json.loads((model / "difftrain.json").read_text())
     assert record["spec"]["lora"]["type"] == lora.get("type", "lora")
+
+
+@pytest.mark.parametrize(("preset", "title"), [("tiny-sd3", "SD3"), ("tiny-flux", "Flux")])
+def test_kohya_for_layers_its_layout_does_not_name_is_refused(
+    tmp_path, trainer_cache, shapes_folder, preset, title
+):
+    spec = job(
+        tmp_path,
+        shapes_folder,
+        preset,
+        lora={"rank": 4, "targetModules": ["to_q", "proj_out"]},
+        output={"uri": f"file://{tmp_path}/out", "formats": ["kohya"]},
+    )
+
+    assert refused(tmp_path, trainer_cache, spec).startswith(
+        f"spec.lora.targetModules: the kohya layout has no name for proj_out in {title}; "
+        "target only "
+    )

@@ -310,19 +310,3 @@ def test_the_kohya_file_loads_through_diffusers_converter_as_the_trained_lora(tm
         for got, want, before in zip(_outputs(pipeline), expected, base, strict=True):
             assert torch.allclose(got, want, atol=1e-5), file
             assert not torch.allclose(got, before, atol=1e-4), file
-
-
-def test_kohya_for_layers_its_layout_does_not_name_is_refused(
-    tmp_path, trainer_cache, shapes_folder
-):
-    spec = job(
-        tmp_path,
-        shapes_folder,
-        "tiny-flux",
-        lora={"rank": 4, "targetModules": ["to_q", "proj_out"]},
-        output={"uri": f"file://{tmp_path}/out", "formats": ["kohya"]},
-    )
-
-    assert refused(tmp_path, trainer_cache, spec).startswith(
-        "spec.lora.targetModules: the kohya layout has no name for proj_out in Flux; target only "
-    )

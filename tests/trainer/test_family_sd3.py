@@ -491,19 +491,3 @@ def test_the_kohya_file_holds_the_trained_lora_in_stabilitys_layer_names(tmp_pat
     for got, want, before in zip(_pooled(pipeline), expected_pooled, _pooled(base), strict=True):
         assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(got, before, atol=1e-4)
-
-
-def test_sd3_kohya_for_layers_its_layout_does_not_name_is_refused(
-    tmp_path, trainer_cache, shapes_folder
-):
-    spec = job(
-        tmp_path,
-        shapes_folder,
-        "tiny-sd3",
-        lora={"rank": 4, "targetModules": ["to_q", "proj_out"]},
-        output={"uri": f"file://{tmp_path}/out", "formats": ["kohya"]},
-    )
-
-    assert refused(tmp_path, trainer_cache, spec).startswith(
-        "spec.lora.targetModules: the kohya layout has no name for proj_out in SD3; target only "
-    )

@@ -46,11 +46,12 @@ def fetch_model(model: ModelSpec, settings: S3Settings, cache: Path, weights: bo
         if not store.exists("model_index.json"):
             raise _not_a_model(uri)
 
+        select = None if weights else _not_weights
+
         def fill(target: Path) -> None:
             store.download_tree("", target, select, unsafe_error=InvalidSpec)
 
         # Keyed by the objects' tags (ETags): a model written anew is fetched anew.
-        select = None if weights else _not_weights
         version = store.fingerprint("", select) + ("" if weights else "#configs")
         folder = cached_folder(cache, f"{uri}#{version}", fill)
     else:
