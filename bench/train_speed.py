@@ -183,6 +183,28 @@ def write_flux_small(folder: Path) -> str:
     return f"file://{folder}"
 
 
+SMALL_SD_UNET = {
+    "block_out_channels": [64, 128, 256],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+
+
+def write_small_sd(folder: Path) -> str:
+    """The tiny SD preset with a UNet of block channels 64/128/256 at ``folder``; its URI."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from difftrain.trainer.presets import UNET, build_preset
+
+    if not (folder / "model_index.json").exists():
+        torch.manual_seed(0)
+        pipeline = build_preset("tiny-sd")
+        pipeline.register_modules(unet=UNet2DConditionModel(**(UNET | SMALL_SD_UNET)))
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    return f"file://{folder}"
+
+
 PROMPTS = [
     "a red circle on a white background",
     "a blue square on a black background",
@@ -191,10 +213,23 @@ PROMPTS = [
 ]
 
 
-def _trainer_run(method: str, base: str, args, work: Path, every: int = 0) -> dict:
+# The cache rows (--cache): spec.cache of each, by row name; "filling" and "warm" share
+# one cache, filled by the first and found filled by the second.
+CACHE_ROWS = {
+    "cache off": {"latents": False, "textEmbeddings": False},
+    "cache filling": {"uri": "CACHE"},
+    "cache warm": {"uri": "CACHE"},
+}
+
+
+def _trainer_run(
+    method: str, base: str, args, work: Path, every: int = 0, cache: str | None = None
+) -> dict:
     from difftrain.api.config import TrainerConfig
 
     name = f"{method}-samples" if every else method
+    if cache:
+        name = f"{method}-{cache.replace(' ', '-')}"
     spec = {
         "method": method,
         "model": {"base": base},
@@ -210,6 +245,15 @@ def _trainer_run(method: str, base: str, args, work: Path, every: int = 0) -> di
     }
     if every:
         spec["validation"] = {"prompts": PROMPTS, "everySteps": every, "inferenceSteps": 25}
+    if cache:
+        settings = dict(CACHE_ROWS[cache])
+        if settings.get("uri") == "CACHE":
+            settings["uri"] = f"file://{work / f'cache-{method}'}"
+        spec["cache"] = settings
+    elif not args.cache_default:  # the rows without --cache: as before the cache
+        spec["cache"] = CACHE_ROWS["cache off"]
+    if args.compile:
+        spec["training"]["compile"] = True
     config = work / f"{name}.json"
     config.write_text(TrainerConfig.model_validate({"name": name, "spec": spec}).to_json())
     env = dict(os.environ, DIFFTRAIN_CONFIG=str(config), DIFFTRAIN_SCRATCH=str(work / "scratch"))
@@ -408,6 +452,7 @@ def bare_loop(method: str, base: str, args) -> dict:
 
 MODELS = {
     "tiny-sd": lambda folder: "preset:tiny-sd",
+    "small-sd": write_small_sd,
     "sd15": write_sd15,
     "sd3-small": write_sd3_small,
     "flux-small": write_flux_small,
@@ -429,6 +474,17 @@ def main() -> None:
         metavar="N",
         help="also train with validation samples every N steps",
     )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="trainer rows with the cache off, filling it, and finding it filled",
+    )
+    parser.add_argument(
+        "--cache-default",
+        action="store_true",
+        help="the plain trainer rows with the default cache (node-local) instead of none",
+    )
+    parser.add_argument("--compile", action="store_true", help="training.compile: true")
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -440,7 +496,13 @@ def main() -> None:
         work = Path(folder)
         base = MODELS[args.model](work / args.model)
         for method in args.methods:
-            results[f"difftrain {method}"] = _trainer_run(method, base, args, work)
+            if args.cache:
+                for row in CACHE_ROWS:
+                    results[f"difftrain {method}, {row}"] = _trainer_run(
+                        method, base, args, work, cache=row
+                    )
+            else:
+                results[f"difftrain {method}"] = _trainer_run(method, base, args, work)
             if args.samples:
                 results[f"difftrain {method} + samples"] = _trainer_run(
                     method, base, args, work, args.samples
@@ -467,10 +529,13 @@ def main() -> None:
     where = "1 GPU, bf16" if args.gpu else f"CPU ({os.cpu_count()} cores), fp32"
     memory = "peak GPU MiB" if args.gpu else "peak RSS MiB"
     print(f"{args.model}, {args.resolution} px, batch {args.batch}, {args.steps} steps, {where}")
-    print(f"{'run':<32}{'images/s':>10}{memory:>14}{'wall s':>9}")
+    print(f"{'run':<36}{'images/s':>10}{'x bare':>8}{memory:>14}{'wall s':>9}")
     for name, r in results.items():
+        method = next(m for m in args.methods if f" {m}" in name)
+        ratio = r["imagesPerSecond"] / results[f"bare {method}"]["imagesPerSecond"]
         print(
-            f"{name:<32}{r['imagesPerSecond']:>10.2f}{r['peakMiB']:>14.0f}{r['wallSeconds']:>9.1f}"
+            f"{name:<36}{r['imagesPerSecond']:>10.2f}{ratio:>8.2f}{r['peakMiB']:>14.0f}"
+            f"{r['wallSeconds']:>9.1f}"
         )
 
 

@@ -72,6 +72,9 @@ GAUGES = {
     "checkpoint_age_seconds": "Seconds since the newest checkpoint, or since start before one",
     "dataset_images_skipped": "Dataset images skipped because they cannot be read",
     "last_samples_step": "Step of the newest validation samples (0 before the first)",
+    "cache_entries": "Latents and text embeddings the run serves from the cache",
+    "cache_entries_to_compute": "Cache entries this process found missing and computes",
+    "cache_entries_computed": "Cache entries this process has computed and stored so far",
 }
 COUNTERS = {
     "samples_generated": "Validation sample images generated",

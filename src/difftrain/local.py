@@ -179,6 +179,9 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
             env = node_environment(
                 container, index, folders, port, metrics_ports[index], threads_per_process(job)
             )
+            # Every local job and node shares one cache of latents and text embeddings,
+            # as a cluster's share the chart's trainer.cacheUri (the job's own URI wins).
+            env.setdefault("DIFFTRAIN_SHARED_CACHE_URI", f"file://{workdir.resolve()}/features")
             # Each node in a process group of its own, as each pod is on its own: a
             # terminal's Ctrl-C reaches only this process, which turns it into exactly one
             # SIGTERM per node (the pods' launcher forwards it to its trainers).

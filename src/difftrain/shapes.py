@@ -118,3 +118,46 @@ def shape_colour(
 def _distance2(a, b) -> float:
     """Squared distance of two RGB colours."""
     return sum((x - y) ** 2 for x, y in zip(a, b, strict=True))
+
+
+def shape_background(image: Image.Image) -> str:
+    """The background name nearest to the image's own (:func:`border_colour`)."""
+    ground = border_colour(image)
+    return min(BACKGROUNDS, key=lambda name: _distance2(ground, BACKGROUNDS[name]))
+
+
+def shape_kind(image: Image.Image, margin: float = 60.0) -> str | None:
+    """Which of :data:`SHAPES` the pixels that stand out from the background make, or
+    None when none do: a square fills its bounding box, a triangle (apex up) is much
+    wider in its lower third than in its upper one, and a circle is neither.
+
+    This is how a person would judge the shape of a sample of "a red circle on ...",
+    whatever its colour."""
+    rgb = image.convert("RGB")
+    ground = border_colour(rgb)
+    width, height = rgb.size
+    pixels = rgb.get_flattened_data()
+    mask = [
+        [_distance2(pixels[y * width + x], ground) > margin**2 for x in range(width)]
+        for y in range(height)
+    ]
+    rows = [y for y in range(height) if any(mask[y])]
+    columns = [x for x in range(width) if any(mask[y][x] for y in range(height))]
+    if len(rows) < 3 or len(columns) < 3:
+        return None
+    top, bottom, left, right = rows[0], rows[-1], columns[0], columns[-1]
+    box = (bottom - top + 1) * (right - left + 1)
+    filled = sum(sum(row[left : right + 1]) for row in mask[top : bottom + 1]) / box
+    if filled > SQUARE_FILL:
+        return "square"
+    third = max(1, (bottom - top + 1) // 3)
+    upper = sum(sum(mask[y]) for y in range(top, top + third))
+    lower = sum(sum(mask[y]) for y in range(bottom - third + 1, bottom + 1))
+    return "triangle" if lower > TRIANGLE_SPREAD * upper else "circle"
+
+
+# Thresholds between the shapes: a square fills all of its box, a circle pi/4 (0.79) of
+# it, a triangle half; a triangle's lower third holds five times its upper third's
+# pixels, a circle's thirds about the same.
+SQUARE_FILL = 0.88
+TRIANGLE_SPREAD = 2.0

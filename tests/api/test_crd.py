@@ -232,6 +232,8 @@ def test_crd_defaults_equal_model_defaults(manifest):
         pytest.param(job(spec={"dataset": {"resolution": 500}}), "resolution", id="multiple"),
         pytest.param(job(spec={"training": {"learningRate": 0}}), "learningRate", id="exclusive"),
         pytest.param(job(spec={"dataset": {"uri": "gs://b/x"}}), "uri", id="scheme"),
+        pytest.param(job(spec={"cache": {"uri": "hf://org/x"}}), "uri", id="cache-scheme"),
+        pytest.param(job(spec={"cache": {"latents": "yes"}}), "latents", id="cache-type"),
         pytest.param(job(spec={"method": "sft"}), "method", id="enum"),
         pytest.param(job(spec={"training": {"steps": "10"}}), "steps", id="type"),
         pytest.param(job(spec={"resources": {"limits": {"cpu": "lots"}}}), "cpu", id="quantity"),

@@ -71,6 +71,7 @@ def test_minimal_job_gets_documented_defaults():
         },
         "output": {"uri": "file://out/demo", "dtype": "fp16"},
         "storage": {"region": "us-east-1", "pathStyle": False},
+        "cache": {"latents": True, "textEmbeddings": True},
         "resources": {
             "nodes": 1,
             "gpusPerNode": 1,

@@ -118,6 +118,12 @@ BAD_MANIFESTS = [
         "builtin: (got 'hf://org/data')",
     ),
     (
+        "cache-scheme",
+        job(spec={"cache": {"uri": "builtin:shapes"}}),
+        "spec.cache.uri: scheme 'builtin' is not supported here; use one of s3://, file:// "
+        "(got 'builtin:shapes')",
+    ),
+    (
         "no-scheme",
         job(spec={"output": {"uri": "/tmp/out"}}),
         "spec.output.uri: no scheme is not supported here; use one of s3://, file:// "

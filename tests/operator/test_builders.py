@@ -272,6 +272,7 @@ def test_operator_defaults_come_from_its_environment():
         "DIFFTRAIN_TRAINER_IMAGE": "registry/trainer:2",
         "DIFFTRAIN_TRAINER_LIMITS": '{"memory": "64Gi"}',
         "DIFFTRAIN_TRAINER_NODE_SELECTOR": "",  # empty: not set
+        "DIFFTRAIN_TRAINER_CACHE_URI": "s3://team/cache",
     }
 
     defaults = defaults_from_env(environ)
@@ -279,7 +280,9 @@ def test_operator_defaults_come_from_its_environment():
         {"DIFFTRAIN_NETWORK_POLICY": "true", "DIFFTRAIN_METRICS_NAMESPACES": "ops, monitoring"}
     )
 
-    assert defaults == Defaults(image="registry/trainer:2", limits={"memory": "64Gi"})
+    assert defaults == Defaults(
+        image="registry/trainer:2", limits={"memory": "64Gi"}, cache_uri="s3://team/cache"
+    )
     assert policy == Defaults(network_policy=True, metrics_namespaces=("ops", "monitoring"))
 
 
@@ -302,6 +305,12 @@ def test_operator_defaults_come_from_its_environment():
             "yes",
             "DIFFTRAIN_NETWORK_POLICY: must be true or false, got 'yes'",
         ),
+        (
+            "DIFFTRAIN_TRAINER_CACHE_URI",
+            "gs://team/cache",
+            "DIFFTRAIN_TRAINER_CACHE_URI: scheme 'gs' is not supported here; use one of "
+            "s3://, file://",
+        ),
     ],
 )
 def test_a_malformed_default_stops_the_operator_naming_its_variable(
@@ -311,6 +320,19 @@ def test_a_malformed_default_stops_the_operator_naming_its_variable(
 
     assert main(["operator"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_operators_cache_uri_reaches_jobs_that_name_none():
+    defaults = Defaults(cache_uri="s3://team/cache")
+    own = {"cache": {"uri": "s3://mine/cache"}}
+
+    plain = _env(children(load_job(job(IDENTITY)), 1, defaults)[-1])
+    naming = _env(children(load_job(job(IDENTITY, spec=own)), 1, defaults)[-1])
+    unset = _env(children(load_job(job(IDENTITY)), 1, Defaults())[-1])
+
+    assert plain["DIFFTRAIN_SHARED_CACHE_URI"] == "s3://team/cache"
+    assert "DIFFTRAIN_SHARED_CACHE_URI" not in naming  # the trainer reads spec.cache.uri
+    assert "DIFFTRAIN_SHARED_CACHE_URI" not in unset  # each node's own disk
 
 
 def test_first_attempt_of_a_queued_job_waits_for_kueue():

@@ -518,3 +518,22 @@ def test_a_dangling_link_is_skipped_as_unreadable_and_scanned_again(tmp_path):
     assert data.image_sizes(examples, scans, "rank0") == [(8, 8), None]
     (tmp_path / "nowhere.png").write_bytes((tmp_path / "images" / "0.png").read_bytes())
     assert data.image_sizes(examples, scans, "rank0") == [(8, 8), (8, 8)]  # now there
+
+
+def test_two_jobs_on_a_node_scanning_at_once_both_start(tmp_path):
+    """Two trainers of rank 0 on one node (two jobs) write the same scan file at once;
+    neither may fail on the other's temporary file."""
+    examples = _images(tmp_path / "images", [(8, 8)] * 40)
+    scans = tmp_path / "scans"
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom difftrain.trainer import data\n"
+        "examples = [data.Example(p, '') for p in sorted(Path(sys.argv[1]).glob('*.png'))]\n"
+        "for _ in range(30):\n"
+        "    for p in Path(sys.argv[2]).glob('*.json'):\n"
+        "        p.unlink(missing_ok=True)\n"
+        "    data.image_sizes(examples, Path(sys.argv[2]), 'rank0')\n"
+    )
+    command = [sys.executable, "-c", script, str(examples[0].image.parent), str(scans)]
+    processes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in processes]
+    assert [code for code, _ in results] == [0, 0], results

@@ -116,7 +116,10 @@ def flow_loss(components, examples) -> float:
     generator = torch.Generator().manual_seed(0)
     family = components.family
     with torch.no_grad():
-        latents = family.latents(components, pixels, generator)
+        mean, std = family.latent_moments(components, pixels)
+        latents = family.scale_latents(
+            components, mean + std * torch.randn(mean.shape, generator=generator)
+        )
         noise = torch.randn(latents.shape, generator=generator)
         sigmas = torch.linspace(0.1, 0.9, len(examples))
         noisy = loss.flow_noisy(latents, noise, sigmas)

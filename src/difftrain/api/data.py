@@ -191,6 +191,26 @@ class SecretKeyRef(ApiModel):
     key: ShortStr = Field("HF_TOKEN", min_length=1, description="Key holding the value.")
 
 
+class CacheSpec(ApiModel):
+    """Latents and text embeddings computed once and reused by later epochs, restarts
+    and jobs over the same images and model parts (docs/trainer.md, "The cache")."""
+
+    uri: Uri("s3", "file") | None = Field(
+        None,
+        description="Where the cache is kept, shared by every node and job that names it; "
+        "the operator's default (Helm value trainer.cacheUri) when absent, else each node's "
+        "local disk.",
+    )
+    latents: bool = Field(
+        True,
+        description="Cache the VAE's latents of each image (of centre crops, and of images "
+        "with nothing to crop; random crops are encoded at each step).",
+    )
+    text_embeddings: bool = Field(
+        True, description="Cache the text encoders' outputs (while no text encoder trains)."
+    )
+
+
 class StorageSpec(ApiModel):
     """The S3-compatible object store behind every s3:// URI of the job, and the Hugging
     Face Hub token for gated or private hf:// models."""

@@ -6,7 +6,7 @@ from pydantic import Field, model_validator
 
 from difftrain.api.base import ApiModel, immutable_rule, raise_problems, section, with_rules
 from difftrain.api.cluster import ResourcesSpec, RunPolicySpec
-from difftrain.api.data import DatasetSpec, ModelSpec, OutputSpec, StorageSpec
+from difftrain.api.data import CacheSpec, DatasetSpec, ModelSpec, OutputSpec, StorageSpec
 from difftrain.api.methods import DreamBoothSpec, FullSpec, LoraSpec, TextualInversionSpec
 from difftrain.api.training import (
     CheckpointSpec,
@@ -61,6 +61,7 @@ _IMMUTABLE_FIELDS = [
     "evaluation",
     "output",
     "storage",
+    "cache",
     "resources",
 ]
 
@@ -177,6 +178,7 @@ class DiffusionTrainingJobSpec(ApiModel):
     )
     output: OutputSpec = Field(description="Where results go.")
     storage: StorageSpec = section(StorageSpec, "The S3-compatible object store.")
+    cache: CacheSpec = section(CacheSpec, "Cached latents and text embeddings.")
     resources: ResourcesSpec = section(ResourcesSpec, "Pods, devices and placement.")
     run_policy: RunPolicySpec = section(RunPolicySpec, "Restarts, deadlines, suspend, queue.")
 

@@ -41,6 +41,9 @@ class Defaults:
     # besides ``image``, and ServiceAccounts besides the namespace's ``default``.
     allowed_images: tuple[str, ...] = ()
     allowed_service_accounts: tuple[str, ...] = ()
+    # Where jobs that name no spec.cache.uri keep their cached latents and text
+    # embeddings (s3:// or file://); each node's own disk when empty.
+    cache_uri: str = ""
 
 
 def config_map_name(name: str) -> str:
@@ -130,7 +133,7 @@ def service(job: DiffusionTrainingJob) -> dict:
     }
 
 
-def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
+def _env(job: DiffusionTrainingJob, attempt: int, image: str, cache_uri: str = "") -> list[dict]:
     spec = job.spec
     name = job.metadata.name
     env = [
@@ -152,6 +155,8 @@ def _env(job: DiffusionTrainingJob, attempt: int, image: str) -> list[dict]:
         {"name": "HF_HOME", "value": "/cache/huggingface"},
         {"name": "AWS_REGION", "value": spec.storage.region},
     ]
+    if cache_uri and not spec.cache.uri:  # the job's own wins (the trainer reads it first)
+        env.append({"name": "DIFFTRAIN_SHARED_CACHE_URI", "value": cache_uri})
     if spec.storage.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.storage.endpoint})
     secret = spec.storage.secret_ref
@@ -206,7 +211,7 @@ def _pod_spec(job: DiffusionTrainingJob, attempt: int, defaults: Defaults) -> di
         # torchrun --module difftrain.trainer, keeping the trainer's exit code (launch.py).
         # Prompts, URIs and names reach the trainer only through the config file: no shell.
         "command": ["python", "-m", "difftrain.launch"],
-        "env": _env(job, attempt, image),
+        "env": _env(job, attempt, image, defaults.cache_uri),
         "ports": [
             {"name": "metrics", "containerPort": contract.METRICS_PORT},
             {"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT},

@@ -22,6 +22,7 @@ DEFAULTS_ENV = (
     ("DIFFTRAIN_TRAINER_REQUESTS", "requests", True),
     ("DIFFTRAIN_TRAINER_LIMITS", "limits", True),
     ("DIFFTRAIN_TRAINER_NODE_SELECTOR", "node_selector", True),
+    ("DIFFTRAIN_TRAINER_CACHE_URI", "cache_uri", False),
 )
 
 
@@ -45,6 +46,13 @@ def defaults_from_env(environ=os.environ) -> Defaults:
         ):
             raise ValueError(f"{variable}: must be a JSON object of strings, got {text!r}")
         values[name] = value
+    if values.get("cache_uri"):
+        from difftrain.api.uris import check_uri
+
+        try:
+            check_uri(values["cache_uri"], ("s3", "file"))
+        except ValueError as error:
+            raise ValueError(f"DIFFTRAIN_TRAINER_CACHE_URI: {error}") from None
     policy = environ.get("DIFFTRAIN_NETWORK_POLICY", "false")
     if policy not in ("true", "false"):
         raise ValueError(f"DIFFTRAIN_NETWORK_POLICY: must be true or false, got {policy!r}")

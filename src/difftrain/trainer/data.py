@@ -12,7 +12,9 @@ import collections
 import json
 import logging
 import math
+import os
 import random
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -98,31 +100,46 @@ def image_sizes(
     time, and a file is decoded again only when those changed; every ``*.json`` there is
     read (each process writes its own share under its own ``name``). An unreadable scan
     file is ignored and written anew."""
-    known = _read_scans(scans) if scans is not None else {}
-    sizes, seen = [], {}
-    for example in examples:
+
+    def size(path: Path) -> tuple[int, int] | None:
         try:
-            stat = example.image.stat()
+            return load_rgb(path).size
+        except Exception as error:  # PIL raises many types for broken files
+            log.warning("skipping unreadable image %s: %s", path, error)
+            return None
+
+    def known(path: Path, found) -> None:
+        if found is None:
+            log.warning("skipping unreadable image %s (as when first scanned)", path)
+
+    found = file_facts([e.image for e in examples], scans, name, size, known)
+    return [None if value is None else tuple(value) for value in found]
+
+
+def file_facts(paths: list[Path], records: Path | None, name: str, fact, known=None) -> list:
+    """``fact(path)`` of each path, kept in ``records/NAME.json`` (when given) beside the
+    file's size and modification time, and computed again only when those changed (or
+    the file cannot be looked at); ``known(path, value)`` is told of each value reused."""
+    earlier = _read_scans(records) if records is not None else {}
+    values, seen = [], {}
+    for path in paths:
+        try:
+            stat = path.stat()
             tag = f"{stat.st_size}-{stat.st_mtime_ns}"
         except OSError:  # a dangling link, a file gone since the listing
             tag = None  # never matches: looked at again next time
-        path = str(example.image)
-        entry = known.get(path)
+        entry = earlier.get(str(path))
         if tag is not None and entry is not None and entry[0] == tag:
-            size = None if entry[1] is None else tuple(entry[1])
-            if size is None:
-                log.warning("skipping unreadable image %s (as when first scanned)", path)
+            value = entry[1]
+            if known is not None:
+                known(path, value)
         else:
-            try:
-                size = load_rgb(example.image).size
-            except Exception as error:  # PIL raises many types for broken files
-                log.warning("skipping unreadable image %s: %s", example.image, error)
-                size = None
-        seen[path] = [tag, size]
-        sizes.append(size)
-    if scans is not None:
-        _write_scan(scans / f"{name}.json", seen)
-    return sizes
+            value = fact(path)
+        seen[str(path)] = [tag, value]
+        values.append(value)
+    if records is not None:
+        _write_scan(records / f"{name}.json", seen)
+    return values
 
 
 def _read_scans(folder: Path) -> dict:
@@ -138,7 +155,8 @@ def _read_scans(folder: Path) -> dict:
 
 def _write_scan(path: Path, entries: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{path.name}")
+    # A name of this process and thread's own: two jobs on a node may write it at once.
+    temporary = path.with_name(f".tmp-{path.name}-{os.getpid()}-{threading.get_ident()}")
     temporary.write_text(json.dumps(entries))
     temporary.replace(path)  # readers see the old scan or the new one, whole
 
@@ -208,6 +226,28 @@ def cover_crop(
     return box, (top, left)
 
 
+def fixed_crop(source: Size, target: Size) -> bool:
+    """Whether every crop of an image of size ``source`` for ``target`` is the same (the
+    scaled image has nothing to spare), random or not."""
+    width, height = target
+    scale = max(width / source[0], height / source[1])
+    return max(width, round(source[0] * scale)) == width and (
+        max(height, round(source[1] * scale)) == height
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one sample is made of its image: the crop (in source pixels), the flip and
+    the numbers SDXL's conditioning counts."""
+
+    size: Size  # (width, height) trained at
+    box: tuple[float, float, float, float]
+    crop_top_left: tuple[int, int]
+    flip: bool
+    original: tuple[int, int]  # (height, width) of the upright image
+
+
 @dataclass(frozen=True)
 class Transform:
     """Scale an image to cover the target size, crop to it, maybe flip; maybe drop the caption."""
@@ -219,52 +259,114 @@ class Transform:
     templates: tuple[str, ...] = ()
     subject: str = ""
 
-    def __call__(self, example: Example, rng: random.Random, size: Size) -> dict:
-        width, height = size
-        image = load_rgb(example.image)
-        original = (image.height, image.width)
-        box, crop_top_left = cover_crop(image.size, size, None if self.center_crop else rng)
+    def plan(self, source: Size, rng: random.Random, size: Size) -> tuple[Plan, str | None]:
+        """The plan of a sample of an image of (upright) size ``source``, and its
+        caption when the transform chooses it (a template, or the empty one); the random
+        draws always come in the same order, whether the image is decoded or not."""
+        box, crop_top_left = cover_crop(source, size, None if self.center_crop else rng)
+        flip = bool(self.random_flip and rng.random() < 0.5)
+        caption = rng.choice(self.templates).format(self.subject) if self.templates else None
+        if self.caption_dropout and rng.random() < self.caption_dropout:
+            caption = ""
+        return Plan(size, box, crop_top_left, flip, (source[1], source[0])), caption
+
+    def render(self, image: Image.Image | Path, plan: Plan) -> torch.Tensor:
+        """The sample's pixels ``(3, H, W)`` in [-1, 1]."""
+        if isinstance(image, Path):
+            image = load_rgb(image)
+        width, height = plan.size
         # Bicubic sampling reads the pixels around the box too, as when resizing it all.
-        image = image.resize(size, Image.Resampling.BICUBIC, box=box)
-        if self.random_flip and rng.random() < 0.5:
+        image = image.resize(plan.size, Image.Resampling.BICUBIC, box=plan.box)
+        if plan.flip:
             image = ImageOps.mirror(image)
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(height, width, 3).permute(2, 0, 1)
-        caption = example.caption
-        if self.templates:
-            caption = rng.choice(self.templates).format(self.subject)
-        dropped = self.caption_dropout and rng.random() < self.caption_dropout
-        return {
-            "pixels": pixels.float() / 127.5 - 1.0,
-            "caption": "" if dropped else caption,
-            "original_size": original,
-            "crop_top_left": crop_top_left,
-            "target_size": (height, width),
-        }
+        return pixels.view(height, width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
+
+    def __call__(self, example: Example, rng: random.Random, size: Size) -> dict:
+        image = load_rgb(example.image)
+        plan, caption = self.plan(image.size, rng, size)
+        return sample(
+            plan, example.caption if caption is None else caption, self.render(image, plan)
+        )
+
+
+def sample(plan: Plan, caption: str, pixels: torch.Tensor | None, **cached) -> dict:
+    """One sample as the collate function takes it: pixels, or ``cached`` latent moments
+    (``latents``) and text conditioning (``text``)."""
+    return {
+        "pixels": pixels,
+        "caption": caption,
+        "original_size": plan.original,
+        "crop_top_left": plan.crop_top_left,
+        "target_size": (plan.size[1], plan.size[0]),
+        **cached,
+    }
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Examples served by ``(index, sample seed, width, height)`` keys from :class:`Batches`."""
+    """Examples served by ``(index, sample seed, width, height)`` keys from :class:`Batches`.
 
-    def __init__(self, examples: list[Example], transform: Transform):
+    With ``features`` (features.Features, set while a stage trains on the cache), a
+    sample whose latents or text conditioning the cache holds is served from it, its
+    image not decoded; ``sizes`` (the images' upright sizes, None where unknown) plan
+    such a sample without opening its image."""
+
+    def __init__(
+        self, examples: list[Example], transform: Transform, sizes: list[Size | None] | None = None
+    ):
         self.examples, self.transform = examples, transform
+        self.sizes = list(sizes or []) + [None] * (len(examples) - len(sizes or []))
+        self.features = None
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def source_size(self, index: int) -> Size:
+        """The upright size of example ``index``'s image (decoded once if not known)."""
+        if self.sizes[index] is None:
+            self.sizes[index] = load_rgb(self.examples[index].image).size
+        return self.sizes[index]
+
     def __getitem__(self, key: Key) -> dict:
         index, seed, width, height = key
-        return self.transform(self.examples[index], random.Random(seed), (width, height))
+        example, features = self.examples[index], self.features
+        if features is None:
+            return self.transform(example, random.Random(seed), (width, height))
+        plan, chosen = self.transform.plan(
+            self.source_size(index), random.Random(seed), (width, height)
+        )
+        caption = example.caption if chosen is None else chosen
+        latents = features.latents_of(index, plan)
+        text = features.text_of(caption)
+        pixels = None if latents is not None else self.transform.render(example.image, plan)
+        return sample(plan, caption, pixels, latents=latents, text=text)
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
-        "pixels": torch.stack([s["pixels"] for s in samples]),
+    """A batch: the samples' pixels ``(B, 3, H, W)``, or where the cache served them,
+    their latent moments (``latents``, with the rows they are, ``latent_rows``) beside
+    the pixels of the others (``pixel_rows``); the cached text conditioning when the
+    cache served every caption (``text``), else None."""
+    decoded = [i for i, s in enumerate(samples) if s["pixels"] is not None]
+    cached = [i for i, s in enumerate(samples) if s.get("latents") is not None]
+    batch = {
+        "pixels": torch.stack([samples[i]["pixels"] for i in decoded]) if decoded else None,
+        "pixel_rows": decoded,
+        "latents": _stacked([samples[i]["latents"] for i in cached]) if cached else None,
+        "latent_rows": cached,
+        "text": None,
         "captions": [s["caption"] for s in samples],
         "original_sizes": torch.tensor([s["original_size"] for s in samples]),
         "crops_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
         "target_sizes": torch.tensor([s["target_size"] for s in samples]),
     }
+    if all(s.get("text") is not None for s in samples):
+        batch["text"] = _stacked([s["text"] for s in samples])
+    return batch
+
+
+def _stacked(fields: list[dict]) -> dict:
+    return {name: torch.stack([f[name] for f in fields]) for name in fields[0]}
 
 
 def prefetched(dataset: TrainingSet, batches: Iterable[list[Key]], workers: int) -> Iterator[dict]:
@@ -324,6 +426,10 @@ class Batches:
                 f"(spec.training.batchSize {self.batch_size}); add images, raise "
                 "spec.dataset.repeats or lower the batch size"
             )
+
+    def variants(self) -> set[tuple[int, Size]]:
+        """Every (example index, size) a batch may hold."""
+        return set(enumerate(self.targets))
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[list[Key]]:
         """Batches of keys from batch ``start`` of ``epoch``."""

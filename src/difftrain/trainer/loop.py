@@ -26,6 +26,7 @@ from difftrain.trainer import (
     checkpoint,
     data,
     export,
+    features,
     identity,
     methods,
     ownership,
@@ -96,7 +97,20 @@ def _train_stages(shared: Run, start_time: str) -> None:
     for name, steps in zip(names, lengths, strict=True):
         if not finished_earlier(shared, name):
             stage = BUILDERS[name](shared)
+            if name == methods.DIFFUSION:
+                accumulation = shared.spec.training.gradient_accumulation_steps
+                shared.dataset.features = features.prepare(
+                    shared, stage.trains_text, steps * accumulation, telemetry.update
+                )
             done = Training(stage, Progress(telemetry, offset, sum(lengths)), stop).run()
+            if name == methods.DIFFUSION:
+                encoded = stage.encoded
+                log.info(
+                    "the steps encoded %d images and %d captions (the cache served the rest)",
+                    encoded["images"],
+                    encoded["captions"],
+                )
+            shared.dataset.features = None
             stage.gather_final()  # a sharded model, whole on the main process
             what = "the autoencoder" if name == methods.AUTOENCODER else "the model"
             shared.waiting.alone(

@@ -154,7 +154,7 @@ def _prepare(config, paths: Paths, settings, method, output: Store, leases: list
         method=method,
         components=components,
         batches=batches,
-        dataset=data.TrainingSet(examples, transform),
+        dataset=data.TrainingSet(examples, transform, sizes),
         output=output,
         facts=facts,
         lease=leases[0] if leases else None,

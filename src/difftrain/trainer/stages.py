@@ -134,6 +134,8 @@ class DiffusionStage(Stage):
     """The diffusion model learns to denoise the latents of the training images."""
 
     objective: "Callable[[torch.Tensor, torch.Generator], Noised] | None" = None  # the family's
+    # What the steps encoded themselves, not served by the cache: images, captions.
+    encoded: dict = field(default_factory=lambda: {"images": 0, "captions": 0})
 
     def forward_backward(self, batch: dict, accumulation: int) -> float:
         components, accelerator = self.components, self.accelerator
@@ -141,20 +143,73 @@ class DiffusionStage(Stage):
         denoiser = self.wrapped.get(family.denoiser, components.denoiser)
         # Every copy to the device first: a copy from pageable memory waits for all the work
         # queued before it, so a copy in mid-step would stall the step there.
-        pixels = batch["pixels"].to(device, dtype=components.vae.dtype)
-        ids = [tokens.to(device) for tokens in token_ids(components, batch["captions"])]
+        pixels = batch["pixels"]
+        if pixels is not None:
+            pixels = pixels.to(device, dtype=components.vae.dtype)
+        cached = _on(batch["latents"], device)
+        text = _on(batch["text"], device)
+        ids = (
+            None
+            if text is not None
+            else [t.to(device) for t in token_ids(components, batch["captions"])]
+        )
         extra = family.conditioning(components, batch, self.config.spec.training, device)
-        trains_text = any(name in self.wrapped for name in family.encoder_names())
+        trains_text = self.trains_text
         with accelerator.autocast():
             with torch.no_grad():
-                latents = family.latents(components, pixels, self.generator)
+                latents = self.latents(pixels, batch, cached)
             noised = self.objective(latents, self.generator)
-            with torch.enable_grad() if trains_text else torch.no_grad():
-                text = family.encode_text(components, ids)
+            if text is None:
+                with torch.enable_grad() if trains_text else torch.no_grad():
+                    text = family.encode_text(components, ids)
+                self.encoded["captions"] += len(batch["captions"])
             prediction = family.predict(denoiser, noised.noisy, noised.timesteps, text, extra)
             loss = self.run.method.loss(self.config.spec, prediction, noised.target, noised.weights)
             accelerator.backward(loss / accumulation)
         return loss.detach().item()
+
+    @property
+    def trains_text(self) -> bool:
+        """Whether a text encoder (or its embeddings) trains in this stage."""
+        return any(name in self.wrapped for name in self.components.family.encoder_names())
+
+    def latents(self, pixels, batch: dict, cached: dict | None) -> torch.Tensor:
+        """The batch's latents: a sample of each image's latent distribution, its moments
+        from the cache or from the VAE, drawn for the whole batch at once (so the draws
+        are the same with the cache or without)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        components = self.components
+        parts = []
+        if pixels is not None:
+            parts.append(
+                (batch["pixel_rows"], *components.family.latent_moments(components, pixels))
+            )
+            self.encoded["images"] += len(pixels)
+        if cached is not None:
+            parts.append((batch["latent_rows"], cached["mean"], cached["std"]))
+        if len(parts) == 1:
+            _, mean, std = parts[0]
+        else:  # some rows from the cache, some encoded now: in the batch's order
+            first = parts[0][1]
+            count = sum(len(rows) for rows, _, _ in parts)
+            mean = first.new_empty((count, *first.shape[1:]))
+            std = first.new_empty((count, *first.shape[1:]))
+            for rows, part_mean, part_std in parts:
+                index = torch.tensor(rows, device=first.device)
+                mean.index_copy_(0, index, part_mean.to(first.dtype))
+                std.index_copy_(0, index, part_std.to(first.dtype))
+        noise = randn_tensor(
+            mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype
+        )
+        return components.family.scale_latents(components, mean + std * noise)
+
+
+def _on(fields: dict | None, device) -> dict | None:
+    """A batch's cached tensors on the device."""
+    if fields is None:
+        return None
+    return {name: tensor.to(device) for name, tensor in fields.items()}
 
 
 @dataclass

@@ -70,8 +70,14 @@ class Family:
         """What the denoiser predicts, by the model's scheduler."""
         return scheduler.config.prediction_type
 
-    def latents(self, components, pixels, generator):
-        """The latents the denoiser learns on, from pixels in [-1, 1]."""
+    def latent_moments(self, components, pixels) -> tuple:
+        """The mean and standard deviation of the VAE's latent distribution for pixels
+        in [-1, 1] (what the cache keeps of an image)."""
+        distribution = components.vae.encode(pixels).latent_dist
+        return distribution.mean, distribution.std
+
+    def scale_latents(self, components, sampled):
+        """The latents the denoiser learns on, from a sample of the VAE's distribution."""
         raise NotImplementedError
 
     def objective(self, components, training, device):

@@ -211,10 +211,9 @@ class FlowFamily(Family):
     def prediction_type(self, scheduler) -> str:
         return "flow"  # the velocity from the image to the noise
 
-    def latents(self, components, pixels, generator):
-        vae = components.vae
-        sampled = vae.encode(pixels).latent_dist.sample(generator).float()
-        return (sampled - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    def scale_latents(self, components, sampled):
+        config = components.vae.config
+        return (sampled.float() - (config.shift_factor or 0.0)) * config.scaling_factor
 
     def objective(self, components, training, device):
         scheduler = components.noise_scheduler

@@ -11,10 +11,8 @@ CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class UNetFamily(Family):
-    def latents(self, components, pixels, generator):
-        vae = components.vae
-        sampled = vae.encode(pixels).latent_dist.sample(generator)
-        return sampled.float() * vae.config.scaling_factor
+    def scale_latents(self, components, sampled):
+        return sampled.float() * components.vae.config.scaling_factor
 
     def objective(self, components, training, device):
         return loss.Denoising(

@@ -191,6 +191,11 @@ class WithPrior:
                 f"{self.prior.batch_size}); raise spec.dreambooth.numClassImages"
             )
 
+    def variants(self) -> set[tuple[int, data.Size]]:
+        sizes = set(self.instance.targets)  # class images train at their instance batch's
+        classes = range(self.offset, self.offset + len(self.prior.targets))
+        return self.instance.variants() | {(i, size) for i in classes for size in sizes}
+
     def epoch(self, epoch: int, start: int = 0):
         per_epoch = self.instance.batches_per_epoch
         per_prior = self.prior.batches_per_epoch
