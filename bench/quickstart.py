@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from difftrain.shapes import shape_colour
+from difftrain.shapes import shape_background, shape_colour, shape_kind
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -33,17 +33,24 @@ def tree_rss(process: psutil.Process) -> int:
     return total
 
 
-def judge(samples: Path) -> tuple[int, int, list[str]]:
-    """(right, total, wrong prompts) for the samples in ``samples``."""
+def judge(samples: Path) -> dict[str, list[str]]:
+    """The prompts whose samples in ``samples`` are wrong, by what is wrong (colour,
+    shape, background), and all of them (``all``)."""
     from PIL import Image
 
     index = json.loads((samples / "prompts.json").read_text())
-    wrong = []
+    wrong = {"all": [], "colour": [], "shape": [], "background": []}
     for entry in index:
-        words = entry["prompt"].split()
-        if shape_colour(Image.open(samples / entry["file"])) != words[1]:
-            wrong.append(entry["prompt"])
-    return len(index) - len(wrong), len(index), wrong
+        _, colour, shape, _, background, _ = entry["prompt"].split()
+        image = Image.open(samples / entry["file"])
+        wrong["all"].append(entry["prompt"])
+        if shape_colour(image) != colour:
+            wrong["colour"].append(entry["prompt"])
+        if shape_kind(image) != shape:
+            wrong["shape"].append(entry["prompt"])
+        if shape_background(image) != background:
+            wrong["background"].append(entry["prompt"])
+    return wrong
 
 
 def main() -> None:
@@ -72,7 +79,8 @@ def main() -> None:
         if child.returncode != 0:
             sys.exit(f"difftrain run failed ({child.returncode}): {child.stderr.read().decode()}")
         samples = max((work / "out" / "samples").iterdir())
-        right, total, wrong = judge(samples)
+        wrong = judge(samples)
+        total = len(wrong.pop("all"))
         if args.grid:
             shutil.copyfile(samples / "grid.png", args.grid)
         entries = [json.loads(x) for x in (work / "out" / "metrics.jsonl").open()]
@@ -83,8 +91,8 @@ def main() -> None:
                     "peak_memory_mib": round(peak / 2**20),
                     "final_loss": round(entries[-1]["loss"], 4),
                     "samples": samples.name,
-                    "colour_right": f"{right}/{total}",
-                    "colour_wrong": wrong,
+                    **{f"{what}_right": f"{total - len(w)}/{total}" for what, w in wrong.items()},
+                    "wrong": wrong,
                 },
                 indent=2,
             )

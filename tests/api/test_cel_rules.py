@@ -151,6 +151,18 @@ CROSS_FIELD = [
         "spec.training",
     ),
     (
+        "compile-fsdp",
+        job(
+            spec={
+                "method": "finetune",
+                "training": {"compile": True, "strategy": "fsdp"},
+                "resources": {"nodes": 2},
+            }
+        ),
+        "spec.training.compile: not with strategy fsdp; leave one of them out",
+        "spec.training.compile",
+    ),
+    (
         "no-steps-no-epochs",
         job(spec={"training": {"steps": DELETE}}),
         "spec.training: set exactly one of steps and epochs",

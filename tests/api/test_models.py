@@ -47,6 +47,7 @@ def test_minimal_job_gets_documented_defaults():
             "maxGradNorm": 1.0,
             "mixedPrecision": "bf16",
             "gradientCheckpointing": False,
+            "compile": False,
             "noiseOffset": 0.0,
             "ema": {"enabled": False, "decay": 0.9999},
             "flowMatching": {

@@ -126,7 +126,8 @@ def test_a_corrupt_shard_is_found_deleted_and_rebuilt(first, trainer_cache, tmp_
     assert f"{shard.name} is corrupt or incomplete" in log
     assert computed(log)["latents"] > 0 and computed(log)["text"] == 0, log
     assert encoded(log) == (0, 0), log
-    assert not shard.exists()
+    # Its entries are computed alone, so the same ones make the same bytes: the rebuilt
+    # shard may well have the corrupt one's name, but it holds what its name says.
     shards = list(copy.rglob("*.safetensors"))
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() == p.stem for p in shards)
     assert losses(folder / "d") == losses(folder / "a")  # never trained on the bad bytes

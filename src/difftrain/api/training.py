@@ -99,7 +99,13 @@ class TrainingSpec(ApiModel):
         {
             "rule": "has(self.steps) != has(self.epochs)",
             "message": "spec.training: set exactly one of steps and epochs",
-        }
+        },
+        {
+            "rule": "!has(self.compile) || !self.compile || !has(self.strategy) || "
+            "self.strategy != 'fsdp'",
+            "message": "spec.training.compile: not with strategy fsdp; leave one of them out",
+            "fieldPath": ".compile",
+        },
     )
 
     steps: int | None = Field(
@@ -130,6 +136,11 @@ class TrainingSpec(ApiModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each of the denoiser's repeated blocks (the first steps "
+        "take the compile time, logged apart; not with strategy fsdp).",
+    )
     snr_gamma: float | None = Field(
         None,
         gt=0,
@@ -150,6 +161,12 @@ class TrainingSpec(ApiModel):
         "denoiser's parameters, gradients and optimiser state sharded across them; method "
         "finetune, or dreambooth with unet full).",
     )
+
+    @model_validator(mode="after")
+    def _compile_not_sharded(self):
+        if self.compile and self.strategy == "fsdp":
+            raise_problems([(("compile",), "not with strategy fsdp; leave one of them out")])
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self):

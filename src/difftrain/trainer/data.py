@@ -9,6 +9,7 @@ position), so a resumed run sees the same batches.
 """
 
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -389,6 +390,20 @@ def prefetched(dataset: TrainingSet, batches: Iterable[list[Key]], workers: int)
         finally:
             for future in pending:
                 future.cancel()
+
+
+def batches_from(dataset: TrainingSet, batches, position, workers: int) -> Iterator[dict]:
+    """The collated batches from ``position`` (checkpoint.Position) on, epoch after
+    epoch, made ahead by ``workers`` threads; ``position`` counts each batch as it is
+    handed out."""
+    while True:
+        keys = batches.epoch(position.epoch, position.batch)
+        with contextlib.closing(prefetched(dataset, keys, workers)) as made:
+            for batch in made:
+                position.batch += 1
+                yield batch
+        position.epoch += 1
+        position.batch = 0
 
 
 def _take(source: Iterator, count: int) -> list:

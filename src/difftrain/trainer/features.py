@@ -315,6 +315,27 @@ def cache_store(spec, settings, paths) -> tuple[Store, bool]:
     return FileStore(paths.cache / "features"), False
 
 
+@contextlib.contextmanager
+def serving(run, stage, steps: int, report: Callable[..., None]) -> Iterator[None]:
+    """The diffusion ``stage`` (``steps`` long) trains on the cache in the block: filled
+    first, then served by the run's dataset; afterwards the log says what the steps
+    encoded themselves. Other stages train on pixels."""
+    if stage.name != "diffusion":
+        yield
+        return
+    micro_batches = steps * run.spec.training.gradient_accumulation_steps
+    run.dataset.features = prepare(run, stage.trains_text, micro_batches, report)
+    try:
+        yield
+    finally:
+        run.dataset.features = None
+    log.info(
+        "the steps encoded %d images and %d captions (the cache served the rest)",
+        stage.encoded["images"],
+        stage.encoded["captions"],
+    )
+
+
 def prepare(
     run, trains_text: bool, micro_batches: int, report: Callable[..., None]
 ) -> Features | None:

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+import time
 
 import torch
 
@@ -97,20 +98,8 @@ def _train_stages(shared: Run, start_time: str) -> None:
     for name, steps in zip(names, lengths, strict=True):
         if not finished_earlier(shared, name):
             stage = BUILDERS[name](shared)
-            if name == methods.DIFFUSION:
-                accumulation = shared.spec.training.gradient_accumulation_steps
-                shared.dataset.features = features.prepare(
-                    shared, stage.trains_text, steps * accumulation, telemetry.update
-                )
-            done = Training(stage, Progress(telemetry, offset, sum(lengths)), stop).run()
-            if name == methods.DIFFUSION:
-                encoded = stage.encoded
-                log.info(
-                    "the steps encoded %d images and %d captions (the cache served the rest)",
-                    encoded["images"],
-                    encoded["captions"],
-                )
-            shared.dataset.features = None
+            with features.serving(shared, stage, steps, telemetry.update):
+                done = Training(stage, Progress(telemetry, offset, sum(lengths)), stop).run()
             stage.gather_final()  # a sharded model, whole on the main process
             what = "the autoencoder" if name == methods.AUTOENCODER else "the model"
             shared.waiting.alone(
@@ -166,14 +155,20 @@ class Training:
         accumulation = stage.config.spec.training.gradient_accumulation_steps
         for module in stage.wrapped.values():
             module.train()
-        with contextlib.closing(micro_batches(stage, position)) as batches:
+        compiling = stage.config.spec.training.compile
+        every = data.batches_from(stage.dataset, stage.batches, position, DATA_WORKERS)
+        with contextlib.closing(every) as batches:
             while position.step < stage.total_steps:
+                started = time.monotonic()
                 for micro in range(accumulation):
                     with stage.synchronising(sync=micro == accumulation - 1):
                         loss = stage.forward_backward(next(batches), accumulation)
                     self.window.losses.append(loss)
                 stage.optimizer_step()
                 position.step += 1
+                if compiling:  # the first step compiles: its time, reported apart
+                    compiling = False
+                    log.info("compiling: the first step took %.1f s", time.monotonic() - started)
                 self.after_step()
         if self.saves.missed(position.step):
             self.save()  # a crash while exporting resumes here instead of training again
@@ -310,19 +305,6 @@ class Training:
         title = f"{stage.config.name}: {stage.name} loss"
         image = plots.write_loss_curve(self.metrics.path, stage.scratch / "loss.png", title)
         stage.output.upload(image, "loss.png")
-
-
-def micro_batches(stage: Stage, position: checkpoint.Position):
-    """The stage's batches from ``position`` on, epoch after epoch; ``position`` counts
-    each batch as it is handed out."""
-    while True:
-        keys = stage.batches.epoch(position.epoch, position.batch)
-        with contextlib.closing(data.prefetched(stage.dataset, keys, DATA_WORKERS)) as batches:
-            for batch in batches:
-                position.batch += 1
-                yield batch
-        position.epoch += 1
-        position.batch = 0
 
 
 def resume(stage: Stage) -> checkpoint.Position:

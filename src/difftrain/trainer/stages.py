@@ -5,6 +5,7 @@ and backward pass (:meth:`Stage.forward_backward`) and the optimiser step; the l
 (loop.py) decides when each happens."""
 
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,11 @@ def build_diffusion(run: Run) -> DiffusionStage:
     trainable = run.method.prepare(components, spec)
     if training.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
+    if training.compile:  # in place: the state dict keeps its names
+        # The backend is inductor; the tests' quicker aot_eager traces the same graphs.
+        backend = os.environ.get("DIFFTRAIN_COMPILE_BACKEND", "inductor")
+        for block in family.blocks(components.denoiser):
+            block.compile(backend=backend)
     _place_frozen(components, trainable, accelerator.device, training.mixed_precision)
     if spec.model.quantization:  # and the text encoders that stay frozen (T5 above all)
         for name, encoder in zip(family.encoder_names(), components.text_encoders, strict=True):
