@@ -41,7 +41,8 @@ def judge(samples: Path) -> dict[str, list[str]]:
     index = json.loads((samples / "prompts.json").read_text())
     wrong = {"all": [], "colour": [], "shape": [], "background": []}
     for entry in index:
-        _, colour, shape, _, background, _ = entry["prompt"].split()
+        words = entry["prompt"].split()  # a COLOUR SHAPE on a BACKGROUND background
+        colour, shape, background = words[1], words[2], words[-2]
         image = Image.open(samples / entry["file"])
         wrong["all"].append(entry["prompt"])
         if shape_colour(image) != colour:

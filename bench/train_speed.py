@@ -5,6 +5,8 @@
     python bench/train_speed.py --samples 10 [...]
     python bench/train_speed.py --model sd3-small --resolution 64 --batch 8
     python bench/train_speed.py --model flux-small --resolution 64 --batch 8
+    python bench/train_speed.py --cache [--model small-sd] [...]
+    python bench/train_speed.py --compile --methods lora [...]
 
 Runs ``python -m difftrain.trainer`` (LoRA, then full fine-tune) over the built-in shapes
 data, and a bare loop doing the same work per step (VAE encode, text encode, UNet forward
@@ -25,6 +27,15 @@ sigmas, the velocity target; LoRA on both streams). ``--model flux-small`` is th
 for Flux.1 dev's shape (3 double- and 6 single-stream blocks of width 128, the guidance
 embedding; latents packed 2x2, sigmas shifted by the image's size). ``--gpu`` trains on
 one GPU in bf16 mixed precision.
+
+The trainer rows run without the cache of latents and text embeddings unless asked:
+``--cache`` gives three rows for each method instead, the cache off, filling a fresh
+cache (its images/s are of the steps; the fill is in the wall time) and finding it
+filled (another job over the same cache); ``--cache-default`` runs the plain rows with
+the default cache. ``--compile`` sets ``training.compile`` on the trainer rows (the
+compile time is in the wall time and the log, not in images/s). ``--model small-sd`` is
+the tiny preset with a UNet of block channels 64/128/256. Every row is also given as a
+ratio to the bare loop of its method, measured in the same run.
 """
 
 import argparse
