@@ -131,6 +131,7 @@ def test_kohya_file_has_one_triple_per_adapted_layer(tmp_path, trainer_cache, sh
     code, log = runner.run(config, tmp_path, trainer_cache)
 
     assert code == 0, log
+    assert "the frozen base under the adapters: " in log and "in torch.bfloat16" in log
     kohya = load_file(tmp_path / "out" / "model" / "kohya.safetensors")
     unet = build_preset("tiny-sd").unet
     adapted = [
@@ -203,3 +204,32 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, trainer_cache, s
     assert json.loads(position.read_text()) == {"step": 3, "epoch": 0, "batch": 9}
     steps = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in steps] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_the_frozen_base_is_held_in_the_training_precision_under_fp32_adapters(dora):
+    from peft import LoraConfig
+
+    from difftrain.trainer.stages import hold_frozen
+
+    unet = build_preset("tiny-sd").unet
+    unet.requires_grad_(False)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(
+        LoraConfig(r=4, init_lora_weights="gaussian", use_dora=dora, target_modules=targets)
+    )
+    full = sum(p.numel() * 4 for p in unet.parameters() if not p.requires_grad)
+
+    held = hold_frozen(unet, torch.bfloat16)
+
+    assert held == full // 2
+    trained = {p.dtype for p in unet.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in unet.parameters() if not p.requires_grad}
+    assert (trained, frozen) == ({torch.float32}, {torch.bfloat16})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32))
+    out.sample.float().square().mean().backward()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert hold_frozen(unet, torch.float32) == 0  # fp32 training keeps the base as it is

@@ -5,6 +5,7 @@ and backward pass (:meth:`Stage.forward_backward`) and the optimiser step; the l
 (loop.py) decides when each happens."""
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from diffusers.training_utils import EMAModel
 
     from difftrain.trainer.loss import Noised
+
+log = logging.getLogger(__name__)
 
 FROZEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -337,6 +340,25 @@ def _place_frozen(components, trainable: Trainable, device, mixed_precision: str
     trained = [id(module) for module in trainable.modules.values()]
     for encoder in components.text_encoders:
         encoder.to(device, dtype=torch.float32 if id(encoder) in trained else frozen)
+    if trainable.lora:  # no fp32 copy of the base under the adapters
+        held = sum(hold_frozen(module, frozen) for module in trainable.modules.values())
+        if held:
+            log.info("the frozen base under the adapters: %.1f MiB in %s", held / 2**20, frozen)
+
+
+def hold_frozen(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Cast the frozen floating-point weights of ``module`` (an adapted model) to
+    ``dtype``, leaving what trains (the adapters) in fp32; the bytes they hold after.
+    Quantized weights stay as they are."""
+    if dtype == torch.float32:
+        return 0
+    held = 0
+    for parameter in module.parameters():
+        plain = type(parameter.data) is torch.Tensor  # not a quantized tensor subclass
+        if plain and not parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+            held += parameter.numel() * parameter.element_size()
+    return held
 
 
 def _learning_rate(training, name: str, family) -> float:
