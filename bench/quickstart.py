@@ -5,8 +5,8 @@
 Runs ``difftrain run`` on the manifest with its output moved to a temporary folder,
 samples the resident memory of the whole process tree (the CLI and every node's
 processes together) twice a second, and afterwards judges the final samples: for each
-prompt "a COLOUR SHAPE on a BACKGROUND background", the palette colour nearest to the
-mean of the pixels that stand out from the image's background must be COLOUR.
+prompt "a COLOUR SHAPE on a BACKGROUND background", the colour, shape and background
+drawn must be the prompt's (``difftrain.shapes.judge``).
 """
 
 import argparse
@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from difftrain.shapes import shape_background, shape_colour, shape_kind
+from difftrain import shapes
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -41,16 +41,9 @@ def judge(samples: Path) -> dict[str, list[str]]:
     index = json.loads((samples / "prompts.json").read_text())
     wrong = {"all": [], "colour": [], "shape": [], "background": []}
     for entry in index:
-        words = entry["prompt"].split()  # a COLOUR SHAPE on a BACKGROUND background
-        colour, shape, background = words[1], words[2], words[-2]
-        image = Image.open(samples / entry["file"])
         wrong["all"].append(entry["prompt"])
-        if shape_colour(image) != colour:
-            wrong["colour"].append(entry["prompt"])
-        if shape_kind(image) != shape:
-            wrong["shape"].append(entry["prompt"])
-        if shape_background(image) != background:
-            wrong["background"].append(entry["prompt"])
+        for what in shapes.judge(entry["prompt"], Image.open(samples / entry["file"])):
+            wrong[what].append(entry["prompt"])
     return wrong
 
 

@@ -7,8 +7,11 @@ from difftrain.shapes import (
     BACKGROUNDS,
     COLOURS,
     border_colour,
+    judge,
     render,
+    shape_background,
     shape_colour,
+    shape_kind,
     write_dataset,
 )
 
@@ -74,3 +77,84 @@ def test_without_a_named_background_the_border_is_the_background():
         words = caption.split()
         assert border_colour(image) == BACKGROUNDS[words[-2]], caption
         assert shape_colour(image) == words[1], caption
+
+
+def _caption_words(caption: str) -> tuple[str, str, str]:
+    words = caption.split()
+    return words[1], words[2], words[-2]
+
+
+def test_shape_kind_and_background_name_what_is_drawn_at_the_quickstarts_size():
+    for index in range(108 * 2):  # every combination, twice, in other places
+        image, caption = render(index)
+        _, shape, background = _caption_words(caption)
+        if _extent(index) == "small":
+            continue  # judged at the dataset's own size below
+        small = image.resize((32, 32), Image.BICUBIC)
+        assert (shape_kind(small), shape_background(small)) == (shape, background), caption
+    for index in range(108 * 2):
+        image, caption = render(index)
+        _, shape, background = _caption_words(caption)
+        assert (shape_kind(image), shape_background(image)) == (shape, background), caption
+
+
+def _extent(index: int) -> str:
+    """Whether image ``index`` draws a small or a large shape."""
+    from difftrain.shapes import _COMBINATIONS
+
+    return _COMBINATIONS[index % len(_COMBINATIONS)][2]
+
+
+def test_shape_kind_of_a_blank_image_is_none_and_a_blob_is_not_a_square_or_triangle():
+    assert shape_kind(Image.new("RGB", (32, 32), BACKGROUNDS["gray"])) is None
+    blob = Image.new("RGB", (32, 32), BACKGROUNDS["black"])
+    for x, y in [(10, 10), (11, 10), (10, 11), (20, 20)]:  # a few scattered pixels
+        blob.putpixel((x, y), COLOURS["red"])
+    assert shape_kind(blob) != "square"
+
+
+def test_judge_names_what_a_sample_gets_wrong():
+    image, caption = render(0, size=32)  # a red circle on a white background
+    assert caption == "a red circle on a white background"
+
+    assert judge(caption, image) == set()
+    assert judge("a blue circle on a white background", image) == {"colour"}
+    assert judge("a red square on a black background", image) == {"shape", "background"}
+    assert judge("an orange triangle on a gray background", image) == {
+        "colour",
+        "shape",
+        "background",
+    }
+    blank = Image.new("RGB", (32, 32), BACKGROUNDS["white"])
+    assert judge(caption, blank) == {"colour", "shape"}
+
+
+def test_judge_refuses_a_prompt_it_cannot_read():
+    import pytest
+
+    with pytest.raises(ValueError, match="not a prompt of the shapes dataset"):
+        judge("a photo of a cat", render(0)[0])
+
+
+def test_builtin_shapes_large_is_the_large_shapes_alone(tmp_path):
+    from difftrain.storage import S3Settings
+    from difftrain.trainer.data import fetch_dataset
+
+    folder = fetch_dataset("builtin:shapes-large", S3Settings(), tmp_path / "cache")
+
+    images = sorted((folder / "images").iterdir())
+    assert len(images) == 1024
+    assert {_extent(int(path.stem)) for path in images} == {"large"}
+    again = fetch_dataset("builtin:shapes-large", S3Settings(), tmp_path / "cache")
+    assert again == folder  # written once per node
+    assert fetch_dataset("builtin:shapes", S3Settings(), tmp_path / "cache") != folder
+
+
+def test_an_unknown_builtin_dataset_names_the_known_ones():
+    import pytest
+
+    from difftrain.api.uris import check_uri
+
+    assert check_uri("builtin:shapes-large", ("builtin",)) == "builtin:shapes-large"
+    with pytest.raises(ValueError, match="known: shapes, shapes-large"):
+        check_uri("builtin:shapes-small", ("builtin",))

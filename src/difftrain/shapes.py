@@ -3,6 +3,7 @@
 Each image is one filled shape (colour x shape x size x position) on a plain background,
 captioned "a red circle on a white background". Image ``i`` is always the same picture,
 so runs, tests and benchmarks are reproducible without any download.
+``builtin:shapes-large`` holds the large shapes alone (the quickstart's data).
 """
 
 import itertools
@@ -84,6 +85,17 @@ def write_dataset(
     return folder
 
 
+def write_large(folder: Path) -> Path:
+    """``builtin:shapes-large``: the large shapes of the dataset alone (1024 images), whose
+    colours, shapes and backgrounds a tiny model learns in fewer steps (the quickstart's)."""
+    return write_dataset(folder, count=LARGE_COUNT, extents=("large",))
+
+
+LARGE_COUNT = 1024
+# The built-in datasets by name (builtin:NAME): each writes itself into a folder.
+BUILTIN = {"shapes": write_dataset, "shapes-large": write_large}
+
+
 def border_colour(image: Image.Image) -> tuple[int, int, int]:
     """The median colour of the image's outermost pixels: its background, for an image
     like this dataset's, where a shape covers at most part of the border."""
@@ -161,3 +173,18 @@ def shape_kind(image: Image.Image, margin: float = 60.0) -> str | None:
 # pixels, a circle's thirds about the same.
 SQUARE_FILL = 0.88
 TRIANGLE_SPREAD = 2.0
+
+
+def judge(prompt: str, image: Image.Image) -> set[str]:
+    """What a sample of ``prompt`` ("a COLOUR SHAPE on a BACKGROUND background") gets
+    wrong: a set of "colour", "shape" and "background", empty when it is all right."""
+    words = prompt.split()
+    if len(words) != 7 or words[3:5] != ["on", "a"] or words[-1] != "background":
+        raise ValueError(f"not a prompt of the shapes dataset: {prompt!r}")
+    wanted = {"colour": words[1], "shape": words[2], "background": words[5]}
+    drawn = {
+        "colour": shape_colour(image),
+        "shape": shape_kind(image),
+        "background": shape_background(image),
+    }
+    return {what for what in wanted if drawn[what] != wanted[what]}

@@ -112,7 +112,8 @@ class DatasetSpec(ApiModel):
     """Images with captions: images/ + captions/ folders, or a same-stem .txt beside each image."""
 
     uri: Uri("s3", "file", "builtin") = Field(
-        description="Dataset folder (s3://, file://) or a built-in dataset (builtin:shapes)."
+        description="Dataset folder (s3://, file://) or a built-in dataset (builtin:shapes, "
+        "builtin:shapes-large)."
     )
     resolution: int = Field(
         512,

@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, WithJsonSchema
 
 PRESETS = ("tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux")
-BUILTIN_DATASETS = ("shapes",)
+BUILTIN_DATASETS = ("shapes", "shapes-large")
 
 # scheme -> (regular expression for the whole URI, an example to show in errors).
 # The expressions use only syntax that Go's regexp (the API server) and Python's re agree on.

@@ -473,10 +473,10 @@ def fetch_dataset(uri: str, settings, cache: Path) -> Path:
 
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
-    if uri == "builtin:shapes":
-        from difftrain.shapes import write_dataset
+    if uri.startswith("builtin:"):
+        from difftrain.shapes import BUILTIN
 
-        return cached_folder(cache, uri, write_dataset)
+        return cached_folder(cache, uri, BUILTIN[uri.removeprefix("builtin:")])
     store = open_store(uri, settings)
     return cached_folder(
         cache,
