@@ -132,3 +132,21 @@ def test_two_nodes_train_adapters_on_an_int8_base(tmp_path, shapes_folder, train
     pipeline = build_preset("tiny-flux")
     pipeline.load_lora_weights(tmp_path / "out" / "model")
     assert pipeline.transformer.peft_config
+
+
+def test_an_int8_unet_base_trains_under_bf16_autocast_on_a_cpu(
+    tmp_path, shapes_folder, trainer_cache
+):
+    """The quantized base's norms and biases stay fp32: CPU autocast leaves GroupNorm's
+    input in fp32 beside int8 layers, and a bf16 norm weight there is a dtype error."""
+    spec = _spec(tmp_path, shapes_folder, "int8-bf16", "int8")
+    spec["model"]["base"] = "preset:tiny-sd"
+    spec["training"] |= {"steps": 2, "mixedPrecision": "bf16"}
+
+    code, log = runner.run(
+        runner.write_config(tmp_path, spec, name="int8-bf16"), tmp_path, trainer_cache
+    )
+
+    assert code == 0, log
+    assert "the frozen base under the adapters" not in log
+    assert len(_losses(tmp_path / "int8-bf16")) == 2

@@ -282,7 +282,13 @@ def build_diffusion(run: Run) -> DiffusionStage:
         backend = os.environ.get("DIFFTRAIN_COMPILE_BACKEND", "inductor")
         for block in family.blocks(components.denoiser):
             block.compile(backend=backend)
-    _place_frozen(components, trainable, accelerator.device, training.mixed_precision)
+    _place_frozen(
+        components,
+        trainable,
+        accelerator.device,
+        training.mixed_precision,
+        quantized=bool(spec.model.quantization),
+    )
     if spec.model.quantization:  # and the text encoders that stay frozen (T5 above all)
         for name, encoder in zip(family.encoder_names(), components.text_encoders, strict=True):
             if name not in trainable.modules:
@@ -330,9 +336,13 @@ def build_diffusion(run: Run) -> DiffusionStage:
     return stage
 
 
-def _place_frozen(components, trainable: Trainable, device, mixed_precision: str) -> None:
+def _place_frozen(
+    components, trainable: Trainable, device, mixed_precision: str, quantized: bool
+) -> None:
     """Move the parts that do not train to the device, in the training precision (the
-    trained ones the accelerator moves, in fp32)."""
+    trained ones the accelerator moves, in fp32; an adapted model's frozen base in the
+    training precision too, unless it is quantized: its norms and biases then stay fp32,
+    which CPU autocast needs beside int8 layers)."""
     frozen = FROZEN_DTYPES.get(mixed_precision, torch.float32)
     components.vae.to(device, dtype=frozen)
     if components.family.denoiser not in trainable.modules:  # a frozen denoiser
@@ -340,7 +350,7 @@ def _place_frozen(components, trainable: Trainable, device, mixed_precision: str
     trained = [id(module) for module in trainable.modules.values()]
     for encoder in components.text_encoders:
         encoder.to(device, dtype=torch.float32 if id(encoder) in trained else frozen)
-    if trainable.lora:  # no fp32 copy of the base under the adapters
+    if trainable.lora and not quantized:  # no fp32 copy of the base under the adapters
         held = sum(hold_frozen(module, frozen) for module in trainable.modules.values())
         if held:
             log.info("the frozen base under the adapters: %.1f MiB in %s", held / 2**20, frozen)
