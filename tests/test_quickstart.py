@@ -71,6 +71,7 @@ def test_the_quickstart_draws_the_prompted_colours_on_the_prompted_backgrounds(s
     assert wrong["background"] <= 0.1 * len(images), (wrong, len(images))
 
 
+@pytest.mark.timeout(900)  # the same, when run alone
 def test_the_quickstarts_own_grid_is_judged_as_its_samples(shapes_model):
     final = max((shapes_model / "samples").iterdir())
     index = json.loads((final / "prompts.json").read_text())
