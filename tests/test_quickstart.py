@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from difftrain.api.validation import load_job
 from difftrain.shapes import BACKGROUNDS, COLOURS, SHAPES, judge, shape_colour, write_dataset
@@ -75,8 +76,6 @@ def test_the_quickstart_draws_the_prompted_colours_on_the_prompted_backgrounds(s
 def test_the_quickstarts_own_grid_is_judged_as_its_samples(shapes_model):
     final = max((shapes_model / "samples").iterdir())
     index = json.loads((final / "prompts.json").read_text())
-
-    from PIL import Image
 
     wrong = Counter(
         what

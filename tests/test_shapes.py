@@ -79,23 +79,15 @@ def test_without_a_named_background_the_border_is_the_background():
         assert shape_colour(image) == words[1], caption
 
 
-def _caption_words(caption: str) -> tuple[str, str, str]:
-    words = caption.split()
-    return words[1], words[2], words[-2]
-
-
 def test_shape_kind_and_background_name_what_is_drawn_at_the_quickstarts_size():
     for index in range(108 * 2):  # every combination, twice, in other places
         image, caption = render(index)
-        _, shape, background = _caption_words(caption)
-        if _extent(index) == "small":
-            continue  # judged at the dataset's own size below
-        small = image.resize((32, 32), Image.BICUBIC)
-        assert (shape_kind(small), shape_background(small)) == (shape, background), caption
-    for index in range(108 * 2):
-        image, caption = render(index)
-        _, shape, background = _caption_words(caption)
-        assert (shape_kind(image), shape_background(image)) == (shape, background), caption
+        words = caption.split()
+        drawn = (words[2], words[-2])
+        assert (shape_kind(image), shape_background(image)) == drawn, caption
+        if _extent(index) == "large":  # small ones are judged at the dataset's size only
+            small = image.resize((32, 32), Image.BICUBIC)
+            assert (shape_kind(small), shape_background(small)) == drawn, caption
 
 
 def _extent(index: int) -> str:
@@ -148,6 +140,13 @@ def test_builtin_shapes_large_is_the_large_shapes_alone(tmp_path):
     again = fetch_dataset("builtin:shapes-large", S3Settings(), tmp_path / "cache")
     assert again == folder  # written once per node
     assert fetch_dataset("builtin:shapes", S3Settings(), tmp_path / "cache") != folder
+
+
+def test_the_api_knows_every_builtin_dataset_the_trainer_writes():
+    from difftrain.api.uris import BUILTIN_DATASETS
+    from difftrain.shapes import BUILTIN
+
+    assert set(BUILTIN_DATASETS) == set(BUILTIN)
 
 
 def test_an_unknown_builtin_dataset_names_the_known_ones():

@@ -357,15 +357,14 @@ def _place_frozen(
 
 
 def hold_frozen(module: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Cast the frozen floating-point weights of ``module`` (an adapted model) to
-    ``dtype``, leaving what trains (the adapters) in fp32; the bytes they hold after.
-    Quantized weights stay as they are."""
+    """Cast the frozen floating-point weights of ``module`` (an adapted model that is not
+    quantized) to ``dtype``, leaving what trains (the adapters) in fp32; the bytes they
+    hold after."""
     if dtype == torch.float32:
         return 0
     held = 0
     for parameter in module.parameters():
-        plain = type(parameter.data) is torch.Tensor  # not a quantized tensor subclass
-        if plain and not parameter.requires_grad and parameter.is_floating_point():
+        if not parameter.requires_grad and parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
             held += parameter.numel() * parameter.element_size()
     return held
