@@ -7,6 +7,7 @@
     python bench/train_speed.py --model flux-small --resolution 64 --batch 8
     python bench/train_speed.py --cache [--model small-sd] [...]
     python bench/train_speed.py --compile --methods lora [...]
+    python bench/train_speed.py --kernels [--model small-sd] [...]
 
 Runs ``python -m difftrain.trainer`` (LoRA, then full fine-tune) over the built-in shapes
 data, and a bare loop doing the same work per step (VAE encode, text encode, UNet forward
@@ -34,8 +35,10 @@ cache (its images/s are of the steps; the fill is in the wall time) and finding 
 filled (another job over the same cache); ``--cache-default`` runs the plain rows with
 the default cache. ``--compile`` sets ``training.compile`` on the trainer rows (the
 compile time is in the wall time and the log, not in images/s). ``--model small-sd`` is
-the tiny preset with a UNet of block channels 64/128/256. Every row is also given as a
-ratio to the bare loop of its method, measured in the same run.
+the tiny preset with a UNet of block channels 64/128/256. ``--kernels`` adds bare-loop
+rows with one change each: AdamW's fused kernel (which the trainer uses wherever every
+parameter sits on one CPU or GPU), and channels_last memory format. Every row is also
+given as a ratio to the bare loop of its method, measured in the same run.
 """
 
 import argparse
@@ -439,9 +442,14 @@ def bare_loop(method: str, base: str, args) -> dict:
         denoiser.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets))
     else:
         denoiser.requires_grad_(True)
-    optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=1e-4)
+    trained = [p for p in denoiser.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=args.variant == "fused AdamW")
     batch, resolution = args.batch, args.resolution
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    if args.variant == "channels_last":
+        pipeline.vae.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.gpu)
     timings = []
     for _ in range(args.steps):
@@ -460,6 +468,10 @@ def bare_loop(method: str, base: str, args) -> dict:
         result["peakMiB"] = torch.cuda.max_memory_allocated() / MiB
     return result
 
+
+# What --kernels measures alone in the bare loop, each beside the plain one: AdamW's fused
+# kernel (what the trainer uses), and the denoiser and VAE in channels_last memory format.
+VARIANTS = ("fused AdamW", "channels_last")
 
 MODELS = {
     "tiny-sd": lambda folder: "preset:tiny-sd",
@@ -496,6 +508,12 @@ def main() -> None:
         help="the plain trainer rows with the default cache (node-local) instead of none",
     )
     parser.add_argument("--compile", action="store_true", help="training.compile: true")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="bare-loop rows with each of " + ", ".join(VARIANTS) + " alone",
+    )
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -533,10 +551,13 @@ def main() -> None:
                 str(args.batch),
                 *(["--gpu"] if args.gpu else []),
             ]
-            out = work / "bare.json"
-            with out.open("w") as handle:
-                child = _child(command, stdout=handle)
-            results[f"bare {method}"] = {**child, **json.loads(out.read_text())}
+            for variant in [None, *(VARIANTS if args.kernels else [])]:
+                out = work / "bare.json"
+                with out.open("w") as handle:
+                    extra = ["--variant", variant] if variant else []
+                    child = _child(command + extra, stdout=handle)
+                row = f"bare {method}, {variant}" if variant else f"bare {method}"
+                results[row] = {**child, **json.loads(out.read_text())}
     where = "1 GPU, bf16" if args.gpu else f"CPU ({os.cpu_count()} cores), fp32"
     memory = "peak GPU MiB" if args.gpu else "peak RSS MiB"
     print(f"{args.model}, {args.resolution} px, batch {args.batch}, {args.steps} steps, {where}")

@@ -105,6 +105,69 @@ def test_shape_kind_of_a_blank_image_is_none_and_a_blob_is_not_a_square_or_trian
     assert shape_kind(blob) != "square"
 
 
+def test_shape_kind_judges_the_drawn_shape_not_specks_or_holes():
+    from PIL import ImageDraw
+
+    for shape in ("circle", "square", "triangle"):
+        image = Image.new("RGB", (32, 32), BACKGROUNDS["white"])
+        draw = ImageDraw.Draw(image)
+        box = (8, 8, 28, 28)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS["blue"])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS["blue"])
+        else:
+            draw.polygon([(18, 8), (28, 28), (8, 28)], fill=COLOURS["blue"])
+        for corner in [(0, 0), (1, 0), (31, 1), (0, 30), (2, 31)]:  # specks on the border
+            image.putpixel(corner, COLOURS["red"])
+        image.putpixel((18, 22), BACKGROUNDS["white"])  # a hole inside the shape
+        image.putpixel((19, 22), BACKGROUNDS["white"])
+
+        assert shape_kind(image) == shape
+
+
+def test_shape_kind_judges_the_largest_of_two_shapes():
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (32, 32), BACKGROUNDS["black"])
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((2, 2, 24, 24), fill=COLOURS["green"])
+    draw.ellipse((26, 26, 31, 31), fill=COLOURS["green"])
+
+    assert shape_kind(image) == "square"
+
+
+def test_large_shapes_sit_near_the_centre_as_their_spread_says():
+    from difftrain.shapes import LARGE_SPREAD, SIZES
+
+    side = SIZES["large"] * 64
+    free = 64 - side
+    offsets = []
+    for index in range(0, 216, 2):  # the large ones among every combination
+        if _extent(index) != "large":
+            continue
+        anywhere, _ = render(index)
+        near, _ = render(index, spread=LARGE_SPREAD)
+        for image, limit in ((anywhere, free / 2), (near, LARGE_SPREAD * free / 2)):
+            left, top = _box(image)[:2]
+            offset = max(abs(left - free / 2), abs(top - free / 2))
+            assert offset <= limit + 1.5
+        offsets.append(max(abs(x - free / 2) for x in _box(anywhere)[:2]))
+    assert max(offsets) > 2 * LARGE_SPREAD * free / 2  # anywhere is wider than near
+
+
+def _box(image: Image.Image) -> tuple[int, int]:
+    """(left, top) of what stands out from the image's background."""
+    ground = border_colour(image)
+    points = [
+        (x, y)
+        for y in range(image.height)
+        for x in range(image.width)
+        if image.getpixel((x, y)) != ground
+    ]
+    return min(x for x, _ in points), min(y for _, y in points)
+
+
 def test_judge_names_what_a_sample_gets_wrong():
     image, caption = render(0, size=32)  # a red circle on a white background
     assert caption == "a red circle on a white background"
@@ -140,6 +203,19 @@ def test_builtin_shapes_large_is_the_large_shapes_alone(tmp_path):
     again = fetch_dataset("builtin:shapes-large", S3Settings(), tmp_path / "cache")
     assert again == folder  # written once per node
     assert fetch_dataset("builtin:shapes", S3Settings(), tmp_path / "cache") != folder
+
+
+def test_a_built_in_dataset_of_another_version_is_written_anew(tmp_path, monkeypatch):
+    from difftrain import shapes
+    from difftrain.storage import S3Settings
+    from difftrain.trainer.data import fetch_dataset
+
+    older = fetch_dataset("builtin:shapes-large", S3Settings(), tmp_path / "cache")
+    monkeypatch.setattr(shapes, "VERSION", shapes.VERSION + 1)
+
+    newer = fetch_dataset("builtin:shapes-large", S3Settings(), tmp_path / "cache")
+
+    assert newer != older and len(list((newer / "images").iterdir())) == 1024
 
 
 def test_the_api_knows_every_builtin_dataset_the_trainer_writes():

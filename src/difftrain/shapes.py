@@ -3,7 +3,8 @@
 Each image is one filled shape (colour x shape x size x position) on a plain background,
 captioned "a red circle on a white background". Image ``i`` is always the same picture,
 so runs, tests and benchmarks are reproducible without any download.
-``builtin:shapes-large`` holds the large shapes alone (the quickstart's data).
+``builtin:shapes-large`` holds the large shapes alone, near the centre (the quickstart's
+data).
 """
 
 import itertools
@@ -33,14 +34,16 @@ def caption(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-def render(index: int, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
-    """Image ``index`` of the dataset and its caption."""
+def render(index: int, size: int = IMAGE_SIZE, spread: float = 1.0) -> tuple[Image.Image, str]:
+    """Image ``index`` of the dataset and its caption. The shape sits anywhere in the
+    image with ``spread`` 1, and that much closer to the centre with less (0: centred)."""
     colour, shape, extent, background = _COMBINATIONS[index % len(_COMBINATIONS)]
     jitter = random.Random(index)
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     side = SIZES[extent] * size
-    left = jitter.uniform(0, size - side)
-    top = jitter.uniform(0, size - side)
+    free = size - side
+    left = free / 2 + (jitter.uniform(0, free) - free / 2) * spread
+    top = free / 2 + (jitter.uniform(0, free) - free / 2) * spread
     box = (left, top, left + side, top + side)
     draw = ImageDraw.Draw(image)
     fill = COLOURS[colour]
@@ -61,10 +64,12 @@ def write_dataset(
     colours: tuple[str, ...] = tuple(COLOURS),
     shapes: tuple[str, ...] = SHAPES,
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
+    spread: float = 1.0,
 ) -> Path:
     """Write ``count`` images in the images/ + captions/ layout under ``folder``, drawing
     only the given ``extents`` (``small``, ``large``), colours, shapes and backgrounds
-    (one of each makes the few pictures of one subject that personalisation learns)."""
+    (one of each makes the few pictures of one subject that personalisation learns), at
+    positions as far from the centre as ``spread`` lets them (:func:`render`)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "captions").mkdir(parents=True, exist_ok=True)
 
@@ -79,21 +84,29 @@ def write_dataset(
 
     indices = filter(wanted, itertools.count())
     for index in itertools.islice(indices, count):
-        image, text = render(index, size)
+        image, text = render(index, size, spread)
         image.save(folder / "images" / f"{index:06d}.png")
         (folder / "captions" / f"{index:06d}.txt").write_text(text + "\n")
     return folder
 
 
 def write_large(folder: Path) -> Path:
-    """``builtin:shapes-large``: the large shapes of the dataset alone (1024 images), whose
-    colours, shapes and backgrounds a tiny model learns in fewer steps (the quickstart's)."""
-    return write_dataset(folder, count=LARGE_COUNT, extents=("large",))
+    """``builtin:shapes-large``: the large shapes of the dataset alone (1024 images), near
+    the centre, whose colours, shapes and backgrounds a tiny model learns in fewer steps
+    (the quickstart's)."""
+    return write_dataset(folder, count=LARGE_COUNT, extents=("large",), spread=LARGE_SPREAD)
 
 
 LARGE_COUNT = 1024
+# How far from the centre the large shapes sit: within 30% of the way to the edges. Where
+# a shape may be anywhere, a tiny model trained for minutes draws the blurred average of
+# its places, a blob of the right colour; near the centre it draws the shape.
+LARGE_SPREAD = 0.3
 # The built-in datasets by name (builtin:NAME): each writes itself into a folder.
 BUILTIN = {"shapes": write_dataset, "shapes-large": write_large}
+# The built-in datasets' version: part of their key in a node's dataset cache, so that
+# a changed dataset is written again rather than read from an older cache.
+VERSION = 2
 
 
 def border_colour(image: Image.Image) -> tuple[int, int, int]:
@@ -139,33 +152,71 @@ def shape_background(image: Image.Image) -> str:
 
 
 def shape_kind(image: Image.Image, margin: float = 60.0) -> str | None:
-    """Which of :data:`SHAPES` the pixels that stand out from the background make, or
-    None when none do: a square fills its bounding box, a triangle (apex up) is much
-    wider in its lower third than in its upper one, and a circle is neither.
+    """Which of :data:`SHAPES` the largest region that stands out from the background
+    makes, or None when none does: a square fills its bounding box, a triangle (apex up)
+    is much wider in its lower third than in its upper one, and a circle is neither.
 
     This is how a person would judge the shape of a sample of "a red circle on ...",
-    whatever its colour."""
+    whatever its colour: by the one thing drawn, with its holes filled in, and not by
+    specks elsewhere on the background."""
     rgb = image.convert("RGB")
     ground = border_colour(rgb)
     width, height = rgb.size
     pixels = rgb.get_flattened_data()
-    mask = [
-        [_distance2(pixels[y * width + x], ground) > margin**2 for x in range(width)]
+    standing = {
+        (x, y)
         for y in range(height)
-    ]
-    rows = [y for y in range(height) if any(mask[y])]
-    columns = [x for x in range(width) if any(mask[y][x] for y in range(height))]
+        for x in range(width)
+        if _distance2(pixels[y * width + x], ground) > margin**2
+    }
+    region = _filled(_largest_region(standing), width, height)
+    rows = sorted({y for _, y in region})
+    columns = sorted({x for x, _ in region})
     if len(rows) < 3 or len(columns) < 3:
         return None
     top, bottom, left, right = rows[0], rows[-1], columns[0], columns[-1]
-    box = (bottom - top + 1) * (right - left + 1)
-    filled = sum(sum(row[left : right + 1]) for row in mask[top : bottom + 1]) / box
+    filled = len(region) / ((bottom - top + 1) * (right - left + 1))
     if filled > SQUARE_FILL:
         return "square"
     third = max(1, (bottom - top + 1) // 3)
-    upper = sum(sum(mask[y]) for y in range(top, top + third))
-    lower = sum(sum(mask[y]) for y in range(bottom - third + 1, bottom + 1))
+    upper = sum(1 for _, y in region if y < top + third)
+    lower = sum(1 for _, y in region if y > bottom - third)
     return "triangle" if lower > TRIANGLE_SPREAD * upper else "circle"
+
+
+def _neighbours(x: int, y: int):
+    return ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1))
+
+
+def _largest_region(points: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The largest 4-connected part of ``points`` (empty when it is)."""
+    unseen, largest = set(points), set()
+    while unseen:
+        region, frontier = set(), [unseen.pop()]
+        while frontier:
+            point = frontier.pop()
+            region.add(point)
+            for near in _neighbours(*point):
+                if near in unseen:
+                    unseen.remove(near)
+                    frontier.append(near)
+        largest = max(largest, region, key=len)
+    return largest
+
+
+def _filled(region: set[tuple[int, int]], width: int, height: int) -> set[tuple[int, int]]:
+    """``region`` with its holes: every pixel that the outside cannot reach around it."""
+    outside = {(x, y) for x in (-1, width) for y in range(-1, height + 1)}
+    outside |= {(x, y) for y in (-1, height) for x in range(width)}
+    frontier = list(outside)
+    while frontier:
+        for near in _neighbours(*frontier.pop()):
+            x, y = near
+            inside = 0 <= x < width and 0 <= y < height
+            if inside and near not in region and near not in outside:
+                outside.add(near)
+                frontier.append(near)
+    return {(x, y) for x in range(width) for y in range(height) if (x, y) not in outside}
 
 
 # Thresholds between the shapes: a square fills all of its box, a circle pi/4 (0.79) of

@@ -54,3 +54,33 @@ def test_missing_optional_optimizer_package_is_a_clear_error(monkeypatch):
 
     with pytest.raises(InvalidSpec, match="adamw8bit needs the bitsandbytes package"):
         optim.build_optimizer(training, [{"params": [torch.nn.Parameter(torch.zeros(1))]}])
+
+
+def test_adamw_on_a_cpu_is_fused_and_steps_as_the_unfused_one():
+    training = TrainingSpec.model_validate({"steps": 1, "learningRate": 1e-2})
+    start = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    results = []
+    for fused in (True, False):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = optim.build_optimizer(training, [{"params": [weight], "lr": 1e-2}])
+        if not fused:
+            optimizer.param_groups[0]["fused"] = None  # the loop over tensors instead
+        for _ in range(3):
+            weight.grad = torch.sin(weight.detach() * 3)
+            optimizer.step()
+        results.append((optimizer.param_groups[0]["fused"], weight.detach()))
+
+    (fused_flag, fused_weight), (plain_flag, plain_weight) = results
+    assert fused_flag is True and not plain_flag
+    assert torch.allclose(fused_weight, plain_weight, atol=1e-6)
+    assert not torch.equal(fused_weight, start)
+
+
+def test_adamw_is_not_fused_over_parameters_it_cannot_fuse():
+    training = TrainingSpec.model_validate({"steps": 1})
+    on_meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
+    mixed = [torch.nn.Parameter(torch.zeros(2)), on_meta]
+
+    for params in ([on_meta], mixed):
+        optimizer = optim.build_optimizer(training, [{"params": params, "lr": 1e-3}])
+        assert not optimizer.param_groups[0]["fused"]

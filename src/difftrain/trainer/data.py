@@ -474,9 +474,9 @@ def fetch_dataset(uri: str, settings, cache: Path) -> Path:
     if uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     if uri.startswith("builtin:"):
-        from difftrain.shapes import BUILTIN
+        from difftrain.shapes import BUILTIN, VERSION
 
-        return cached_folder(cache, uri, BUILTIN[uri.removeprefix("builtin:")])
+        return cached_folder(cache, f"{uri}#{VERSION}", BUILTIN[uri.removeprefix("builtin:")])
     store = open_store(uri, settings)
     return cached_folder(
         cache,
