@@ -1,9 +1,8 @@
 """The quickstart's model learns what it is told: examples/quickstart.yaml, run as it is,
 draws the prompted colours and shapes on the prompted backgrounds, and DreamBooth on that
-model with
-a few pictures of one subject teaches it the subject's colour. So does a Flux model over
-the quickstart's autoencoder and text encoder: fine-tuned on the shapes, then taught the
-subject by a LoRA."""
+model with a few pictures of one subject teaches it the subject's colour. So does a Flux
+model over the quickstart's autoencoder and text encoder: fine-tuned on the shapes, then
+taught the subject by a LoRA."""
 
 import json
 import shutil
