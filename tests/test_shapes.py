@@ -7,6 +7,7 @@ from difftrain.shapes import (
     BACKGROUNDS,
     COLOURS,
     border_colour,
+    draw_shape,
     judge,
     render,
     shape_background,
@@ -106,18 +107,9 @@ def test_shape_kind_of_a_blank_image_is_none_and_a_blob_is_not_a_square_or_trian
 
 
 def test_shape_kind_judges_the_drawn_shape_not_specks_or_holes():
-    from PIL import ImageDraw
-
     for shape in ("circle", "square", "triangle"):
         image = Image.new("RGB", (32, 32), BACKGROUNDS["white"])
-        draw = ImageDraw.Draw(image)
-        box = (8, 8, 28, 28)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLOURS["blue"])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLOURS["blue"])
-        else:
-            draw.polygon([(18, 8), (28, 28), (8, 28)], fill=COLOURS["blue"])
+        draw_shape(image, shape, (8, 8, 28, 28), "blue")
         for corner in [(0, 0), (1, 0), (31, 1), (0, 30), (2, 31)]:  # specks on the border
             image.putpixel(corner, COLOURS["red"])
         image.putpixel((18, 22), BACKGROUNDS["white"])  # a hole inside the shape
@@ -127,12 +119,9 @@ def test_shape_kind_judges_the_drawn_shape_not_specks_or_holes():
 
 
 def test_shape_kind_judges_the_largest_of_two_shapes():
-    from PIL import ImageDraw
-
     image = Image.new("RGB", (32, 32), BACKGROUNDS["black"])
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((2, 2, 24, 24), fill=COLOURS["green"])
-    draw.ellipse((26, 26, 31, 31), fill=COLOURS["green"])
+    draw_shape(image, "square", (2, 2, 24, 24), "green")
+    draw_shape(image, "circle", (26, 26, 31, 31), "green")
 
     assert shape_kind(image) == "square"
 

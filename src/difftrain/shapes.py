@@ -44,16 +44,22 @@ def render(index: int, size: int = IMAGE_SIZE, spread: float = 1.0) -> tuple[Ima
     free = size - side
     left = free / 2 + (jitter.uniform(0, free) - free / 2) * spread
     top = free / 2 + (jitter.uniform(0, free) - free / 2) * spread
-    box = (left, top, left + side, top + side)
+    draw_shape(image, shape, (left, top, left + side, top + side), colour)
+    return image, caption(colour, shape, background)
+
+
+def draw_shape(image: Image.Image, shape: str, box: tuple, colour: str) -> None:
+    """Draw one of :data:`SHAPES` filling ``box`` (left, top, right, bottom) in ``colour``
+    on ``image``: a circle, a square, or a triangle with its apex up."""
     draw = ImageDraw.Draw(image)
     fill = COLOURS[colour]
+    left, top, right, bottom = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
     elif shape == "square":
         draw.rectangle(box, fill=fill)
     else:
-        draw.polygon([(left + side / 2, top), (left + side, top + side), (left, top + side)], fill)
-    return image, caption(colour, shape, background)
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill)
 
 
 def write_dataset(

@@ -41,7 +41,7 @@ def build_optimizer(training: TrainingSpec, groups: list[dict]) -> torch.optim.O
 
 # Devices whose fused AdamW kernel takes every parameter's update in one pass: on a CPU
 # it cuts the optimiser's share of a tiny model's step by two thirds (bench/train_speed.py
-# --optimizer).
+# --kernels).
 FUSED_DEVICES = ("cpu", "cuda")
 
 
