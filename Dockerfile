@@ -12,6 +12,7 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG TORCH_VERSION=2.13.0
+ARG TORCHVISION_VERSION=0.28.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 # The wheel of this project, built once for both images.
@@ -30,6 +31,7 @@ ENTRYPOINT ["difftrain", "operator"]
 
 FROM ${CUDA_IMAGE} AS trainer
 ARG TORCH_VERSION
+ARG TORCHVISION_VERSION
 ARG TORCH_INDEX
 ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
@@ -43,8 +45,10 @@ RUN apt-get update \
     && apt-get install --yes --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
-# torch first, from the CUDA index: the trainer extra then finds it installed.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+# torch (and torchvision, which the FID's Inception needs) first, from the CUDA index:
+# the trainer extra then finds them installed.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" \
+    "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir "$(ls /wheels/difftrain-*.whl)[trainer]"
 # A numeric user, as the pods' securityContext runs it; no passwd entry is needed.

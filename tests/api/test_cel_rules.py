@@ -189,8 +189,20 @@ CROSS_FIELD = [
     (
         "evaluation-empty",
         job(spec={"evaluation": {}}),
-        "spec.evaluation needs fid or clipScore (or leave evaluation out)",
+        "spec.evaluation needs fid, clipScore or validationLoss (or leave evaluation out)",
         "spec.evaluation",
+    ),
+    (
+        "validation-loss-neither",
+        job(spec={"evaluation": {"validationLoss": {"timesteps": 2}}}),
+        "spec.evaluation.validationLoss needs exactly one of fraction and uri",
+        "spec.evaluation.validationLoss",
+    ),
+    (
+        "validation-loss-both",
+        job(spec={"evaluation": {"validationLoss": {"fraction": 0.1, "uri": "file:///held"}}}),
+        "spec.evaluation.validationLoss needs exactly one of fraction and uri",
+        "spec.evaluation.validationLoss",
     ),
     (
         "bucketing-order",
@@ -330,7 +342,7 @@ BASE = job(spec={"runPolicy": {"ttlSecondsAfterFinished": 60}})
             id="dataset",
         ),
         pytest.param(
-            {"evaluation": {"clipScore": {"modelUri": "hf://o/clip"}}},
+            {"evaluation": {"clipScore": {"modelUri": "s3://models/clip"}}},
             ["spec.evaluation is immutable; create a new job to change it"],
             id="optional-block-added",
         ),

@@ -210,7 +210,7 @@ def test_example_set_covers_every_method():
             id="ti",
         ),
         pytest.param(
-            job(spec={"lora": {}, "evaluation": {"clipScore": {"modelUri": "hf://a/b"}}}),
+            job(spec={"lora": {}, "evaluation": {"clipScore": {"modelUri": "s3://models/clip"}}}),
             id="nested-optional",
         ),
     ],

@@ -280,7 +280,40 @@ BAD_MANIFESTS = [
     (
         "evaluation-without-metric",
         job(spec={"evaluation": {"numImages": 10}}),
-        "spec.evaluation: needs fid or clipScore (or leave evaluation out)",
+        "spec.evaluation: needs fid, clipScore or validationLoss (or leave evaluation out)",
+    ),
+    (
+        "validation-loss-both-sources",
+        job(spec={"evaluation": {"validationLoss": {"fraction": 0.1, "uri": "file:///held"}}}),
+        "spec.evaluation.validationLoss: set exactly one of fraction and uri (both are set)",
+    ),
+    (
+        "evaluation-prompts-twice",
+        job(
+            spec={
+                "evaluation": {
+                    "prompts": ["a cat"],
+                    "promptsUri": "file:///prompts.txt",
+                    "validationLoss": {"fraction": 0.1},
+                }
+            }
+        ),
+        "spec.evaluation.promptsUri: set prompts or promptsUri, not both",
+    ),
+    (
+        "fid-features",
+        job(
+            spec={
+                "evaluation": {
+                    "fid": {
+                        "referenceUri": "file:///ref",
+                        "weightsUri": "file:///inception.pth",
+                        "features": 100,
+                    }
+                }
+            }
+        ),
+        "spec.evaluation.fid.features: must be one of 64, 192, 768 or 2048 (got 100)",
     ),
     (
         "bucketing-min-over-max",

@@ -289,12 +289,6 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
             id="fsdp-fp16",
         ),
         pytest.param(
-            {"method": "finetune", "evaluation": {"clipScore": {"modelUri": "hf://org/clip"}}},
-            "spec.evaluation: evaluation is not available in this trainer version; leave "
-            "spec.evaluation out (validation samples show progress meanwhile)",
-            id="evaluation",
-        ),
-        pytest.param(
             {"lora": {"targetModules": ["no_such_layer"]}},
             "spec.lora.targetModules: ",
             id="lora-targets",

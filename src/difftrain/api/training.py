@@ -204,27 +204,72 @@ class ValidationSpec(ApiModel):
 
 
 class FidSpec(ApiModel):
-    """Frechet Inception Distance against reference images."""
+    """Frechet Inception Distance of generated images against reference images."""
 
-    reference_uri: Uri("s3", "file") = Field(description="Folder of reference images.")
-    weights_uri: Uri("s3", "file", "hf") = Field(
-        description="Inception weights (fetched from here, never from the internet)."
+    reference_uri: Uri("s3", "file", "builtin") = Field(
+        description="Folder of reference images (its captions, if any, are not read)."
+    )
+    weights_uri: Uri("s3", "file") = Field(
+        description="InceptionV3 weights file in torch-fidelity's format (the standard "
+        "weights-inception-2015-12-05 file); fetched from here, never from the internet."
+    )
+    features: Literal[64, 192, 768, 2048] = Field(
+        2048, description="Inception layer compared: 2048 (the pool layer) is standard FID."
     )
 
 
 class ClipScoreSpec(ApiModel):
     """CLIP score of generated images against their prompts."""
 
-    model_uri: Uri("s3", "file", "hf") = Field(description="CLIP model in transformers format.")
+    model_uri: Uri("s3", "file") = Field(
+        description="Folder of a CLIP model in transformers format (CLIPModel and its "
+        "processor, as save_pretrained writes them)."
+    )
 
 
-class EvaluationSpec(ApiModel):
-    """Quantitative evaluation of the trained model."""
+class ValidationLossSpec(ApiModel):
+    """The training loss on images held out of training, at fixed timesteps and noise."""
 
     model_config = with_rules(
         {
-            "rule": "has(self.fid) || has(self.clipScore)",
-            "message": "spec.evaluation needs fid or clipScore (or leave evaluation out)",
+            "rule": "has(self.fraction) != has(self.uri)",
+            "message": "spec.evaluation.validationLoss needs exactly one of fraction and uri",
+        }
+    )
+
+    fraction: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="Share of the dataset held out of training (the same images every run "
+        "of the same dataset).",
+    )
+    uri: Uri("s3", "file", "builtin") | None = Field(
+        None, description="A separate dataset of images and captions to hold out."
+    )
+    timesteps: int = Field(
+        4, ge=1, le=100, description="Fixed timesteps each held-out image is noised at."
+    )
+    max_images: int = Field(
+        256, ge=1, le=100_000, description="At most this many held-out images are used."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.fraction is None) == (self.uri is None):
+            both = "both are set" if self.fraction is not None else "neither is set"
+            raise_problems([((), f"set exactly one of fraction and uri ({both})")])
+        return self
+
+
+class EvaluationSpec(ApiModel):
+    """Quantitative evaluation of the trained model, during training and after it."""
+
+    model_config = with_rules(
+        {
+            "rule": "has(self.fid) || has(self.clipScore) || has(self.validationLoss)",
+            "message": "spec.evaluation needs fid, clipScore or validationLoss (or leave "
+            "evaluation out)",
         }
     )
 
@@ -234,15 +279,35 @@ class EvaluationSpec(ApiModel):
     prompts: list[Prompt] = Field(
         [],
         max_length=10_000,
-        description="Prompts to generate from; the dataset's captions when empty.",
+        description="Prompts to generate from, in turn; from promptsUri, else the dataset's "
+        "captions, when empty.",
+    )
+    prompts_uri: Uri("s3", "file") | None = Field(
+        None, description="A text file of prompts, one per line (instead of prompts)."
     )
     num_images: int = Field(256, ge=1, le=100_000, description="Images generated per evaluation.")
     inference_steps: int = Field(25, ge=1, le=1000, description="Denoising steps per image.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Classifier-free guidance scale.")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Seed of the first image (image k uses seed + k)."
+    )
     fid: FidSpec | None = Field(None, description="Compute FID.")
     clip_score: ClipScoreSpec | None = Field(None, description="Compute CLIP score.")
+    validation_loss: ValidationLossSpec | None = Field(
+        None, description="Compute the loss on held-out images."
+    )
 
     @model_validator(mode="after")
     def _some_metric(self):
-        if self.fid is None and self.clip_score is None:
-            raise_problems([((), "needs fid or clipScore (or leave evaluation out)")])
+        if self.fid is None and self.clip_score is None and self.validation_loss is None:
+            raise_problems(
+                [((), "needs fid, clipScore or validationLoss (or leave evaluation out)")]
+            )
+        if self.prompts and self.prompts_uri:
+            raise_problems([(("promptsUri",), "set prompts or promptsUri, not both")])
         return self
+
+    @property
+    def generates(self) -> bool:
+        """Whether the evaluation generates images (FID and CLIP score do)."""
+        return self.fid is not None or self.clip_score is not None

@@ -11,6 +11,7 @@ import torch
 
 from difftrain import __version__, contract
 from difftrain.api.config import TrainerConfig
+from difftrain.trainer import evaluation
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ def model_card(config: TrainerConfig, facts: dict, method, family) -> str:
         ("Mixed precision", training.mixed_precision),
         ("Final loss", f"{facts['final_loss']:.4f}" if facts["final_loss"] is not None else "-"),
         ("Exported as", ", ".join(facts["formats"])),
+        *evaluation.card_rows(facts.get("evaluations") or []),
     ]
     own, usage = method.card(spec, facts, family)
     rows[2:2] = own
@@ -139,6 +141,10 @@ def export_model(stage, facts: dict) -> None:
         facts["formats"] = formats
         card = model_card(config, facts, method, stage.components.family)
         (folder / "README.md").write_text(card)
+        if config.spec.evaluation is not None:
+            scores = evaluation.result(config.spec, facts.get("evaluations") or [])
+            text = json.dumps(_redact(scores), indent=2) + "\n"
+            (folder / evaluation.RESULT_FILE).write_text(text)
     store = stage.output.child(contract.MODEL)
     try:
         store.upload_tree(folder, "")

@@ -26,6 +26,7 @@ from difftrain.trainer import (
     autoencoder,
     checkpoint,
     data,
+    evaluation,
     export,
     features,
     identity,
@@ -127,6 +128,7 @@ def _export(stage: Stage, steps: int, start_time: str) -> None:
         start_time=start_time,
         end_time=datetime.datetime.now(datetime.UTC).isoformat(),
         image=os.environ.get("DIFFTRAIN_IMAGE"),
+        evaluations=stage.evaluations,
     )
     export.export_model(stage, stage.run.facts)
 
@@ -143,6 +145,12 @@ class Training:
             spec.validation.every_steps, stage.total_steps, enabled=stage.samples
         )
         self.saves = policies.Every(spec.checkpoints.every_steps, stage.total_steps)
+        evaluates = stage.name == methods.DIFFUSION and stage.run.evaluation is not None
+        every = spec.evaluation.every_steps if evaluates else None
+        self.evaluations = policies.Every(
+            every or stage.total_steps, stage.total_steps, at_last=True, enabled=evaluates
+        )
+        self.evaluator: evaluation.Evaluator | None = None
         self.window = Window()
         self.position = checkpoint.Position()
         self.metrics: MetricsLog | None = None
@@ -174,6 +182,8 @@ class Training:
             self.save()  # a crash while exporting resumes here instead of training again
         if self.samples.missed(position.step):
             self.sample()  # the final model's samples
+        if self.evaluations.missed(position.step):
+            self.evaluate()
         stage.waiting.alone(stage.run.main, "uploading the loss curve", self.upload_curve)
         return position.step
 
@@ -185,9 +195,12 @@ class Training:
         if step:
             log.info("%sresumed from checkpoint step %d", self.label, step)
             self.progress.checkpoint_saved(step)
-        for policy in (self.logs, self.samples, self.saves):
+        for policy in (self.logs, self.samples, self.saves, self.evaluations):
             policy.done(step)
         self.metrics = MetricsLog(stage.scratch / contract.METRICS_FILE, stage.output, step)
+        if self.evaluations.enabled:
+            self.evaluator = evaluation.Evaluator(stage, stage.run.evaluation)
+            stage.evaluations = self.metrics.evaluations()  # those before a resume
         self.progress.update(step)
         self.window.restart()  # throughput counts from here, not from before the resume
 
@@ -201,6 +214,9 @@ class Training:
         if self.samples.due(step):
             self.sample()
             self.samples.done(step)
+        if self.evaluations.due(step):
+            self.evaluate()
+            self.evaluations.done(step)
         halt = self.agree_to_stop()
         if halt or self.saves.due(step):
             self.save()
@@ -265,6 +281,8 @@ class Training:
         left += last["save"] * pauses_left(step, total, self.saves.every)
         if self.samples.enabled:
             left += last["sample"] * pauses_left(step, total, self.samples.every)
+        if self.evaluations.enabled:
+            left += last["evaluate"] * pauses_left(step, total, self.evaluations.every)
         return left
 
     def save(self) -> None:
@@ -297,6 +315,24 @@ class Training:
                 stage.waiting.barrier("samples written")
             else:
                 stage.waiting.alone(stage.run.main, "taking samples", take_samples)
+
+    def evaluate(self) -> None:
+        """Every process evaluates its share; the main one records the scores."""
+        stage, step = self.stage, self.position.step
+        with self.window.pause("evaluate"):
+            scores = self.evaluator.evaluate(step, stopping=lambda: self.stop.requested)
+        if scores is None:
+            return
+        stage.evaluations.append(scores)
+        self.progress.evaluated(scores)
+        if stage.run.main:
+            self.metrics.append({"step": step, "evaluation": scores})
+            said = ", ".join(
+                f"{key} {scores[key]:.4f}"
+                for key in ("fid", "clipScore", "validationLoss")
+                if key in scores
+            )
+            log.info("evaluation at step %d: %s (%.1f s)", step, said, scores["seconds"])
 
     def upload_curve(self) -> None:
         """Upload ``metrics.jsonl`` and its picture, ``loss.png``."""

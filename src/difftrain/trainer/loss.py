@@ -115,6 +115,18 @@ class Denoising:
             weights=weights,
         )
 
+    def fixed(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> Noised:
+        """The batch noised with the given ``noise`` at timesteps ``floor(u * T)``, ``u``
+        in [0, 1) of shape ``(B,)``; no loss weights (held-out losses compare runs)."""
+        steps = (u * self.timesteps).long().clamp(0, self.timesteps - 1).to(latents.device)
+        alphas = self.alphas_cumprod
+        return Noised(
+            noisy=add_noise(latents, noise, steps, alphas),
+            timesteps=steps,
+            target=target(self.prediction_type, latents, noise, steps, alphas),
+            weights=None,
+        )
+
 
 # Flow matching (rectified flow, as SD3 trains): x_t = (1 - sigma) x0 + sigma noise, and
 # the model predicts the velocity noise - x0.
@@ -210,6 +222,27 @@ class FlowMatching:
             settings.logit_std,
             settings.mode_scale,
         )
+        sigmas, timesteps = self._sigmas(latents, u)
+        return Noised(
+            noisy=flow_noisy(latents, noise, sigmas),
+            timesteps=timesteps,
+            target=flow_target(latents, noise),
+            weights=flow_weights(settings.loss_weighting, sigmas),
+        )
+
+    def fixed(self, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> Noised:
+        """The batch on the path to the given ``noise`` at positions ``u`` in [0, 1) of
+        the schedule, shape ``(B,)``; no loss weights (held-out losses compare runs)."""
+        sigmas, timesteps = self._sigmas(latents, u.to(latents.device))
+        return Noised(
+            noisy=flow_noisy(latents, noise, sigmas),
+            timesteps=timesteps,
+            target=flow_target(latents, noise),
+            weights=None,
+        )
+
+    def _sigmas(self, latents: torch.Tensor, u: torch.Tensor) -> tuple:
+        """The (shifted) sigmas and timesteps at positions ``u`` of the schedule."""
         count = len(self.sigmas)
         indices = (u * count).long().clamp(0, count - 1)
         sigmas, timesteps = self.sigmas[indices], self.timesteps[indices]
@@ -218,9 +251,4 @@ class FlowMatching:
             length = (height // self.patch) * (width // self.patch)
             sigmas = shift_sigmas(sigmas, self.shift.mu(length))
             timesteps = sigmas * self.train_steps
-        return Noised(
-            noisy=flow_noisy(latents, noise, sigmas),
-            timesteps=timesteps,
-            target=flow_target(latents, noise),
-            weights=flow_weights(settings.loss_weighting, sigmas),
-        )
+        return sigmas, timesteps

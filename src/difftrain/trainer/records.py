@@ -1,6 +1,6 @@
 """What a stage records as it trains: ``metrics.jsonl``, the progress gauges, and the
 window of steps since the last record (its losses, its time less the pauses for
-checkpoints and samples, which the time left adds back as they are still to come)."""
+checkpoints, samples and evaluations, which the time left adds back as they are still to come)."""
 
 import contextlib
 import json
@@ -27,6 +27,11 @@ class MetricsLog:
                 if line and json.loads(line)["step"] <= resume_step
             ]
         path.write_text("".join(line + "\n" for line in lines))
+
+    def evaluations(self) -> list[dict]:
+        """The evaluation scores recorded so far (kept across a resume)."""
+        entries = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+        return [entry["evaluation"] for entry in entries if "evaluation" in entry]
 
     def append(self, entry: dict) -> None:
         with self.path.open("a") as handle:
@@ -60,6 +65,16 @@ class Progress:
     def samples_generated(self, step: int, count: int) -> None:
         self.telemetry.samples_generated(step, count)
 
+    def evaluated(self, scores: dict) -> None:
+        """An evaluation's scores, as gauges (the step counts within the stage)."""
+        self.telemetry.update(
+            eval_fid=scores.get("fid"),
+            eval_clip_score=scores.get("clipScore"),
+            validation_loss=scores.get("validationLoss"),
+            last_evaluation_step=scores["step"],
+            last_evaluation_timestamp_seconds=time.time(),
+        )
+
 
 @dataclass
 class Window:
@@ -68,11 +83,13 @@ class Window:
     losses: list = field(default_factory=list)  # one per micro-batch
     started: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # seconds of checkpoints and samples within the window
-    last: dict = field(default_factory=lambda: {"save": 0.0, "sample": 0.0})  # the latest of each
+    # The latest of each pause.
+    last: dict = field(default_factory=lambda: {"save": 0.0, "sample": 0.0, "evaluate": 0.0})
 
     @contextlib.contextmanager
     def pause(self, kind: str):
-        """Time a checkpoint (``save``) or samples (``sample``): not training time."""
+        """Time a checkpoint (``save``), samples (``sample``) or an evaluation
+        (``evaluate``): not training time."""
         started = time.perf_counter()
         yield
         self.last[kind] = time.perf_counter() - started

@@ -18,7 +18,8 @@ from difftrain.api.scratch import scratch_bytes
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.errors import InvalidSpec
 from difftrain.storage import S3Settings, Store, open_store
-from difftrain.trainer import data, methods, models, ownership
+from difftrain.trainer import data, evaluation, methods, models, ownership
+from difftrain.trainer.evaluation import Inputs
 from difftrain.trainer.scratch import Scratch
 from difftrain.trainer.waiting import Waiting
 
@@ -63,6 +64,8 @@ class Run:
     disk: Scratch
     waiting: Waiting
     run_id: str | None = None  # the run this job writes, once a stage has chosen it
+    evaluation: Inputs | None = None  # what spec.evaluation reads
+    held_out: list = field(default_factory=list)  # images for the held-out loss
 
     @property
     def spec(self):
@@ -121,10 +124,14 @@ def _prepare(config, paths: Paths, settings, method, output: Store, leases: list
         spec.model, settings, paths.cache / "models", weights=method.needs_weights(spec)
     )
     data_folder = data.fetch_dataset(spec.dataset.uri, settings, paths.cache / "datasets")
+    inputs = evaluation.fetch(spec, settings, paths.cache)
     accelerator = _accelerator(spec)
     components = method.components(model_folder, spec, spec.training.seed)
     check_model(spec, components)
     examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder, paths.cache)
+    examples, sizes, held_out = evaluation.hold_out(spec, examples, sizes)
+    if held_out:
+        log.info("%d images held out of training for the validation loss", len(held_out))
     batches = _batches(spec, accelerator, training_sizes(spec.dataset, sizes))
     if accelerator.is_main_process:  # before anything is written to the output
         leases.append(ownership.take(output, ownership.Holder.of(config)))
@@ -160,6 +167,8 @@ def _prepare(config, paths: Paths, settings, method, output: Store, leases: list
         lease=leases[0] if leases else None,
         disk=Scratch(paths.base, scratch_bytes(spec)),
         waiting=Waiting(accelerator.num_processes),
+        evaluation=inputs,
+        held_out=held_out or (inputs.held_out if inputs else []),
     )
 
 

@@ -59,6 +59,7 @@ class Stage:
     ledger: checkpoint.Ledger | None = None  # this run's checkpoints (main process)
     sharded_from: type | None = None  # the denoiser's class, when it is sharded (fsdp)
     gathered: dict | None = None  # the whole trained modules, gathered for export (fsdp)
+    evaluations: list = field(default_factory=list)  # the run's evaluation scores so far
 
     name = "diffusion"
 

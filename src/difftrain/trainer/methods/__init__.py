@@ -101,11 +101,6 @@ def for_spec(spec: DiffusionTrainingJobSpec) -> Method:
             f"spec.method: {spec.method} is not supported by this trainer version; "
             f"use {', '.join(sorted(known))}"
         )
-    if spec.evaluation is not None:
-        raise InvalidSpec(
-            "spec.evaluation: evaluation is not available in this trainer version; leave "
-            "spec.evaluation out (validation samples show progress meanwhile)"
-        )
     if "singleFile" in (spec.output.formats or []):
         raise InvalidSpec(
             "spec.output.formats: singleFile export is not available in this trainer version; "
