@@ -83,6 +83,22 @@ def shapes_folder(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("shapes"), count=32, size=32)
 
 
+@pytest.fixture(scope="session")
+def inception(tmp_path_factory):
+    """An InceptionV3 weights file (random weights) as FID's users provide one."""
+    from tests import evaluators
+
+    return evaluators.write_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny CLIP model folder as the CLIP score's users provide one."""
+    from tests import evaluators
+
+    return evaluators.write_clip(tmp_path_factory.mktemp("clip") / "clip")
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite golden files instead of comparing"

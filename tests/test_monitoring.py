@@ -169,7 +169,7 @@ def operator_metrics():
 
 
 def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
-    tmp_path, trainer_cache, shapes_folder, operator_metrics
+    tmp_path, trainer_cache, shapes_folder, operator_metrics, inception, clip_folder
 ):
     data = tmp_path / "data"
     shutil.copytree(shapes_folder, data)
@@ -185,6 +185,18 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
             "imagesPerPrompt": 2,
             "everySteps": 3,
             "inferenceSteps": 1,
+        },
+        "evaluation": {
+            "everySteps": 3,
+            "numImages": 2,
+            "inferenceSteps": 1,
+            "fid": {
+                "referenceUri": f"file://{shapes_folder}/images",
+                "weightsUri": f"file://{inception}",
+                "features": 64,
+            },
+            "clipScore": {"modelUri": f"file://{clip_folder}"},
+            "validationLoss": {"fraction": 0.1, "timesteps": 1},
         },
     }
     config = runner.write_config(tmp_path, spec, name="watched")
@@ -277,6 +289,10 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
     assert (
         value["difftrain_samples_generated_total"] % 2 == 0 and value["difftrain_eta_seconds"] > 0
     )
+    assert value["difftrain_last_evaluation_step"] % 3 == 0
+    assert value["difftrain_eval_fid"] > 0 and 0 <= value["difftrain_eval_clip_score"] <= 100
+    assert math.isfinite(value["difftrain_validation_loss"])
+    assert 0 <= time.time() - value["difftrain_last_evaluation_timestamp_seconds"] < 600
     operator = {
         "difftrain_operator_jobs": ("gauge", {"namespace", "phase"}),
         "difftrain_operator_job_restarts": ("gauge", {"namespace", "job"}),

@@ -60,6 +60,9 @@ PANELS = [
     ("Checkpoint age", "timeseries", "s", [_job("checkpoint_age_seconds")], 8, 8),
     ("Validation samples", "timeseries", "short", [_job("samples_generated_total")], 8, 8),
     ("Dataset images skipped", "timeseries", "short", [_job("dataset_images_skipped")], 8, 8),
+    ("FID (lower is better)", "timeseries", "short", [_job("eval_fid")], 8, 8),
+    ("CLIP score (higher is better)", "timeseries", "short", [_job("eval_clip_score")], 8, 8),
+    ("Validation loss", "timeseries", "short", [_job("validation_loss")], 8, 8),
 ]
 
 

@@ -185,3 +185,38 @@ def test_suspending_and_resuming_is_allowed(control_plane, namespace):
     _apply(control_plane, namespace, base)
 
     assert _generation(control_plane, namespace, "pausable") == first + 2
+
+
+def test_kubectl_get_wide_shows_the_newest_evaluation(control_plane, namespace):
+    _apply(control_plane, namespace, job({"metadata": {"name": "scored"}}))
+    status = {
+        "status": {
+            "phase": "Running",
+            "evaluation": {
+                "step": 600,
+                "fid": 41.25,
+                "clipScore": 27.5,
+                "validationLoss": 0.125,
+                "time": "2026-11-26T12:00:00Z",
+            },
+        }
+    }
+    control_plane.kubectl(
+        "patch",
+        "dtj",
+        "scored",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+
+    table = control_plane.kubectl("get", "dtj", "scored", "-n", namespace, "-o", "wide").stdout
+
+    header, row = table.splitlines()
+    assert header.split()[-2:] == ["FID", "CLIP"]
+    assert row.split()[-2:] == ["41.25", "27.5"]
+    narrow = control_plane.kubectl("get", "dtj", "scored", "-n", namespace).stdout
+    assert "FID" not in narrow

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import generate_latest, start_http_server
 
 from difftrain import contract
+from difftrain.api.status import DiffusionTrainingJobStatus
 from difftrain.local import free_port
 from difftrain.operator import progress
 from difftrain.trainer.telemetry import Telemetry
@@ -54,6 +55,34 @@ def test_status_fields_from_the_main_process_metrics():
         },
         "outputs": {"samples": ["s3://runs/demo/samples/step-00000150"]},
     }
+
+
+def test_the_newest_evaluation_goes_to_the_status():
+    trainer = _trainer(step=300, total_steps=600)
+    trainer.update(
+        eval_fid=41.2345678,
+        validation_loss=0.125,
+        last_evaluation_step=300,
+        last_evaluation_timestamp_seconds=NOW.timestamp() - 30.6,
+    )
+
+    found = progress.read(generate_latest(trainer.registry).decode(), NOW, "s3://runs/demo")
+
+    assert found["evaluation"] == {
+        "step": 300,
+        "fid": 41.234568,
+        "validationLoss": 0.125,
+        "time": "2026-11-26T11:59:29Z",
+    }
+    assert DiffusionTrainingJobStatus.model_validate(found).evaluation.fid == 41.234568
+
+
+def test_no_evaluation_in_the_status_before_the_first():
+    trainer = _trainer(step=300, total_steps=600, eval_fid=1.0)
+
+    found = progress.read(generate_latest(trainer.registry).decode(), NOW, "s3://runs/demo")
+
+    assert "evaluation" not in found
 
 
 def test_the_autoencoder_stages_checkpoints_are_in_its_folder():

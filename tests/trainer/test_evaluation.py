@@ -16,19 +16,8 @@ from difftrain.errors import DatasetError
 from difftrain.shapes import render
 from difftrain.trainer import evaluation
 from difftrain.trainer.data import Example
-from tests import evaluators
 from tests.builders import job
 from tests.trainer import runner
-
-
-@pytest.fixture(scope="session")
-def inception(tmp_path_factory) -> Path:
-    return evaluators.write_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
-
-
-@pytest.fixture(scope="session")
-def clip_folder(tmp_path_factory) -> Path:
-    return evaluators.write_clip(tmp_path_factory.mktemp("clip") / "clip")
 
 
 def _images(first: int, count: int, inverted: bool = False) -> list[torch.Tensor]:
@@ -266,3 +255,35 @@ def test_bad_evaluation_inputs_fail_before_training(
     reason = json.loads((tmp_path / "termination-log").read_text())
     assert reason["message"].startswith(message)
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_two_nodes_share_an_evaluation_and_score_as_one_process_does(
+    tmp_path, trainer_cache, shapes_folder, inception, clip_folder
+):
+    """With a learning rate too small to move the weights, both runs evaluate the same
+    model: the scores of the shares gathered equal one process's scores of all."""
+    runs = {}
+    for nodes in (1, 2):
+        folder = tmp_path / f"nodes{nodes}"
+        folder.mkdir()
+        extra = {
+            "training": {"steps": 2, "batchSize": 4, "learningRate": 1e-12},
+            "resources": {"nodes": nodes},
+        }
+        config = _evaluated_job(folder, shapes_folder, inception, clip_folder, **extra)
+        if nodes == 1:
+            code, log = runner.run(config, folder, trainer_cache)
+            assert code == 0, log
+            logs = [log]
+        else:
+            started = runner.start_nodes(config, folder)
+            logs = [node.communicate(timeout=300)[0] for node in started]
+            assert [node.returncode for node in started] == [0, 0], logs
+        runs[nodes] = json.loads((folder / "out" / "model" / "evaluation.json").read_text()), logs
+
+    (one, one_logs), (two, two_logs) = runs[1], runs[2]
+    assert "evaluation: 6 of its 6 images made by this process" in one_logs[0]
+    for log in two_logs:
+        assert "evaluation: 3 of its 6 images made by this process" in log
+    for key in ("fid", "clipScore", "validationLoss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key

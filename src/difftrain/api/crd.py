@@ -49,6 +49,20 @@ PRINTER_COLUMNS = [
         "jsonPath": ".status.preemptions",
         "priority": 1,
     },
+    {
+        "name": "FID",
+        "type": "number",
+        "jsonPath": ".status.evaluation.fid",
+        "description": "FID of the newest evaluation (lower is better).",
+        "priority": 1,
+    },
+    {
+        "name": "CLIP",
+        "type": "number",
+        "jsonPath": ".status.evaluation.clipScore",
+        "description": "CLIP score of the newest evaluation (higher is better).",
+        "priority": 1,
+    },
 ]
 
 

@@ -51,6 +51,22 @@ class CheckpointRef(StatusModel):
     time: datetime = Field(description="When it completed.")
 
 
+class Evaluation(StatusModel):
+    """The newest evaluation's scores (spec.evaluation), read from the trainer's metrics."""
+
+    step: int = Field(ge=0, description="Step of the stage the model was evaluated at.")
+    fid: float | None = Field(
+        None, description="FID against the reference images (lower is better)."
+    )
+    clip_score: float | None = Field(
+        None, description="CLIP score of the generated images (higher is better)."
+    )
+    validation_loss: float | None = Field(
+        None, description="Loss on the held-out images (lower is better)."
+    )
+    time: datetime = Field(description="When the evaluation finished.")
+
+
 class Outputs(StatusModel):
     """Where the results are."""
 
@@ -96,4 +112,5 @@ class DiffusionTrainingJobStatus(StatusModel):
     completion_time: datetime | None = Field(None, description="When the job finished.")
     progress: Progress | None = Field(None, description="Training progress.")
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
+    evaluation: Evaluation | None = Field(None, description="The newest evaluation's scores.")
     outputs: Outputs | None = Field(None, description="Where the results are.")

@@ -8,7 +8,7 @@ nothing, so the last progress stays, with the time it was seen.
 """
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from difftrain import contract
 from difftrain.operator.status import timestamp
@@ -36,9 +36,25 @@ def main_pod_endpoint(pods: list[dict]) -> str | None:
     return None
 
 
+def _evaluation(values: dict, step: int) -> dict:
+    """``status.evaluation`` from the newest evaluation's gauges."""
+    scores = {"step": step}
+    for key, name in (
+        ("eval_fid", "fid"),
+        ("eval_clip_score", "clipScore"),
+        ("validation_loss", "validationLoss"),
+    ):
+        if math.isfinite(values.get(key, math.nan)):
+            scores[name] = round(values[key], 6)
+    seconds = int(values.get("last_evaluation_timestamp_seconds", 0))
+    when = datetime.fromtimestamp(seconds, UTC)
+    scores["time"] = timestamp(when)
+    return scores
+
+
 def read(text: str, now: datetime, output_uri: str) -> dict:
-    """Status fields (``progress``, ``lastCheckpoint``, ``outputs``) from the trainer's
-    exposition ``text``: the main process's series (``rank="0"``)."""
+    """Status fields (``progress``, ``lastCheckpoint``, ``evaluation``, ``outputs``) from
+    the trainer's exposition ``text``: the main process's series (``rank="0"``)."""
     values = contract.read_metrics(text)
     found = {}
     step, total = values.get("step"), values.get("total_steps")
@@ -70,6 +86,9 @@ def read(text: str, now: datetime, output_uri: str) -> dict:
             "uri": f"{root}/{contract.checkpoint_prefix(saved)}",
             "time": timestamp(now - timedelta(seconds=age)),
         }
+    evaluated = int(values.get("last_evaluation_step", 0))
+    if evaluated > 0:
+        found["evaluation"] = _evaluation(values, evaluated)
     sampled = int(values.get("last_samples_step", 0))
     if sampled > 0:
         samples = f"{contract.stage_root(output_uri)}/{contract.samples_prefix(sampled)}"

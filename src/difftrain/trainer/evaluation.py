@@ -325,6 +325,7 @@ class Evaluator:
             )
         if len(results) < len(mine):
             return None
+        log.info("evaluation: %d of its %d images made by this process", count, len(wanted))
         return [(prompt, as_tensor(image)) for prompt, _, image in results[:count]]
 
     def _fid(self, images: list) -> float:
