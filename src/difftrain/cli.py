@@ -72,6 +72,58 @@ def _dataset_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import tempfile
+
+    from difftrain import compare
+    from difftrain.storage import S3Settings
+
+    if len(args.outputs) < 2:
+        print("compare needs at least two outputs (OUTPUT_A OUTPUT_B ...)", file=sys.stderr)
+        return InvalidSpec.exit_code
+    settings = S3Settings(
+        endpoint=args.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
+        region=args.region or os.environ.get("AWS_REGION", "us-east-1"),
+        path_style=args.path_style,
+    )
+    try:
+        runs = [compare.load_run(uri, settings) for uri in args.outputs]
+        if args.generate:
+            prompts = args.prompt or runs[0].record.get("spec", {}).get("validation", {}).get(
+                "prompts", []
+            )
+            if not prompts:
+                print("--generate needs --prompt (the runs sample no prompts)", file=sys.stderr)
+                return InvalidSpec.exit_code
+            with tempfile.TemporaryDirectory(prefix="difftrain-compare-") as work:
+                samples = compare.generated_rows(
+                    runs,
+                    prompts,
+                    seed=args.seed,
+                    steps=args.steps,
+                    guidance=args.guidance,
+                    base=args.base,
+                    settings=settings,
+                    workdir=Path(work),
+                )
+        else:
+            samples = compare.sample_rows(runs)
+    except InvalidSpec as error:
+        print(error, file=sys.stderr)
+        return error.exit_code
+    numbers = compare.report(runs, samples)
+    if args.json:
+        print(json.dumps(numbers, indent=2))
+    if args.output or not args.json:
+        path = Path(args.output or "compare.html")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(compare.render_html(runs, samples, numbers), encoding="utf-8")
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _operator(args: argparse.Namespace) -> int:
     from difftrain.operator.main import defaults_from_env, run
 
@@ -160,6 +212,38 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--count", type=int, default=2048, help="images (default 2048)")
     shapes.add_argument("--size", type=int, default=64, help="side in pixels (default 64)")
     shapes.set_defaults(run=_dataset_shapes)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare finished runs in an HTML report",
+        description="Compare finished runs (their outputs, s3:// or file://): spec "
+        "differences, loss curves, evaluation scores (the best marked) and images of the "
+        "same prompt and seed side by side, in one self-contained HTML file. S3 "
+        "credentials come from the environment, as for the other commands.",
+    )
+    compare.add_argument("outputs", nargs="+", metavar="OUTPUT")
+    compare.add_argument(
+        "-o", "--output", help="HTML file to write (default compare.html; none with --json)"
+    )
+    compare.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    compare.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate the images now from each run's model instead of using its samples",
+    )
+    compare.add_argument(
+        "--prompt", action="append", default=[], help="prompt to generate (repeatable)"
+    )
+    compare.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    compare.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    compare.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    compare.add_argument("--base", help="base model of adapter runs stored on S3")
+    compare.add_argument("--endpoint", help="S3 endpoint (default $AWS_ENDPOINT_URL)")
+    compare.add_argument("--region", help="S3 region (default $AWS_REGION or us-east-1)")
+    compare.add_argument(
+        "--path-style", action="store_true", help="path-style S3 addressing (MinIO and others)"
+    )
+    compare.set_defaults(run=_compare)
 
     operator = commands.add_parser(
         "operator",
