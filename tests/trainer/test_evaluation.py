@@ -3,6 +3,7 @@ held-out images; the metrics' numbers checked against formulas written out here.
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file
 
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.errors import DatasetError
@@ -17,7 +19,7 @@ from difftrain.shapes import render
 from difftrain.trainer import evaluation
 from difftrain.trainer.data import Example
 from tests.builders import job
-from tests.trainer import runner
+from tests.trainer import families, runner
 
 
 def _images(first: int, count: int, inverted: bool = False) -> list[torch.Tensor]:
@@ -287,3 +289,119 @@ def test_two_nodes_share_an_evaluation_and_score_as_one_process_does(
         assert "evaluation: 3 of its 6 images made by this process" in log
     for key in ("fid", "clipScore", "validationLoss"):
         assert two[key] == pytest.approx(one[key], rel=1e-4), key
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def test_evaluating_does_not_change_the_training_run(
+    tmp_path, trainer_cache, shapes_folder, clip_folder
+):
+    """LoRA dropout draws from the global random state; evaluations fork it and run in
+    eval mode, so the weights trained are the same with evaluations or without."""
+    configs = {}
+    for name in ("plain", "evaluated"):
+        folder = tmp_path / name
+        folder.mkdir()
+        evaluated = {
+            "evaluation": {
+                "everySteps": 2,
+                "prompts": ["a red circle"],
+                "numImages": 2,
+                "inferenceSteps": 2,
+                "clipScore": {"modelUri": f"file://{clip_folder}"},
+                # Held-out images of their own: the training set stays the same.
+                "validationLoss": {"uri": f"file://{shapes_folder}", "maxImages": 4},
+            }
+        }
+        spec = {
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{folder / 'out'}"},
+            "training": {"steps": 4},
+            "lora": {"rank": 4, "dropout": 0.1},
+            "checkpoints": {"everySteps": 4},
+            **(evaluated if name == "evaluated" else {}),
+        }
+        configs[name] = runner.write_config(folder, spec)
+    results = runner.run_together(
+        [(config, tmp_path / name, trainer_cache, ONE_THREAD) for name, config in configs.items()]
+    )
+
+    assert [code for code, _ in results] == [0, 0], results
+    plain, evaluated = (
+        load_file(
+            tmp_path / name / "out" / "checkpoints" / "step-00000004" / "trainable.safetensors"
+        )
+        for name in ("plain", "evaluated")
+    )
+    assert "evaluation at step 2: clipScore " in results[1][1]
+    assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
+
+
+def test_a_resumed_run_keeps_its_earlier_evaluations_once(
+    tmp_path, trainer_cache, shapes_folder, clip_folder
+):
+    spec = {
+        "dataset": {"uri": f"file://{shapes_folder}"},
+        "output": {"uri": f"file://{tmp_path}/out"},
+        "training": {"steps": 6},
+        "lora": {"rank": 4},
+        "checkpoints": {"everySteps": 100},
+        "evaluation": {
+            "everySteps": 2,
+            "prompts": ["a red circle"],
+            "numImages": 1,
+            "inferenceSteps": 1,
+            "clipScore": {"modelUri": f"file://{clip_folder}"},
+            "validationLoss": {"fraction": 0.1, "timesteps": 1},
+        },
+    }
+    config = runner.write_config(tmp_path, spec)
+    first = runner.start(config, tmp_path, trainer_cache)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if "step 3/6 " in line:
+            first.send_signal(signal.SIGTERM)
+            break
+    rest, _ = first.communicate(timeout=120)
+    assert first.returncode == 143, "".join(seen) + rest
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    assert "resumed from checkpoint step 3" in log
+    result = json.loads((tmp_path / "out" / "model" / "evaluation.json").read_text())
+    assert [e["step"] for e in result["history"]] == [2, 4, 6]
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_every_family_evaluates(
+    tmp_path, trainer_cache, shapes_folder, inception, clip_folder, preset
+):
+    spec = families.job(
+        tmp_path,
+        shapes_folder,
+        preset,
+        lora={"rank": 4},
+        evaluation={
+            "prompts": ["a red circle", "a blue square"],
+            "numImages": 2,
+            "inferenceSteps": 2,
+            "fid": {
+                "referenceUri": f"file://{shapes_folder}/images",
+                "weightsUri": f"file://{inception}",
+                "features": 64,
+            },
+            "clipScore": {"modelUri": f"file://{clip_folder}"},
+            "validationLoss": {"fraction": 0.125, "timesteps": 2},
+        },
+    )
+    config = runner.write_config(tmp_path, spec)
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    result = json.loads((tmp_path / "out" / "model" / "evaluation.json").read_text())
+    assert result["step"] == 4
+    assert all(math.isfinite(result[key]) for key in ("fid", "clipScore", "validationLoss"))

@@ -277,7 +277,22 @@ class Evaluator:
 
     def evaluate(self, step: int, stopping=None) -> dict | None:
         """Every process's share of one evaluation; the scores (the same on every
-        process), or None when a process was stopped in the middle (nothing recorded)."""
+        process), or None when a process was stopped in the middle (nothing recorded).
+        The modules are in eval mode and the random state is forked: an evaluation
+        never changes the training run."""
+        device = self.stage.accelerator.device
+        modules = list(self.stage.trainable.modules.values())
+        modes = {module: module.training for module in modules}
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            try:
+                for module in modules:
+                    module.eval()
+                return self._evaluate(step, stopping)
+            finally:
+                for module, training in modes.items():
+                    module.train(training)
+
+    def _evaluate(self, step: int, stopping) -> dict | None:
         stage = self.stage
         started = time.perf_counter()
         scores: dict = {"step": step}
