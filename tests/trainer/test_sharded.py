@@ -138,3 +138,45 @@ def test_sharded_checkpoints_go_to_s3_and_come_back(tmp_path, shapes_folder, s3_
     ]
     assert store.exists("checkpoints/step-00000004/COMPLETE")
     assert store.exists("model/difftrain.json")
+
+
+def test_a_sharded_model_evaluates_as_a_whole_one_does(
+    tmp_path, shapes_folder, trainer_cache, inception, clip_folder
+):
+    """Shares of 3 images and 3 held-out images on two processes: the shorter one pads
+    its share, so both make the same forward passes of the sharded model. With a
+    learning rate too small to move the weights, the scores equal one process's."""
+    evaluation = {
+        "prompts": ["a red circle", "a blue square"],
+        "numImages": 3,
+        "inferenceSteps": 2,
+        "fid": {
+            "referenceUri": f"file://{shapes_folder}/images",
+            "weightsUri": f"file://{inception}",
+            "features": 64,
+        },
+        "clipScore": {"modelUri": f"file://{clip_folder}"},
+        "validationLoss": {"fraction": 0.1, "timesteps": 2},
+    }
+    results = {}
+    for strategy, nodes in (("fsdp", 2), ("ddp", 1)):
+        folder = tmp_path / strategy
+        spec = _spec(shapes_folder, folder / "out", strategy, steps=1)
+        spec["training"]["learningRate"] = 1e-12
+        spec["resources"]["nodes"] = nodes
+        spec.update(evaluation=evaluation, validation={})
+        if nodes == 2:
+            logs = _train(folder, spec)
+        else:
+            folder.mkdir()
+            code, log = runner.run(runner.write_config(folder, spec), folder, trainer_cache)
+            assert code == 0, log
+            logs = [log]
+        result = folder / "out" / "model" / "evaluation.json"
+        results[strategy] = json.loads(result.read_text()), logs
+
+    (sharded, sharded_logs), (whole, _) = results["fsdp"], results["ddp"]
+    assert "evaluation: 2 of its 3 images made by this process" in sharded_logs[0]
+    assert "evaluation: 1 of its 3 images made by this process" in sharded_logs[1]
+    for key in ("fid", "clipScore", "validationLoss"):
+        assert sharded[key] == pytest.approx(whole[key], rel=1e-4), key
