@@ -285,7 +285,7 @@ BAD_MANIFESTS = [
     (
         "validation-loss-both-sources",
         job(spec={"evaluation": {"validationLoss": {"fraction": 0.1, "uri": "file:///held"}}}),
-        "spec.evaluation.validationLoss: set exactly one of fraction and uri (both are set)",
+        "spec.evaluation.validationLoss: needs exactly one of fraction and uri (both are set)",
     ),
     (
         "evaluation-prompts-twice",

@@ -258,7 +258,7 @@ class ValidationLossSpec(ApiModel):
     def _one_source(self):
         if (self.fraction is None) == (self.uri is None):
             both = "both are set" if self.fraction is not None else "neither is set"
-            raise_problems([((), f"set exactly one of fraction and uri ({both})")])
+            raise_problems([((), f"needs exactly one of fraction and uri ({both})")])
         return self
 
 
@@ -270,7 +270,12 @@ class EvaluationSpec(ApiModel):
             "rule": "has(self.fid) || has(self.clipScore) || has(self.validationLoss)",
             "message": "spec.evaluation needs fid, clipScore or validationLoss (or leave "
             "evaluation out)",
-        }
+        },
+        {
+            "rule": "!has(self.promptsUri) || !has(self.prompts) || size(self.prompts) == 0",
+            "message": "spec.evaluation.promptsUri: set prompts or promptsUri, not both",
+            "fieldPath": ".promptsUri",
+        },
     )
 
     every_steps: int | None = Field(

@@ -323,3 +323,36 @@ def _shards_to_read(trainer, source: Store, folder) -> list[str]:
     source.download(f"{sharding.SHARDS}/{sharding.METADATA}", folder / sharding.METADATA)
     needed = sharding.needed_files(_sharded_module(trainer), trainer.optimizer, folder)
     return [f"{sharding.SHARDS}/{name}" for name in sorted(needed)]
+
+
+def resume(stage) -> "Position":
+    """Choose the run this stage writes and restore its newest checkpoint, if any: under
+    ``resume: auto`` the newest complete checkpoint, when it belongs to a run of this
+    training spec (InvalidSpec otherwise); a new run from step 0 when there is none, or
+    under ``resume: never``."""
+    from difftrain.trainer.setup import gather_from_all
+
+    config, accelerator = stage.config, stage.accelerator
+    current = identity.training_spec(config.spec)
+    job = {"namespace": config.namespace, "name": config.name, "uid": config.uid}
+    found = catalog(stage.output)
+    latest = newest(found) if config.spec.checkpoints.resume == "auto" else None
+    if latest is not None:
+        where = f"{stage.output.uri}/{step_prefix(latest.step)}"
+        identity.check_resumable(latest.record, current, where)
+        run_id = latest.run
+    else:  # one id for all processes: the main process's
+        earlier = stage.run.run_id
+        run_id = gather_from_all(accelerator, earlier or identity.new_run_id())[0]
+    stage.identity = identity.RunIdentity(run_id, current, job)
+    if accelerator.is_main_process:
+        stage.ledger = Ledger.of(stage.output, run_id, found)
+        if latest is None and any(f.run != run_id for f in found):
+            log.warning(
+                "%s holds checkpoints of earlier runs; they are left as they are, "
+                "except any at a step this run saves too",
+                stage.output.uri,
+            )
+    if latest is None:
+        return Position()
+    return load(stage, latest.step)

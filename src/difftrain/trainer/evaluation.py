@@ -437,6 +437,31 @@ def _bare_encoders(stage):
     return dataclasses.replace(components, text_encoders=bare)
 
 
+def schedule(stage, evaluates: bool):
+    """When a stage evaluates: every ``evaluation.everySteps`` and at its last step, if
+    the job evaluates and ``evaluates`` (the diffusion stage does)."""
+    from difftrain.trainer.policies import Every
+
+    evaluates = evaluates and stage.run.evaluation is not None
+    every = stage.config.spec.evaluation.every_steps if evaluates else None
+    total = stage.total_steps
+    return Every(every or total, total, at_last=True, enabled=evaluates)
+
+
+SCORE_NAMES = ("fid", "clipScore", "validationLoss")
+
+
+def steps(stage) -> set[int]:
+    """The steps the stage has evaluated at."""
+    return {scores["step"] for scores in stage.evaluations}
+
+
+def summary(scores: dict) -> str:
+    """The log line of an evaluation."""
+    said = ", ".join(f"{key} {scores[key]:.4f}" for key in SCORE_NAMES if key in scores)
+    return f"evaluation at step {scores['step']}: {said} ({scores['seconds']:.1f} s)"
+
+
 def card_rows(history: list[dict]) -> list[tuple[str, str]]:
     """The model card's rows for the last evaluation."""
     if not history:

@@ -29,7 +29,6 @@ from difftrain.trainer import (
     evaluation,
     export,
     features,
-    identity,
     methods,
     ownership,
     plots,
@@ -145,11 +144,7 @@ class Training:
             spec.validation.every_steps, stage.total_steps, enabled=stage.samples
         )
         self.saves = policies.Every(spec.checkpoints.every_steps, stage.total_steps)
-        evaluates = stage.name == methods.DIFFUSION and stage.run.evaluation is not None
-        every = spec.evaluation.every_steps if evaluates else None
-        self.evaluations = policies.Every(
-            every or stage.total_steps, stage.total_steps, at_last=True, enabled=evaluates
-        )
+        self.evaluations = evaluation.schedule(stage, stage.name == methods.DIFFUSION)
         self.evaluator: evaluation.Evaluator | None = None
         self.window = Window()
         self.position = checkpoint.Position()
@@ -190,7 +185,7 @@ class Training:
     def begin(self) -> None:
         stage = self.stage
         self.progress.begin(stage.name)
-        self.position = resume(stage)
+        self.position = checkpoint.resume(stage)
         step = self.position.step
         if step:
             log.info("%sresumed from checkpoint step %d", self.label, step)
@@ -201,6 +196,8 @@ class Training:
         if self.evaluations.enabled:
             self.evaluator = evaluation.Evaluator(stage, stage.run.evaluation)
             stage.evaluations = self.metrics.evaluations()  # those before a resume
+            if step and self.evaluations.due(step) and step not in evaluation.steps(stage):
+                self.evaluate()  # the one a stop cut short, before the checkpoint
         self.progress.update(step)
         self.window.restart()  # throughput counts from here, not from before the resume
 
@@ -274,15 +271,14 @@ class Training:
             log.info("%sstep %d/%d loss %.4f", self.label, step, stage.total_steps, entry["loss"])
 
     def time_left(self, per_step: float) -> float:
-        """Seconds to the last step: the steps, and the checkpoints and samples between."""
-        step, total, last = self.position.step, self.stage.total_steps, self.window.last
-        progress = self.progress
+        """Seconds to the last step: the steps, and the checkpoints, samples and
+        evaluations between."""
+        step, total, progress = self.position.step, self.stage.total_steps, self.progress
         left = per_step * (progress.total - progress.offset - step)
-        left += last["save"] * pauses_left(step, total, self.saves.every)
-        if self.samples.enabled:
-            left += last["sample"] * pauses_left(step, total, self.samples.every)
-        if self.evaluations.enabled:
-            left += last["evaluate"] * pauses_left(step, total, self.evaluations.every)
+        pauses = {"save": self.saves, "sample": self.samples, "evaluate": self.evaluations}
+        for kind, policy in pauses.items():
+            if policy.enabled:
+                left += self.window.last[kind] * pauses_left(step, total, policy.every)
         return left
 
     def save(self) -> None:
@@ -318,21 +314,14 @@ class Training:
 
     def evaluate(self) -> None:
         """Every process evaluates its share; the main one records the scores."""
-        stage, step = self.stage, self.position.step
         with self.window.pause("evaluate"):
-            scores = self.evaluator.evaluate(step, stopping=lambda: self.stop.requested)
-        if scores is None:
-            return
-        stage.evaluations.append(scores)
-        self.progress.evaluated(scores)
-        if stage.run.main:
-            self.metrics.append({"step": step, "evaluation": scores})
-            said = ", ".join(
-                f"{key} {scores[key]:.4f}"
-                for key in ("fid", "clipScore", "validationLoss")
-                if key in scores
-            )
-            log.info("evaluation at step %d: %s (%.1f s)", step, said, scores["seconds"])
+            scores = self.evaluator.evaluate(self.position.step, lambda: self.stop.requested)
+        if scores is not None:
+            self.stage.evaluations.append(scores)
+            self.progress.evaluated(scores)
+            if self.stage.run.main:
+                self.metrics.append({"step": scores["step"], "evaluation": scores})
+                log.info("%s", evaluation.summary(scores))
 
     def upload_curve(self) -> None:
         """Upload ``metrics.jsonl`` and its picture, ``loss.png``."""
@@ -341,34 +330,3 @@ class Training:
         title = f"{stage.config.name}: {stage.name} loss"
         image = plots.write_loss_curve(self.metrics.path, stage.scratch / "loss.png", title)
         stage.output.upload(image, "loss.png")
-
-
-def resume(stage: Stage) -> checkpoint.Position:
-    """Choose the run this stage writes and restore its newest checkpoint, if any: under
-    ``resume: auto`` the newest complete checkpoint, when it belongs to a run of this
-    training spec (InvalidSpec otherwise); a new run from step 0 when there is none, or
-    under ``resume: never``."""
-    config, accelerator = stage.config, stage.accelerator
-    current = identity.training_spec(config.spec)
-    job = {"namespace": config.namespace, "name": config.name, "uid": config.uid}
-    found = checkpoint.catalog(stage.output)
-    latest = checkpoint.newest(found) if config.spec.checkpoints.resume == "auto" else None
-    if latest is not None:
-        where = f"{stage.output.uri}/{checkpoint.step_prefix(latest.step)}"
-        identity.check_resumable(latest.record, current, where)
-        run_id = latest.run
-    else:  # one id for all processes: the main process's
-        earlier = stage.run.run_id
-        run_id = gather_from_all(accelerator, earlier or identity.new_run_id())[0]
-    stage.identity = identity.RunIdentity(run_id, current, job)
-    if accelerator.is_main_process:
-        stage.ledger = checkpoint.Ledger.of(stage.output, run_id, found)
-        if latest is None and any(f.run != run_id for f in found):
-            log.warning(
-                "%s holds checkpoints of earlier runs; they are left as they are, "
-                "except any at a step this run saves too",
-                stage.output.uri,
-            )
-    if latest is None:
-        return checkpoint.Position()
-    return checkpoint.load(stage, latest.step)
