@@ -176,9 +176,17 @@ async def test_a_running_jobs_status_follows_its_trainer(k8s, operator):
         assert (first["percent"], first["eta"]) == (25.0, "1m30s")
         trainer.update(step=60)
         trainer.checkpoint_saved(60)
+        trainer.update(
+            validation_loss=0.25, last_evaluation_step=60, last_evaluation_timestamp_seconds=1e9
+        )
         await eventually(lambda: _progress(k8s).get("step") == 60)
-        checkpoint = _get(k8s, DTJ, "demo")["status"]["lastCheckpoint"]
-        assert checkpoint["uri"].endswith("/checkpoints/step-00000060")
+        status = _get(k8s, DTJ, "demo")["status"]
+        assert status["lastCheckpoint"]["uri"].endswith("/checkpoints/step-00000060")
+        assert status["evaluation"] == {
+            "step": 60,
+            "validationLoss": 0.25,
+            "time": "2001-09-09T01:46:40Z",
+        }
     finally:
         server.shutdown()
         thread.join(timeout=5)

@@ -82,7 +82,7 @@ class Window:
 
     losses: list = field(default_factory=list)  # one per micro-batch
     started: float = field(default_factory=time.perf_counter)
-    paused: float = 0.0  # seconds of checkpoints and samples within the window
+    paused: float = 0.0  # seconds of checkpoints, samples and evaluations within the window
     # The latest of each pause.
     last: dict = field(default_factory=lambda: {"save": 0.0, "sample": 0.0, "evaluate": 0.0})
 
