@@ -155,11 +155,11 @@ def generated_rows(
     workdir: Path,
 ) -> dict:
     """Images generated now from each run's model: one row per prompt, each at ``seed``."""
+    from difftrain.trainer import sampling
+
     rows = [{"prompt": p, "seed": seed, "images": []} for p in prompts]
     for index, run in enumerate(runs):
         pipeline, size = _pipeline(run, base, settings, workdir / f"run-{index}")
-        from difftrain.trainer import sampling
-
         made = sampling.generate_each(
             pipeline, [(p, seed) for p in prompts], size=size, steps=steps, guidance=guidance
         )
