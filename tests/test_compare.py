@@ -24,8 +24,8 @@ def _train(folder: Path, shapes_folder, clip_folder, trainer_cache, learning_rat
         "dataset": {"uri": f"file://{shapes_folder}"},
         "output": {"uri": f"file://{folder}/out"},
         "lora": {"rank": 4},
-        "training": {"learningRate": learning_rate},
-        "validation": {"prompts": PROMPTS, "everySteps": 3, "inferenceSteps": 2},
+        "training": {"steps": 4, "learningRate": learning_rate},
+        "validation": {"prompts": PROMPTS, "everySteps": 2, "inferenceSteps": 2},
         "evaluation": {
             "prompts": PROMPTS,
             "numImages": 2,
@@ -83,7 +83,7 @@ def test_the_json_has_each_runs_scores_the_spec_differences_and_common_samples(
             "clipScore": result["clipScore"],
             "validationLoss": result["validationLoss"],
             "finalLoss": record["finalLoss"],
-            "evaluatedAt": 6,
+            "evaluatedAt": 4,
         }
         lines = (folder / "metrics.jsonl").read_text().splitlines()
         losses = [json.loads(line) for line in lines]
@@ -92,7 +92,7 @@ def test_the_json_has_each_runs_scores_the_spec_differences_and_common_samples(
     assert differences["training.learningRate"] == [0.001, 0.003]
     assert set(differences) == {"training.learningRate", "output.uri"}
     assert numbers["samples"] == {
-        "step": 6,
+        "step": 4,
         "rows": [{"prompt": p, "seed": s} for s, p in enumerate(PROMPTS)],
     }
     lower = min(r["scores"]["validationLoss"] for r in numbers["runs"])

@@ -7,7 +7,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from difftrain.trainer.records import pauses_left
+from difftrain.trainer.records import Progress, pauses_left
 from difftrain.trainer.telemetry import Telemetry
 
 
@@ -35,6 +35,18 @@ def test_loss_average_and_checkpoint_age():
     assert first["loss_average"] == pytest.approx(0.81)  # 1, then 0.9, then 0.81
     assert first["checkpoint_age_seconds"] == 30  # since start: no checkpoint yet
     assert (second["last_checkpoint_step"], second["checkpoint_age_seconds"]) == (500, 5)
+
+
+def test_an_evaluation_shows_its_scores_step_and_time():
+    telemetry = Telemetry("ns", "job")
+    progress = Progress(telemetry, offset=500, total=1500)  # after an autoencoder stage
+
+    progress.evaluated({"step": 300, "validationLoss": 0.5, "time": "2026-12-07T01:17:32+00:00"})
+
+    values = _values(telemetry)
+    assert (values["last_evaluation_step"], values["validation_loss"]) == (300, 0.5)
+    assert values["last_evaluation_timestamp_seconds"] == 1796606252
+    assert "eval_fid" not in values  # not asked for: no series at all
 
 
 def test_a_non_finite_loss_shows_and_the_average_starts_again():

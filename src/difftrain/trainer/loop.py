@@ -196,6 +196,8 @@ class Training:
         if self.evaluations.enabled:
             self.evaluator = evaluation.Evaluator(stage, stage.run.evaluation)
             stage.evaluations = self.metrics.evaluations()  # those before a resume
+            if stage.evaluations:  # the gauges show the newest again
+                self.progress.evaluated(stage.evaluations[-1])
             if step and self.evaluations.due(step) and step not in evaluation.steps(stage):
                 self.evaluate()  # the one a stop cut short, before the checkpoint
         self.progress.update(step)

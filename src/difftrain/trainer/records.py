@@ -6,6 +6,7 @@ import contextlib
 import json
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from difftrain import contract
@@ -66,13 +67,14 @@ class Progress:
         self.telemetry.samples_generated(step, count)
 
     def evaluated(self, scores: dict) -> None:
-        """An evaluation's scores, as gauges (the step counts within the stage)."""
+        """An evaluation's scores, as gauges (the step counts within the stage, the time
+        is when it finished)."""
         self.telemetry.update(
             eval_fid=scores.get("fid"),
             eval_clip_score=scores.get("clipScore"),
             validation_loss=scores.get("validationLoss"),
             last_evaluation_step=scores["step"],
-            last_evaluation_timestamp_seconds=time.time(),
+            last_evaluation_timestamp_seconds=datetime.fromisoformat(scores["time"]).timestamp(),
         )
 
 
