@@ -464,10 +464,11 @@ class Batches:
             yield [(p % size, hash((self.seed, epoch, p)), *self.targets[p % size]) for p in batch]
 
 
-def fetch_dataset(uri: str, settings, cache: Path) -> Path:
-    """A local folder holding the dataset at ``uri``, fetched once per node into
-    ``cache`` and again when any of its objects changes (the entry is keyed by their
-    tags: ETags in S3)."""
+def fetch_dataset(uri: str, settings, cache: Path, unsafe_error=DatasetError) -> Path:
+    """A local folder holding the dataset (or other folder of inputs) at ``uri``,
+    fetched once per node into ``cache`` and again when any of its objects changes (the
+    entry is keyed by their tags: ETags in S3); a key that would land outside the
+    folder is refused with ``unsafe_error``."""
     from difftrain.storage import open_store
     from difftrain.trainer.cache import cached_folder
 
@@ -481,5 +482,5 @@ def fetch_dataset(uri: str, settings, cache: Path) -> Path:
     return cached_folder(
         cache,
         f"{uri}#{store.fingerprint()}",
-        lambda folder: store.download_tree("", folder, unsafe_error=DatasetError),
+        lambda folder: store.download_tree("", folder, unsafe_error=unsafe_error),
     )

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from difftrain.errors import DatasetError, InvalidSpec
-from difftrain.storage import Store, open_store
+from difftrain.storage import open_store
 from difftrain.trainer import data, sampling
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.conditioning import token_ids
@@ -85,7 +85,7 @@ def fetch(spec, settings, cache: Path) -> Inputs | None:
             )
     if evaluation.clip_score is not None:
         uri = evaluation.clip_score.model_uri
-        inputs.clip = fetch_folder(uri, settings, cache / "evaluation")
+        inputs.clip = data.fetch_dataset(uri, settings, cache / "evaluation", InvalidSpec)
         if not (inputs.clip / "config.json").is_file():
             raise InvalidSpec(
                 f"spec.evaluation.clipScore.modelUri: no CLIP model at {uri} (config.json "
@@ -123,18 +123,6 @@ def fetch_file(uri: str, settings, cache: Path, what: str) -> Path:
 
 def _field(uri: str, what: str) -> str:
     return {"fid": "fid.weightsUri", "promptsUri": "promptsUri"}.get(what, what)
-
-
-def fetch_folder(uri: str, settings, cache: Path) -> Path:
-    """A local copy of the folder at ``uri``, fetched once per node."""
-    if uri.startswith("file://"):
-        return Path(uri.removeprefix("file://"))
-    store: Store = open_store(uri, settings)
-    return cached_folder(
-        cache,
-        f"{uri}#{store.fingerprint()}",
-        lambda folder: store.download_tree("", folder, unsafe_error=InvalidSpec),
-    )
 
 
 def hold_out(spec, examples: list, sizes: list) -> tuple[list, list, list]:
@@ -280,17 +268,9 @@ class Evaluator:
         process), or None when a process was stopped in the middle (nothing recorded).
         The modules are in eval mode and the random state is forked: an evaluation
         never changes the training run."""
-        device = self.stage.accelerator.device
-        modules = list(self.stage.trainable.modules.values())
-        modes = {module: module.training for module in modules}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            try:
-                for module in modules:
-                    module.eval()
-                return self._evaluate(step, stopping)
-            finally:
-                for module, training in modes.items():
-                    module.train(training)
+        stage = self.stage
+        with sampling.outside_training(stage.trainable.modules.values(), stage.accelerator.device):
+            return self._evaluate(step, stopping)
 
     def _evaluate(self, step: int, stopping) -> dict | None:
         stage = self.stage

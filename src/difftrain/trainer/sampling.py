@@ -91,31 +91,40 @@ def generate_each(
     go to the pipeline call as they are (the family's ``sampling_options``)."""
     device = pipeline.device
     results = []
-    modes = {m: m.training for m in pipeline.components.values() if hasattr(m, "training")}
+    modules = [m for m in pipeline.components.values() if hasattr(m, "training")]
+    with outside_training(modules, device):
+        for start in range(0, len(wanted), CHUNK):
+            if stopping is not None and stopping():
+                break
+            chunk = wanted[start : start + CHUNK]
+            with torch.no_grad():
+                images = pipeline(
+                    [p for p, _ in chunk],
+                    negative_prompt=[negative] * len(chunk) if negative else None,
+                    height=size,
+                    width=size,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=[torch.Generator(device).manual_seed(s) for _, s in chunk],
+                    **(options or {}),
+                ).images
+            results += [(p, s, image) for (p, s), image in zip(chunk, images, strict=True)]
+    return results
+
+
+@contextlib.contextmanager
+def outside_training(modules, device):
+    """``modules`` in eval mode inside a forked random state, and as they were after:
+    what runs inside (samples, evaluations) never changes the training run."""
+    modes = {module: module.training for module in modules}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for module in modes:
-            module.eval()
         try:
-            for start in range(0, len(wanted), CHUNK):
-                if stopping is not None and stopping():
-                    break
-                chunk = wanted[start : start + CHUNK]
-                with torch.no_grad():
-                    images = pipeline(
-                        [p for p, _ in chunk],
-                        negative_prompt=[negative] * len(chunk) if negative else None,
-                        height=size,
-                        width=size,
-                        num_inference_steps=steps,
-                        guidance_scale=guidance,
-                        generator=[torch.Generator(device).manual_seed(s) for _, s in chunk],
-                        **(options or {}),
-                    ).images
-                results += [(p, s, image) for (p, s), image in zip(chunk, images, strict=True)]
+            for module in modes:
+                module.eval()
+            yield
         finally:
             for module, training in modes.items():
                 module.train(training)
-    return results
 
 
 def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
