@@ -59,3 +59,20 @@ def write_clip(folder: Path, seed: int = 0, image_size: int = 32) -> Path:
     )
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def all_scores(shapes_folder: Path, inception: Path, clip: Path, **settings) -> dict:
+    """A ``spec.evaluation`` asking for all three scores at test sizes: FID on 64
+    Inception features against the shapes images, the CLIP score, and the held-out loss;
+    ``settings`` (numImages, everySteps, a validationLoss of its own, ...) over it."""
+    return {
+        "prompts": ["a red circle", "a blue square"],
+        "fid": {
+            "referenceUri": f"file://{shapes_folder}/images",
+            "weightsUri": f"file://{inception}",
+            "features": 64,
+        },
+        "clipScore": {"modelUri": f"file://{clip}"},
+        "validationLoss": {"fraction": 0.125, "timesteps": 2},
+        **settings,
+    }

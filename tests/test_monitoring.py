@@ -22,6 +22,7 @@ from difftrain.contract import COUNTERS, GAUGES
 from difftrain.dashboard import queries
 from difftrain.local import free_port
 from difftrain.operator.metrics import OperatorMetrics
+from tests import evaluators
 from tests.test_chart import render
 from tests.trainer import runner
 
@@ -186,18 +187,16 @@ def test_prometheus_scrapes_a_live_run_and_every_query_has_data(
             "everySteps": 3,
             "inferenceSteps": 1,
         },
-        "evaluation": {
-            "everySteps": 3,
-            "numImages": 2,
-            "inferenceSteps": 1,
-            "fid": {
-                "referenceUri": f"file://{shapes_folder}/images",
-                "weightsUri": f"file://{inception}",
-                "features": 64,
-            },
-            "clipScore": {"modelUri": f"file://{clip_folder}"},
-            "validationLoss": {"fraction": 0.1, "timesteps": 1},
-        },
+        "evaluation": evaluators.all_scores(
+            shapes_folder,
+            inception,
+            clip_folder,
+            prompts=[],  # the dataset's captions
+            everySteps=3,
+            numImages=2,
+            inferenceSteps=1,
+            validationLoss={"fraction": 0.1, "timesteps": 1},
+        ),
     }
     config = runner.write_config(tmp_path, spec, name="watched")
     # The chart's rules with a short stall window, so that its `offset` finds data.

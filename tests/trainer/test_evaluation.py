@@ -19,8 +19,10 @@ from difftrain.errors import DatasetError
 from difftrain.shapes import render
 from difftrain.trainer import evaluation
 from difftrain.trainer.data import Example
+from tests import evaluators
 from tests.builders import job
 from tests.trainer import families, runner
+from tests.trainer.test_resume import _run_until
 
 
 def _images(first: int, count: int, inverted: bool = False) -> list[torch.Tensor]:
@@ -149,19 +151,9 @@ def _evaluated_job(tmp_path, shapes_folder, inception, clip_folder, **extra) -> 
         "dataset": {"uri": f"file://{shapes_folder}"},
         "output": {"uri": f"file://{tmp_path}/out"},
         "lora": {"rank": 4},
-        "evaluation": {
-            "everySteps": 3,
-            "prompts": ["a red circle", "a blue square"],
-            "numImages": 6,
-            "inferenceSteps": 3,
-            "fid": {
-                "referenceUri": f"file://{shapes_folder}/images",
-                "weightsUri": f"file://{inception}",
-                "features": 64,
-            },
-            "clipScore": {"modelUri": f"file://{clip_folder}"},
-            "validationLoss": {"fraction": 0.125, "timesteps": 2},
-        },
+        "evaluation": evaluators.all_scores(
+            shapes_folder, inception, clip_folder, everySteps=3, numImages=6, inferenceSteps=3
+        ),
         **extra,
     }
     return runner.write_config(tmp_path, spec, name="evaluated")
@@ -330,14 +322,8 @@ def test_a_resumed_run_keeps_its_earlier_evaluations_once(
     }
     config = runner.write_config(tmp_path, spec)
     first = runner.start(config, tmp_path, trainer_cache)
-    seen = []
-    for line in first.stdout:
-        seen.append(line)
-        if "step 4/6 " in line:
-            first.send_signal(signal.SIGTERM)
-            break
-    rest, _ = first.communicate(timeout=120)
-    assert first.returncode == 143, "".join(seen) + rest
+    stopped = _run_until(first, "step 4/6 ", signal.SIGTERM)
+    assert first.returncode == 143, stopped
 
     code, log = runner.run(config, tmp_path, trainer_cache)
 
@@ -373,18 +359,9 @@ def test_every_family_and_method_evaluates(
         preset,
         **method,
         training={"steps": 2, "batchSize": 4, "learningRate": 1e-3},
-        evaluation={
-            "prompts": ["a red circle", "a blue square"],
-            "numImages": 2,
-            "inferenceSteps": 2,
-            "fid": {
-                "referenceUri": f"file://{shapes_folder}/images",
-                "weightsUri": f"file://{inception}",
-                "features": 64,
-            },
-            "clipScore": {"modelUri": f"file://{clip_folder}"},
-            "validationLoss": {"fraction": 0.125, "timesteps": 2},
-        },
+        evaluation=evaluators.all_scores(
+            shapes_folder, inception, clip_folder, numImages=2, inferenceSteps=2
+        ),
     )
     config = runner.write_config(tmp_path, spec)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import evaluators
 from tests.trainer import runner
 from tests.trainer.test_resume import ONE_THREAD
 
@@ -146,18 +147,14 @@ def test_a_sharded_model_evaluates_as_a_whole_one_does(
     """Shares of 3 images and 3 held-out images on two processes: the shorter one pads
     its share, so both make the same forward passes of the sharded model. With a
     learning rate too small to move the weights, the scores equal one process's."""
-    evaluation = {
-        "prompts": ["a red circle", "a blue square"],
-        "numImages": 3,
-        "inferenceSteps": 2,
-        "fid": {
-            "referenceUri": f"file://{shapes_folder}/images",
-            "weightsUri": f"file://{inception}",
-            "features": 64,
-        },
-        "clipScore": {"modelUri": f"file://{clip_folder}"},
-        "validationLoss": {"fraction": 0.1, "timesteps": 2},
-    }
+    evaluation = evaluators.all_scores(
+        shapes_folder,
+        inception,
+        clip_folder,
+        numImages=3,
+        inferenceSteps=2,
+        validationLoss={"fraction": 0.1, "timesteps": 2},
+    )
     results = {}
     for strategy, nodes in (("fsdp", 2), ("ddp", 1)):
         folder = tmp_path / strategy
