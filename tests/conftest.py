@@ -99,6 +99,17 @@ def clip_folder(tmp_path_factory):
     return evaluators.write_clip(tmp_path_factory.mktemp("clip") / "clip")
 
 
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, shapes_folder, clip_folder, trainer_cache):
+    """Two finished LoRA runs on the tiny SD preset that differ in their learning rate."""
+    from tests import runs
+
+    folder = tmp_path_factory.mktemp("runs")
+    first = runs.train_lora(folder / "a", shapes_folder, clip_folder, trainer_cache, 1e-3)
+    second = runs.train_lora(folder / "b", shapes_folder, clip_folder, trainer_cache, 3e-3)
+    return first, second
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--update-golden", action="store_true", help="rewrite golden files instead of comparing"

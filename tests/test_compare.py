@@ -10,44 +10,13 @@ import pytest
 
 from difftrain.cli import main
 from difftrain.storage import S3Settings, open_store
+from tests import runs
 from tests.browser import Browser, chromium_binary
-from tests.trainer import runner
 
 ROOT = Path(__file__).resolve().parent.parent
 # Screenshots and reports the tests keep for people to look at.
 ARTIFACTS = Path(os.environ.get("DIFFTRAIN_TEST_ARTIFACTS", ROOT / "test-artifacts"))
-PROMPTS = ["a red circle", "a blue square"]
-
-
-def _train(folder: Path, shapes_folder, clip_folder, trainer_cache, learning_rate: float):
-    spec = {
-        "dataset": {"uri": f"file://{shapes_folder}"},
-        "output": {"uri": f"file://{folder}/out"},
-        "lora": {"rank": 4},
-        "training": {"steps": 4, "learningRate": learning_rate},
-        "validation": {"prompts": PROMPTS, "everySteps": 2, "inferenceSteps": 2},
-        "evaluation": {
-            "prompts": PROMPTS,
-            "numImages": 2,
-            "inferenceSteps": 2,
-            "clipScore": {"modelUri": f"file://{clip_folder}"},
-            "validationLoss": {"fraction": 0.125, "timesteps": 2},
-        },
-    }
-    folder.mkdir()
-    config = runner.write_config(folder, spec, name=f"lr-{learning_rate:g}")
-    code, log = runner.run(config, folder, trainer_cache)
-    assert code == 0, log
-    return folder / "out"
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, shapes_folder, clip_folder, trainer_cache):
-    """Two finished LoRA runs that differ in their learning rate."""
-    folder = tmp_path_factory.mktemp("runs")
-    first = _train(folder / "a", shapes_folder, clip_folder, trainer_cache, 1e-3)
-    second = _train(folder / "b", shapes_folder, clip_folder, trainer_cache, 3e-3)
-    return first, second
+PROMPTS = runs.PROMPTS
 
 
 @pytest.fixture

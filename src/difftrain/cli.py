@@ -72,22 +72,76 @@ def _dataset_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    import json
+def _s3_settings(args: argparse.Namespace):
+    """S3 settings from the command's flags over the environment's."""
     import os
-    import tempfile
 
-    from difftrain import compare
     from difftrain.storage import S3Settings
 
-    if len(args.outputs) < 2:
-        print("compare needs at least two outputs (OUTPUT_A OUTPUT_B ...)", file=sys.stderr)
-        return InvalidSpec.exit_code
-    settings = S3Settings(
+    return S3Settings(
         endpoint=args.endpoint or os.environ.get("AWS_ENDPOINT_URL"),
         region=args.region or os.environ.get("AWS_REGION", "us-east-1"),
         path_style=args.path_style,
     )
+
+
+def _s3_flags(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--endpoint", help="S3 endpoint (default $AWS_ENDPOINT_URL)")
+    command.add_argument("--region", help="S3 region (default $AWS_REGION or us-east-1)")
+    command.add_argument(
+        "--path-style", action="store_true", help="path-style S3 addressing (MinIO and others)"
+    )
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from difftrain import sample
+
+    settings = _s3_settings(args)
+    try:
+        with tempfile.TemporaryDirectory(prefix="difftrain-sample-") as folder:
+            work = Path(folder)
+            model = sample.locate(args.model, settings, work, sample.cache_folder(), args.base)
+            for text in args.lora:
+                where, weight = sample.parse_lora(text)
+                path = sample.fetch_file(where, settings, work, "--lora")
+                model.loras.append(sample.Adapter(path, where, weight=weight))
+            for text in args.embedding:
+                where, token = sample.parse_embedding(text)
+                path = sample.fetch_file(where, settings, work, "--embedding")
+                model.embeddings.append(sample.Adapter(path, where, token=token))
+            request = sample.Request(
+                prompt=args.prompt,
+                negative=args.negative,
+                steps=args.steps,
+                guidance=args.guidance,
+                seed=args.seed,
+                count=args.n,
+                size=args.size,
+                image=Path(args.image) if args.image else None,
+                strength=args.strength,
+                mask=Path(args.mask) if args.mask else None,
+            )
+            summary = sample.run(model, request, Path(args.output))
+    except InvalidSpec as error:
+        print(error, file=sys.stderr)
+        return error.exit_code
+    made = len(summary["images"])
+    print(f"wrote {made} image(s) and samples.json to {args.output} ({summary['mode']})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from difftrain import compare
+
+    if len(args.outputs) < 2:
+        print("compare needs at least two outputs (OUTPUT_A OUTPUT_B ...)", file=sys.stderr)
+        return InvalidSpec.exit_code
+    settings = _s3_settings(args)
     try:
         runs = [compare.load_run(uri, settings) for uri in args.outputs]
         if args.generate:
@@ -238,12 +292,50 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     compare.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
     compare.add_argument("--base", help="base model of adapter runs stored on S3")
-    compare.add_argument("--endpoint", help="S3 endpoint (default $AWS_ENDPOINT_URL)")
-    compare.add_argument("--region", help="S3 region (default $AWS_REGION or us-east-1)")
-    compare.add_argument(
-        "--path-style", action="store_true", help="path-style S3 addressing (MinIO and others)"
-    )
+    _s3_flags(compare)
     compare.set_defaults(run=_compare)
+
+    sample = commands.add_parser(
+        "sample",
+        help="make images with a trained model",
+        description="Make images with a trained model: text-to-image, image-to-image "
+        "(--image, --strength) or inpainting (--image, --mask). MODEL is a job's output or "
+        "its model/ folder (s3:// or file://), a diffusers folder, or a base model "
+        "(hf://, preset:, s3://, file://) with --lora and --embedding files. Writes PNGs, "
+        "samples.json (prompt, seeds, settings, model digest) and, for several images, "
+        "grid.png. Runs on a GPU when there is one.",
+    )
+    sample.add_argument("model", metavar="MODEL")
+    sample.add_argument("--prompt", required=True, help="what to draw")
+    sample.add_argument("--negative", default="", help="negative prompt")
+    sample.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:WEIGHT]",
+        help="LoRA file to apply (repeatable), with its weight (default 1)",
+    )
+    sample.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="Textual Inversion file (repeatable), with the token prompts use for it",
+    )
+    sample.add_argument("--image", help="init image: image-to-image, or inpainting with --mask")
+    sample.add_argument(
+        "--strength", type=float, default=0.75, help="how far from --image to go (0-1]"
+    )
+    sample.add_argument("--mask", help="inpainting mask (white is repainted), --image's size")
+    sample.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    sample.add_argument("--guidance", type=float, default=7.5, help="guidance scale")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    sample.add_argument("-n", type=int, default=1, help="images to make (seeds seed, seed+1...)")
+    sample.add_argument("--size", type=int, help="image side (default: the job's resolution)")
+    sample.add_argument("--base", help="base model of an adapter whose record keeps none")
+    sample.add_argument("-o", "--output", default="samples", help="folder (default samples/)")
+    _s3_flags(sample)
+    sample.set_defaults(run=_sample)
 
     operator = commands.add_parser(
         "operator",

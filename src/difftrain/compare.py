@@ -175,46 +175,14 @@ def _pipeline(run: Run, base: str | None, settings: S3Settings, folder: Path):
     """The run's model as a diffusers pipeline (on a GPU when there is one), and the
     image side it trained at."""
     import torch
-    from diffusers import DiffusionPipeline
 
-    from difftrain.api.data import ModelSpec
-    from difftrain.trainer import models
+    from difftrain import sample
 
-    model = folder / "model"
-    run.store.download_tree(contract.MODEL, model, unsafe_error=InvalidSpec)
-    spec = run.record.get("spec", {})
-    size = spec.get("dataset", {}).get("resolution", 512)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if (model / "model_index.json").is_file():
-        pipeline = DiffusionPipeline.from_pretrained(model)
-    else:
-        base_uri = base or spec.get("model", {}).get("base", "")
-        if not base_uri or _redacted(base_uri):
-            raise InvalidSpec(
-                f"{run.uri}: its model is an adapter on a base whose location the run's "
-                f"record does not keep ({base_uri or 'none'}); name it with --base"
-            )
-        local = models.fetch_model(ModelSpec(base=base_uri), settings, folder / "cache")
-        pipeline = DiffusionPipeline.from_pretrained(local)
-        if (model / "pytorch_lora_weights.safetensors").is_file():
-            pipeline.load_lora_weights(model)
-        elif (model / "learned_embeds.safetensors").is_file():
-            pipeline.load_textual_inversion(model / "learned_embeds.safetensors")
-        else:
-            raise InvalidSpec(
-                f"{run.uri}: --generate loads full models, LoRA and Textual Inversion "
-                "embeddings; this run's model/ holds none of them (LoKr and LoHa load "
-                "through peft: see its model card)"
-            )
+    model = sample.locate(run.uri, settings, folder, folder / "cache", base)
+    pipeline = sample.load(model)
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device), size
-
-
-def _redacted(uri: str) -> bool:
-    """Whether ``uri`` had its bucket or host taken out when the record was written."""
-    from difftrain.trainer.export import REDACTED
-
-    return REDACTED in uri
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return pipeline.to(device), model.resolution or 512
 
 
 def report(runs: list[Run], samples: dict) -> dict:
