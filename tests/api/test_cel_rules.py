@@ -141,7 +141,15 @@ CROSS_FIELD = [
                 "output": {"formats": ["singleFile"]},
             }
         ),
-        "spec.output.formats: singleFile applies only when full weights are trained",
+        "spec.output.formats: singleFile applies when full weights are trained, or with "
+        "merged (a LoRA fused into its base)",
+        "spec.output.formats",
+    ),
+    (
+        "merged-lokr",
+        job(spec={"lora": {"type": "lokr"}, "output": {"formats": ["merged"]}}),
+        "spec.output.formats: merged applies only when a LoRA (type lora, with or without "
+        "dora) is trained",
         "spec.output.formats",
     ),
     (

@@ -249,12 +249,20 @@ BAD_MANIFESTS = [
     (
         "single-file-on-lora",
         job(spec={"output": {"formats": ["singleFile"]}}),
-        "spec.output.formats: singleFile applies only when full weights are trained",
+        "spec.output.formats: singleFile applies when full weights are trained, or with "
+        "merged (a LoRA fused into its base)",
+    ),
+    (
+        "merged-without-lora",
+        job(spec={"method": "finetune", "output": {"formats": ["merged"]}}),
+        "spec.output.formats: merged applies only when a LoRA (type lora, with or without "
+        "dora) is trained",
     ),
     (
         "unknown-format",
         job(spec={"output": {"formats": ["ckpt"]}}),
-        "spec.output.formats[0]: must be one of 'diffusers', 'kohya' or 'singleFile' (got 'ckpt')",
+        "spec.output.formats[0]: must be one of 'diffusers', 'kohya', 'singleFile' or 'merged' "
+        "(got 'ckpt')",
     ),
     (
         "class-data-without-prompt",

@@ -252,10 +252,14 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
     ("spec", "message"),
     [
         pytest.param(
-            {"method": "finetune", "output": {"formats": ["singleFile"]}},
-            "spec.output.formats: singleFile export is not available in this trainer version; "
-            "use diffusers",
-            id="single-file",
+            {
+                "method": "finetune",
+                "model": {"base": "preset:tiny-sd3"},
+                "output": {"formats": ["singleFile"]},
+            },
+            "spec.output.formats: singleFile is written for SD 1.x/2.x and SDXL models (the "
+            "layout ComfyUI and A1111 load); this is a sd3 model: use diffusers",
+            id="single-file-sd3",
         ),
         pytest.param(
             {"lora": {"rank": 4}, "training": {"strategy": "fsdp"}},

@@ -152,12 +152,14 @@ class OutputSpec(ApiModel):
     """Where checkpoints, samples and the final model go, and in which formats."""
 
     uri: Uri("s3", "file") = Field(description="Output folder (s3:// or file://).")
-    formats: list[Literal["diffusers", "kohya", "singleFile"]] | None = Field(
+    formats: list[Literal["diffusers", "kohya", "singleFile", "merged"]] | None = Field(
         None,
-        max_length=3,
+        max_length=4,
         description="Export formats: diffusers (pipeline folder, LoRA or embeddings file), "
-        "kohya (LoRA in kohya/ComfyUI keys), singleFile (whole model in one safetensors). "
-        "Default: diffusers and kohya for LoRA, diffusers otherwise.",
+        "kohya (LoRA in kohya/ComfyUI keys), singleFile (SD 1.x/2.x and SDXL: the whole "
+        "model in one safetensors, in the original Stable Diffusion layout that ComfyUI and "
+        "A1111 load), merged (a LoRA fused into its base, as a pipeline folder under "
+        "merged/). Default: diffusers and kohya for LoRA, diffusers otherwise.",
     )
     dtype: Literal["fp32", "fp16", "bf16"] = Field(
         "fp16", description="Precision of exported weights."

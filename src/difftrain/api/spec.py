@@ -41,6 +41,10 @@ _DORA_TEXT = (
 _CEL_DREAMBOOTH_UNET = (
     "(self.method == 'dreambooth' && has(self.dreambooth) && self.dreambooth.unet == '{}')"
 )
+_SINGLE_FILE_TEXT = (
+    "singleFile applies when full weights are trained, or with merged (a LoRA fused into its base)"
+)
+_MERGED_TEXT = "merged applies only when a LoRA (type lora, with or without dora) is trained"
 _CEL_TRAINS_LORA = f"(self.method == 'lora' || {_CEL_DREAMBOOTH_UNET.format('lora')})"
 _CEL_TRAINS_FULL = f"(self.method in ['finetune', 'full'] || {_CEL_DREAMBOOTH_UNET.format('full')})"
 
@@ -128,8 +132,15 @@ _RULES = (
     },
     {
         "rule": "!has(self.output.formats) || !('singleFile' in self.output.formats) || "
-        + _CEL_TRAINS_FULL,
-        "message": "spec.output.formats: singleFile applies only when full weights are trained",
+        f"{_CEL_TRAINS_FULL} || 'merged' in self.output.formats",
+        "message": "spec.output.formats: " + _SINGLE_FILE_TEXT,
+        "fieldPath": ".output.formats",
+    },
+    {
+        "rule": "!has(self.output.formats) || !('merged' in self.output.formats) || "
+        f"({_CEL_TRAINS_LORA} && (!has(self.lora) || !has(self.lora.type) || "
+        "self.lora.type == 'lora'))",
+        "message": "spec.output.formats: " + _MERGED_TEXT,
         "fieldPath": ".output.formats",
     },
     {
@@ -284,8 +295,10 @@ class DiffusionTrainingJobSpec(ApiModel):
                     "kohya is written for plain LoRA only (not lokr, loha or dora); use diffusers",
                 )
             )
-        if "singleFile" in formats and not self.trains_full_weights:
-            problems.append(
-                (("output", "formats"), "singleFile applies only when full weights are trained")
-            )
+        if "singleFile" in formats and not (self.trains_full_weights or "merged" in formats):
+            problems.append((("output", "formats"), _SINGLE_FILE_TEXT))
+        if "merged" in formats and not (
+            self.trains_lora and (self.lora is None or self.lora.type == "lora")
+        ):
+            problems.append((("output", "formats"), _MERGED_TEXT))
         return problems

@@ -1,6 +1,8 @@
 """LoRA adapters (peft) on the denoiser and the text encoders, and their export in
 diffusers' and kohya's layouts; used by every method that trains adapters."""
 
+import shutil
+
 import torch
 from safetensors.torch import save_file
 
@@ -81,16 +83,54 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
     if not is_lora(trainable):
         export_peft(trainable, cast, folder)
         return
+    # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
+    metadata = {
+        f"{part}_lora_adapter_metadata": peft_config(module).to_dict()
+        for part, module in trainable.modules.items()
+    }
     if "diffusers" in formats:
-        # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
-        metadata = {
-            f"{part}_lora_adapter_metadata": peft_config(module).to_dict()
-            for part, module in trainable.modules.items()
-        }
         family.save_lora(folder, cast, metadata)
     if "kohya" in formats:
         kohya = family.kohya_state(cast, trainable, dtype)
         save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
+    if "merged" in formats:
+        lora = folder if "diffusers" in formats else folder / ".lora"
+        if lora != folder:
+            family.save_lora(lora, cast, metadata)
+        export_merged(components, lora, folder / MERGED, formats, dtype, name)
+        if lora != folder:
+            shutil.rmtree(lora)
+
+
+def export_bytes(stage, formats: list[str], itemsize: int) -> int:
+    """About how large the adapter files are, and the merged model's when asked for."""
+    size = stage.trainable.trained_count() * itemsize * len(formats)
+    if "merged" in formats:
+        components = stage.components
+        modules = [components.denoiser, components.vae, *components.text_encoders]
+        whole = sum(p.numel() for m in modules for p in m.parameters()) * itemsize
+        size += whole * (1 + ("singleFile" in formats))
+    return size
+
+
+# Where the merged export goes, under model/.
+MERGED = "merged"
+
+
+def export_merged(components, lora, folder, formats: list[str], dtype, name: str) -> None:
+    """The base model with the LoRA file in ``lora`` fused into its weights, as a diffusers
+    folder at ``folder`` (and ``<name>.safetensors`` in it with singleFile): loaded the way
+    its users load base + LoRA, so the merged model draws what they would."""
+    from diffusers import DiffusionPipeline
+
+    from difftrain.trainer import export
+
+    pipeline = DiffusionPipeline.from_pretrained(components.folder)
+    pipeline.load_lora_weights(lora)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    whole = ["diffusers"] + (["singleFile"] if "singleFile" in formats else [])
+    export.save_pipeline(pipeline, components.family, folder, whole, dtype, name)
 
 
 def kohya_state(states: dict, trainable: Trainable, family, dtype) -> dict:

@@ -77,19 +77,25 @@ def spec_hash(config: TrainerConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def export_pipeline(components, modules: dict, folder: Path, dtype) -> None:
-    """A complete diffusers pipeline folder: the base model with the trained ``modules``
-    (bare modules by component name: unet, text_encoder, ...) in place, in ``dtype``."""
+def export_pipeline(components, modules: dict, folder: Path, formats: list[str], dtype, name):
+    """The base model with the trained ``modules`` (bare modules by component name: unet,
+    text_encoder, ...) in place, in the whole-model ``formats``."""
     from diffusers import DiffusionPipeline
 
     pipeline = DiffusionPipeline.from_pretrained(components.folder, **modules)
-    save_pipeline(pipeline, folder, dtype)
+    save_pipeline(pipeline, components.family, folder, formats, dtype, name)
 
 
-def save_pipeline(pipeline, folder: Path, dtype) -> None:
-    """Save ``pipeline`` as a diffusers folder in ``dtype``."""
+def save_pipeline(pipeline, family, folder: Path, formats: list[str], dtype, name: str) -> None:
+    """``pipeline`` in ``dtype`` as a diffusers folder (format diffusers) and as
+    ``<name>.safetensors`` in the original Stable Diffusion layout (singleFile)."""
+    from difftrain.trainer import singlefile
+
     pipeline.to(dtype=dtype)
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    if "diffusers" in formats:
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    if "singleFile" in formats:
+        singlefile.save(pipeline, family.name, folder / f"{name}.safetensors", dtype)
 
 
 def model_card(config: TrainerConfig, facts: dict, method, family) -> str:
@@ -123,8 +129,28 @@ def model_card(config: TrainerConfig, facts: dict, method, family) -> str:
         f"Trained with difftrain {__version__} from `{redact_uri(spec.model.base)}`.\n\n"
         f"| | |\n| --- | --- |\n{table}\n\n"
         f"Load it with diffusers: `{usage}`.\n\n"
+        f"{_other_files(config.name, facts['formats'])}"
         f"Reproducibility record: `difftrain.json` (spec hash {spec_hash(config)[:12]}).\n"
     )
+
+
+def _other_files(name: str, formats: list[str]) -> str:
+    """The model card's lines on the single-file and merged exports."""
+    lines = []
+    if "merged" in formats:
+        lines.append(
+            "`merged/` is the base model with the LoRA fused in, a whole pipeline: "
+            '`DiffusionPipeline.from_pretrained("model/merged/")`.'
+        )
+    if "singleFile" in formats:
+        where = f"merged/{name}.safetensors" if "merged" in formats else f"{name}.safetensors"
+        lines.append(
+            f"`{where}` holds the whole model in the original Stable Diffusion layout: put "
+            "it in ComfyUI's `models/checkpoints/` or A1111's `models/Stable-diffusion/`, or "
+            f'load it with `StableDiffusionPipeline.from_single_file("model/{where}")` '
+            "(StableDiffusionXLPipeline for SDXL)."
+        )
+    return "".join(line + "\n\n" for line in lines)
 
 
 def export_model(stage, facts: dict) -> None:

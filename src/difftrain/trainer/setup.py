@@ -231,6 +231,10 @@ def check_model(spec, components) -> None:
         )
     family.check(spec, components)
     check_sides(spec.dataset, components)
+    if "singleFile" in (spec.output.formats or []):
+        from difftrain.trainer import singlefile
+
+        singlefile.check(family, components.denoiser)
 
 
 def check_sides(dataset, components) -> None:

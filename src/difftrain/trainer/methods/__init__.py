@@ -75,7 +75,8 @@ class Method:
         """Write the trained model into ``folder`` (a diffusers pipeline by default)."""
         from difftrain.trainer import export
 
-        export.export_pipeline(stage.components, stage.final_modules(), folder, dtype)
+        modules, name = stage.final_modules(), stage.config.name
+        export.export_pipeline(stage.components, modules, folder, formats, dtype, name)
 
     def export_bytes(self, stage, formats: list[str], itemsize: int) -> int:
         """About how large the exported files are."""
@@ -100,11 +101,6 @@ def for_spec(spec: DiffusionTrainingJobSpec) -> Method:
         raise InvalidSpec(
             f"spec.method: {spec.method} is not supported by this trainer version; "
             f"use {', '.join(sorted(known))}"
-        )
-    if "singleFile" in (spec.output.formats or []):
-        raise InvalidSpec(
-            "spec.output.formats: singleFile export is not available in this trainer version; "
-            "use diffusers"
         )
     method = known[spec.method]
     sharding.check(spec, method)

@@ -260,7 +260,7 @@ class DreamBooth(Method):
 
     def export_bytes(self, stage, formats, itemsize):
         if stage.trainable.lora:
-            return stage.trainable.trained_count() * itemsize * len(formats)
+            return adapters.export_bytes(stage, formats, itemsize)
         return super().export_bytes(stage, formats, itemsize)
 
     def card(self, spec, facts, family):

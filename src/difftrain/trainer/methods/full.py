@@ -30,7 +30,8 @@ class Full(Method):
 
     def export(self, stage, folder, formats, dtype):
         pipeline = sampling.pipeline_for(stage.components, stage.final_modules())
-        export.save_pipeline(pipeline, folder, dtype)
+        family = stage.components.family
+        export.save_pipeline(pipeline, family, folder, formats, dtype, stage.config.name)
 
     def card(self, spec, facts, family):
         reused = spec.full_settings.reuse

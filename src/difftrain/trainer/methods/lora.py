@@ -15,7 +15,7 @@ class Lora(Method):
         adapters.export(stage.components, stage.trainable, formats, folder, name, dtype)
 
     def export_bytes(self, stage, formats, itemsize):
-        return stage.trainable.trained_count() * itemsize * len(formats)
+        return adapters.export_bytes(stage, formats, itemsize)
 
     def card(self, spec, facts, family):
         return [adapters.card_row(spec)], adapters.usage(spec, family)
