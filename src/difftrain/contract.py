@@ -108,3 +108,12 @@ def human_duration(seconds: int) -> str:
     if minutes:
         return f"{minutes}m{seconds:02d}s"
     return f"{seconds}s"
+
+
+# The environment variables MLflow's client reads its credentials from; the pods get them
+# from spec.output.registry.mlflow.secretRef, keys of the same names.
+MLFLOW_CREDENTIALS = (
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+)

@@ -43,6 +43,14 @@ class StorageUnavailable(DifftrainError):
     exit_code = 1
 
 
+class RegistryUnavailable(DifftrainError):
+    """The model registry could not be reached or failed; the model is already saved, and
+    retrying later registers it."""
+
+    reason = "RegistryUnavailable"
+    exit_code = 1
+
+
 class DiskFull(DifftrainError):
     """A node-local folder has no room for what must be written there; retrying on the
     same size of disk would fail at the same point."""

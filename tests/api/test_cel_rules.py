@@ -146,6 +146,13 @@ CROSS_FIELD = [
         "spec.output.formats",
     ),
     (
+        "int8-on-lora",
+        job(spec={"output": {"dtype": "int8"}}),
+        "spec.output.dtype: int8 applies to whole-model exports (method finetune or full, "
+        "dreambooth with unet full, or formats merged)",
+        "spec.output.dtype",
+    ),
+    (
         "merged-lokr",
         job(spec={"lora": {"type": "lokr"}, "output": {"formats": ["merged"]}}),
         "spec.output.formats: merged applies only when a LoRA (type lora, with or without "

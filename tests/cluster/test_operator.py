@@ -4,6 +4,7 @@ a namespace of its own. The real Job controller makes the pods, the scheduler bi
 to kwok's nodes and kwok runs them, ending them as the test annotates them (stages.yaml);
 the garbage collector removes what a deleted job owned."""
 
+import json
 import time
 import urllib.parse
 
@@ -81,11 +82,18 @@ def test_a_job_runs_to_success_through_the_real_controllers(cluster):
     cluster.wait_phase("Running")
     assert cluster.printed()["PHASE"] == "Running"
 
-    for pod in pods:
-        cluster.annotate(pod, {"difftrain.test/exit-code": "0"})
+    # The main process says, on its way out, which version the registry gave the model.
+    said = json.dumps({"reason": "Succeeded", "outputs": {"registryVersion": "7"}})
+    cluster.annotate(cluster.index(pods, 1), {"difftrain.test/exit-code": "0"})
+    cluster.annotate(
+        cluster.index(pods, 0), {"difftrain.test/exit-code": "0", "difftrain.test/message": said}
+    )
 
     status = cluster.wait_phase("Succeeded")
     assert status["startTime"] <= status["completionTime"]
+    output = created["spec"]["output"]["uri"]
+    assert status["outputs"]["model"] == f"{output}/model"
+    assert status["outputs"]["registryVersion"] == "7"
     assert cluster.condition("Succeeded")
     row = cluster.printed()
     assert (row["PHASE"], row["METHOD"], row["RESTARTS"]) == ("Succeeded", "lora", "0")

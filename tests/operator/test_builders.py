@@ -177,6 +177,24 @@ def test_a_hugging_face_token_comes_from_its_secret():
     }
 
 
+def test_registry_credentials_come_from_their_secret_each_key_optional():
+    registry = {"mlflow": {"trackingUri": "https://mlflow.example.com", "modelName": "m"}}
+    spec = {"output": {"uri": "s3://bucket/o", "registry": registry}}
+    plain = _env(children(load_job(job(IDENTITY, spec=spec)), 1, Defaults())[-1])
+    registry["mlflow"]["secretRef"] = "mlflow-login"
+    env = _env(children(load_job(job(IDENTITY, spec=spec)), 1, Defaults())[-1])
+
+    assert not {"MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME"} & plain.keys()
+    for variable in (
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+    ):
+        assert env[variable] == {
+            "secretKeyRef": {"name": "mlflow-login", "key": variable, "optional": True}
+        }
+
+
 def test_prompts_never_reach_a_shell():
     hostile = "$(touch /tmp/pwned); `id` && echo"
     manifest = job(IDENTITY, spec={"validation": {"prompts": [hostile]}})

@@ -196,3 +196,21 @@ async def test_a_running_jobs_status_follows_its_trainer(k8s, operator):
     await asyncio.sleep(1.0)  # several resyncs with the endpoint gone
     assert _progress(k8s)["step"] == 60 and _progress(k8s)["lastSeenTime"] == seen
     assert phase_of(k8s) == "Running"
+
+
+def _finished(message: str, code: int = 0) -> dict:
+    terminated = {"exitCode": code, "message": message}
+    return {"status": {"containerStatuses": [{"state": {"terminated": terminated}}]}}
+
+
+def test_a_succeeded_jobs_outputs_name_its_model_and_registered_version():
+    said = '{"reason": "Succeeded", "outputs": {"registryVersion": "3"}}'
+    pods = [_finished(""), _finished("not json"), _finished(said)]
+
+    assert progress.finished_outputs("s3://bucket/out/", pods) == {
+        "model": "s3://bucket/out/model",
+        "registryVersion": "3",
+    }
+    assert progress.finished_outputs("s3://bucket/out", [_finished(said, code=1)]) == {
+        "model": "s3://bucket/out/model"
+    }

@@ -21,10 +21,10 @@ FAST_SPEC = {
 }
 
 
-def write_config(folder: Path, spec: dict, name: str = "test-job") -> Path:
+def write_config(folder: Path, spec: dict, name: str = "test-job", uid: str = "") -> Path:
     """job.json for ``spec`` merged over :data:`FAST_SPEC` and the minimal job."""
     manifest = job(spec=merge(FAST_SPEC, spec))
-    config = TrainerConfig.model_validate({"name": name, "spec": manifest["spec"]})
+    config = TrainerConfig.model_validate({"name": name, "uid": uid, "spec": manifest["spec"]})
     path = folder / "job.json"
     path.write_text(config.to_json())
     return path

@@ -215,3 +215,34 @@ def test_a_merged_lora_draws_what_base_and_lora_draw(tmp_path, trainer_cache, sh
     )
     _same_weights(merged, single)
     assert "`merged/` is the base model with the LoRA fused in" in (model / "README.md").read_text()
+
+
+def test_an_int8_export_loads_quantized_and_draws_near_the_full_precision_model(
+    tmp_path, trainer_cache, shapes_folder
+):
+    from diffusers import DiffusionPipeline
+    from torchao.quantization import Int8Tensor
+
+    config = runner.write_config(
+        tmp_path,
+        {
+            "method": "finetune",
+            "dataset": {"uri": f"file://{shapes_folder}"},
+            "output": {"uri": f"file://{tmp_path}/out", "dtype": "int8"},
+            "training": {"steps": 1, "learningRate": 1e-9},  # the base, all but unchanged
+        },
+    )
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    model = tmp_path / "out" / "model"
+    quantized = DiffusionPipeline.from_pretrained(model, dtype=torch.bfloat16)
+    linear = quantized.unet.mid_block.attentions[0].transformer_blocks[0].attn1.to_q
+    assert isinstance(linear.weight, Int8Tensor)
+    assert quantized.vae.dtype == torch.bfloat16
+    base = DiffusionPipeline.from_pretrained(
+        write_preset("tiny-sd", tmp_path / "base"), dtype=torch.bfloat16
+    )
+    difference = np.abs(_image(quantized) - _image(base))
+    assert difference.mean() < 0.02, difference.mean()

@@ -148,6 +148,42 @@ class DatasetSpec(ApiModel):
         return value
 
 
+# A Secret's name (a DNS subdomain), as both Secret references write it.
+SecretName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+
+
+class MlflowSpec(ApiModel):
+    """An MLflow tracking server whose model registry keeps a version per finished job."""
+
+    tracking_uri: Uri("http", "https") = Field(
+        description="The tracking server (http:// or https://); its artifact store keeps "
+        "the logged files."
+    )
+    model_name: str = Field(
+        min_length=1,
+        max_length=256,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Registered model that gets a new version (created when missing).",
+    )
+    experiment: ShortStr = Field(
+        "difftrain", min_length=1, description="Experiment the job's run is logged in."
+    )
+    secret_ref: SecretName | None = Field(
+        None,
+        description="Secret in the job's namespace with the server's credentials: "
+        "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+        "(each key optional).",
+    )
+
+
+class RegistrySpec(ApiModel):
+    """A model registry that records each finished job's model as a version."""
+
+    mlflow: MlflowSpec = Field(description="MLflow's model registry.")
+
+
 class OutputSpec(ApiModel):
     """Where checkpoints, samples and the final model go, and in which formats."""
 
@@ -161,15 +197,18 @@ class OutputSpec(ApiModel):
         "A1111 load), merged (a LoRA fused into its base, as a pipeline folder under "
         "merged/). Default: diffusers and kohya for LoRA, diffusers otherwise.",
     )
-    dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp16", description="Precision of exported weights."
+    dtype: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        "fp16",
+        description="Precision of exported weights. int8 (whole-model exports): the "
+        "denoiser's linear layers as int8 weights (torchao, weight-only), the rest in bf16; "
+        "load it with torchao installed and torch_dtype bfloat16.",
     )
-
-
-# A Secret's name (a DNS subdomain), as both Secret references write it.
-SecretName = Annotated[
-    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-]
+    registry: RegistrySpec | None = Field(
+        None,
+        description="Register the finished model in a model registry (MLflow): the run "
+        "with the spec, loss curve, scores, model card, samples and files; its version goes "
+        "to status.outputs.registryVersion.",
+    )
 
 
 class SecretKeysRef(ApiModel):

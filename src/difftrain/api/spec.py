@@ -44,6 +44,10 @@ _CEL_DREAMBOOTH_UNET = (
 _SINGLE_FILE_TEXT = (
     "singleFile applies when full weights are trained, or with merged (a LoRA fused into its base)"
 )
+_INT8_TEXT = (
+    "int8 applies to whole-model exports (method finetune or full, dreambooth with unet "
+    "full, or formats merged)"
+)
 _MERGED_TEXT = "merged applies only when a LoRA (type lora, with or without dora) is trained"
 _CEL_TRAINS_LORA = f"(self.method == 'lora' || {_CEL_DREAMBOOTH_UNET.format('lora')})"
 _CEL_TRAINS_FULL = f"(self.method in ['finetune', 'full'] || {_CEL_DREAMBOOTH_UNET.format('full')})"
@@ -135,6 +139,12 @@ _RULES = (
         f"{_CEL_TRAINS_FULL} || 'merged' in self.output.formats",
         "message": "spec.output.formats: " + _SINGLE_FILE_TEXT,
         "fieldPath": ".output.formats",
+    },
+    {
+        "rule": "!has(self.output.dtype) || self.output.dtype != 'int8' || "
+        f"{_CEL_TRAINS_FULL} || (has(self.output.formats) && 'merged' in self.output.formats)",
+        "message": "spec.output.dtype: " + _INT8_TEXT,
+        "fieldPath": ".output.dtype",
     },
     {
         "rule": "!has(self.output.formats) || !('merged' in self.output.formats) || "
@@ -297,6 +307,8 @@ class DiffusionTrainingJobSpec(ApiModel):
             )
         if "singleFile" in formats and not (self.trains_full_weights or "merged" in formats):
             problems.append((("output", "formats"), _SINGLE_FILE_TEXT))
+        if self.output.dtype == "int8" and not (self.trains_full_weights or "merged" in formats):
+            problems.append((("output", "dtype"), _INT8_TEXT))
         if "merged" in formats and not (
             self.trains_lora and (self.lora is None or self.lora.type == "lora")
         ):

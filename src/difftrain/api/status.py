@@ -72,6 +72,9 @@ class Outputs(StatusModel):
 
     model: str | None = Field(None, description="URI of the exported model.")
     samples: list[str] = Field([], description="URIs of the latest validation samples.")
+    registry_version: str | None = Field(
+        None, description="Version of the model in spec.output.registry, once registered."
+    )
 
 
 class DiffusionTrainingJobStatus(StatusModel):

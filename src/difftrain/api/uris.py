@@ -18,6 +18,8 @@ _SCHEMES: dict[str, tuple[str, str]] = {
     "s3": (r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", "s3://my-bucket/path/to/prefix"),
     "hf": (r"hf://[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", "hf://org/model-name"),
     "file": (r"file://.+", "file:///data/my-dataset"),
+    "http": (r"http://[^/\s]+(/\S*)?", "http://mlflow.mlflow.svc:5000"),
+    "https": (r"https://[^/\s]+(/\S*)?", "https://mlflow.example.com"),
     "preset": ("preset:(" + "|".join(PRESETS) + ")", "preset:tiny-sd"),
     "builtin": ("builtin:(" + "|".join(BUILTIN_DATASETS) + ")", "builtin:shapes"),
 }

@@ -180,6 +180,21 @@ def _env(job: DiffusionTrainingJob, attempt: int, image: str, cache_uri: str = "
     if token:
         reference = {"name": token.name, "key": token.key, "optional": False}
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": reference}})
+    registry = spec.output.registry
+    if registry and registry.mlflow.secret_ref:
+        env += [
+            {
+                "name": variable,
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": registry.mlflow.secret_ref,
+                        "key": variable,
+                        "optional": True,
+                    }
+                },
+            }
+            for variable in contract.MLFLOW_CREDENTIALS
+        ]
     return env
 
 

@@ -7,6 +7,7 @@ exposition text and the time in, the status fields out. A scrape that fails chan
 nothing, so the last progress stays, with the time it was seen.
 """
 
+import json
 import math
 from datetime import UTC, datetime, timedelta
 
@@ -93,4 +94,23 @@ def read(text: str, now: datetime, output_uri: str) -> dict:
     if sampled > 0:
         samples = f"{contract.stage_root(output_uri)}/{contract.samples_prefix(sampled)}"
         found["outputs"] = {"samples": [samples]}
+    return found
+
+
+def finished_outputs(output_uri: str, pods: list[dict]) -> dict:
+    """``status.outputs`` of a job that succeeded: its model's URI, and the registered
+    version that its main process wrote in its termination message."""
+    found = {"model": f"{output_uri.rstrip('/')}/{contract.MODEL}"}
+    for pod in pods:
+        for container in pod.get("status", {}).get("containerStatuses", []) or []:
+            state = (container.get("state") or {}).get("terminated") or {}
+            if state.get("exitCode") != 0:
+                continue
+            try:
+                said = json.loads(state.get("message") or "")
+            except ValueError:
+                continue
+            outputs = said.get("outputs") if isinstance(said, dict) else None
+            if isinstance(outputs, dict) and outputs.get("registryVersion"):
+                found["registryVersion"] = str(outputs["registryVersion"])
     return found

@@ -156,6 +156,9 @@ class Controller:
         new, action = next_status(job, current, seen, now)
         if new.get("phase") == "Running":
             await self._read_progress(job, pods, new, now)
+        elif new.get("phase") == "Succeeded":
+            finished = progress.finished_outputs(job.spec.output.uri, pods)
+            new["outputs"] = {**new.get("outputs", {}), **finished}
         if action in ("restart", "preempted"):
             # Record the decision first: if the operator dies half-way, the next reconcile
             # finds attempt N+1 missing and finishes the restart, and never restarts twice.

@@ -3,7 +3,8 @@
 Exit codes follow the operator-trainer contract: 0 success, 2 invalid spec or config,
 3 dataset error, 4 storage access denied, anything else retryable. The reason is also
 written as one line of JSON to the termination log (``$DIFFTRAIN_TERMINATION_LOG``,
-default ``/dev/termination-log``) for the operator to show.
+default ``/dev/termination-log``) for the operator to show; on success the main process
+writes there what the status shows of its outputs (the registered model version).
 """
 
 import contextlib
@@ -21,9 +22,12 @@ TERMINATION_LOG = "/dev/termination-log"
 MESSAGE_LIMIT = 3500  # the kubelet keeps 4096 bytes of a termination message
 
 
-def write_termination_log(reason: str, message: str) -> None:
+def write_termination_log(reason: str, message: str, outputs: dict | None = None) -> None:
     path = Path(os.environ.get("DIFFTRAIN_TERMINATION_LOG", TERMINATION_LOG))
-    line = json.dumps({"reason": reason, "message": message[:MESSAGE_LIMIT]})
+    said = {"reason": reason, "message": message[:MESSAGE_LIMIT]}
+    if outputs:
+        said["outputs"] = outputs  # what status.outputs shows beside the model's URI
+    line = json.dumps(said)
     with contextlib.suppress(OSError):  # not in a pod, or not writable: the log still tells
         path.write_text(line + "\n")
 
@@ -57,7 +61,9 @@ def main() -> int:
         from difftrain.trainer.loop import run
 
         _quiet_libraries()
-        run(config)
+        outputs = run(config)
+        if outputs:
+            write_termination_log("Succeeded", "training finished", outputs)
         return 0
     except DifftrainError as error:
         return _failed(error)

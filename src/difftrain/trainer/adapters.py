@@ -70,7 +70,7 @@ def is_lora(trainable: Trainable) -> bool:
     return all(peft_config(m).peft_type == "LORA" for m in trainable.modules.values())
 
 
-def export(components, trainable: Trainable, formats: list[str], folder, name: str, dtype):
+def export(components, trainable: Trainable, formats: list[str], folder, dtype, naming: dict):
     """The adapters' weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a
     kohya file for LoRA and DoRA; peft's folders for LoKr and LoHa (:func:`export_peft`)."""
     from peft.utils import get_peft_model_state_dict
@@ -79,7 +79,7 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
         part: {k: v.detach().to("cpu", dtype) for k, v in get_peft_model_state_dict(m).items()}
         for part, m in trainable.modules.items()
     }
-    family = components.family
+    family, name = components.family, naming["name"]
     if not is_lora(trainable):
         export_peft(trainable, cast, folder)
         return
@@ -97,7 +97,7 @@ def export(components, trainable: Trainable, formats: list[str], folder, name: s
         lora = folder if "diffusers" in formats else folder / ".lora"
         if lora != folder:
             family.save_lora(lora, cast, metadata)
-        export_merged(components, lora, folder / MERGED, formats, dtype, name)
+        export_merged(components, lora, folder / MERGED, formats, dtype, naming)
         if lora != folder:
             shutil.rmtree(lora)
 
@@ -117,9 +117,10 @@ def export_bytes(stage, formats: list[str], itemsize: int) -> int:
 MERGED = "merged"
 
 
-def export_merged(components, lora, folder, formats: list[str], dtype, name: str) -> None:
+def export_merged(components, lora, folder, formats: list[str], dtype, naming: dict) -> None:
     """The base model with the LoRA file in ``lora`` fused into its weights, as a diffusers
-    folder at ``folder`` (and ``<name>.safetensors`` in it with singleFile): loaded the way
+    folder at ``folder`` (and ``<name>.safetensors`` in it with singleFile, ``naming`` as
+    export.naming gives it): loaded the way
     its users load base + LoRA, so the merged model draws what they would."""
     from diffusers import DiffusionPipeline
 
@@ -130,7 +131,7 @@ def export_merged(components, lora, folder, formats: list[str], dtype, name: str
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
     whole = ["diffusers"] + (["singleFile"] if "singleFile" in formats else [])
-    export.save_pipeline(pipeline, components.family, folder, whole, dtype, name)
+    export.save_pipeline(pipeline, components.family, folder, whole, dtype, **naming)
 
 
 def kohya_state(states: dict, trainable: Trainable, family, dtype) -> dict:

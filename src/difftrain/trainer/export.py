@@ -2,6 +2,7 @@
 card, and ``difftrain.json`` (the reproducibility record)."""
 
 import hashlib
+import importlib
 import json
 import logging
 import shutil
@@ -16,6 +17,9 @@ from difftrain.trainer import evaluation
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# output.dtype int8: the denoiser's linear layers as int8 weights (torchao, weight-only,
+# a scale per output channel), everything else, adapter files included, in bf16.
+DTYPES["int8"] = torch.bfloat16
 
 
 def formats_for(config: TrainerConfig, family) -> list[str]:
@@ -69,6 +73,7 @@ def shareable_spec(config: TrainerConfig) -> dict:
     spec = config.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
     spec.pop("storage", None)
     spec.get("resources", {}).pop("serviceAccountName", None)
+    spec["output"].get("registry", {}).get("mlflow", {}).pop("secretRef", None)
     return _redact(spec)
 
 
@@ -77,25 +82,56 @@ def spec_hash(config: TrainerConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def export_pipeline(components, modules: dict, folder: Path, formats: list[str], dtype, name):
+def export_pipeline(stage, modules: dict, folder: Path, formats: list[str], dtype) -> None:
     """The base model with the trained ``modules`` (bare modules by component name: unet,
     text_encoder, ...) in place, in the whole-model ``formats``."""
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(components.folder, **modules)
-    save_pipeline(pipeline, components.family, folder, formats, dtype, name)
+    pipeline = DiffusionPipeline.from_pretrained(stage.components.folder, **modules)
+    save_pipeline(pipeline, stage.components.family, folder, formats, dtype, **naming(stage))
 
 
-def save_pipeline(pipeline, family, folder: Path, formats: list[str], dtype, name: str) -> None:
-    """``pipeline`` in ``dtype`` as a diffusers folder (format diffusers) and as
-    ``<name>.safetensors`` in the original Stable Diffusion layout (singleFile)."""
+def naming(stage) -> dict:
+    """save_pipeline's arguments from the job: the single file's name, and int8."""
+    output = stage.config.spec.output
+    return {"name": stage.config.name, "int8": output.dtype == "int8"}
+
+
+def save_pipeline(
+    pipeline, family, folder: Path, formats: list[str], dtype, name: str, int8: bool = False
+) -> None:
+    """``pipeline`` in ``dtype`` as a diffusers folder (format diffusers), its denoiser's
+    weights in int8 with ``int8``, and as ``<name>.safetensors`` in the original Stable
+    Diffusion layout (singleFile)."""
     from difftrain.trainer import singlefile
 
     pipeline.to(dtype=dtype)
     if "diffusers" in formats:
         pipeline.save_pretrained(folder, safe_serialization=True)
+        if int8:
+            quantize_saved(folder, family.denoiser)
     if "singleFile" in formats:
         singlefile.save(pipeline, family.name, folder / f"{name}.safetensors", dtype)
+
+
+def quantize_saved(folder: Path, denoiser: str) -> None:
+    """Rewrite the saved ``denoiser`` of the pipeline at ``folder`` with int8 weights
+    (torchao's weight-only int8), its config saying so: ``from_pretrained`` loads it
+    quantized wherever torchao is installed."""
+    from diffusers import DiffusionPipeline, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    index = DiffusionPipeline.load_config(folder)
+    library, class_name = index[denoiser]
+    model_class = getattr(importlib.import_module(library), class_name)
+    quantized = model_class.from_pretrained(
+        folder,
+        subfolder=denoiser,
+        quantization_config=TorchAoConfig(Int8WeightOnlyConfig()),
+        dtype=torch.bfloat16,
+    )
+    shutil.rmtree(folder / denoiser)
+    quantized.save_pretrained(folder / denoiser, safe_serialization=True)
 
 
 def model_card(config: TrainerConfig, facts: dict, method, family) -> str:
@@ -174,10 +210,17 @@ def export_model(stage, facts: dict) -> None:
     store = stage.output.child(contract.MODEL)
     try:
         store.upload_tree(folder, "")
+        text = record(config, facts)
+        store.write_bytes("difftrain.json", text.encode())
+        log.info("model exported to %s", store.uri)
+        if config.spec.output.registry is not None:  # the model is safe in the output first
+            from difftrain.trainer import modelregistry
+
+            (folder / "difftrain.json").write_text(text)
+            shared = shareable_spec(config)
+            facts["registry"] = modelregistry.publish(stage, folder, shared, spec_hash(config))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    store.write_bytes("difftrain.json", record(config, facts).encode())
-    log.info("model exported to %s", store.uri)
 
 
 def record(config: TrainerConfig, facts: dict) -> str:

@@ -66,13 +66,16 @@ class StopFlag:
             signal.signal(number, request_stop)
 
 
-def run(config: TrainerConfig, paths: Paths | None = None) -> None:
-    """Train the job described by ``config``; raises DifftrainError subclasses on failure."""
+def run(config: TrainerConfig, paths: Paths | None = None) -> dict:
+    """Train the job described by ``config``; raises DifftrainError subclasses on failure.
+    Returns the outputs the job's status shows (on the main process, when registered)."""
     paths = paths or Paths.from_env()
     start_time = datetime.datetime.now(datetime.UTC).isoformat()
     shared = prepare(config, paths)
     try:
         _train_stages(shared, start_time)
+        registered = shared.facts.get("registry")
+        return {"registryVersion": registered["mlflow"]["version"]} if registered else {}
     except BaseException as error:
         if shared.accelerator.num_processes > 1 and not isinstance(error, Stopped):
             shared.waiting.abandon(f"{type(error).__name__}: {error}"[:200])

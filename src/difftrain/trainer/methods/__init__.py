@@ -75,8 +75,7 @@ class Method:
         """Write the trained model into ``folder`` (a diffusers pipeline by default)."""
         from difftrain.trainer import export
 
-        modules, name = stage.final_modules(), stage.config.name
-        export.export_pipeline(stage.components, modules, folder, formats, dtype, name)
+        export.export_pipeline(stage, stage.final_modules(), folder, formats, dtype)
 
     def export_bytes(self, stage, formats: list[str], itemsize: int) -> int:
         """About how large the exported files are."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from difftrain.errors import DatasetError
 from difftrain.storage import Store
-from difftrain.trainer import adapters, data, loss, sampling
+from difftrain.trainer import adapters, data, export, loss, sampling
 from difftrain.trainer.cache import cached_folder
 from difftrain.trainer.methods import Method, register, whole_denoiser, whole_text_encoders
 from difftrain.trainer.trainable import Trainable
@@ -253,8 +253,8 @@ class DreamBooth(Method):
 
     def export(self, stage, folder, formats, dtype):
         if stage.trainable.lora:
-            name = stage.config.name
-            adapters.export(stage.components, stage.trainable, formats, folder, name, dtype)
+            naming = export.naming(stage)
+            adapters.export(stage.components, stage.trainable, formats, folder, dtype, naming)
         else:
             super().export(stage, folder, formats, dtype)
 

@@ -31,7 +31,7 @@ class Full(Method):
     def export(self, stage, folder, formats, dtype):
         pipeline = sampling.pipeline_for(stage.components, stage.final_modules())
         family = stage.components.family
-        export.save_pipeline(pipeline, family, folder, formats, dtype, stage.config.name)
+        export.save_pipeline(pipeline, family, folder, formats, dtype, **export.naming(stage))
 
     def card(self, spec, facts, family):
         reused = spec.full_settings.reuse

@@ -1,6 +1,6 @@
 """LoRA: low-rank adapters on the frozen denoiser (and, when asked, text encoders)."""
 
-from difftrain.trainer import adapters
+from difftrain.trainer import adapters, export
 from difftrain.trainer.methods import Method, register
 
 
@@ -11,8 +11,8 @@ class Lora(Method):
         return adapters.add(components, spec, adapters.settings_of(spec).train_text_encoder)
 
     def export(self, stage, folder, formats, dtype):
-        name = stage.config.name
-        adapters.export(stage.components, stage.trainable, formats, folder, name, dtype)
+        naming = export.naming(stage)
+        adapters.export(stage.components, stage.trainable, formats, folder, dtype, naming)
 
     def export_bytes(self, stage, formats, itemsize):
         return adapters.export_bytes(stage, formats, itemsize)
