@@ -128,7 +128,7 @@ def test_sdxl_single_files_hold_both_encoders_in_their_original_layouts(tmp_path
     pipeline.save_pretrained(tmp_path / "folder")
     file = tmp_path / "sdxl.safetensors"
 
-    singlefile.save(pipeline, "sdxl", file, torch.float32)
+    singlefile.save(pipeline, families.named("sdxl"), file, torch.float32)
 
     keys = _keys(file)
     assert _prefixes(keys) == {
@@ -158,7 +158,7 @@ def test_an_sd2_text_encoder_is_written_in_openclips_layout(tmp_path):
     pipeline.save_pretrained(tmp_path / "folder")
     file = tmp_path / "sd2.safetensors"
 
-    singlefile.save(pipeline, "sd", file, torch.float32)
+    singlefile.save(pipeline, families.named("sd"), file, torch.float32)
 
     keys = _keys(file)
     assert "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight" in keys

@@ -111,7 +111,7 @@ def save_pipeline(
         if int8:
             quantize_saved(folder, family.denoiser)
     if "singleFile" in formats:
-        singlefile.save(pipeline, family.name, folder / f"{name}.safetensors", dtype)
+        singlefile.save(pipeline, family, folder / f"{name}.safetensors", dtype)
 
 
 def quantize_saved(folder: Path, denoiser: str) -> None:

@@ -52,13 +52,13 @@ _VAE_ATTENTION = {
 }
 
 
-# The families whose models the original layout holds.
-FAMILIES = ("sd", "sdxl")
+CLIP, OPEN_CLIP = "clip", "openclip"  # the two layouts of text encoders
 
 
 def check(family, unet) -> None:
-    """Refuse, before training, a model the original layout cannot hold."""
-    if family.name not in FAMILIES:
+    """Refuse, before training, a model the original layout cannot hold (its family
+    places no text encoders there)."""
+    if not family.single_file:
         raise InvalidSpec(
             "spec.output.formats: singleFile is written for SD 1.x/2.x and SDXL models (the "
             f"layout ComfyUI and A1111 load); this is a {family.name} model: use diffusers"
@@ -213,27 +213,23 @@ def open_clip_state(encoder, prefix: str) -> dict:
     return {prefix + key: value for key, value in out.items()}
 
 
-def _open_clip(encoder) -> bool:
-    """Whether the encoder came from OpenCLIP (SD 2.x's; they use gelu, OpenAI's CLIP
-    quick_gelu)."""
+def open_clip(encoder) -> bool:
+    """Whether the encoder came from OpenCLIP (SD 2.x's and SDXL's second; they use gelu,
+    OpenAI's CLIP quick_gelu)."""
     return getattr(encoder.config, "hidden_act", "") == "gelu"
 
 
-def state(pipeline, family: str) -> dict:
-    """The whole pipeline (UNet, VAE, text encoders) in the original layout;
-    ``family`` is ``sd`` (1.x and 2.x) or ``sdxl``."""
+def state(pipeline, family) -> dict:
+    """The whole pipeline (UNet, VAE, text encoders) in the original layout; the family
+    says where its text encoders go (``single_file_encoders``)."""
     out = {**unet_state(pipeline.unet), **vae_state(pipeline.vae)}
-    if family == "sdxl":
-        out.update(clip_state(pipeline.text_encoder, "conditioner.embedders.0.transformer."))
-        out.update(open_clip_state(pipeline.text_encoder_2, "conditioner.embedders.1.model."))
-    elif _open_clip(pipeline.text_encoder):
-        out.update(open_clip_state(pipeline.text_encoder, "cond_stage_model.model."))
-    else:
-        out.update(clip_state(pipeline.text_encoder, "cond_stage_model.transformer."))
+    for encoder, prefix, layout in family.single_file_encoders(pipeline):
+        write = open_clip_state if layout == OPEN_CLIP else clip_state
+        out.update(write(encoder, prefix))
     return out
 
 
-def save(pipeline, family: str, path, dtype) -> None:
+def save(pipeline, family, path, dtype) -> None:
     """Write the pipeline's single file at ``path`` in ``dtype``."""
     from safetensors.torch import save_file
 

@@ -149,6 +149,14 @@ class Family:
         """The component a kohya key's prefix (``unet``, ``te1``, ...) belongs to."""
         raise NotImplementedError
 
+    # Whether the original Stable Diffusion checkpoint layout holds the family's models
+    # (output format singleFile); those that do place their text encoders there.
+    single_file = False
+
+    def single_file_encoders(self, pipeline) -> list[tuple]:
+        """(text encoder, key prefix, singlefile.CLIP or OPEN_CLIP) for each encoder."""
+        raise NotImplementedError
+
     def embedding_file(self, token: str, vectors: dict) -> dict:
         """Textual Inversion's file: learned vectors by encoder name, keyed as loaders
         of the family's embeddings read them."""

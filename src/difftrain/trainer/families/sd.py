@@ -16,6 +16,16 @@ class StableDiffusion(UNetFamily):
         """The text encoder's last hidden state ``(B, L, D)``."""
         return {"encoder_hidden_states": components.text_encoders[0](ids[0])[0]}
 
+    single_file = True
+
+    def single_file_encoders(self, pipeline) -> list[tuple]:
+        from difftrain.trainer import singlefile
+
+        encoder = pipeline.text_encoder
+        if singlefile.open_clip(encoder):  # SD 2.x
+            return [(encoder, "cond_stage_model.model.", singlefile.OPEN_CLIP)]
+        return [(encoder, "cond_stage_model.transformer.", singlefile.CLIP)]
+
     def pipeline_class(self):
         from diffusers import StableDiffusionPipeline
 

@@ -46,6 +46,16 @@ class StableDiffusionXL(UNetFamily):
             noisy, timesteps, encoder_hidden_states=states, added_cond_kwargs=added
         ).sample
 
+    single_file = True
+
+    def single_file_encoders(self, pipeline) -> list[tuple]:
+        from difftrain.trainer import singlefile
+
+        return [
+            (pipeline.text_encoder, "conditioner.embedders.0.transformer.", singlefile.CLIP),
+            (pipeline.text_encoder_2, "conditioner.embedders.1.model.", singlefile.OPEN_CLIP),
+        ]
+
     def pipeline_class(self):
         from diffusers import StableDiffusionXLPipeline
 
