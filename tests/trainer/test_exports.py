@@ -190,7 +190,7 @@ def test_a_merged_lora_draws_what_base_and_lora_draw(tmp_path, trainer_cache, sh
             "output": {
                 "uri": f"file://{tmp_path}/out",
                 "dtype": "fp32",
-                "formats": ["diffusers", "merged", "singleFile"],
+                "formats": ["kohya", "merged", "singleFile"],
             },
             "training": {"steps": 3, "learningRate": 1e-2},
         },
@@ -203,7 +203,7 @@ def test_a_merged_lora_draws_what_base_and_lora_draw(tmp_path, trainer_cache, sh
     model = tmp_path / "out" / "model"
     base = StableDiffusionPipeline.from_pretrained(write_preset("tiny-sd", tmp_path / "base"))
     plain = _image(base)
-    base.load_lora_weights(model)
+    base.load_lora_weights(model / "merged-lora.safetensors")  # the kohya file
     with_lora = _image(base)
     merged = StableDiffusionPipeline.from_pretrained(model / "merged")
     assert not np.allclose(plain, with_lora, atol=1e-3)  # the LoRA changes the image...
@@ -214,6 +214,12 @@ def test_a_merged_lora_draws_what_base_and_lora_draw(tmp_path, trainer_cache, sh
         local_files_only=True,
     )
     _same_weights(merged, single)
+    assert sorted(p.name for p in model.iterdir()) == [
+        "README.md",
+        "difftrain.json",
+        "merged",
+        "merged-lora.safetensors",
+    ]  # the diffusers LoRA file merging needed is gone
     assert "`merged/` is the base model with the LoRA fused in" in (model / "README.md").read_text()
 
 

@@ -295,7 +295,9 @@ def test_the_kohya_file_loads_through_diffusers_converter_as_the_trained_lora(tm
         for name, parameter in trained.text_encoder.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
-    adapters.export(components, trainable, ["diffusers", "kohya"], tmp_path, "job", torch.float32)
+    adapters.export(
+        components, trainable, ["diffusers", "kohya"], tmp_path, torch.float32, {"name": "job"}
+    )
     expected = _outputs(trained)
     keys = load_file(tmp_path / "job.safetensors")
     assert keys["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 3072)

@@ -452,7 +452,9 @@ def test_the_kohya_file_holds_the_trained_lora_in_stabilitys_layer_names(tmp_pat
             for name, parameter in part.named_parameters():
                 if "lora_B" in name:
                     parameter.normal_(0, 0.05)
-    adapters.export(components, trainable, ["diffusers", "kohya"], tmp_path, "job", torch.float32)
+    adapters.export(
+        components, trainable, ["diffusers", "kohya"], tmp_path, torch.float32, {"name": "job"}
+    )
     expected, expected_pooled = _transformer_output(trained.transformer), _pooled(trained)
     kohya = load_file(tmp_path / "job.safetensors")
     assert kohya["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape == (12, 64)

@@ -93,13 +93,15 @@ def export(components, trainable: Trainable, formats: list[str], folder, dtype, 
     if "kohya" in formats:
         kohya = family.kohya_state(cast, trainable, dtype)
         save_file({k: v.contiguous() for k, v in kohya.items()}, folder / f"{name}.safetensors")
-    if "merged" in formats:
-        lora = folder if "diffusers" in formats else folder / ".lora"
-        if lora != folder:
-            family.save_lora(lora, cast, metadata)
-        export_merged(components, lora, folder / MERGED, formats, dtype, naming)
-        if lora != folder:
-            shutil.rmtree(lora)
+    if "merged" in formats and "diffusers" in formats:
+        export_merged(components, folder, folder / MERGED, formats, dtype, naming)
+    elif "merged" in formats:  # the diffusers file only for as long as merging takes
+        lora = folder / ".lora"
+        family.save_lora(lora, cast, metadata)
+        try:
+            export_merged(components, lora, folder / MERGED, formats, dtype, naming)
+        finally:
+            shutil.rmtree(lora, ignore_errors=True)
 
 
 def export_bytes(stage, formats: list[str], itemsize: int) -> int:
@@ -119,9 +121,9 @@ MERGED = "merged"
 
 def export_merged(components, lora, folder, formats: list[str], dtype, naming: dict) -> None:
     """The base model with the LoRA file in ``lora`` fused into its weights, as a diffusers
-    folder at ``folder`` (and ``<name>.safetensors`` in it with singleFile, ``naming`` as
-    export.naming gives it): loaded the way
-    its users load base + LoRA, so the merged model draws what they would."""
+    folder at ``folder`` (and ``<name>.safetensors`` in it with singleFile; ``naming`` as
+    export.naming gives it). Made the way users load base + LoRA, so the merged model
+    draws what they would."""
     from diffusers import DiffusionPipeline
 
     from difftrain.trainer import export

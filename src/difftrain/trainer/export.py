@@ -16,10 +16,14 @@ from difftrain.trainer import evaluation
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# output.dtype int8: the denoiser's linear layers as int8 weights (torchao, weight-only,
-# a scale per output channel), everything else, adapter files included, in bf16.
-DTYPES["int8"] = torch.bfloat16
+DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    # int8: the denoiser's linear layers as int8 weights (torchao, weight-only, a scale
+    # per output channel; see quantize_saved), all else, adapter files included, in bf16.
+    "int8": torch.bfloat16,
+}
 
 
 def formats_for(config: TrainerConfig, family) -> list[str]:
