@@ -13,6 +13,7 @@ The wrappers are written to the cache, not the clone; the binaries land in
 ``python -m tests.cluster.build`` builds everything and prints where.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,8 @@ KUBERNETES = "v1.36.3"
 ETCD = "v3.6.16"
 KWOK = "v0.8.0"
 KUEUE = "v0.17.0"
+# kstatus, the status library of Flux's health checks and kubectl's: tests/cluster/kstatus.
+CLI_UTILS = "v0.37.2"
 # Bumped when the way Kueue is built changes, so a cached binary of the old way is not used.
 KUEUE_BUILD = "b2"
 # Kueue reads its metrics certificate from this fixed path when it does not manage its own
@@ -38,6 +41,7 @@ KUEUE_BUILD = "b2"
 KUEUE_METRICS_CERTS = 'metricsCertPath := "/etc/kueue/metrics/certs"'
 
 ROOT = Path(__file__).resolve().parents[2]
+KSTATUS_MAIN = ROOT / "tests" / "cluster" / "kstatus" / "main.go"
 CACHE = Path(
     os.environ.get("DIFFTRAIN_CLUSTER_CACHE")
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "difftrain" / "cluster"
@@ -59,6 +63,7 @@ class Binaries:
     kwok: Path
     kueue: Path
     kueue_manifests: Path  # Kueue's CRDs (crds/) and webhook configurations (webhooks.yaml)
+    kstatus: Path  # tests/cluster/kstatus/main.go: kstatus's verdict on JSON objects
 
 
 def binaries(build: bool = True, log=print) -> Binaries:
@@ -72,6 +77,8 @@ def binaries(build: bool = True, log=print) -> Binaries:
     etcd = cached(f"etcd-{ETCD}", _build_etcd)
     kwok = cached(f"kwok-{KWOK}", _go_install("sigs.k8s.io/kwok/cmd/kwok", KWOK))
     kueue = cached(f"kueue-{KUEUE}-{KUEUE_BUILD}", _build_kueue)
+    program = hashlib.sha256(KSTATUS_MAIN.read_bytes()).hexdigest()[:8]  # rebuilt when edited
+    kstatus = cached(f"kstatus-{CLI_UTILS}-{program}", _build_kstatus)
     kueue_manifests = _cached(
         f"kueue-manifests-{KUEUE}", _kueue_manifests if build else None, log, folder="config"
     )
@@ -83,6 +90,7 @@ def binaries(build: bool = True, log=print) -> Binaries:
         kwok=kwok / "kwok",
         kueue=kueue / "kueue",
         kueue_manifests=kueue_manifests,
+        kstatus=kstatus / "kstatus-check",
     )
 
 
@@ -201,6 +209,15 @@ def _build_etcd(bin_dir: Path, src: Path) -> None:
     _go("get", f"go.etcd.io/etcd/server/v3@{ETCD}", cwd=src)
     _go("mod", "tidy", cwd=src)
     _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "etcd"), ".", cwd=src)
+
+
+def _build_kstatus(bin_dir: Path, src: Path) -> None:
+    src.mkdir()
+    (src / "go.mod").write_text("module difftrain.test/kstatus\n\ngo 1.26.0\n")
+    shutil.copy(KSTATUS_MAIN, src / "main.go")
+    _go("get", f"sigs.k8s.io/cli-utils@{CLI_UTILS}", cwd=src)
+    _go("mod", "tidy", cwd=src)
+    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "kstatus-check"), ".", cwd=src)
 
 
 def _build_kueue(bin_dir: Path, src: Path) -> None:

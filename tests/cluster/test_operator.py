@@ -89,6 +89,11 @@ def test_a_job_runs_to_success_through_the_real_controllers(cluster):
         cluster.index(pods, 0), {"difftrain.test/exit-code": "0", "difftrain.test/message": said}
     )
 
+    # kstatus's Ready: what `kubectl wait` and Flux's health checks wait for.
+    waited = cluster.plane.kubectl(
+        "wait", "--for=condition=Ready", "dtj/demo", "-n", cluster.namespace, "--timeout=60s"
+    )
+    assert "condition met" in waited.stdout
     status = cluster.wait_phase("Succeeded")
     assert status["startTime"] <= status["completionTime"]
     output = created["spec"]["output"]["uri"]
@@ -117,6 +122,8 @@ def test_exit_code_3_fails_the_job_as_a_dataset_error_with_no_restart(cluster):
     cluster.wait_phase("Failed")
     failed = cluster.condition("Failed")
     assert (failed["reason"], failed["message"]) == ("DatasetError", "the dataset has no images")
+    stalled = cluster.condition("Stalled")  # kstatus: Failed
+    assert (stalled["reason"], stalled["message"]) == ("DatasetError", "the dataset has no images")
     # The Job controller's own rule ended it (FailureTarget first, then Failed).
     reasons = {c["reason"] for c in cluster.job("demo-a1")["status"]["conditions"]}
     assert "PodFailurePolicy" in reasons

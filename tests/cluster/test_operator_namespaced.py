@@ -34,7 +34,7 @@ def test_a_namespaced_operator_works_in_its_namespace_only(control_plane, namesp
 
         time.sleep(1.5)  # resyncs too
         assert theirs.job("theirs-a1") is None
-        assert "status" not in theirs.dtj("theirs")
+        assert theirs.dtj("theirs")["status"]["observedGeneration"] == 0  # never seen
         requests, granted = operator.requests(), operator.granted()
     finally:
         operator.stop()

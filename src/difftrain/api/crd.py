@@ -126,7 +126,10 @@ def openapi_schema() -> dict[str, Any]:
             "kind": {"type": "string", "description": "DiffusionTrainingJob"},
             "metadata": {"type": "object"},
             "spec": model_schema(DiffusionTrainingJobSpec),
-            "status": model_schema(DiffusionTrainingJobStatus),
+            # A new job reads as not yet observed (observedGeneration 0, below any
+            # generation) until the operator writes its status: kstatus (Flux, kubectl)
+            # would take a job without a status for one that is done.
+            "status": {**model_schema(DiffusionTrainingJobStatus), "default": {}},
         },
         "x-kubernetes-validations": ROOT_RULES,
     }

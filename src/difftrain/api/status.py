@@ -89,14 +89,19 @@ class DiffusionTrainingJobStatus(StatusModel):
     )
     conditions: list[Condition] = Field(
         [],
-        description="Created, Running, Restarting, Suspended, Succeeded, Failed.",
+        description="Created, Unschedulable, Running, Restarting, Suspended, Succeeded, "
+        "Failed; and kstatus's Ready (succeeded), Reconciling (on its way) and Stalled "
+        "(failed), for Flux and kubectl wait.",
         json_schema_extra={
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
         },
     )
-    observed_generation: int | None = Field(
-        None, ge=0, description="The metadata.generation the status describes."
+    observed_generation: int = Field(
+        0,
+        ge=0,
+        description="The metadata.generation the status describes; 0 until the operator "
+        "first sees the job.",
     )
     attempt: int | None = Field(None, ge=1, description="Current gang attempt, from 1.")
     restarts: int = Field(

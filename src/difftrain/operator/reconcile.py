@@ -27,8 +27,8 @@ from difftrain.operator.status import (
     missing_pods,
     next_status,
     observe,
+    published,
     set_condition,
-    summary_reason,
     timestamp,
     ttl_expired,
 )
@@ -339,7 +339,7 @@ class Controller:
         """Write the status only when it changed, with an Event for each transition."""
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
-        new["reason"] = summary_reason(new)
+        new = published(new, now, metadata.get("generation"))
         self.metrics.observe(namespace, name, new)
         if new == old:
             return

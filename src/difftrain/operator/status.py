@@ -30,7 +30,13 @@ CONDITION_TYPES = (
     "Suspended",
     "Succeeded",
     "Failed",
+    "Ready",
+    "Reconciling",
+    "Stalled",
 )
+# The conditions of the kstatus conventions (Flux's health checks, kubectl wait), which
+# sum up the others: see summary_conditions. They make no Events of their own.
+SUMMARY_TYPES = ("Ready", "Reconciling", "Stalled")
 
 State = Literal["missing", "waiting", "suspended", "pending", "running", "succeeded", "failed"]
 Action = Literal["none", "restart", "preempted"]
@@ -390,6 +396,39 @@ def summary_reason(status: dict) -> str:
     return conditions.get("Created", {}).get("reason", "")
 
 
+def published(status: dict, now: datetime, generation: int | None) -> dict:
+    """``status`` as the operator writes it: with its one-word reason and the kstatus
+    conditions that sum it up."""
+    status = {**status, "reason": summary_reason(status)}
+    return summary_conditions(status, now, generation)
+
+
+def summary_conditions(status: dict, now: datetime, generation: int | None) -> dict:
+    """``status`` with the kstatus conditions set from its phase: Ready is True once the
+    job succeeded (its work is done; ``kubectl wait --for=condition=Ready`` waits for
+    that), Reconciling True while it is on its way (Pending, Running, Restarting), Stalled
+    True once it failed. Suspended is none of them: Ready False, says why. Each carries
+    the reason and message of the condition that tells the phase."""
+    phase = status.get("phase") or "Pending"
+    reason = summary_reason(status) or phase
+    telling = next(
+        (c for c in status.get("conditions", []) if c.get("reason") == reason),
+        {"message": ""},
+    )
+    message = telling.get("message", "")
+    wanted = {
+        "Ready": phase == "Succeeded",
+        "Reconciling": phase in ("Pending", "Running", "Restarting"),
+        "Stalled": phase == "Failed",
+    }
+    conditions = status.get("conditions", [])
+    for kind, true in wanted.items():
+        why = reason if true or kind == "Ready" else phase
+        said = message if true or kind == "Ready" else f"the job is {phase.lower()}"
+        conditions = set_condition(conditions, kind, true, why, said, now, generation)
+    return {**status, "conditions": conditions}
+
+
 def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
     """The Events (type, reason, message) for going from status ``old`` to ``new``: one
     for each condition that became True, in condition order, and one for every further
@@ -399,7 +438,7 @@ def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
     found = []
     for condition in new.get("conditions", []):
         kind = condition["type"]
-        if condition["status"] != "True":
+        if condition["status"] != "True" or kind in SUMMARY_TYPES:
             continue
         restarted = kind == "Restarting" and any(
             new.get(count, 0) > old.get(count, 0) for count in ("restarts", "preemptions")
