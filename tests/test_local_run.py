@@ -12,6 +12,7 @@ from difftrain import contract
 from difftrain.api.validation import load_job
 from difftrain.local import (
     combined_exit_code,
+    free_port,
     node_environment,
     progress_line,
     threads_per_process,
@@ -58,9 +59,14 @@ def test_two_local_nodes_train_together(tmp_path, shapes_folder):
         },
     )
 
-    result = _difftrain_run(tmp_path, manifest, "--nodes", "2")
+    port = free_port()
+
+    result = _difftrain_run(tmp_path, manifest, "--nodes", "2", "--metrics-port", str(port))
 
     assert result.returncode == 0, result.stdout + result.stderr
+    urls = [line for line in result.stdout.splitlines() if " metrics: http" in line]
+    assert urls[0] == f"node 0 metrics: http://127.0.0.1:{port}/metrics"
+    assert urls[1].startswith("node 1 metrics: http://127.0.0.1:") and len(urls) == 2
     checkpoint = output / "checkpoints" / "step-00000003"
     assert {"rng-0.pt", "rng-1.pt", "COMPLETE"} <= {p.name for p in checkpoint.iterdir()}
     assert (output / "model" / "difftrain.json").exists()
@@ -187,3 +193,31 @@ def test_storage_problems_fail_before_training(tmp_path, spec, code, message):
     assert message.replace("{tmp}", str(tmp_path)) in result.stderr
     assert "step 1/" not in result.stdout
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_python_m_difftrain_is_the_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "difftrain", "--version"], capture_output=True, text=True
+    )
+
+    assert result.returncode == 0 and result.stdout.startswith("difftrain ")
+
+
+def test_the_operator_without_credentials_says_what_is_missing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_SERVICE")}
+    env["KUBECONFIG"] = str(tmp_path / "missing-kubeconfig")
+    result = subprocess.run(
+        [sys.executable, "-m", "difftrain", "operator"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"difftrain operator: no Kubernetes credentials: not in a pod with a service account "
+        f"(KUBERNETES_SERVICE_HOST is not set), and the kubeconfig {tmp_path}/missing-kubeconfig "
+        "cannot be used (Invalid kube-config file. No configuration found.); set KUBECONFIG "
+        "to a kubeconfig file, or run the operator in the cluster"
+    ]

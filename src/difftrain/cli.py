@@ -7,7 +7,7 @@ from pathlib import Path
 
 from difftrain import __version__
 from difftrain.api.crd import CRD_PATH, render_crd
-from difftrain.api.manifests import check_file, read_jobs
+from difftrain.api.manifests import check_file, expand, read_jobs
 from difftrain.api.reference import REFERENCE_PATH, render_reference
 from difftrain.dashboard import DASHBOARD_PATH
 from difftrain.dashboard import render as render_dashboard
@@ -15,21 +15,41 @@ from difftrain.errors import InvalidSpec
 from difftrain.yamltext import dump_all
 
 
+def _manifests(names: list[str], recursive: bool) -> list | None:
+    """The files ``names`` stand for, or None after saying that there are none."""
+    found = expand(names, recursive)
+    if not found:
+        print(f"{', '.join(names)}: no .yaml, .yml or .json files", file=sys.stderr)
+        return None
+    return found
+
+
 def _validate(args: argparse.Namespace) -> int:
-    problems = [line for path in args.files for line in check_file(Path(path))]
-    for line in problems:
+    manifests = _manifests(args.files, args.recursive)
+    if manifests is None:
+        return InvalidSpec.exit_code
+    notes: list[str] = []
+    problems = [line for m in manifests for line in check_file(m.path, m.in_folder, notes)]
+    for line in [*notes, *problems]:
         print(line, file=sys.stderr)
     if problems:
         return InvalidSpec.exit_code
     if not args.quiet:
-        print(f"{len(args.files)} file(s) valid")
+        print(f"{len(manifests) - len(notes)} file(s) valid")
     return 0
 
 
-def _valid_jobs(file: str) -> list | None:
-    """The jobs in ``file``, or None after printing its problems."""
-    jobs, problems = read_jobs(Path(file))
-    for line in problems:
+def _valid_jobs(names: list[str], recursive: bool = False) -> list | None:
+    """The jobs in the files ``names`` stand for, or None after printing their problems."""
+    manifests = _manifests(names, recursive)
+    if manifests is None:
+        return None
+    jobs, problems, notes = [], [], []
+    for manifest in manifests:
+        found, said = read_jobs(manifest.path, manifest.in_folder, notes)
+        jobs += found
+        problems += said
+    for line in [*notes, *problems]:
         print(line, file=sys.stderr)
     return None if problems else jobs
 
@@ -37,7 +57,7 @@ def _valid_jobs(file: str) -> list | None:
 def _render(args: argparse.Namespace) -> int:
     from difftrain.operator.builders import Defaults, children
 
-    jobs = _valid_jobs(args.file)
+    jobs = _valid_jobs(args.files, args.recursive)
     if jobs is None:
         return InvalidSpec.exit_code
     defaults = Defaults(**({"image": args.image} if args.image else {}))
@@ -49,7 +69,7 @@ def _render(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from difftrain import local
 
-    jobs = _valid_jobs(args.file)
+    jobs = _valid_jobs([args.file])
     if jobs is None:
         return InvalidSpec.exit_code
     if len(jobs) != 1:
@@ -57,7 +77,10 @@ def _run(args: argparse.Namespace) -> int:
         return InvalidSpec.exit_code
     try:
         return local.run(
-            local.with_nodes(jobs[0], args.nodes), Path(args.workdir), local.free_port()
+            local.with_nodes(jobs[0], args.nodes),
+            Path(args.workdir),
+            local.free_port(),
+            args.metrics_port,
         )
     except InvalidSpec as error:
         print(error, file=sys.stderr)
@@ -186,14 +209,20 @@ def _operator(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"difftrain operator: {error}", file=sys.stderr)
         return 2
-    run(
-        args.namespace,
-        args.resync_seconds,
-        args.metrics_port,
-        args.health_port,
-        defaults,
-        args.failure_grace_seconds,
-    )
+    from difftrain.operator.kube import NoCredentials
+
+    try:
+        run(
+            args.namespace,
+            args.resync_seconds,
+            args.metrics_port,
+            args.health_port,
+            defaults,
+            args.failure_grace_seconds,
+        )
+    except NoCredentials as error:
+        print(f"difftrain operator: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -222,9 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate",
         help="check DiffusionTrainingJob manifests",
-        description="Check manifests against the API; one line per problem, exit 2 if any.",
+        description="Check manifests against the API; one line per problem, exit 2 if any. "
+        "A folder stands for its .yaml, .yml and .json files (-R: its subfolders' too), in "
+        "which documents of other API groups are skipped, as kubectl apply -f applies them "
+        "beside the jobs; a named file must hold only DiffusionTrainingJobs.",
     )
-    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("files", nargs="+", metavar="FILE|DIR")
+    validate.add_argument(
+        "-R", "--recursive", action="store_true", help="also read the folders' subfolders"
+    )
     validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     validate.set_defaults(run=_validate)
 
@@ -232,9 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
         "render",
         help="print the Kubernetes objects the operator would create",
         description="Print the ConfigMap, Service and Job the operator creates for each job "
-        "in FILE, as multi-document YAML (a dry run).",
+        "in the files (or the folders' files), as multi-document YAML (a dry run).",
     )
-    render.add_argument("file", metavar="FILE")
+    render.add_argument("files", nargs="+", metavar="FILE|DIR")
+    render.add_argument(
+        "-R", "--recursive", action="store_true", help="also read the folders' subfolders"
+    )
     render.add_argument("--attempt", type=int, default=1, help="gang attempt (default 1)")
     render.add_argument("--image", help="trainer image when the job names none")
     render.set_defaults(run=_render)
@@ -247,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("file", metavar="FILE")
     run.add_argument("--nodes", type=int, help="override spec.resources.nodes")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="node 0's Prometheus metrics port (default: a free one; every node's URL is "
+        "printed at start)",
+    )
     run.add_argument(
         "--workdir",
         default=".difftrain",

@@ -135,8 +135,10 @@ def combined_exit_code(codes: list[int]) -> int:
     return next((code for code in codes if code), 0)
 
 
-def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
-    """Run ``job`` with one local process per node; the exit code of the contract."""
+def run(job: DiffusionTrainingJob, workdir: Path, port: int, metrics_port: int = 0) -> int:
+    """Run ``job`` with one local process per node; the exit code of the contract. Node
+    0 serves its metrics on ``metrics_port`` (a free port when 0), each other node on a
+    free port; the URLs are printed first, for a local Prometheus to scrape."""
     config_map, _, trainer_job = children(job, attempt=1, defaults=Defaults())
     container = trainer_job["spec"]["template"]["spec"]["containers"][0]
     base = workdir / job.metadata.name
@@ -145,6 +147,10 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int) -> int:
     command = [sys.executable if part == "python" else part for part in container["command"]]
     processes = []
     metrics_ports = [free_port() for _ in range(job.spec.resources.nodes)]
+    if metrics_port:
+        metrics_ports[0] = metrics_port
+    for index, served in enumerate(metrics_ports):
+        print(f"node {index} metrics: http://127.0.0.1:{served}/metrics", flush=True)
     stopping = threading.Event()
 
     def stop(*_):  # Ctrl-C or SIGTERM: every node checkpoints, as on preemption

@@ -1,5 +1,6 @@
 """`difftrain validate`: every bad input is rejected with exit 2 and a line naming the field."""
 
+import json
 import subprocess
 import sys
 
@@ -486,3 +487,45 @@ def test_installed_console_script_validates(write_manifest):
 
     assert result.returncode == 2
     assert result.stderr.endswith("spec.resources.nodes: must be >= 1 (got 0)\n")
+
+
+def _folder(tmp_path):
+    """A GitOps folder: jobs beside other kinds, a file of other kinds only, a bad job
+    one level down, and a file that is not a manifest."""
+    import yaml
+
+    folder = tmp_path / "fleet"
+    (folder / "team-b").mkdir(parents=True)
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ml"}}
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}}
+    (folder / "a.yaml").write_text(yaml.safe_dump(job({"metadata": {"name": "a"}})))
+    (folder / "b.yml").write_text(yaml.safe_dump_all([namespace, job({"metadata": {"name": "b"}})]))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "notes.txt").write_text("not a manifest")
+    bad = job({"metadata": {"name": "c"}}, spec={"training": {"learningRate": 0}})
+    (folder / "team-b" / "c.yaml").write_text(yaml.safe_dump(bad))
+    return folder
+
+
+def test_a_folder_is_its_manifests_and_other_kinds_are_skipped(tmp_path, capsys):
+    folder = _folder(tmp_path)
+
+    assert main(["validate", str(folder)]) == 0
+    said = capsys.readouterr()
+    assert said.err.strip() == f"{folder}/config.json: no DiffusionTrainingJob; skipped"
+    assert said.out.strip() == "2 file(s) valid"
+
+    assert main(["validate", "-R", str(folder)]) == 2
+    said = capsys.readouterr()
+    assert f"{folder}/team-b/c.yaml:" in said.err and "spec.training.learningRate" in said.err
+
+    assert main(["render", str(folder)]) == 0
+    rendered = capsys.readouterr().out
+    assert "name: a-a1" in rendered and "name: b-a1" in rendered
+
+
+def test_a_folder_without_manifests_is_refused(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+
+    assert main(["validate", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == f"{tmp_path}/empty: no .yaml, .yml or .json files"

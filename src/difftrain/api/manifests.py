@@ -81,9 +81,49 @@ def _reject_duplicate_keys(node: yaml.Node, source: str) -> None:
             _reject_duplicate_keys(item, source)
 
 
-def read_jobs(path: Path) -> tuple[list[DiffusionTrainingJob], list[str]]:
+# What ``kubectl apply -f`` reads in a folder.
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+GROUP = "difftrain.io"
+
+
+@dataclass
+class Manifest:
+    """A file to read: named on the command line (every document must be a job), or found
+    in a folder (documents of other API groups are skipped, as ``kubectl apply`` applies
+    them beside the jobs)."""
+
+    path: Path
+    in_folder: bool = False
+
+
+def expand(names: list[str], recursive: bool = False) -> list[Manifest]:
+    """The manifest files ``names`` stand for: a file as it is, a folder's ``.yaml``,
+    ``.yml`` and ``.json`` files in name order (and its subfolders' with ``recursive``)."""
+    found = []
+    for name in names:
+        path = Path(name)
+        if not path.is_dir():
+            found.append(Manifest(path))
+            continue
+        pattern = "**/*" if recursive else "*"
+        files = sorted(p for p in path.glob(pattern) if p.suffix in MANIFEST_SUFFIXES)
+        found += [Manifest(file, in_folder=True) for file in files if file.is_file()]
+    return found
+
+
+def _ours(data: Any) -> bool:
+    """Whether a document belongs to difftrain's API group (or names no group at all)."""
+    if not isinstance(data, dict) or not isinstance(data.get("apiVersion"), str):
+        return True  # validated, so that what is wrong with it is said
+    return data["apiVersion"].split("/")[0] == GROUP
+
+
+def read_jobs(
+    path: Path, in_folder: bool = False, notes: list[str] | None = None
+) -> tuple[list[DiffusionTrainingJob], list[str]]:
     """The jobs in a manifest file, and one ``FILE:LINE: field: problem`` line per problem
-    (the file is read and parsed once)."""
+    (the file is read and parsed once). A file found in a folder may hold other kinds: they
+    are skipped, and a file without any job gets a line in ``notes``."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -95,6 +135,12 @@ def read_jobs(path: Path) -> tuple[list[DiffusionTrainingJob], list[str]]:
         return [], [str(error)]
     if not documents:
         return [], [f"{source}: no YAML documents found"]
+    if in_folder:
+        documents = [document for document in documents if _ours(document.data)]
+        if not documents:
+            if notes is not None:
+                notes.append(f"{source}: no DiffusionTrainingJob; skipped")
+            return [], []
     jobs, lines = [], []
     for document in documents:
         job, problems = validate_job(document.data)
@@ -104,9 +150,9 @@ def read_jobs(path: Path) -> tuple[list[DiffusionTrainingJob], list[str]]:
     return jobs, lines
 
 
-def check_file(path: Path) -> list[str]:
+def check_file(path: Path, in_folder: bool = False, notes: list[str] | None = None) -> list[str]:
     """Validate every job in a manifest file; one ``FILE:LINE: field: problem`` line each."""
-    return read_jobs(path)[1]
+    return read_jobs(path, in_folder, notes)[1]
 
 
 def _located(document: Document, problem: Problem) -> str:

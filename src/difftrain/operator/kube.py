@@ -7,6 +7,7 @@ The blocking ``kubernetes`` client runs in worker threads.
 
 import asyncio
 import json
+import os
 import urllib.request
 from dataclasses import dataclass
 
@@ -45,8 +46,21 @@ def api_client(host: str | None = None):
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as error:
+            where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise NoCredentials(
+                "no Kubernetes credentials: not in a pod with a service account "
+                "(KUBERNETES_SERVICE_HOST is not set), and the kubeconfig "
+                f"{where} cannot be used ({str(error).splitlines()[0]}); set KUBECONFIG "
+                "to a kubeconfig file, or run the operator in the cluster"
+            ) from None
     return client.ApiClient()
+
+
+class NoCredentials(Exception):
+    """Neither the in-cluster service account nor a kubeconfig is there to use."""
 
 
 @dataclass

@@ -78,6 +78,7 @@ def run(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    client = api_client()  # before anything starts: NoCredentials says what is missing
     registry, settings = kopf.OperatorRegistry(), kopf.OperatorSettings()
     configure(settings)
     register(registry, resync_seconds, namespaces)
@@ -85,9 +86,7 @@ def run(
     metrics = OperatorMetrics()
     start_http_server(metrics_port, registry=metrics.registry)
     grace = timedelta(seconds=failure_grace_seconds)
-    controller = Controller(
-        Kube(api_client()), defaults, metrics, grace=grace, namespaces=namespaces
-    )
+    controller = Controller(Kube(client), defaults, metrics, grace=grace, namespaces=namespaces)
     kopf.run(
         registry=registry,
         settings=settings,
