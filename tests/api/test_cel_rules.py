@@ -1,18 +1,17 @@
 """The CRD's CEL rules: they compile, they agree with the Python validators on every
 cross-field rule, and they make the spec immutable except for suspend and TTL."""
 
-from pathlib import Path
-
 import cel
 import pytest
 import yaml
 
 from difftrain.api.crd import openapi_schema
 from difftrain.api.validation import validate_job
+from tests import examples
 from tests.builders import DELETE, job, merge
 from tests.kube_schema import all_rules, apply_defaults, failed_rules
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+EXAMPLES = examples.JOBS
 SCHEMA = openapi_schema()
 
 

@@ -11,11 +11,12 @@ import yaml
 from difftrain.api import DiffusionTrainingJob
 from difftrain.api.crd import CRD_PATH, crd_manifest, openapi_schema, render_crd
 from difftrain.cli import main
+from tests import examples
 from tests.builders import job
 from tests.kube_schema import apply_defaults
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = examples.JOBS
 # Keywords a structural schema node may carry (apiextensions.k8s.io/v1 JSONSchemaProps,
 # less those structural schemas forbid).
 ALLOWED_KEYWORDS = {

@@ -33,6 +33,8 @@ KWOK = "v0.8.0"
 KUEUE = "v0.17.0"
 # kstatus, the status library of Flux's health checks and kubectl's: tests/cluster/kstatus.
 CLI_UTILS = "v0.37.2"
+# Katib: its File metrics collector's parser (tests/cluster/katib) and its API's OpenAPI.
+KATIB = "v0.19.0"
 # Bumped when the way Kueue is built changes, so a cached binary of the old way is not used.
 KUEUE_BUILD = "b2"
 # Kueue reads its metrics certificate from this fixed path when it does not manage its own
@@ -42,6 +44,7 @@ KUEUE_METRICS_CERTS = 'metricsCertPath := "/etc/kueue/metrics/certs"'
 
 ROOT = Path(__file__).resolve().parents[2]
 KSTATUS_MAIN = ROOT / "tests" / "cluster" / "kstatus" / "main.go"
+KATIB_MAIN = ROOT / "tests" / "cluster" / "katib" / "main.go"
 CACHE = Path(
     os.environ.get("DIFFTRAIN_CLUSTER_CACHE")
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "difftrain" / "cluster"
@@ -64,6 +67,8 @@ class Binaries:
     kueue: Path
     kueue_manifests: Path  # Kueue's CRDs (crds/) and webhook configurations (webhooks.yaml)
     kstatus: Path  # tests/cluster/kstatus/main.go: kstatus's verdict on JSON objects
+    katib_metrics: Path  # tests/cluster/katib/main.go: Katib's File collector's parser
+    katib_api: Path  # Katib's OpenAPI (swagger.json) and CRDs (crds/)
 
 
 def binaries(build: bool = True, log=print) -> Binaries:
@@ -79,6 +84,9 @@ def binaries(build: bool = True, log=print) -> Binaries:
     kueue = cached(f"kueue-{KUEUE}-{KUEUE_BUILD}", _build_kueue)
     program = hashlib.sha256(KSTATUS_MAIN.read_bytes()).hexdigest()[:8]  # rebuilt when edited
     kstatus = cached(f"kstatus-{CLI_UTILS}-{program}", _build_kstatus)
+    collector = hashlib.sha256(KATIB_MAIN.read_bytes()).hexdigest()[:8]
+    katib = cached(f"katib-metrics-{KATIB}-{collector}", _build_katib_metrics)
+    katib_api = _cached(f"katib-api-{KATIB}", _katib_api if build else None, log, "config")
     kueue_manifests = _cached(
         f"kueue-manifests-{KUEUE}", _kueue_manifests if build else None, log, folder="config"
     )
@@ -91,6 +99,8 @@ def binaries(build: bool = True, log=print) -> Binaries:
         kueue=kueue / "kueue",
         kueue_manifests=kueue_manifests,
         kstatus=kstatus / "kstatus-check",
+        katib_metrics=katib / "katib-metrics",
+        katib_api=katib_api,
     )
 
 
@@ -218,6 +228,23 @@ def _build_kstatus(bin_dir: Path, src: Path) -> None:
     _go("get", f"sigs.k8s.io/cli-utils@{CLI_UTILS}", cwd=src)
     _go("mod", "tidy", cwd=src)
     _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "kstatus-check"), ".", cwd=src)
+
+
+def _build_katib_metrics(bin_dir: Path, src: Path) -> None:
+    src.mkdir()
+    (src / "go.mod").write_text("module difftrain.test/katib\n\ngo 1.26.0\n")
+    shutil.copy(KATIB_MAIN, src / "main.go")
+    _go("get", f"github.com/kubeflow/katib@{KATIB}", cwd=src)
+    _go("mod", "tidy", cwd=src)
+    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "katib-metrics"), ".", cwd=src)
+
+
+def _katib_api(config: Path, _src: Path) -> None:
+    """Katib's v1beta1 OpenAPI (its published CRDs keep no schema) and its CRDs."""
+    module = Path(_module("github.com/kubeflow/katib", KATIB)["Dir"])
+    shutil.copyfile(module / "pkg" / "apis" / "v1beta1" / "swagger.json", config / "swagger.json")
+    shutil.copytree(module / "manifests" / "v1beta1" / "components" / "crd", config / "crds")
+    _writable(config)
 
 
 def _build_kueue(bin_dir: Path, src: Path) -> None:

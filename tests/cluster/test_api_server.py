@@ -9,12 +9,12 @@ import time
 import pytest
 import yaml
 
+from tests import examples
 from tests.api.test_validate_cli import BAD_MANIFESTS
 from tests.builders import job, merge
-from tests.cluster.build import ROOT
 from tests.cluster.control_plane import CRDS
 
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = examples.JOBS  # the Katib Experiment: tests/cluster/test_katib.py
 
 
 def _eventually(check, timeout: float = 30):

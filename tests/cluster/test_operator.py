@@ -79,6 +79,10 @@ def test_a_job_runs_to_success_through_the_real_controllers(cluster):
     assert trainer["spec"]["completionMode"] == "Indexed"
     pods = cluster.running_pods(2)
     assert {p["spec"]["nodeName"] for p in pods} <= {"kwok-node-0", "kwok-node-1"}
+    # The label by which Katib's primaryPodLabels find the main process's pod
+    # (examples/katib-sweep.yaml).
+    index = "batch.kubernetes.io/job-completion-index"
+    assert {p["metadata"]["labels"][index] for p in pods} == {"0", "1"}
     cluster.wait_phase("Running")
     assert cluster.printed()["PHASE"] == "Running"
 

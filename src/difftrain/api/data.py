@@ -203,6 +203,16 @@ class OutputSpec(ApiModel):
         "denoiser's linear layers as int8 weights (torchao, weight-only), the rest in bf16; "
         "load it with torchao installed and torch_dtype bfloat16.",
     )
+    metrics_file: str | None = Field(
+        None,
+        max_length=1024,
+        pattern=r"^/.*[^/]$",
+        description="A file in the main pod to which every logged step's values (loss, "
+        "lr, images_per_second) and every evaluation's scores (fid, clip_score, "
+        "validation_loss) are also appended, one JSON object per line with string values "
+        "and a timestamp: the format of Katib's File metrics collector (format JSON). An "
+        "absolute path in a folder the pod can write (Katib mounts one there).",
+    )
     registry: RegistrySpec | None = Field(
         None,
         description="Register the finished model in a model registry (MLflow): the run "

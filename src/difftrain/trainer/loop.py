@@ -195,7 +195,8 @@ class Training:
             self.progress.checkpoint_saved(step)
         for policy in (self.logs, self.samples, self.saves, self.evaluations):
             policy.done(step)
-        self.metrics = MetricsLog(stage.scratch / contract.METRICS_FILE, stage.output, step)
+        katib = stage.run.metrics_file if stage.name == methods.DIFFUSION else None
+        self.metrics = MetricsLog(stage.scratch / contract.METRICS_FILE, stage.output, step, katib)
         if self.evaluations.enabled:
             self.evaluator = evaluation.Evaluator(stage, stage.run.evaluation)
             stage.evaluations = self.metrics.evaluations()  # those before a resume

@@ -4,21 +4,25 @@ checkpoints, samples and evaluations, which the time left adds back as they are 
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from difftrain import contract
+from difftrain.errors import InvalidSpec
 from difftrain.storage import Store
 from difftrain.trainer.telemetry import Telemetry
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one line per logged step, kept locally and uploaded whole."""
+    """``metrics.jsonl``: one line per logged step, kept locally and uploaded whole; and,
+    with ``mirror`` (spec.output.metricsFile), each entry again in Katib's File metrics
+    collector's JSON format (:func:`katib_line`)."""
 
-    def __init__(self, path: Path, store: Store, resume_step: int):
-        self.path, self.store = path, store
+    def __init__(self, path: Path, store: Store, resume_step: int, mirror: Path | None = None):
+        self.path, self.store, self.mirror = path, store, mirror
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = []
         if resume_step and store.exists(contract.METRICS_FILE):
@@ -37,9 +41,53 @@ class MetricsLog:
     def append(self, entry: dict) -> None:
         with self.path.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
+        if self.mirror is not None:
+            with self.mirror.open("a") as handle:
+                handle.write(katib_line(entry) + "\n")
 
     def upload(self) -> None:
         self.store.upload(self.path, contract.METRICS_FILE)
+
+
+# metrics.jsonl's names -> the metric names Katib's objective and MLflow use.
+KATIB_NAMES = {
+    "loss": "loss",
+    "lr": "lr",
+    "imagesPerSecond": "images_per_second",
+    "fid": "fid",
+    "clipScore": "clip_score",
+    "validationLoss": "validation_loss",
+}
+
+
+def katib_line(entry: dict) -> str:
+    """One metrics.jsonl entry as Katib's JSON metrics line: the step and the finite
+    values as strings (Katib's parser reads only strings), and an RFC 3339 timestamp."""
+    values = entry.get("evaluation") or entry
+    line = {"step": str(entry["step"])}
+    for key, name in KATIB_NAMES.items():
+        value = values.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            line[name] = repr(float(value))
+    line["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return json.dumps(line)
+
+
+def open_mirror(path: str | None) -> Path | None:
+    """spec.output.metricsFile, checked writable before training; InvalidSpec if not."""
+    if not path:
+        return None
+    mirror = Path(path)
+    try:
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        with mirror.open("a"):
+            pass
+    except OSError as error:
+        raise InvalidSpec(
+            f"spec.output.metricsFile: cannot write {path} ({error.strerror}); it must be in "
+            "a folder the pod can write (Katib's File collector mounts one at its folder)"
+        ) from None
+    return mirror
 
 
 @dataclass

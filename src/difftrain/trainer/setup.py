@@ -18,7 +18,7 @@ from difftrain.api.scratch import scratch_bytes
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.errors import InvalidSpec
 from difftrain.storage import S3Settings, Store, open_store
-from difftrain.trainer import data, evaluation, methods, models, ownership
+from difftrain.trainer import data, evaluation, methods, models, ownership, records
 from difftrain.trainer.evaluation import Inputs
 from difftrain.trainer.scratch import Scratch
 from difftrain.trainer.waiting import Waiting
@@ -65,6 +65,7 @@ class Run:
     waiting: Waiting
     run_id: str | None = None  # the run this job writes, once a stage has chosen it
     evaluation: Inputs | None = None  # what spec.evaluation reads
+    metrics_file: Path | None = None  # spec.output.metricsFile, on the main process
     held_out: list = field(default_factory=list)  # images for the held-out loss
 
     @property
@@ -105,11 +106,15 @@ def prepare(config: TrainerConfig, paths: Paths) -> Run:
     settings = S3Settings.from_spec(spec.storage)
     method = methods.for_spec(spec)
     output = open_store(spec.output.uri, settings)
+    katib = None
     if os.environ.get("RANK", "0") == "0":
         output.check_writable()  # fail before hours of training, not at the first checkpoint
+        katib = records.open_mirror(spec.output.metrics_file)
     leases: list[ownership.Lease] = []  # the main process's, once the data is usable
     try:
-        return _prepare(config, paths, settings, method, output, leases)
+        run = _prepare(config, paths, settings, method, output, leases)
+        run.metrics_file = katib
+        return run
     except BaseException:
         for lease in leases:
             lease.release()
