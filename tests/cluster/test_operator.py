@@ -5,13 +5,19 @@ to kwok's nodes and kwok runs them, ending them as the test annotates them (stag
 the garbage collector removes what a deleted job owned."""
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.builders import job
+from tests.cluster.control_plane import kubectl_binary
 from tests.cluster.operator import (
     JOBS,
     Cluster,
@@ -135,6 +141,73 @@ def test_exit_code_3_fails_the_job_as_a_dataset_error_with_no_restart(cluster):
     assert cluster.job("demo-a2") is None
     labels = f'job="demo",namespace="{cluster.namespace}",reason="DatasetError"'
     assert f"difftrain_operator_job_failed{{{labels}}} 1.0" in cluster.operator.metrics()
+    # kubectl difftrain, run by kubectl itself (a plugin on the PATH).
+    status = _plugin(cluster, "status", "demo", "-n", cluster.namespace)
+    assert status.returncode == 0, status.stderr
+    assert "Phase:       Failed (DatasetError)" in status.stdout
+    assert re.search(r"Failed +True +DatasetError +\S+ +the dataset has no images", status.stdout)
+    assert re.search(r"Stalled +True +DatasetError", status.stdout)
+    events = _plugin(cluster, "events", "demo", "-n", cluster.namespace)
+    assert events.returncode == 0, events.stderr
+    said = [line.split()[1:3] for line in events.stdout.splitlines()[1:]]
+    assert ["Normal", "JobCreated"] in said and ["Warning", "DatasetError"] in said
+    missing = _plugin(cluster, "status", "nothing", "-n", cluster.namespace)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == (
+        f'kubectl difftrain: diffusiontrainingjob "nothing" not found in namespace '
+        f"{cluster.namespace}"
+    )
+
+
+def _plugin(cluster, *args: str):
+    """``kubectl difftrain ARGS``: kubectl finds the plugin the package installs beside
+    the interpreter, as on a user's PATH."""
+    folder = str(Path(sys.executable).parent)
+    path = folder + os.pathsep + os.environ.get("PATH", "")
+    env = {**os.environ, "PATH": path, "KUBECONFIG": str(cluster.plane.kubeconfig)}
+    return subprocess.run(
+        [kubectl_binary(), "difftrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_kubectl_difftrain_samples_downloads_the_newest_grid(cluster, tmp_path, s3_env, two_runs):
+    """With the S3 server's credentials and endpoint in the environment (s3_env)."""
+    from difftrain.storage import S3Settings, open_store
+
+    bucket = s3_env.create_bucket("plugin-samples")
+    settings = S3Settings(endpoint=s3_env.endpoint, path_style=True)
+    open_store(f"s3://{bucket}/runs/a", settings).upload_tree(two_runs[0], "")
+    storage = {"endpoint": s3_env.endpoint, "pathStyle": True}
+    cluster.apply(demo(output={"uri": f"s3://{bucket}/runs/a"}, storage=storage))
+
+    newest = _plugin(cluster, "samples", "demo", "-n", cluster.namespace, "-o", str(tmp_path))
+    chosen = _plugin(
+        cluster,
+        "samples",
+        "demo",
+        "-n",
+        cluster.namespace,
+        "--step",
+        "2",
+        "-o",
+        str(tmp_path),
+    )
+    absent = _plugin(cluster, "samples", "demo", "-n", cluster.namespace, "--step", "3")
+
+    assert newest.returncode == 0, newest.stderr
+    grids = two_runs[0] / "samples"
+    got = tmp_path / "demo-step-00000004-grid.png"
+    assert got.read_bytes() == (grids / "step-00000004" / "grid.png").read_bytes()
+    assert chosen.returncode == 0, chosen.stderr
+    assert (tmp_path / "demo-step-00000002-grid.png").is_file()
+    assert absent.returncode == 1
+    assert absent.stderr.strip() == (
+        "kubectl difftrain: --step 3: no samples at that step; there are samples at steps 2, 4"
+    )
 
 
 def test_a_crash_restarts_the_whole_gang_as_attempt_2(cluster):
