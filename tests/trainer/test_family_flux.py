@@ -2,6 +2,7 @@
 image's size as its scheduler shifts them, the guidance embedding given the job's value,
 LoRA and fine-tuning that diffusers loads, and the settings the family refuses."""
 
+import copy
 import json
 import math
 
@@ -280,7 +281,8 @@ def test_the_kohya_file_loads_through_diffusers_converter_as_the_trained_lora(tm
     from difftrain.api.methods import LoraSpec
     from difftrain.trainer import adapters
 
-    trained = _wide_pipeline()
+    fresh = _wide_pipeline()  # built once: a third of a billion weights draw slowly
+    trained = copy.deepcopy(fresh)
     components = SimpleNamespace(
         family=families.named("flux"),
         denoiser=trained.transformer,
@@ -305,9 +307,9 @@ def test_the_kohya_file_loads_through_diffusers_converter_as_the_trained_lora(tm
     assert keys["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 3072 + 12288, 16)
     assert any(key.startswith("lora_te1_") for key in keys)
 
-    base = _outputs(_wide_pipeline())
+    base = _outputs(fresh)
     for file in ("job.safetensors", "pytorch_lora_weights.safetensors"):
-        pipeline = _wide_pipeline()
+        pipeline = copy.deepcopy(fresh)
         pipeline.load_lora_weights(tmp_path / file)
         for got, want, before in zip(_outputs(pipeline), expected, base, strict=True):
             assert torch.allclose(got, want, atol=1e-5), file

@@ -451,7 +451,8 @@ def events(old: dict, new: dict) -> list[tuple[str, str, str]]:
         reason = condition.get("reason")
         state = (condition["status"], reason)
         if (
-            reason in WAIT_EVENTS
+            condition["type"] not in SUMMARY_TYPES
+            and reason in WAIT_EVENTS
             and was.get(condition["type"]) != state
             and not any(found_reason == reason for _, found_reason, _ in found)
         ):
