@@ -84,6 +84,12 @@ GAUGES = {
 COUNTERS = {
     "samples_generated": "Validation sample images generated",
 }
+# An evaluation's scores (as metrics.jsonl and status.evaluation name them) -> their gauges.
+SCORE_GAUGES = {
+    "fid": "eval_fid",
+    "clipScore": "eval_clip_score",
+    "validationLoss": "validation_loss",
+}
 
 
 def read_metrics(text: str, rank: str = "0") -> dict[str, float]:

@@ -40,11 +40,7 @@ def main_pod_endpoint(pods: list[dict]) -> str | None:
 def _evaluation(values: dict, step: int) -> dict:
     """``status.evaluation`` from the newest evaluation's gauges."""
     scores = {"step": step}
-    for key, name in (
-        ("eval_fid", "fid"),
-        ("eval_clip_score", "clipScore"),
-        ("validation_loss", "validationLoss"),
-    ):
+    for name, key in contract.SCORE_GAUGES.items():
         if math.isfinite(values.get(key, math.nan)):
             scores[name] = round(values[key], 6)
     seconds = int(values.get("last_evaluation_timestamp_seconds", 0))

@@ -46,7 +46,6 @@ def flatten(value, prefix: str = "") -> dict[str, str]:
 def curve(lines: list[str]) -> list[tuple[str, float, int]]:
     """(metric, value, step) from metrics.jsonl: the logged training values and each
     evaluation's scores (``eval_fid``, ``eval_clip_score``, ``validation_loss``)."""
-    names = {"fid": "eval_fid", "clipScore": "eval_clip_score", "validationLoss": "validation_loss"}
     points = []
     for line in lines:
         if not line.strip():
@@ -54,9 +53,11 @@ def curve(lines: list[str]) -> list[tuple[str, float, int]]:
         entry = json.loads(line)
         step = int(entry.get("step", 0))
         scores = entry.get("evaluation")
-        values = {names[k]: v for k, v in (scores or {}).items() if k in names}
         if scores is None:
             values = {k: v for k, v in entry.items() if k != "step"}
+        else:
+            gauges = contract.SCORE_GAUGES
+            values = {gauges[k]: v for k, v in scores.items() if k in gauges}
         for key, value in values.items():
             if isinstance(value, int | float) and value == value:  # numbers, not NaN
                 points.append((key, float(value), step))

@@ -118,9 +118,7 @@ class Progress:
         """An evaluation's scores, as gauges (the step counts within the stage, the time
         is when it finished)."""
         self.telemetry.update(
-            eval_fid=scores.get("fid"),
-            eval_clip_score=scores.get("clipScore"),
-            validation_loss=scores.get("validationLoss"),
+            **{gauge: scores.get(score) for score, gauge in contract.SCORE_GAUGES.items()},
             last_evaluation_step=scores["step"],
             last_evaluation_timestamp_seconds=datetime.fromisoformat(scores["time"]).timestamp(),
         )
