@@ -111,12 +111,8 @@ def best(runs: list[Run]) -> dict:
 
 
 def _sample_steps(store: Store) -> dict[int, Store]:
-    steps = {}
-    for key in store.keys(contract.SAMPLES):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[2] == "prompts.json" and parts[1].startswith("step-"):
-            steps[int(parts[1].removeprefix("step-"))] = store.child(f"{parts[0]}/{parts[1]}")
-    return steps
+    steps = contract.sample_steps(store.keys(contract.SAMPLES), "prompts.json")
+    return {step: store.child(contract.samples_prefix(step)) for step in steps}
 
 
 def sample_rows(runs: list[Run]) -> dict:

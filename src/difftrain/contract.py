@@ -46,6 +46,18 @@ def samples_prefix(step: int) -> str:
     return f"{SAMPLES}/{step_folder(step)}"
 
 
+def sample_steps(keys: list[str], holding: str | None = None) -> list[int]:
+    """The steps with a samples folder among the output's ``keys`` (those holding the
+    file ``holding``, when given), oldest first."""
+    steps = set()
+    for key in keys:
+        parts = key.split("/")
+        in_a_step = len(parts) == 3 and parts[0] == SAMPLES and parts[1].startswith("step-")
+        if in_a_step and (holding is None or parts[2] == holding):
+            steps.add(int(parts[1].removeprefix("step-")))
+    return sorted(steps)
+
+
 def stage_root(output_uri: str, autoencoder: bool = False) -> str:
     """The root URI of a stage's checkpoints: the output, or its autoencoder folder."""
     root = output_uri.rstrip("/")

@@ -176,13 +176,7 @@ def _samples(args) -> int:
         path_style=bool(storage.get("pathStyle")),
     )
     output = open_store(spec["output"]["uri"].rstrip("/"), settings)
-    steps = sorted(
-        {
-            int(key.split("/")[1].removeprefix("step-"))
-            for key in output.keys(contract.SAMPLES)
-            if key.endswith("/grid.png") and key.split("/")[1].startswith("step-")
-        }
-    )
+    steps = contract.sample_steps(output.keys(contract.SAMPLES), "grid.png")
     if not steps:
         raise PluginError(f"{output.uri}: no samples yet (samples/step-N/grid.png)")
     step = args.step if args.step is not None else steps[-1]

@@ -204,15 +204,13 @@ def _artifacts(stage, folder: Path, work: Path) -> dict[str, Path]:
     """What the run keeps: the exported files (the model card among them), and the
     latest validation samples."""
     artifacts = {contract.MODEL: folder}
-    steps = {}
-    for key in stage.output.keys(contract.SAMPLES):
-        parts = key.split("/")
-        if len(parts) == 3 and parts[1].startswith("step-"):
-            steps.setdefault(int(parts[1].removeprefix("step-")), []).append(key)
+    keys = stage.output.keys(contract.SAMPLES)
+    steps = contract.sample_steps(keys)
     if steps:
-        latest = max(steps)
+        latest = contract.samples_prefix(steps[-1]) + "/"
         target = work / contract.SAMPLES
-        for key in steps[latest]:
-            stage.output.download(key, target / key.rsplit("/", 1)[1])
+        for key in keys:
+            if key.startswith(latest) and "/" not in key.removeprefix(latest):
+                stage.output.download(key, target / key.removeprefix(latest))
         artifacts[contract.SAMPLES] = target
     return artifacts
