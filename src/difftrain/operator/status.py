@@ -399,18 +399,19 @@ def summary_reason(status: dict) -> str:
 def published(status: dict, now: datetime, generation: int | None) -> dict:
     """``status`` as the operator writes it: with its one-word reason and the kstatus
     conditions that sum it up."""
-    status = {**status, "reason": summary_reason(status)}
-    return summary_conditions(status, now, generation)
+    reason = summary_reason(status)
+    return summary_conditions({**status, "reason": reason}, now, generation)
 
 
 def summary_conditions(status: dict, now: datetime, generation: int | None) -> dict:
-    """``status`` with the kstatus conditions set from its phase: Ready is True once the
-    job succeeded (its work is done; ``kubectl wait --for=condition=Ready`` waits for
-    that), Reconciling True while it is on its way (Pending, Running, Restarting), Stalled
-    True once it failed. Suspended is none of them: Ready False, says why. Each carries
-    the reason and message of the condition that tells the phase."""
+    """``status`` (with its one-word ``reason``) with the kstatus conditions set from its
+    phase: Ready is True once the job succeeded (its work is done; ``kubectl wait
+    --for=condition=Ready`` waits for that), Reconciling True while it is on its way
+    (Pending, Running, Restarting), Stalled True once it failed. Suspended is none of
+    them: Ready False, says why. Each carries the reason and message of the condition
+    that tells the phase."""
     phase = status.get("phase") or "Pending"
-    reason = summary_reason(status) or phase
+    reason = status.get("reason") or phase
     telling = next(
         (c for c in status.get("conditions", []) if c.get("reason") == reason),
         {"message": ""},

@@ -106,12 +106,11 @@ def export(components, trainable: Trainable, formats: list[str], folder, dtype, 
 
 def export_bytes(stage, formats: list[str], itemsize: int) -> int:
     """About how large the adapter files are, and the merged model's when asked for."""
+    from difftrain.trainer.methods import whole_model_bytes
+
     size = stage.trainable.trained_count() * itemsize * len(formats)
     if "merged" in formats:
-        components = stage.components
-        modules = [components.denoiser, components.vae, *components.text_encoders]
-        whole = sum(p.numel() for m in modules for p in m.parameters()) * itemsize
-        size += whole * (1 + ("singleFile" in formats))
+        size += whole_model_bytes(stage.components, formats, itemsize)
     return size
 
 

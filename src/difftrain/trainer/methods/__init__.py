@@ -79,10 +79,7 @@ class Method:
 
     def export_bytes(self, stage, formats: list[str], itemsize: int) -> int:
         """About how large the exported files are."""
-        components = stage.components
-        modules = [components.denoiser, components.vae, *components.text_encoders]
-        copies = 1 + ("singleFile" in formats)
-        return sum(p.numel() for m in modules for p in m.parameters()) * itemsize * copies
+        return whole_model_bytes(stage.components, formats, itemsize)
 
     def card(self, spec, facts: dict, family) -> tuple[list[tuple[str, object]], str]:
         """The model card's rows about the method, and how to load the model."""
@@ -105,6 +102,13 @@ def for_spec(spec: DiffusionTrainingJobSpec) -> Method:
     sharding.check(spec, method)
     method.check(spec)
     return method
+
+
+def whole_model_bytes(components, formats: list[str], itemsize: int) -> int:
+    """About how large a whole pipeline's files are: once, and again as a single file."""
+    modules = [components.denoiser, components.vae, *components.text_encoders]
+    copies = 1 + ("singleFile" in formats)
+    return sum(p.numel() for m in modules for p in m.parameters()) * itemsize * copies
 
 
 def whole_text_encoders(components, modules: dict) -> None:
