@@ -209,34 +209,36 @@ def _version_flags(version: str) -> str:
     return " ".join(flags)
 
 
-def _build_etcd(bin_dir: Path, src: Path) -> None:
-    src.mkdir()
-    (src / "go.mod").write_text("module difftrain.test/etcd\n\ngo 1.26.0\n")
-    (src / "main.go").write_text(
-        'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
-        "func main() { etcdmain.Main(os.Args) }\n"
-    )
-    _go("get", f"go.etcd.io/etcd/server/v3@{ETCD}", cwd=src)
-    _go("mod", "tidy", cwd=src)
-    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "etcd"), ".", cwd=src)
+def _wrapper(name: str, main_go: str, requirement: str, binary: str):
+    """A build of ``main_go`` (its text) in a module of its own that requires
+    ``requirement`` (module@version), into ``binary``."""
+
+    def build(bin_dir: Path, src: Path) -> None:
+        src.mkdir()
+        (src / "go.mod").write_text(f"module difftrain.test/{name}\n\ngo 1.26.0\n")
+        (src / "main.go").write_text(main_go)
+        _go("get", requirement, cwd=src)
+        _go("mod", "tidy", cwd=src)
+        _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / binary), ".", cwd=src)
+
+    return build
 
 
-def _build_kstatus(bin_dir: Path, src: Path) -> None:
-    src.mkdir()
-    (src / "go.mod").write_text("module difftrain.test/kstatus\n\ngo 1.26.0\n")
-    shutil.copy(KSTATUS_MAIN, src / "main.go")
-    _go("get", f"sigs.k8s.io/cli-utils@{CLI_UTILS}", cwd=src)
-    _go("mod", "tidy", cwd=src)
-    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "kstatus-check"), ".", cwd=src)
+_build_etcd = _wrapper(
+    "etcd",
+    'package main\n\nimport (\n\t"os"\n\n\t"go.etcd.io/etcd/server/v3/etcdmain"\n)\n\n'
+    "func main() { etcdmain.Main(os.Args) }\n",
+    f"go.etcd.io/etcd/server/v3@{ETCD}",
+    "etcd",
+)
 
 
-def _build_katib_metrics(bin_dir: Path, src: Path) -> None:
-    src.mkdir()
-    (src / "go.mod").write_text("module difftrain.test/katib\n\ngo 1.26.0\n")
-    shutil.copy(KATIB_MAIN, src / "main.go")
-    _go("get", f"github.com/kubeflow/katib@{KATIB}", cwd=src)
-    _go("mod", "tidy", cwd=src)
-    _go("build", "-ldflags", "-s -w", "-o", str(bin_dir / "katib-metrics"), ".", cwd=src)
+_build_kstatus = _wrapper(
+    "kstatus", KSTATUS_MAIN.read_text(), f"sigs.k8s.io/cli-utils@{CLI_UTILS}", "kstatus-check"
+)
+_build_katib_metrics = _wrapper(
+    "katib", KATIB_MAIN.read_text(), f"github.com/kubeflow/katib@{KATIB}", "katib-metrics"
+)
 
 
 def _katib_api(config: Path, _src: Path) -> None:
