@@ -108,6 +108,13 @@ def _s3_settings(args: argparse.Namespace):
     )
 
 
+def _manifest_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("files", nargs="+", metavar="FILE|DIR")
+    command.add_argument(
+        "-R", "--recursive", action="store_true", help="also read the folders' subfolders"
+    )
+
+
 def _s3_flags(command: argparse.ArgumentParser) -> None:
     command.add_argument("--endpoint", help="S3 endpoint (default $AWS_ENDPOINT_URL)")
     command.add_argument("--region", help="S3 region (default $AWS_REGION or us-east-1)")
@@ -256,10 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         "which documents of other API groups are skipped, as kubectl apply -f applies them "
         "beside the jobs; a named file must hold only DiffusionTrainingJobs.",
     )
-    validate.add_argument("files", nargs="+", metavar="FILE|DIR")
-    validate.add_argument(
-        "-R", "--recursive", action="store_true", help="also read the folders' subfolders"
-    )
+    _manifest_arguments(validate)
     validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
     validate.set_defaults(run=_validate)
 
@@ -269,10 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the ConfigMap, Service and Job the operator creates for each job "
         "in the files (or the folders' files), as multi-document YAML (a dry run).",
     )
-    render.add_argument("files", nargs="+", metavar="FILE|DIR")
-    render.add_argument(
-        "-R", "--recursive", action="store_true", help="also read the folders' subfolders"
-    )
+    _manifest_arguments(render)
     render.add_argument("--attempt", type=int, default=1, help="gang attempt (default 1)")
     render.add_argument("--image", help="trainer image when the job names none")
     render.set_defaults(run=_render)

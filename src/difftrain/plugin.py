@@ -35,11 +35,10 @@ def _clients(args):
 
     try:
         config.load_kube_config(config_file=args.kubeconfig, context=args.context)
-        _, current = config.list_kube_config_contexts(config_file=args.kubeconfig)
+        contexts, current = config.list_kube_config_contexts(config_file=args.kubeconfig)
     except (config.ConfigException, OSError) as error:
         raise PluginError(f"cannot use the kubeconfig: {error}") from None
     if args.context:
-        contexts, _ = config.list_kube_config_contexts(config_file=args.kubeconfig)
         current = next((c for c in contexts if c["name"] == args.context), current)
     namespace = args.namespace or (current.get("context") or {}).get("namespace") or "default"
     return client.CustomObjectsApi(), client.CoreV1Api(), namespace
