@@ -29,13 +29,32 @@ class MlflowServer:
             self.process.wait()
 
 
-def start_mlflow_server(folder: Path, s3_server, bucket: str) -> MlflowServer:
+def _auth_config(folder: Path) -> Path:
+    """The basic-auth app's settings: its users' database in ``folder``."""
+    path = folder / "basic_auth.ini"
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = sqlite:///{folder}/basic_auth.db\n"
+        "admin_username = admin\n"
+        "admin_password = difftrain-tests-admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
+
+
+def start_mlflow_server(folder: Path, s3_server, bucket: str, *extra: str) -> MlflowServer:
+    """The server, with ``extra`` arguments (``--app-name basic-auth`` asks for logins)."""
     port = free_port()
     env = {
         **os.environ,
         **s3_server.admin.env(),
         "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint,
         "AWS_DEFAULT_REGION": "us-east-1",
+        # The basic-auth app's CSRF protection signs with it; a test server needs no secret.
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "difftrain-tests",
+        # Its users' database, beside the tracking one (the default is the working folder).
+        "MLFLOW_AUTH_CONFIG_PATH": str(_auth_config(folder)),
     }
     command = [
         str(Path(sys.executable).parent / "mlflow"),
@@ -50,6 +69,7 @@ def start_mlflow_server(folder: Path, s3_server, bucket: str) -> MlflowServer:
         str(port),
         "--workers",
         "1",
+        *extra,
     ]
     log = (folder / "mlflow-server.log").open("w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -99,6 +99,30 @@ def test_a_registry_that_is_down_fails_retryably_and_keeps_the_model(
     assert (model / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_a_registry_that_refuses_the_credentials_names_the_secret(
+    tmp_path, tmp_path_factory, trainer_cache, shapes_folder, s3_server
+):
+    """A server that asks for logins (MLflow's basic-auth app) and a job that has none."""
+    bucket = s3_server.create_bucket("mlflow-locked")
+    folder = tmp_path_factory.mktemp("mlflow-locked")
+    server = start_mlflow_server(folder, s3_server, bucket, "--app-name", "basic-auth")
+    try:
+        spec = _spec(tmp_path, shapes_folder, server.uri)
+        config = runner.write_config(tmp_path, spec, uid="uid-3")
+        code, log = runner.run(config, tmp_path, trainer_cache)
+    finally:
+        server.stop()
+
+    assert code == 2, log
+    said = _reason(tmp_path)
+    assert said["reason"] == "InvalidSpec"
+    assert said["message"].startswith(
+        f"spec.output.registry.mlflow: {server.uri} refused the credentials (Secret none "
+        "set, keys MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD)"
+    )
+    assert (tmp_path / "out" / "model" / "difftrain.json").is_file()  # the model is kept
+
+
 def test_metrics_and_scores_become_mlflow_points():
     lines = [
         json.dumps({"step": 1, "loss": 0.5, "lr": 1e-4}),
