@@ -73,9 +73,9 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-generate: $(VENV)/.installed  ## rewrite the generated files (CRD and the chart's copy, API reference, dashboard)
+generate: $(VENV)/.installed  ## rewrite the generated files (CRDs and the chart's copies, API reference, dashboard)
 	$(BIN)/difftrain crd
-	cp crds/difftrain.io_diffusiontrainingjobs.yaml helm/difftrain/crds/
+	cp crds/*.yaml helm/difftrain/crds/
 	$(BIN)/difftrain reference
 	$(BIN)/difftrain dashboard
 

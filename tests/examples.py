@@ -1,5 +1,5 @@
-"""The examples/ folder: the DiffusionTrainingJob manifests, and the others (a Katib
-Experiment whose trials are jobs)."""
+"""The examples/ folder: the DiffusionTrainingJob manifests, the DiffusionTrainingProfiles,
+and the others (a Katib Experiment whose trials are jobs)."""
 
 from pathlib import Path
 
@@ -9,9 +9,10 @@ FOLDER = Path(__file__).resolve().parents[1] / "examples"
 ALL = sorted(FOLDER.glob("*.yaml"))
 
 
-def _is_job(path: Path) -> bool:
+def _kind(path: Path) -> str:
     first = next(d for d in yaml.safe_load_all(path.read_text()) if d)
-    return first.get("apiVersion", "").startswith("difftrain.io/")
+    return first.get("kind", "")
 
 
-JOBS = [path for path in ALL if _is_job(path)]
+JOBS = [path for path in ALL if _kind(path) == "DiffusionTrainingJob"]
+PROFILES = [path for path in ALL if _kind(path) == "DiffusionTrainingProfile"]

@@ -10,11 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from difftrain.api.validation import load_job
+from difftrain.api.crd import profile_openapi_schema
+from difftrain.api.validation import load_job, validate_profile
 from difftrain.cli import build_parser
 from difftrain.dashboard import DASHBOARD_PATH, dashboard
 from difftrain.dashboard import render as render_dashboard
@@ -147,6 +149,8 @@ def test_default_render_matches_its_golden_file(tmp_path, golden):
             {"monitoring": {"prometheusRule": {"checkpointStale": {"afterSeconds": 0}}}},
             "afterSeconds",
         ),
+        ({"profiles": {"GPU_pool": {}}}, "GPU_pool"),
+        ({"profiles": {"a100": {"training": {}}}}, "additional properties 'training' not allowed"),
         (
             {
                 "monitoring": {"serviceMonitor": {"enabled": True}},
@@ -160,10 +164,43 @@ def test_values_schema_refuses_unknown_keys_and_wrong_types(tmp_path, values, me
     assert message in _refused(tmp_path, values)
 
 
-def test_the_charts_crd_is_the_generated_one():
-    generated = ROOT / "crds" / "difftrain.io_diffusiontrainingjobs.yaml"
+def test_the_charts_crds_are_the_generated_ones():
+    generated = sorted((ROOT / "crds").glob("*.yaml"))
 
-    assert (CHART / "crds" / generated.name).read_text() == generated.read_text()
+    assert [p.name for p in generated] == sorted(p.name for p in (CHART / "crds").glob("*"))
+    for path in generated:
+        assert (CHART / "crds" / path.name).read_text() == path.read_text()
+
+
+PROFILES = {
+    "profiles": {
+        "a100": {
+            "resources": {
+                "image": "registry.example/ml/difftrain:1.0",
+                "nodes": 2,
+                "gpusPerNode": 8,
+                "nodeSelector": {"pool": "a100"},
+                "tolerations": [{"key": "gpu", "operator": "Exists"}],
+            },
+            "storage": {"endpoint": "https://minio.example", "secretRef": {"name": "s3"}},
+            "runPolicy": {"queueName": "training"},
+        },
+        "cpu.small": {"resources": {"gpusPerNode": 0}},
+    }
+}
+
+
+def test_profiles_from_values_are_valid_profiles(tmp_path):
+    objects = _of_kind(render(tmp_path, PROFILES), "DiffusionTrainingProfile")
+    schema = profile_openapi_schema()
+
+    assert [o["metadata"]["name"] for o in objects] == ["a100", "cpu.small"]
+    for manifest in objects:
+        jsonschema.Draft4Validator(schema).validate(manifest)
+        found, problems = validate_profile(manifest)
+        assert problems == []
+        assert manifest["spec"] == PROFILES["profiles"][found.metadata.name]
+    assert _of_kind(render(tmp_path), "DiffusionTrainingProfile") == []
 
 
 def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
@@ -173,7 +210,13 @@ def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
         "ClusterRole",
         "ClusterRoleBinding",
     ]
-    # Namespaced: only the rights to watch Namespace objects and CRDs are cluster-wide.
+    # Namespaced: only the rights to watch Namespace objects and CRDs, and to read the
+    # (cluster-scoped) profiles, are cluster-wide.
+    profiles = {
+        "apiGroups": ["difftrain.io"],
+        "resources": ["diffusiontrainingprofiles"],
+        "verbs": ["get"],
+    }
     crds = {
         "apiGroups": ["apiextensions.k8s.io"],
         "resources": ["customresourcedefinitions"],
@@ -181,10 +224,10 @@ def test_cluster_wide_by_default_namespaced_when_asked(tmp_path):
     }
     (cluster_role,) = _of_kind(custom, "ClusterRole")
     namespaces = {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]}
-    assert cluster_role["rules"] == [namespaces, crds]
+    assert cluster_role["rules"] == [namespaces, profiles, crds]
     roles = _of_kind(custom, "Role")
     assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
-    assert [*roles[0]["rules"], crds] == _of_kind(default, "ClusterRole")[0]["rules"]
+    assert [*roles[0]["rules"], profiles, crds] == _of_kind(default, "ClusterRole")[0]["rules"]
     bindings = _of_kind(custom, "RoleBinding")
     assert {s["name"] for b in bindings for s in b["subjects"]} == {"difftrain-operator"}
     assert not _of_kind(custom, "ServiceAccount") and not _of_kind(custom, "Service")

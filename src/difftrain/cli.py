@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from difftrain import __version__
-from difftrain.api.crd import CRD_PATH, render_crd
-from difftrain.api.manifests import check_file, expand, read_jobs
+from difftrain.api.crd import render_crds
+from difftrain.api.manifests import expand, read_jobs
 from difftrain.api.reference import REFERENCE_PATH, render_reference
 from difftrain.dashboard import DASHBOARD_PATH
 from difftrain.dashboard import render as render_dashboard
@@ -29,26 +29,29 @@ def _validate(args: argparse.Namespace) -> int:
     if manifests is None:
         return InvalidSpec.exit_code
     notes: list[str] = []
-    problems = [line for m in manifests for line in check_file(m.path, m.in_folder, notes)]
+    _, problems = read_jobs(manifests, notes, _path(args.profile))
     for line in [*notes, *problems]:
         print(line, file=sys.stderr)
     if problems:
         return InvalidSpec.exit_code
     if not args.quiet:
-        print(f"{len(manifests) - len(notes)} file(s) valid")
+        skipped = sum(note.endswith("; skipped") for note in notes)
+        print(f"{len(manifests) - skipped} file(s) valid")
     return 0
 
 
-def _valid_jobs(names: list[str], recursive: bool = False) -> list | None:
-    """The jobs in the files ``names`` stand for, or None after printing their problems."""
+def _path(name: str | None) -> Path | None:
+    return Path(name) if name else None
+
+
+def _valid_jobs(names: list[str], recursive: bool, profile: str | None) -> list | None:
+    """The jobs in the files ``names`` stand for, each merged with its profile, or None
+    after printing their problems."""
     manifests = _manifests(names, recursive)
     if manifests is None:
         return None
-    jobs, problems, notes = [], [], []
-    for manifest in manifests:
-        found, said = read_jobs(manifest.path, manifest.in_folder, notes)
-        jobs += found
-        problems += said
+    notes: list[str] = []
+    jobs, problems = read_jobs(manifests, notes, _path(profile), need_profiles=True)
     for line in [*notes, *problems]:
         print(line, file=sys.stderr)
     return None if problems else jobs
@@ -57,7 +60,7 @@ def _valid_jobs(names: list[str], recursive: bool = False) -> list | None:
 def _render(args: argparse.Namespace) -> int:
     from difftrain.operator.builders import Defaults, children
 
-    jobs = _valid_jobs(args.files, args.recursive)
+    jobs = _valid_jobs(args.files, args.recursive, args.profile)
     if jobs is None:
         return InvalidSpec.exit_code
     defaults = Defaults(**({"image": args.image} if args.image else {}))
@@ -69,7 +72,7 @@ def _render(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from difftrain import local
 
-    jobs = _valid_jobs([args.file])
+    jobs = _valid_jobs([args.file], False, args.profile)
     if jobs is None:
         return InvalidSpec.exit_code
     if len(jobs) != 1:
@@ -108,7 +111,17 @@ def _s3_settings(args: argparse.Namespace):
     )
 
 
+def _profile_flag(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="a DiffusionTrainingProfile to merge each job with (default: the profile a job "
+        "names, from among the files)",
+    )
+
+
 def _manifest_arguments(command: argparse.ArgumentParser) -> None:
+    _profile_flag(command)
     command.add_argument("files", nargs="+", metavar="FILE|DIR")
     command.add_argument(
         "-R", "--recursive", action="store_true", help="also read the folders' subfolders"
@@ -233,6 +246,17 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crds(args: argparse.Namespace) -> int:
+    written = render_crds()
+    if args.output:
+        return _writer(lambda: "---\n".join(written.values()))(args)
+    for path, text in written.items():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    return 0
+
+
 def _writer(render: Callable[[], str]) -> Callable[[argparse.Namespace], int]:
     def write(args: argparse.Namespace) -> int:
         text = render()
@@ -261,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check manifests against the API; one line per problem, exit 2 if any. "
         "A folder stands for its .yaml, .yml and .json files (-R: its subfolders' too), in "
         "which documents of other API groups are skipped, as kubectl apply -f applies them "
-        "beside the jobs; a named file must hold only DiffusionTrainingJobs.",
+        "beside the jobs; a named file must hold only DiffusionTrainingJobs and "
+        "DiffusionTrainingProfiles. Each job is checked merged with its profile.",
     )
     _manifest_arguments(validate)
     validate.add_argument("-q", "--quiet", action="store_true", help="print problems only")
@@ -285,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pods would be. Ctrl-C checkpoints; running again resumes.",
     )
     run.add_argument("file", metavar="FILE")
+    _profile_flag(run)
     run.add_argument("--nodes", type=int, help="override spec.resources.nodes")
     run.add_argument(
         "--metrics-port",
@@ -412,8 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--health-port", type=int, default=8081, help="liveness /healthz")
     operator.set_defaults(run=_operator)
 
+    crd = commands.add_parser(
+        "crd",
+        help="write the CustomResourceDefinitions",
+        description="Write the DiffusionTrainingJob and DiffusionTrainingProfile "
+        "CustomResourceDefinitions, each to its file under crds/ (or both to one file, or "
+        "to stdout with -o -, for kubectl apply -f -).",
+    )
+    crd.add_argument("-o", "--output", help="one file for both, - for stdout")
+    crd.set_defaults(run=_crds)
+
     for name, path, render, what in (
-        ("crd", CRD_PATH, render_crd, "the CustomResourceDefinition"),
         ("reference", REFERENCE_PATH, render_reference, "the API reference (Markdown)"),
         ("dashboard", DASHBOARD_PATH, render_dashboard, "the Grafana dashboard (JSON)"),
     ):

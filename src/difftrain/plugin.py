@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from difftrain import contract
+from difftrain.api import profile
 from difftrain.api.crd import PLURAL
 from difftrain.api.job import API_VERSION
 from difftrain.errors import DifftrainError, InvalidSpec
@@ -86,6 +87,11 @@ def status_text(job: dict, now: datetime) -> str:
         f"Attempt:     {status.get('attempt', 1)}, restarts {status.get('restarts', 0)}, "
         f"preemptions {status.get('preemptions', 0)}"
     )
+    wanted, kept = profile.named(job), status.get("profile")
+    if kept:
+        lines.append(f"Profile:     {kept['name']} (generation {kept.get('generation', '-')})")
+    elif wanted:
+        lines.append(f"Profile:     {wanted} (not taken yet)")
     progress = status.get("progress")
     if progress:
         parts = [f"step {progress['step']}/{progress['totalSteps']} ({progress['percent']}%)"]
@@ -167,7 +173,8 @@ def _samples(args) -> int:
     from difftrain.storage import S3Settings, open_store
 
     job, _, _ = _job(args)
-    spec = job["spec"]
+    kept = (job.get("status") or {}).get("profile") or {}
+    spec = profile.merge(job, kept.get("spec") or {})["spec"]  # storage may be the profile's
     storage = spec.get("storage") or {}
     settings = S3Settings(
         endpoint=args.endpoint or os.environ.get("AWS_ENDPOINT_URL") or storage.get("endpoint"),

@@ -5,14 +5,16 @@ import cel
 import pytest
 import yaml
 
-from difftrain.api.crd import openapi_schema
-from difftrain.api.validation import validate_job
+from difftrain.api.crd import crd_manifest, profile_crd_manifest
+from difftrain.api.validation import validate_job, validate_profile
 from tests import examples
 from tests.builders import DELETE, job, merge
 from tests.kube_schema import all_rules, apply_defaults, failed_rules
 
 EXAMPLES = examples.JOBS
-SCHEMA = openapi_schema()
+# The schemas the API server gets (the job's profile groups carry no defaults there).
+SCHEMA = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+PROFILE_SCHEMA = profile_crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def cel_failures(manifest, old=None):
@@ -25,7 +27,7 @@ def model_problem_paths(manifest):
     return [problem.path for problem in problems]
 
 
-@pytest.mark.parametrize("rule", all_rules(SCHEMA))
+@pytest.mark.parametrize("rule", all_rules(SCHEMA) + all_rules(PROFILE_SCHEMA))
 def test_rule_compiles(rule):
     cel.compile(rule)
 
@@ -318,12 +320,13 @@ def test_cel_and_models_reject_the_same_manifests(manifest, message, path):
 
 @pytest.mark.parametrize(
     ("name", "nodes", "max_restarts"),
-    [("x" * 56, 1, 3), ("x" * 55, 10, 3), ("x" * 55, 10, 99), ("a", 512, 99)],
+    [("x" * 56, 1, 3), ("x" * 55, 10, 3), ("x" * 55, 10, 99), ("a", 512, 99), ("x" * 56, 0, 3)],
 )
 def test_longest_allowed_names_pass_both(name, nodes, max_restarts):
+    resources = {"nodes": nodes} if nodes else {}  # no nodes: the default, 1
     manifest = job(
         {"metadata": {"name": name}},
-        spec={"resources": {"nodes": nodes}, "runPolicy": {"maxRestarts": max_restarts}},
+        spec={"resources": resources, "runPolicy": {"maxRestarts": max_restarts}},
     )
 
     assert cel_failures(manifest) == []
@@ -395,3 +398,61 @@ def test_every_spec_field_but_run_policy_is_covered_by_an_immutability_rule():
     }
 
     assert guarded == set(spec["properties"]) - {"runPolicy"}
+
+
+def test_a_name_one_too_long_fails_both_without_resources():
+    manifest = job({"metadata": {"name": "x" * 57}})
+
+    assert len(cel_failures(manifest)) == 1
+    assert model_problem_paths(manifest) == ["metadata.name"]
+
+
+def test_a_profile_group_written_out_later_is_a_change():
+    """With a profile, resources.nodes: 1 written out is not the same spec as nodes left to
+    the profile, so the CRD keeps no defaults there and refuses the change."""
+    base = job()
+
+    assert cel_failures(merge(base, {"spec": {"resources": {"nodes": 1}}}), old=base) == [
+        "spec.resources is immutable; create a new job to change it"
+    ]
+
+
+def profile(spec):
+    return {
+        "apiVersion": "difftrain.io/v1alpha1",
+        "kind": "DiffusionTrainingProfile",
+        "metadata": {"name": "gpu"},
+        "spec": spec,
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message", "path"),
+    [
+        pytest.param(
+            {"runPolicy": {"suspend": False}},
+            "spec.runPolicy.suspend is each job's own switch and cannot come from a profile",
+            "spec.runPolicy.suspend",
+            id="suspend",
+        ),
+        pytest.param(
+            {"resources": {"limits": {"nvidia.com/gpu": 1}}},
+            "set GPUs with spec.resources.gpusPerNode, not limits",
+            "spec.resources.limits",
+            id="gpu-limits",
+        ),
+    ],
+)
+def test_cel_and_models_reject_the_same_profiles(spec, message, path):
+    manifest = profile(spec)
+    _, problems = validate_profile(manifest)
+
+    assert failed_rules(PROFILE_SCHEMA, manifest) == [message]
+    assert [problem.path for problem in problems] == [path]
+
+
+def test_a_profile_may_change_what_a_job_may_not():
+    old = profile({"runPolicy": {"queueName": "a", "maxRestarts": 3}})
+    new = profile({"runPolicy": {"queueName": "b", "maxRestarts": 5}})
+
+    assert failed_rules(PROFILE_SCHEMA, new, old) == []

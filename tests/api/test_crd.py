@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from difftrain.api import DiffusionTrainingJob
-from difftrain.api.crd import CRD_PATH, crd_manifest, openapi_schema, render_crd
+from difftrain.api.crd import (
+    CRD_PATH,
+    PROFILE_CRD_PATH,
+    crd_manifest,
+    openapi_schema,
+    profile_crd_manifest,
+    profile_openapi_schema,
+    render_crds,
+)
+from difftrain.api.profile import PROFILE_GROUPS
 from difftrain.cli import main
 from tests import examples
 from tests.builders import job
@@ -49,24 +58,59 @@ ALLOWED_KEYWORDS = {
 }
 
 
-def test_committed_crd_is_current():
-    assert (ROOT / CRD_PATH).read_text() == render_crd(), "run `make generate` and commit"
+@pytest.mark.parametrize("path", [CRD_PATH, PROFILE_CRD_PATH])
+def test_committed_crds_are_current(path):
+    assert (ROOT / path).read_text() == render_crds()[path], "run `make generate` and commit"
+    assert (ROOT / "helm/difftrain" / path).read_text() == render_crds()[path]
 
 
-def test_crd_command_writes_the_file(tmp_path, capsys):
-    target = tmp_path / "crd.yaml"
+def test_crd_command_writes_each_file_or_one_stream(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
 
-    assert main(["crd", "--output", str(target)]) == 0
-
-    assert target.read_text() == render_crd()
+    assert main(["crd"]) == 0
+    for path, text in render_crds().items():
+        assert (tmp_path / path).read_text() == text
+    capsys.readouterr()
     assert main(["crd", "--output", "-"]) == 0
-    assert capsys.readouterr().out.endswith(render_crd())
+    documents = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [d["spec"]["names"]["kind"] for d in documents] == [
+        "DiffusionTrainingJob",
+        "DiffusionTrainingProfile",
+    ]
 
 
-def test_crd_passes_kubernetes_validate_strict():
-    manifest = yaml.safe_load(render_crd())
+@pytest.mark.parametrize("path", [CRD_PATH, PROFILE_CRD_PATH])
+def test_crds_pass_kubernetes_validate_strict(path):
+    manifest = yaml.safe_load(render_crds()[path])
 
     kubernetes_validate.validate(manifest, "1.33.0", strict=True)
+
+
+def _defaults(node):
+    return [path for path, child in _nodes(node) if "default" in child]
+
+
+def test_the_jobs_profile_groups_carry_no_defaults_in_the_crd():
+    """The API server would fill them in, and the operator could no longer tell a field
+    the job set (which wins over its profile) from one it left to the profile."""
+    served = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    spec = served["properties"]["spec"]["properties"]
+
+    for group in PROFILE_GROUPS:
+        assert _defaults(spec[group]) == [], group
+    assert _defaults(spec["training"]) != []  # the other groups keep theirs
+    kept = served["properties"]["status"]["properties"]["profile"]["properties"]["spec"]
+    assert _defaults(kept) == []
+    assert _defaults(profile_openapi_schema()) == []
+
+
+def test_profile_crd_is_cluster_scoped_without_status():
+    spec = profile_crd_manifest()["spec"]
+
+    assert spec["scope"] == "Cluster"
+    assert spec["names"]["shortNames"] == ["dtp"]
+    assert "subresources" not in spec["versions"][0]
+    assert set(profile_openapi_schema()["properties"]["spec"]["properties"]) == set(PROFILE_GROUPS)
 
 
 def _nodes(schema, path="openAPIV3Schema"):
@@ -79,7 +123,9 @@ def _nodes(schema, path="openAPIV3Schema"):
 
 
 @pytest.mark.parametrize(
-    ("path", "node"), list(_nodes(openapi_schema())), ids=lambda x: x if isinstance(x, str) else ""
+    ("path", "node"),
+    list(_nodes(openapi_schema())) + list(_nodes(profile_openapi_schema(), "profile")),
+    ids=lambda x: x if isinstance(x, str) else "",
 )
 def test_every_schema_node_is_structural(path, node):
     assert set(node) <= ALLOWED_KEYWORDS, path

@@ -205,8 +205,8 @@ BAD_MANIFESTS = [
     (
         "other-kind",
         job({"kind": "Deployment"}),
-        "kind: 'Deployment' is not a DiffusionTrainingJob; only DiffusionTrainingJob manifests "
-        "are checked here",
+        "kind: 'Deployment' is not a DiffusionTrainingJob; only DiffusionTrainingJob and "
+        "DiffusionTrainingProfile manifests are checked here",
     ),
     (
         "other-api-version",
@@ -462,8 +462,8 @@ def test_every_document_and_file_is_checked(write_manifest, capsys):
     problems = [line.split(": ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert problems == [
         "spec.resources.nodes: must be >= 1 (got 0)",
-        "kind: 'Pod' is not a DiffusionTrainingJob; only DiffusionTrainingJob manifests are "
-        "checked here",
+        "kind: 'Pod' is not a DiffusionTrainingJob; only DiffusionTrainingJob and "
+        "DiffusionTrainingProfile manifests are checked here",
     ]
 
 

@@ -369,8 +369,8 @@ class Cluster:
 def tour(cluster: Cluster) -> None:
     """The operator's whole range of work in ``cluster``'s namespace: a job runs and
     expires (TTL), one crashes and restarts, one is suspended, one's pods are refused
-    (a missing PriorityClass), one waits for a LocalQueue that does not exist, and one is
-    re-created over its orphaned children."""
+    (a missing PriorityClass), one waits for a LocalQueue that does not exist, one for a
+    profile that does not exist, and one is re-created over its orphaned children."""
     cluster.apply(job({"metadata": {"name": "orphan"}}))
     # Running pods: by then the garbage collector knows the Job's owner (orphaning a child
     # it has not seen yet leaves the child to be collected as dangling).
@@ -404,6 +404,7 @@ def tour(cluster: Cluster) -> None:
     cluster.apply(
         job({"metadata": {"name": "queued"}}, spec={"runPolicy": {"queueName": "nowhere"}})
     )
+    cluster.apply(job({"metadata": {"name": "profiled"}}, spec={"profile": "nowhere"}))
     orphan = cluster.apply(job({"metadata": {"name": "orphan"}}))
     (done,) = cluster.running_pods(1, "done")
     cluster.annotate(done, {"difftrain.test/exit-code": "0"})
@@ -420,6 +421,10 @@ def tour(cluster: Cluster) -> None:
     wait_until(
         lambda: cluster.status("queued").get("reason") == "LocalQueueNotFound",
         what="queued's LocalQueue is missing",
+    )
+    wait_until(
+        lambda: cluster.status("profiled").get("reason") == "ProfileNotFound",
+        what="profiled's profile is missing",
     )
     wait_until(
         lambda: (

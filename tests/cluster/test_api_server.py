@@ -220,3 +220,68 @@ def test_kubectl_get_wide_shows_the_newest_evaluation(control_plane, namespace):
     assert row.split()[-2:] == ["41.25", "27.5"]
     narrow = control_plane.kubectl("get", "dtj", "scored", "-n", namespace).stdout
     assert "FID" not in narrow
+
+
+def test_the_profile_groups_of_a_job_are_stored_as_written(control_plane, namespace):
+    """No defaults there: the operator must tell what a job set (which wins over its
+    profile) from what it left out."""
+    _apply(control_plane, namespace, job({"metadata": {"name": "short"}}, spec={"profile": "p"}))
+
+    found = control_plane.kubectl("get", "dtj", "short", "-n", namespace, "-o", "json").stdout
+    spec = json.loads(found)["spec"]
+
+    assert not {"resources", "storage", "cache", "runPolicy"} & set(spec)
+    assert spec["checkpoints"]["everySteps"] == 500  # the other groups take their defaults
+
+
+def _profile(name: str, spec: dict) -> dict:
+    return {
+        "apiVersion": "difftrain.io/v1alpha1",
+        "kind": "DiffusionTrainingProfile",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def test_profiles_apply_change_and_list_cluster_wide(control_plane, namespace):
+    name = f"{namespace}-a100"
+    spec = {
+        "resources": {"image": "registry.example/ml/difftrain:1", "nodes": 2, "gpusPerNode": 8},
+        "runPolicy": {"queueName": "training"},
+    }
+    control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(_profile(name, spec)))
+    try:
+        spec["runPolicy"]["queueName"] = "other"  # a profile may change; jobs keep theirs
+        control_plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(_profile(name, spec)))
+
+        found = json.loads(control_plane.kubectl("get", "dtp", name, "-o", "json").stdout)
+        listed = control_plane.kubectl("get", "dtp", name).stdout.split()
+    finally:
+        control_plane.kubectl("delete", "dtp", name)
+
+    assert found["metadata"]["generation"] == 2
+    assert found["spec"] == spec  # nothing defaulted
+    header, row = listed[:6], listed[6:10]
+    assert header == ["NAME", "IMAGE", "NODES", "GPUS", "QUEUE", "AGE"]
+    assert row == [name, "registry.example/ml/difftrain:1", "2", "8"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        pytest.param(
+            {"runPolicy": {"suspend": True}},
+            "spec.runPolicy.suspend is each job's own switch",
+            id="suspend",
+        ),
+        pytest.param({"training": {"steps": 1}}, 'unknown field "spec.training"', id="group"),
+        pytest.param({"resources": {"nodes": 0}}, "spec.resources.nodes", id="bound"),
+    ],
+)
+def test_the_api_server_refuses_a_bad_profile(control_plane, spec, said):
+    result = control_plane.kubectl(
+        "apply", "-f", "-", input=yaml.safe_dump(_profile("bad", spec)), check=False
+    )
+
+    assert result.returncode != 0
+    assert said in result.stderr, result.stderr

@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import pytest
+import yaml
 
 from tests.cluster.build import ROOT
 from tests.test_chart import helm
@@ -71,11 +72,27 @@ def _can(control_plane, account: str, verb: str, resource: str, namespace: str, 
 
 
 def test_cluster_wide_install_runs_the_operator_with_rights_everywhere(
-    control_plane, namespace, release
+    control_plane, namespace, release, tmp_path
 ):
+    profile = f"{namespace}-gpu"  # the values' profiles, which the real API server checks
+    values = {"profiles": {profile: {"resources": {"gpusPerNode": 4, "nodes": 2}}}}
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
     _helm(
-        control_plane, "install", release, str(CHART), "-n", namespace, "--wait", "--timeout=120s"
+        control_plane,
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--wait",
+        "--timeout=120s",
+        "--values",
+        str(tmp_path / "values.yaml"),
     )
+
+    found = json.loads(control_plane.kubectl("get", "dtp", profile, "-o", "json").stdout)
+    assert found["spec"] == values["profiles"][profile]
+    assert found["metadata"]["labels"]["app.kubernetes.io/instance"] == release
 
     account = _operator_account(control_plane, namespace)
     assert _can(control_plane, account, "create", "jobs.batch", "default")
@@ -87,6 +104,7 @@ def test_cluster_wide_install_runs_the_operator_with_rights_everywhere(
         "kube-system",
         "--subresource=status",
     )
+    assert _can(control_plane, account, "get", "diffusiontrainingprofiles.difftrain.io", "")
 
 
 def test_namespaced_install_grants_rights_only_in_its_namespaces(control_plane, namespace, release):

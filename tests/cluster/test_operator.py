@@ -239,6 +239,58 @@ def test_a_crash_restarts_the_whole_gang_as_attempt_2(cluster):
     assert '"attempt": 2' in config["data"]["job.json"]
 
 
+def profile(name: str, **spec) -> dict:
+    return {
+        "apiVersion": "difftrain.io/v1alpha1",
+        "kind": "DiffusionTrainingProfile",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def test_a_job_waits_for_its_profile_then_keeps_the_spec_it_took(cluster):
+    name = f"{cluster.namespace}-platform"  # profiles are cluster-wide
+    cluster.apply(demo(profile=name, resources={"requests": {"memory": "1Gi"}}))
+    wait_until(lambda: cluster.status().get("reason") == "ProfileNotFound", what="ProfileNotFound")
+    waiting = {c["type"]: c for c in cluster.status()["conditions"]}
+    assert waiting["Created"]["status"] == "False"
+    assert waiting["Reconciling"]["message"] == (
+        f"DiffusionTrainingProfile {name} does not exist: create it, or fix spec.profile; "
+        "the job starts once it is there"
+    )
+    assert cluster.events()[-1]["type"] == "Warning"
+    assert cluster.job("demo-a1") is None
+    said = _plugin(cluster, "status", "demo", "-n", cluster.namespace).stdout
+    assert f"Profile:     {name} (not taken yet)" in said
+
+    platform = profile(
+        name,
+        resources={"nodes": 2, "requests": {"cpu": "1", "memory": "2Gi"}},
+        runPolicy={"maxRestarts": 1},
+    )
+    cluster.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(platform))
+    try:
+        pods = cluster.running_pods(2)
+        container = pods[0]["spec"]["containers"][0]
+        requests = container["resources"]["requests"]
+        assert (requests["cpu"], requests["memory"]) == ("1", "1Gi")  # the job's memory wins
+        kept = cluster.status()["profile"]
+        assert (kept["name"], kept["generation"]) == (name, 1)
+        assert kept["spec"]["runPolicy"] == {"maxRestarts": 1}
+        said = _plugin(cluster, "status", "demo", "-n", cluster.namespace).stdout
+        assert f"Profile:     {name} (generation 1)" in said
+
+        # A later change to the profile changes neither this attempt nor the next one.
+        platform["spec"]["resources"]["nodes"] = 3
+        cluster.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(platform))
+        cluster.annotate(cluster.index(pods, 0), {"difftrain.test/exit-code": "1"})
+        cluster.running_pods(2, attempt=2)
+        assert cluster.job("demo-a2")["spec"]["parallelism"] == 2
+        assert cluster.status()["profile"]["generation"] == 1
+    finally:
+        cluster.plane.kubectl("delete", "dtp", name, "--wait=false")
+
+
 def test_too_many_crashes_fail_the_job(cluster):
     cluster.apply(demo(runPolicy={"maxRestarts": 1}))
     for attempt in (1, 2):

@@ -44,7 +44,12 @@ def test_a_namespaced_operator_works_in_its_namespace_only(control_plane, namesp
         )
 
     assert refused(requests) == [], "requests the chart's RBAC refused"
-    # Its jobs' rights in its namespace; cluster-wide, to watch Namespaces and CRDs alone.
+    # Its jobs' rights in its namespace; cluster-wide, to watch Namespaces and CRDs and to
+    # read profiles alone.
     assert set(granted) == {"", namespace}
-    assert {rule[1] for rule in granted[""]} == {"namespaces", "customresourcedefinitions"}
+    assert {rule[1] for rule in granted[""]} == {
+        "namespaces",
+        "customresourcedefinitions",
+        "diffusiontrainingprofiles",
+    }
     assert unused_rights(used_rights(requests), granted) == set(), "rights never used"

@@ -4,7 +4,7 @@ Argo CD's (health/diffusiontrainingjob.lua) and kstatus's (Flux, kubectl wait)."
 
 from difftrain.api.status import DiffusionTrainingJobStatus
 from difftrain.api.validation import load_job
-from difftrain.operator.status import next_status, observe, published
+from difftrain.operator.status import next_status, observe, published, set_condition
 from tests.builders import job
 from tests.operator.test_status import CASES, NOW
 
@@ -37,6 +37,10 @@ def published_jobs() -> list[tuple[str, dict, str, str]]:
         phase = status["phase"]
         found.append((name, _manifest(status), ARGO[phase], KSTATUS.get(phase, "InProgress")))
     running = next(status for name, status, _, _ in found if name == "running")["status"]
+    # What the operator publishes while the profile a job names does not exist.
+    missing = "DiffusionTrainingProfile gpu does not exist: create it, or fix spec.profile"
+    waiting = set_condition([], "Created", False, "ProfileNotFound", missing, NOW, 1)
+    profile = published({"phase": "Pending", "conditions": waiting}, NOW, 1)
     progress = {"step": 300, "totalSteps": 1200, "percent": 25.0}
     found += [
         # What the API server returns before the operator writes a status: the defaults.
@@ -58,5 +62,6 @@ def published_jobs() -> list[tuple[str, dict, str, str]]:
             "InProgress",
         ),
         ("a-newer-generation", _manifest(running, generation=2), "Progressing", "InProgress"),
+        ("waiting-for-its-profile", _manifest(profile), "Progressing", "InProgress"),
     ]
     return found

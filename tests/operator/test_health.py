@@ -44,6 +44,10 @@ def test_the_message_says_what_went_wrong_and_how_far_training_is():
     assert argo_health(by_name["unschedulable"])["message"] == (
         "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     )
+    assert argo_health(by_name["waiting-for-its-profile"])["message"] == (
+        "ProfileNotFound: DiffusionTrainingProfile gpu does not exist: create it, or fix "
+        "spec.profile"
+    )
     waiting = "Waiting for the difftrain operator"
     assert argo_health(by_name["not-seen-yet"])["message"] == waiting
     assert argo_health(by_name["no-status"])["message"] == waiting

@@ -17,13 +17,20 @@ from difftrain.api.job import (
     VERSION,
     DiffusionTrainingJob,
 )
+from difftrain.api.profile import (
+    PROFILE_GROUPS,
+    PROFILE_KIND,
+    PROFILE_PLURAL,
+    DiffusionTrainingProfile,
+    DiffusionTrainingProfileSpec,
+)
 from difftrain.api.spec import DiffusionTrainingJobSpec
 from difftrain.api.status import DiffusionTrainingJobStatus
 from difftrain.yamltext import dump
 
 PLURAL = "diffusiontrainingjobs"
-CRD_NAME = f"{PLURAL}.{GROUP}"
 CRD_PATH = f"crds/{GROUP}_{PLURAL}.yaml"
+PROFILE_CRD_PATH = f"crds/{GROUP}_{PROFILE_PLURAL}.yaml"
 
 # JSON Schema keywords that carry no meaning for the API server, or that it refuses.
 _DROPPED = {"title", "propertyNames", "$defs"}
@@ -115,8 +122,36 @@ def model_schema(model) -> dict[str, Any]:
     return structural(schema, schema.get("$defs", {}))
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The whole object's openAPIV3Schema."""
+def without_defaults(node: Any, transitions: bool = True) -> Any:
+    """``node`` with no ``default`` anywhere in it (and, unless ``transitions``, with no
+    rule that compares to ``oldSelf``)."""
+    if isinstance(node, list):
+        return [without_defaults(item, transitions) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "default":
+            continue
+        if key == "x-kubernetes-validations" and not transitions:
+            value = [rule for rule in value if "oldSelf" not in rule["rule"]]
+            if not value:
+                continue
+        out[key] = without_defaults(value, transitions)
+    return out
+
+
+def openapi_schema(profile_defaults: bool = True) -> dict[str, Any]:
+    """The whole object's openAPIV3Schema. Without ``profile_defaults`` (the CRD), the
+    groups a profile may set carry no defaults, so that the operator sees which fields the
+    job itself set: the API server would otherwise fill them in before the merge."""
+    spec = model_schema(DiffusionTrainingJobSpec)
+    status = model_schema(DiffusionTrainingJobStatus)
+    if not profile_defaults:
+        for group in PROFILE_GROUPS:
+            spec["properties"][group] = without_defaults(spec["properties"][group])
+        kept = status["properties"]["profile"]["properties"]
+        kept["spec"] = without_defaults(kept["spec"], transitions=False)
     return {
         "type": "object",
         "description": DiffusionTrainingJob.__doc__,
@@ -125,23 +160,48 @@ def openapi_schema() -> dict[str, Any]:
             "apiVersion": {"type": "string", "description": "difftrain.io/v1alpha1"},
             "kind": {"type": "string", "description": "DiffusionTrainingJob"},
             "metadata": {"type": "object"},
-            "spec": model_schema(DiffusionTrainingJobSpec),
+            "spec": spec,
             # A new job reads as not yet observed (observedGeneration 0, below any
             # generation) until the operator writes its status: kstatus (Flux, kubectl)
             # would take a job without a status for one that is done.
-            "status": {**model_schema(DiffusionTrainingJobStatus), "default": {}},
+            "status": {**status, "default": {}},
         },
         "x-kubernetes-validations": ROOT_RULES,
     }
 
 
-def crd_manifest() -> dict[str, Any]:
-    """The CustomResourceDefinition object."""
+PROFILE_PRINTER_COLUMNS = [
+    {"name": "Image", "type": "string", "jsonPath": ".spec.resources.image"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".spec.resources.nodes"},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerNode"},
+    {"name": "Queue", "type": "string", "jsonPath": ".spec.runPolicy.queueName"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def profile_openapi_schema() -> dict[str, Any]:
+    """The DiffusionTrainingProfile's openAPIV3Schema: the job's groups without defaults
+    (what a profile leaves out stays out of the merge) and without the job's immutability
+    rules (a profile may change; jobs that took it keep the spec they took)."""
+    return {
+        "type": "object",
+        "description": DiffusionTrainingProfile.__doc__,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": API_VERSION},
+            "kind": {"type": "string", "description": PROFILE_KIND},
+            "metadata": {"type": "object"},
+            "spec": without_defaults(model_schema(DiffusionTrainingProfileSpec), transitions=False),
+        },
+    }
+
+
+def _crd(plural: str, kind: str, scope: str, short: str, version: dict) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": CRD_NAME,
+            "name": f"{plural}.{GROUP}",
             "labels": {
                 "app.kubernetes.io/name": "difftrain",
                 "app.kubernetes.io/part-of": "difftrain",
@@ -149,34 +209,68 @@ def crd_manifest() -> dict[str, Any]:
         },
         "spec": {
             "group": GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": ["dtj"],
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": [short],
                 "categories": ["difftrain"],
             },
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
-                }
-            ],
+            "versions": [{"name": VERSION, "served": True, "storage": True, **version}],
         },
     }
 
 
-def render_crd() -> str:
-    """The CRD as the YAML file committed under crds/."""
+def crd_manifest() -> dict[str, Any]:
+    """The DiffusionTrainingJob CustomResourceDefinition."""
+    return _crd(
+        PLURAL,
+        KIND,
+        "Namespaced",
+        "dtj",
+        {
+            "subresources": {"status": {}},
+            "additionalPrinterColumns": PRINTER_COLUMNS,
+            "schema": {"openAPIV3Schema": openapi_schema(profile_defaults=False)},
+        },
+    )
+
+
+def profile_crd_manifest() -> dict[str, Any]:
+    """The DiffusionTrainingProfile CustomResourceDefinition (cluster-scoped)."""
+    return _crd(
+        PROFILE_PLURAL,
+        PROFILE_KIND,
+        "Cluster",
+        "dtp",
+        {
+            "additionalPrinterColumns": PROFILE_PRINTER_COLUMNS,
+            "schema": {"openAPIV3Schema": profile_openapi_schema()},
+        },
+    )
+
+
+def _generated(manifest: dict[str, Any]) -> str:
+    kind = manifest["spec"]["names"]["kind"]
     header = (
         "# Generated by `difftrain crd` from difftrain.api. Do not edit by hand.\n"
-        f"# {API_VERSION} {KIND}\n"
+        f"# {API_VERSION} {kind}\n"
     )
-    body = dump(crd_manifest())
-    return header + body
+    return header + dump(manifest)
+
+
+def render_crd() -> str:
+    """The DiffusionTrainingJob CRD as the YAML file committed under crds/."""
+    return _generated(crd_manifest())
+
+
+def render_profile_crd() -> str:
+    """The DiffusionTrainingProfile CRD as the YAML file committed under crds/."""
+    return _generated(profile_crd_manifest())
+
+
+def render_crds() -> dict[str, str]:
+    """Every CRD, by the path of its file under crds/."""
+    return {CRD_PATH: render_crd(), PROFILE_CRD_PATH: render_profile_crd()}

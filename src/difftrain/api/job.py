@@ -92,8 +92,11 @@ ROOT_RULES = [
         "letters, digits and '-', as it names a Service",
     },
     {
-        "rule": f"size(self.metadata.name) + {len(str(MAX_ATTEMPTS))} "
-        f"+ size(string(self.spec.resources.nodes - 1)) + 3 <= {HOSTNAME_MAX}",
+        # Without spec.resources.nodes (a profile may set it, or the default 1 holds), the
+        # operator checks the merged spec.
+        "rule": f"size(self.metadata.name) + {len(str(MAX_ATTEMPTS))} + "
+        "(has(self.spec.resources) && has(self.spec.resources.nodes) ? "
+        f"size(string(self.spec.resources.nodes - 1)) : 1) + 3 <= {HOSTNAME_MAX}",
         "message": "metadata.name is too long: pod hostnames <name>-a<attempt>-<index> must "
         f"fit in {HOSTNAME_MAX} characters",
     },

@@ -7,7 +7,8 @@ from typing import Any
 import yaml
 
 from difftrain.api.job import DiffusionTrainingJob
-from difftrain.api.validation import Loc, Problem, validate_job
+from difftrain.api.profile import PROFILE_GROUPS, PROFILE_KIND, PROFILE_PLURAL, is_profile, named
+from difftrain.api.validation import Loc, Problem, applied, validate_job, validate_profile
 from difftrain.errors import InvalidSpec
 
 
@@ -118,12 +119,10 @@ def _ours(data: Any) -> bool:
     return data["apiVersion"].split("/")[0] == GROUP
 
 
-def read_jobs(
-    path: Path, in_folder: bool = False, notes: list[str] | None = None
-) -> tuple[list[DiffusionTrainingJob], list[str]]:
-    """The jobs in a manifest file, and one ``FILE:LINE: field: problem`` line per problem
-    (the file is read and parsed once). A file found in a folder may hold other kinds: they
-    are skipped, and a file without any job gets a line in ``notes``."""
+def _documents(path: Path, in_folder: bool, notes: list[str]) -> tuple[list[Document], list[str]]:
+    """The documents of one file that are difftrain's, and its problems (the file is read
+    and parsed once). A file found in a folder may hold other kinds: they are skipped, and
+    a file without a job or profile gets a line in ``notes``."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -138,21 +137,102 @@ def read_jobs(
     if in_folder:
         documents = [document for document in documents if _ours(document.data)]
         if not documents:
-            if notes is not None:
-                notes.append(f"{source}: no DiffusionTrainingJob; skipped")
-            return [], []
-    jobs, lines = [], []
+            notes.append(f"{source}: no DiffusionTrainingJob; skipped")
+    return documents, []
+
+
+@dataclass
+class _Profile:
+    data: dict
+    source: str  # FILE:LINE
+
+
+def _profiles(documents: list[Document]) -> tuple[dict[str, _Profile], list[str]]:
+    """The valid profiles among ``documents`` by name, and the problems of the others."""
+    found, lines = {}, []
     for document in documents:
-        job, problems = validate_job(document.data)
+        profile, problems = validate_profile(document.data)
         lines += [_located(document, problem) for problem in problems]
+        if profile is not None:
+            source = f"{document.source}:{document.line_of(())}"
+            found[profile.metadata.name] = _Profile(document.data, source)
+    return found, lines
+
+
+def read_jobs(
+    manifests: list[Manifest],
+    notes: list[str],
+    profile: Path | None = None,
+    need_profiles: bool = False,
+) -> tuple[list[DiffusionTrainingJob], list[str]]:
+    """The jobs in ``manifests``, and one ``FILE:LINE: field: problem`` line per problem.
+
+    A job is checked as it runs: merged with its profile, ``profile`` (a file holding one
+    DiffusionTrainingProfile) when given, else the profile it names from among the files.
+    A job naming a profile none of them defines is checked on its own fields, with a line
+    in ``notes``; with ``need_profiles`` (render, run), that is a problem instead."""
+    documents, lines = [], []
+    for manifest in manifests:
+        found, said = _documents(manifest.path, manifest.in_folder, notes)
+        documents += found
+        lines += said
+    known, said = _profiles([d for d in documents if is_profile(d.data)])
+    lines += said
+    given = None
+    if profile is not None:
+        found, said = _documents(profile, False, notes)
+        mine, said = _profiles(found) if not said else ({}, said)
+        lines += said
+        if not said and len(mine) != 1:
+            lines.append(f"{profile}: --profile needs a file with one {PROFILE_KIND}")
+        given = next(iter(mine.values())) if len(mine) == 1 else None
+        if given is None:
+            return [], lines
+    jobs = []
+    for document in documents:
+        if is_profile(document.data):
+            continue
+        data, wanted = (
+            document.data,
+            named(document.data) if isinstance(document.data, dict) else None,
+        )
+        chosen = given or (known.get(wanted) if wanted else None)
+        if chosen is not None:
+            data, problems = applied(data, chosen.data, chosen.source)
+            if problems:
+                lines += [_located(document, problem) for problem in problems]
+                continue
+        elif wanted and need_profiles:
+            lines.append(
+                _located(
+                    document,
+                    Problem(
+                        ("spec", "profile"),
+                        f"names profile '{wanted}': pass its manifest with --profile FILE "
+                        f"(kubectl get {PROFILE_PLURAL} {wanted} -o yaml > FILE)",
+                    ),
+                )
+            )
+            continue
+        elif wanted:
+            notes.append(
+                f"{document.source}:{document.line_of(('spec', 'profile'))}: spec.profile "
+                f"names '{wanted}', which none of the files defines; checked without it"
+            )
+        job, problems = validate_job(data)
+        lines += [_located(document, _after(problem, chosen)) for problem in problems]
         if job is not None:
             jobs.append(job)
     return jobs, lines
 
 
-def check_file(path: Path, in_folder: bool = False, notes: list[str] | None = None) -> list[str]:
-    """Validate every job in a manifest file; one ``FILE:LINE: field: problem`` line each."""
-    return read_jobs(path, in_folder, notes)[1]
+def _after(problem: Problem, profile: _Profile | None) -> Problem:
+    """``problem``, saying that the profile's fields took part when they may have."""
+    if profile is None or problem.loc[:1] != ("spec",) or len(problem.loc) < 2:
+        return problem
+    if problem.loc[1] not in PROFILE_GROUPS:
+        return problem
+    return Problem(problem.loc, f"{problem.message} (merged with the profile at {profile.source})")
 
 
 def _located(document: Document, problem: Problem) -> str:

@@ -3,8 +3,9 @@
 import json
 from typing import Any
 
-from difftrain.api.crd import openapi_schema
+from difftrain.api.crd import openapi_schema, profile_openapi_schema
 from difftrain.api.job import API_VERSION, KIND
+from difftrain.api.profile import PROFILE_KIND
 
 REFERENCE_PATH = "docs/api.md"
 
@@ -25,7 +26,35 @@ def render_reference() -> str:
     for name in ("spec", "status"):
         parts += _sections(name, root["properties"][name])
     parts.append(_rules_section("Whole object", root))
+    parts.append(_profile_section())
     return "\n".join(part for part in parts if part)
+
+
+def _profile_section() -> str:
+    """The profile's spec: the job's groups by reference, without their defaults."""
+    node = profile_openapi_schema()["properties"]["spec"]
+    rows = ["| Field | Type | Description |", "| --- | --- | --- |"]
+    for field, child in node["properties"].items():
+        link = f"[object](#{_anchor(f'spec.{field}')})"
+        rows.append(f"| `{field}` | {link} | {_cell(child['description'])} |")
+    lines = [
+        f"# {PROFILE_KIND} ({API_VERSION}, cluster-scoped)",
+        "",
+        profile_openapi_schema()["description"],
+        "",
+        "## `profile.spec`",
+        "",
+        node["description"],
+        "",
+        "A job names the profile in `spec.profile` and its own fields win, field by field: objects "
+        "(such as `requests` or `nodeSelector`) merge key by key, and any other value the job "
+        "sets, a list included, replaces the profile's (docs/gitops.md).",
+        "",
+        *rows,
+        "",
+    ]
+    rules = _rules_section(None, node)
+    return "\n".join(lines) + ("\n" + rules if rules else "")
 
 
 def _sections(path: str, node: dict[str, Any]) -> list[str]:

@@ -8,6 +8,7 @@ from difftrain.api.base import ApiModel, immutable_rule, raise_problems, section
 from difftrain.api.cluster import ResourcesSpec, RunPolicySpec
 from difftrain.api.data import CacheSpec, DatasetSpec, ModelSpec, OutputSpec, StorageSpec
 from difftrain.api.methods import DreamBoothSpec, FullSpec, LoraSpec, TextualInversionSpec
+from difftrain.api.profile import PROFILE_NAME_PATTERN
 from difftrain.api.training import (
     CheckpointSpec,
     EvaluationSpec,
@@ -56,6 +57,7 @@ _CEL_TRAINS_FULL = f"(self.method in ['finetune', 'full'] || {_CEL_DREAMBOOTH_UN
 # no-op and a changed one is refused instead of silently restarting training.
 # runPolicy's own rules let suspend and ttlSecondsAfterFinished change.
 _IMMUTABLE_FIELDS = [
+    "profile",
     "method",
     "model",
     "dataset",
@@ -173,6 +175,14 @@ class DiffusionTrainingJobSpec(ApiModel):
 
     model_config = with_rules(*_RULES)
 
+    profile: str | None = Field(
+        None,
+        max_length=253,
+        pattern=PROFILE_NAME_PATTERN,
+        description="A DiffusionTrainingProfile whose resources, storage, cache and "
+        "runPolicy this job starts from; the job's own fields win, field by field "
+        "(docs/gitops.md). Read once, when the job starts.",
+    )
     method: Method = Field(
         description="lora: adapters; finetune: the full UNet; dreambooth: a subject from a few "
         "images; textualInversion: new token embeddings; full: a new model from scratch."

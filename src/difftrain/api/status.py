@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field
 
 from difftrain.api.base import StatusModel
+from difftrain.api.profile import PROFILE_NAME_PATTERN, DiffusionTrainingProfileSpec
 
 Phase = Literal["Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended"]
 
@@ -77,6 +78,19 @@ class Outputs(StatusModel):
     )
 
 
+class ProfileRef(StatusModel):
+    """The DiffusionTrainingProfile a job was merged with, as it was then."""
+
+    name: str = Field(max_length=253, pattern=PROFILE_NAME_PATTERN, description="Its name.")
+    generation: int | None = Field(
+        None, ge=1, description="Its metadata.generation when the job took it."
+    )
+    spec: DiffusionTrainingProfileSpec = Field(
+        description="Its spec then: the job keeps it, so that later changes to the profile "
+        "never change (or restart) the job."
+    )
+
+
 class DiffusionTrainingJobStatus(StatusModel):
     """Observed state of the job."""
 
@@ -122,3 +136,6 @@ class DiffusionTrainingJobStatus(StatusModel):
     last_checkpoint: CheckpointRef | None = Field(None, description="Newest complete checkpoint.")
     evaluation: Evaluation | None = Field(None, description="The newest evaluation's scores.")
     outputs: Outputs | None = Field(None, description="Where the results are.")
+    profile: ProfileRef | None = Field(
+        None, description="The profile (spec.profile) the job's spec was merged with."
+    )

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from difftrain.api.base import SpecProblems
 from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob
+from difftrain.api.profile import PROFILE_KIND, DiffusionTrainingProfile, is_profile, merge, named
 from difftrain.errors import InvalidSpec
 
 Loc = tuple[str | int, ...]
@@ -45,7 +46,11 @@ def validate_job(data: Any) -> tuple[DiffusionTrainingJob | None, list[Problem]]
     kind, api_version = data.get("kind"), data.get("apiVersion")
     if kind != KIND:
         return None, [
-            Problem(("kind",), f"{kind!r} is not a {KIND}; only {KIND} manifests are checked here")
+            Problem(
+                ("kind",),
+                f"{kind!r} is not a {KIND}; only {KIND} and {PROFILE_KIND} manifests are "
+                "checked here",
+            )
         ]
     if api_version != API_VERSION:
         return None, [Problem(("apiVersion",), f"must be {API_VERSION} (got {api_version!r})")]
@@ -63,8 +68,10 @@ def load_job(data: Any) -> DiffusionTrainingJob:
     return job
 
 
-def problems_of(error: ValidationError) -> list[Problem]:
-    """The problems in a pydantic error, each with its full field path."""
+def problems_of(
+    error: ValidationError, root: type[BaseModel] = DiffusionTrainingJob
+) -> list[Problem]:
+    """The problems in a pydantic error about a ``root`` object, each with its full path."""
     problems: list[Problem] = []
     for item in error.errors():
         loc = _field_loc(item["loc"])
@@ -72,7 +79,7 @@ def problems_of(error: ValidationError) -> list[Problem]:
         if isinstance(found, SpecProblems):
             problems += [Problem(loc + rel, message) for rel, message in found.problems]
         else:
-            problems.append(Problem(loc, _message(item, loc)))
+            problems.append(Problem(loc, _message(item, loc, root)))
     return problems
 
 
@@ -81,13 +88,13 @@ def _field_loc(loc: tuple) -> Loc:
     return tuple(part for part in loc if isinstance(part, int) or "[" not in part)
 
 
-def _message(item: dict, loc: Loc) -> str:
+def _message(item: dict, loc: Loc, root: type[BaseModel]) -> str:
     kind, ctx, value = item["type"], item.get("ctx", {}), item.get("input")
     match kind:
         case "missing":
             return "required field is missing"
         case "extra_forbidden":
-            return _unknown_field(loc)
+            return _unknown_field(loc, root)
         case "greater_than":
             return f"must be > {_number(ctx['gt'])} (got {value!r})"
         case "greater_than_equal":
@@ -152,8 +159,8 @@ def _describe(value: Any) -> str:
     return f"{name} {value!r}"
 
 
-def _unknown_field(loc: Loc) -> str:
-    allowed = _fields_at(loc[:-1])
+def _unknown_field(loc: Loc, root: type[BaseModel]) -> str:
+    allowed = _fields_at(loc[:-1], root)
     if not allowed:
         return "unknown field"
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -162,9 +169,9 @@ def _unknown_field(loc: Loc) -> str:
     return f"unknown field; allowed here: {', '.join(allowed)}"
 
 
-def _fields_at(loc: Loc) -> list[str]:
-    """The field names (aliases) of the model found at ``loc``, or [] if none."""
-    model: type[BaseModel] | None = DiffusionTrainingJob
+def _fields_at(loc: Loc, root: type[BaseModel]) -> list[str]:
+    """The field names (aliases) of the model found at ``loc`` in ``root``, or [] if none."""
+    model: type[BaseModel] | None = root
     for part in loc:
         if model is None:
             return []
@@ -186,3 +193,38 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
             if model is not None:
                 return model
     return None
+
+
+def validate_profile(data: Any) -> tuple[DiffusionTrainingProfile | None, list[Problem]]:
+    """Validate one profile manifest; returns it, or None and every problem found."""
+    if not isinstance(data, dict):
+        return None, [Problem((), f"expected a {PROFILE_KIND} mapping, got {_describe(data)}")]
+    if not is_profile(data):
+        return None, [Problem(("kind",), f"{data.get('kind')!r} is not a {PROFILE_KIND}")]
+    if data.get("apiVersion") != API_VERSION:
+        return None, [
+            Problem(("apiVersion",), f"must be {API_VERSION} (got {data.get('apiVersion')!r})")
+        ]
+    try:
+        return DiffusionTrainingProfile.model_validate(data), []
+    except ValidationError as error:
+        return None, problems_of(error, DiffusionTrainingProfile)
+
+
+def applied(job: dict, profile: dict, source: str | None = None) -> tuple[dict, list[Problem]]:
+    """The job manifest merged with ``profile`` (a manifest), or the job unchanged and the
+    problems that keep them apart: an invalid profile, or one that is not the job's.
+    ``source`` names where the profile came from in the messages."""
+    where = source or f"{PROFILE_KIND} {(profile.get('metadata') or {}).get('name')}"
+    found, problems = validate_profile(profile)
+    if found is None:
+        return job, [Problem((), f"{where}: {problem}") for problem in problems]
+    wanted = named(job)
+    if wanted is not None and wanted != found.metadata.name:
+        return job, [
+            Problem(
+                ("spec", "profile"),
+                f"names profile '{wanted}', but {where} is profile '{found.metadata.name}'",
+            )
+        ]
+    return merge(job, profile.get("spec") or {}), []

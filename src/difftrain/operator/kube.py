@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from difftrain.api.crd import PLURAL
 from difftrain.api.job import API_VERSION, KIND
+from difftrain.api.profile import PROFILE_PLURAL
 
 FIELD_MANAGER = "difftrain"
 NETWORKING = "networking.k8s.io/v1"
@@ -232,6 +233,10 @@ class Kube:
 
     async def get_training_job(self, namespace: str, name: str) -> dict | None:
         return await self._get(f"{self._collection(API_VERSION, KIND, namespace)}/{name}")
+
+    async def get_profile(self, name: str) -> dict | None:
+        """The cluster-scoped DiffusionTrainingProfile ``name``, or None."""
+        return await self._get(f"/apis/{API_VERSION}/{PROFILE_PLURAL}/{name}")
 
     async def list_training_jobs(self, namespace: str | None = None) -> list[dict]:
         """The DiffusionTrainingJobs of ``namespace``, or of all namespaces."""

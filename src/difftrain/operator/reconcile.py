@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from difftrain import contract
+from difftrain.api import profile
 from difftrain.api.validation import validate_job
 from difftrain.operator import admission, builders, progress
 from difftrain.operator.builders import Defaults
@@ -102,12 +103,21 @@ class Controller:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
     async def _reconcile(self, body: dict, now: datetime) -> None:
+        body = await self._with_profile(body, now)
+        if body is None:
+            return
         metadata = body["metadata"]
         namespace, name = metadata["namespace"], metadata["name"]
         status = body.get("status") or {}
         job, problems = validate_job({key: body.get(key) for key in _SPEC_KEYS})
         if job is None:
             message = "; ".join(str(p) for p in problems)
+            if status.get("profile"):
+                kept = status["profile"]
+                message += (
+                    f" (the spec merged with DiffusionTrainingProfile {kept['name']}, "
+                    f"generation {kept.get('generation')})"
+                )
             new = self._failed(status, "InvalidSpec", message, metadata, now)
             policy = ((body.get("spec") or {}).get("runPolicy") or {}).get("cleanPodPolicy")
             await self._clean_up(body, status, new, policy or "Running")
@@ -170,6 +180,46 @@ class Controller:
             return
         await self._clean_up(body, status, new, job.spec.run_policy.clean_pod_policy, batch)
         await self._publish(body, status, new, now)
+
+    async def _with_profile(self, body: dict, now: datetime) -> dict | None:
+        """``body`` with its spec merged with its profile (spec.profile): the profile's spec
+        kept in status.profile, else the profile as it is now, which is then kept there so
+        that the job's spec never changes again. None after saying why the profile cannot
+        be read (the job waits; the next resync looks again)."""
+        wanted = profile.named(body)
+        status = body.get("status") or {}
+        kept = status.get("profile")
+        if wanted is None or (kept is None and status.get("phase") in TERMINAL):
+            return body
+        if kept is None:
+            metadata = body["metadata"]
+            try:
+                found = await self.kube.get_profile(wanted)
+                reason = "ProfileNotFound"
+                message = (
+                    f"DiffusionTrainingProfile {wanted} does not exist: create it, or fix "
+                    "spec.profile; the job starts once it is there"
+                )
+            except ApiError as error:
+                if error.status >= 500 or error.status == 429:
+                    raise
+                found, reason = None, "ProfileUnreadable"
+                message = f"cannot read DiffusionTrainingProfile {wanted}: {error.detail}"
+            if found is None:
+                new = self._not_created(body, status, reason, message, now)
+                await self._publish(body, status, new, now)
+                return None
+            kept = profile.snapshot(found)
+            log.info(
+                "%s/%s takes DiffusionTrainingProfile %s (generation %s)",
+                metadata["namespace"],
+                metadata["name"],
+                wanted,
+                kept.get("generation"),
+            )
+            await self.kube.patch_status(metadata["namespace"], metadata["name"], {"profile": kept})
+        merged = profile.merge(body, kept.get("spec") or {})
+        return {**merged, "status": {**status, "profile": kept}}
 
     async def _refusal(self, job, body: dict) -> tuple[str, str] | None:
         """(reason, message) when a new job must not start: what only a cluster checks,

@@ -374,6 +374,8 @@ WAIT_EVENTS = {
     "CreateContainerError": "Warning",
     "LocalQueueNotFound": "Warning",
     "KueueNotFound": "Warning",
+    "ProfileNotFound": "Warning",
+    "ProfileUnreadable": "Warning",
 }
 # The condition whose reason sums up a phase (status.reason, the REASON column).
 _TELLING = ("Failed", "Succeeded", "Restarting", "Suspended", "Unschedulable", "Running")
