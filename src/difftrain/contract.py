@@ -17,6 +17,9 @@ RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9400
 METRICS_PORT_ENV = "DIFFTRAIN_METRICS_PORT"  # moves it (several local nodes on one machine)
 
+# The trainer pod's container (kubectl logs -c, Katib's primaryContainerName).
+TRAINER_CONTAINER = "trainer"
+
 # Label and annotation keys.
 JOB_NAME_LABEL = "difftrain.io/job-name"
 ATTEMPT_LABEL = "difftrain.io/attempt"

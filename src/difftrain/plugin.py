@@ -8,13 +8,17 @@ works in the context's namespace or ``-n``:
 - ``status NAME``: phase and reason, attempt and restarts, progress, the last checkpoint,
   the evaluation, the outputs, and every condition with its reason and age;
 - ``events NAME``: the job's Events, oldest first;
+- ``logs NAME [--node N] [--attempt N] [-f] [--tail N]``: the trainer logs of the gang's
+  pods (the current attempt's, or attempt N's), each line prefixed by its node;
 - ``samples NAME [--step N] [-o DIR]``: the newest validation grid (or step N's) from the
   job's output, with S3 credentials from the environment as the other commands read them.
 """
 
 import argparse
+import json
 import os
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -169,6 +173,87 @@ def _events(args) -> int:
     return 0
 
 
+def _node(pod) -> int:
+    return int((pod.metadata.annotations or {}).get(contract.COMPLETION_INDEX, -1))
+
+
+def _gang(args, job: dict, core, namespace: str) -> tuple[int, list]:
+    """The attempt asked for (else the current one) and its pods by node, or an error
+    saying which there are."""
+    attempt = args.attempt or (job.get("status") or {}).get("attempt") or 1
+    selector = f"{contract.JOB_NAME_LABEL}={args.name},{contract.ATTEMPT_LABEL}={attempt}"
+    pods = core.list_namespaced_pod(namespace, label_selector=selector).items
+    pods = sorted((p for p in pods if not p.metadata.deletion_timestamp), key=_node)
+    if not pods:
+        raise PluginError(
+            f"{args.name} has no pods of attempt {attempt} (they are made when it starts, "
+            "and go with their attempt when it restarts)"
+        )
+    if args.node is not None:
+        chosen = [pod for pod in pods if _node(pod) == args.node]
+        if not chosen:
+            nodes = ", ".join(str(_node(pod)) for pod in pods)
+            raise PluginError(f"--node {args.node}: attempt {attempt} has nodes {nodes}")
+        pods = chosen
+    return attempt, pods
+
+
+def _logs(args) -> int:
+    from kubernetes.client.exceptions import ApiException
+
+    job, core, namespace = _job(args)
+    _, pods = _gang(args, job, core, namespace)
+    lock = threading.Lock()
+
+    def say(node: int, line: str) -> None:
+        with lock:
+            print(f"[node {node}] {line}", flush=True)
+
+    def read(pod) -> None:
+        node = _node(pod)
+        options = {"container": contract.TRAINER_CONTAINER, "tail_lines": args.tail}
+        try:
+            if not args.follow:
+                text = core.read_namespaced_pod_log(pod.metadata.name, namespace, **options)
+                for line in text.splitlines():
+                    say(node, line)
+                return
+            stream = core.read_namespaced_pod_log(
+                pod.metadata.name, namespace, follow=True, _preload_content=False, **options
+            )
+            rest = b""
+            for chunk in stream.stream(4096):
+                *lines, rest = (rest + chunk).split(b"\n")
+                for line in lines:
+                    say(node, line.decode("utf-8", "replace"))
+            if rest:
+                say(node, rest.decode("utf-8", "replace"))
+        except ApiException as error:
+            with lock:
+                print(f"[node {node}] no logs: {_api_message(error)}", file=sys.stderr)
+
+    if not args.follow:
+        for pod in pods:
+            read(pod)
+        return 0
+    readers = [threading.Thread(target=read, args=(pod,), daemon=True) for pod in pods]
+    for reader in readers:
+        reader.start()
+    try:
+        for reader in readers:
+            reader.join()
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _api_message(error) -> str:
+    try:
+        return json.loads(error.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{error.status} {error.reason}"
+
+
 def _samples(args) -> int:
     from difftrain.storage import S3Settings, open_store
 
@@ -214,7 +299,7 @@ def _kube_flags(parser: argparse.ArgumentParser, default) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubectl difftrain",
-        description="DiffusionTrainingJobs beyond kubectl get: status, events, samples.",
+        description="DiffusionTrainingJobs beyond kubectl get: status, events, logs, samples.",
     )
     _kube_flags(parser, None)
     # The same flags after the command too (kubectl difftrain status NAME -n NS).
@@ -231,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     events = command("events", "the job's events, oldest first")
     events.add_argument("name", metavar="NAME")
     events.set_defaults(run=_events)
+    logs = command("logs", "the trainer logs of the gang's pods, prefixed by node")
+    logs.add_argument("name", metavar="NAME")
+    logs.add_argument("--node", type=int, help="only this node's (default every node's)")
+    logs.add_argument("--attempt", type=int, help="this attempt's pods (default the current)")
+    logs.add_argument("-f", "--follow", action="store_true", help="stream them as they come")
+    logs.add_argument("--tail", type=int, help="only the last N lines of each")
+    logs.set_defaults(run=_logs)
     samples = command("samples", "download the newest grid of samples")
     samples.add_argument("name", metavar="NAME")
     samples.add_argument("--step", type=int, help="the samples of this step (default newest)")

@@ -70,6 +70,19 @@ class ControlPlane:
         return self.folder / "pki" / "ca.crt"
 
     @property
+    def container_log(self) -> Path:
+        """What every pod's trainer container has logged, for ``kubectl logs``: kwok serves
+        this file as each of them (:meth:`log` appends to it, for ``-f``)."""
+        return self.folder / "logs" / "trainer.log"
+
+    def log(self, *lines: str) -> None:
+        """Log ``lines`` from every trainer container, in the CRI log format kubelets
+        keep (what kwok reads)."""
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        with self.container_log.open("a") as file:
+            file.writelines(f"{now} stdout F {line}\n" for line in lines)
+
+    @property
     def audit_log(self) -> Path:
         """What every service account asked of the API server, one JSON event a line."""
         return self.folder / "logs" / "audit.log"
@@ -80,6 +93,8 @@ class ControlPlane:
         logs.mkdir(exist_ok=True)
         pki = _write_pki(self.folder / "pki")
         etcd_port, peer_port, self.port = free_port(), free_port(), free_port()
+        kubelet_port = free_port()  # kwok's kubelet API, for every fake node
+        self.container_log.touch()
         self.url = f"https://127.0.0.1:{self.port}"
         (self.folder / "tokens.csv").write_text(f"{ADMIN_TOKEN},admin,admin,system:masters\n")
         self._write_kubeconfig()
@@ -125,6 +140,10 @@ class ControlPlane:
                     f"--audit-policy-file={self._write_audit_policy()}",
                     f"--audit-log-path={self.audit_log}",
                     "--audit-log-format=json",
+                    # Logs and the like come from kwok's kubelet API, on 127.0.0.1 (the
+                    # nodes' InternalIP), serving a certificate of the test CA.
+                    "--kubelet-preferred-address-types=InternalIP",
+                    f"--kubelet-certificate-authority={pki['ca.crt']}",
                 ],
             )
             self._wait_ready(timeout)
@@ -158,7 +177,12 @@ class ControlPlane:
                     "--manage-all-nodes=false",
                     f"--manage-nodes-with-label-selector={KWOK_NODE_LABEL}=true",
                     f"--config={STAGES}",
-                    "--server-address=",
+                    f"--config={self._write_logs_config()}",
+                    f"--server-address=127.0.0.1:{kubelet_port}",
+                    "--node-ip=127.0.0.1",
+                    f"--node-port={kubelet_port}",
+                    f"--tls-cert-file={pki['serving.crt']}",
+                    f"--tls-private-key-file={pki['serving.key']}",
                 ],
             )
             for index in range(self.nodes):
@@ -167,6 +191,26 @@ class ControlPlane:
             self.stop()
             raise
         return self
+
+    def _write_logs_config(self) -> Path:
+        """kwok's ClusterLogs: every pod's trainer container logs ``container_log``."""
+        path = self.folder / "kwok-logs.yaml"
+        logs = {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "ClusterLogs",
+            "metadata": {"name": "trainer"},
+            "spec": {
+                "logs": [
+                    {
+                        "containers": ["trainer"],
+                        "logsFile": str(self.container_log),
+                        "follow": True,
+                    }
+                ]
+            },
+        }
+        path.write_text(yaml.safe_dump(logs))
+        return path
 
     def stop(self) -> None:
         """Stop every process, the last started first."""

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -159,18 +160,25 @@ def test_exit_code_3_fails_the_job_as_a_dataset_error_with_no_restart(cluster):
     )
 
 
+def _plugin_env(cluster) -> dict:
+    """kubectl finds the plugin the package installs beside the interpreter, as on a
+    user's PATH."""
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    return {**os.environ, "PATH": path, "KUBECONFIG": str(cluster.plane.kubeconfig)}
+
+
+def _plugin_command(cluster, *args: str) -> list[str]:
+    return [kubectl_binary(), "difftrain", *args]
+
+
 def _plugin(cluster, *args: str):
-    """``kubectl difftrain ARGS``: kubectl finds the plugin the package installs beside
-    the interpreter, as on a user's PATH."""
-    folder = str(Path(sys.executable).parent)
-    path = folder + os.pathsep + os.environ.get("PATH", "")
-    env = {**os.environ, "PATH": path, "KUBECONFIG": str(cluster.plane.kubeconfig)}
+    """``kubectl difftrain ARGS``, run to its end."""
     return subprocess.run(
-        [kubectl_binary(), "difftrain", *args],
+        _plugin_command(cluster, *args),
         capture_output=True,
         text=True,
         timeout=60,
-        env=env,
+        env=_plugin_env(cluster),
     )
 
 
@@ -208,6 +216,52 @@ def test_kubectl_difftrain_samples_downloads_the_newest_grid(cluster, tmp_path, 
     assert absent.stderr.strip() == (
         "kubectl difftrain: --step 3: no samples at that step; there are samples at steps 2, 4"
     )
+
+
+def test_kubectl_difftrain_logs_prefixes_each_nodes_lines(cluster):
+    """kwok's kubelet API serves every trainer container the control plane's one log file
+    (ClusterLogs), through the API server as a kubelet's would be."""
+    cluster.plane.log("step 1 loss 0.5", "step 2 loss 0.4")
+    cluster.apply(demo(resources={"nodes": 2}))
+    cluster.running_pods(2)
+
+    every = _plugin(cluster, "logs", "demo", "-n", cluster.namespace, "--tail", "2")
+    one = _plugin(cluster, "logs", "demo", "-n", cluster.namespace, "--node", "1", "--tail", "1")
+    absent = _plugin(cluster, "logs", "demo", "-n", cluster.namespace, "--node", "5")
+    gone = _plugin(cluster, "logs", "demo", "-n", cluster.namespace, "--attempt", "2")
+    follow = subprocess.Popen(
+        _plugin_command(cluster, "logs", "demo", "-n", cluster.namespace, "-f", "--node", "0"),
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_plugin_env(cluster),
+    )
+    try:
+        time.sleep(2)  # the stream is open
+        cluster.plane.log("step 3 loss 0.3")
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(follow.stdout), daemon=True)
+        reader.start()
+        wait_until(
+            lambda: any("step 3" in line for line in lines),
+            what="the followed log shows the new line",
+        )
+    finally:
+        follow.terminate()
+        follow.wait(timeout=10)
+
+    assert every.returncode == 0, every.stderr
+    assert every.stdout.splitlines() == [
+        "[node 0] step 1 loss 0.5",
+        "[node 0] step 2 loss 0.4",
+        "[node 1] step 1 loss 0.5",
+        "[node 1] step 2 loss 0.4",
+    ]
+    assert one.stdout.splitlines() == ["[node 1] step 2 loss 0.4"]
+    assert absent.returncode == 1
+    assert absent.stderr.strip() == "kubectl difftrain: --node 5: attempt 1 has nodes 0, 1"
+    assert gone.returncode == 1
+    assert "demo has no pods of attempt 2" in gone.stderr
+    assert "[node 0] step 3 loss 0.3\n" in lines
 
 
 def test_a_crash_restarts_the_whole_gang_as_attempt_2(cluster):

@@ -16,7 +16,7 @@ from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob, pod_hostn
 from difftrain.api.quantity import format_bytes, parse_quantity
 from difftrain.api.scratch import scratch_size
 
-CONTAINER = "trainer"
+CONTAINER = contract.TRAINER_CONTAINER
 CONFIG_MOUNT = "/etc/difftrain"
 DEFAULT_SHM = Decimal(8 * 2**30)
 COMPLETION_INDEX = f"metadata.annotations['{contract.COMPLETION_INDEX}']"
