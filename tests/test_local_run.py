@@ -1,5 +1,7 @@
 """`difftrain run`: the job's pods as local processes, launched as the operator would."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -8,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from difftrain import contract
+from difftrain import contract, local
 from difftrain.api.validation import load_job
 from difftrain.local import (
     combined_exit_code,
@@ -61,7 +63,16 @@ def test_two_local_nodes_train_together(tmp_path, shapes_folder):
 
     port = free_port()
 
-    result = _difftrain_run(tmp_path, manifest, "--nodes", "2", "--metrics-port", str(port))
+    # As on a terminal: node 0 draws its progress bars (difftrain.bars), node 1 none.
+    result = _difftrain_run(
+        tmp_path,
+        manifest,
+        "--nodes",
+        "2",
+        "--metrics-port",
+        str(port),
+        env={"DIFFTRAIN_PROGRESS": "1"},
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
     urls = [line for line in result.stdout.splitlines() if " metrics: http" in line]
@@ -72,6 +83,23 @@ def test_two_local_nodes_train_together(tmp_path, shapes_folder):
     assert (output / "model" / "difftrain.json").exists()
     assert "[node 0] " in result.stdout and "[node 1] " in result.stdout
     assert result.stdout.count("model exported") == 1
+    bars = [line for line in result.stdout.splitlines() if "caching latents: " in line]
+    assert bars and all(line.startswith("[node 0] ") for line in bars)
+    assert "100%" in bars[-1]
+
+
+def test_a_nodes_bar_redraws_stay_redraws(tmp_path):
+    """Lines ended by a carriage return (a bar's redraws) are relayed as they are, each
+    with the node's prefix, so the terminal redraws one line."""
+    script = "import sys; sys.stdout.write('a\\rb\\rc\\nd\\n')"
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    relayed = io.StringIO()
+
+    with contextlib.redirect_stdout(relayed):
+        local._stream(process, "[node 0] ")
+
+    assert process.wait() == 0
+    assert relayed.getvalue() == "[node 0] a\r[node 0] b\r[node 0] c\n[node 0] d\n"
 
 
 def test_trainer_failure_is_reported_with_its_exit_code(tmp_path):

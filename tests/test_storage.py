@@ -62,6 +62,41 @@ def test_tree_round_trip_in_parallel(store, tmp_path):
         assert copy.read_bytes() == path.read_bytes()
 
 
+def test_a_tree_download_shows_its_bytes_where_someone_watches(
+    store, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "src").mkdir()
+    for index in range(3):
+        (tmp_path / "src" / f"f{index}.bin").write_bytes(os.urandom(1000))
+    store.upload_tree(tmp_path / "src", "model")
+
+    store.download_tree("model", tmp_path / "quiet", unsafe_error=InvalidSpec)
+    quiet = capsys.readouterr().err
+    monkeypatch.setenv("DIFFTRAIN_PROGRESS", "1")  # as difftrain run sets it on a terminal
+    store.download_tree("model", tmp_path / "shown", unsafe_error=InvalidSpec)
+    shown = capsys.readouterr().err
+
+    assert quiet == ""  # no terminal: the logs stay free of bars
+    final = shown.split("\r")[-1]
+    assert final.startswith(f"{store.uri}/model (3 files): 100%")
+    assert "2.93k/2.93k" in final  # 3000 bytes, in KiB
+
+
+def test_bars_stay_off_on_all_but_a_nodes_first_process(monkeypatch, capsys):
+    from difftrain import bars
+
+    monkeypatch.setenv("DIFFTRAIN_PROGRESS", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with bars.bar(3, "work") as shown:
+        shown.update(3)
+
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with bars.bar(3, "work") as shown:
+        shown.update(3)
+    assert "work: 100%" in capsys.readouterr().err
+
+
 def _files_under(folder):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 

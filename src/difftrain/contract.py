@@ -16,6 +16,8 @@ STOPPED_EXIT_CODE = Stopped.exit_code
 RENDEZVOUS_PORT = 29500
 METRICS_PORT = 9400
 METRICS_PORT_ENV = "DIFFTRAIN_METRICS_PORT"  # moves it (several local nodes on one machine)
+# "1": show progress bars though stderr is no terminal (difftrain run relays it to one).
+PROGRESS_ENV = "DIFFTRAIN_PROGRESS"
 
 # The trainer pod's container (kubectl logs -c, Katib's primaryContainerName).
 TRAINER_CONTAINER = "trainer"

@@ -6,6 +6,7 @@ the completion index for the node rank, this machine's environment for Secret ke
 local folders for the pod's volumes, and 127.0.0.1 with a free port for the rendezvous.
 """
 
+import io
 import json
 import os
 import signal
@@ -92,7 +93,10 @@ def _local_path(value: str, mounts: dict[str, Path]) -> str:
 
 
 def _stream(process: subprocess.Popen, prefix: str) -> None:
-    for line in process.stdout:
+    """Relay a node's output, each line prefixed; a progress bar's redraws (lines ended
+    by a carriage return) stay redraws."""
+    relayed = io.TextIOWrapper(process.stdout, encoding="utf-8", errors="replace", newline="")
+    for line in relayed:
         sys.stdout.write(f"{prefix}{line}")
         sys.stdout.flush()
 
@@ -188,6 +192,12 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int, metrics_port: int =
             # Every local job and node shares one cache of latents and text embeddings,
             # as a cluster's share the chart's trainer.cacheUri (the job's own URI wins).
             env.setdefault("DIFFTRAIN_SHARED_CACHE_URI", f"file://{workdir.resolve()}/features")
+            # Node 0's progress bars (difftrain.bars) reach a terminal; the others' would
+            # draw over them.
+            if index > 0:
+                env.pop(contract.PROGRESS_ENV, None)
+            elif sys.stdout.isatty():
+                env.setdefault(contract.PROGRESS_ENV, "1")
             # Each node in a process group of its own, as each pod is on its own: a
             # terminal's Ctrl-C reaches only this process, which turns it into exactly one
             # SIGTERM per node (the pods' launcher forwards it to its trainers).
@@ -197,7 +207,6 @@ def run(job: DiffusionTrainingJob, workdir: Path, port: int, metrics_port: int =
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                text=True,
                 process_group=0,
             )
             reader = threading.Thread(

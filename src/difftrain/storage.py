@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from difftrain import bars
 from difftrain.errors import (
     DifftrainError,
     InvalidSpec,
@@ -83,6 +84,10 @@ class Store(ABC):
         """Every key below the folder ``prefix`` (recursively), sorted."""
         return list(self.tags(prefix))
 
+    @abstractmethod
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        """Every key below the folder ``prefix`` (recursively), sorted, with its size."""
+
     def fingerprint(self, prefix: str = "", select: Callable[[str], bool] | None = None) -> str:
         """A digest of the keys below ``prefix`` (those ``select`` accepts) and their
         tags: it changes when any of those objects is written, added or removed."""
@@ -97,7 +102,7 @@ class Store(ABC):
         """Whether the object ``key`` exists."""
 
     @abstractmethod
-    def download(self, key: str, path: Path) -> None:
+    def download(self, key: str, path: Path, progress: Callable[[int], None] | None = None):
         """Copy object ``key`` to the local file ``path``; FileNotFoundError if absent."""
 
     @abstractmethod
@@ -144,8 +149,8 @@ class Store(ABC):
         ``/``) is refused with ``unsafe_error`` before anything is copied: the caller
         knows whose input it is (a dataset's, a model's)."""
         base, root = prefix.strip("/"), destination.resolve()
-        jobs = []
-        for key in self.keys(prefix):
+        jobs, sizes = [], self.sizes(prefix)
+        for key in sizes:
             relative = key[len(base) + 1 :] if base else key  # keeps a leading "/" it had
             if relative == "" or relative.endswith("/"):  # a folder marker
                 continue
@@ -158,7 +163,10 @@ class Store(ABC):
                     f"is copied into ({why}); rename or delete it"
                 )
             jobs.append((key, destination / relative))
-        _parallel(self.download, jobs)
+        total = sum(sizes[key] for key, _ in jobs)
+        what = f"{_join(self.uri, prefix)} ({len(jobs)} files)"
+        with bars.bar(total, what, "B") as shown:
+            _parallel(lambda key, path: self.download(key, path, shown.update), jobs)
         return [target for _, target in jobs]
 
     def upload_tree(self, source: Path, prefix: str) -> list[str]:
@@ -237,15 +245,20 @@ class FileStore(Store):
         )
         return {key: _file_tag(path.stat()) for key, path in files}
 
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return {key: self._path(key).stat().st_size for key in self.tags(prefix)}
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def download(self, key: str, path: Path) -> None:
+    def download(self, key: str, path: Path, progress: Callable[[int], None] | None = None):
         source = self._path(key)
         if not source.is_file():
             raise FileNotFoundError(f"{self.uri}/{key} does not exist")
         with _atomic_target(path) as temporary:
             shutil.copyfile(source, temporary)
+        if progress is not None:
+            progress(path.stat().st_size)
 
     def upload(self, path: Path, key: str) -> None:
         with self._writing(key) as temporary:
@@ -400,7 +413,8 @@ class S3Store(Store):
         self.write_bytes(probe, b"")
         self.delete([probe])
 
-    def tags(self, prefix: str = "") -> dict[str, str]:
+    def _listing(self, prefix: str, field: str) -> dict:
+        """Every key below the folder ``prefix``, sorted, with its listing's ``field``."""
         full = self._key(prefix)
         query = full + "/" if full else ""  # "a/b" must not match "a/bc"
         keys = []
@@ -409,9 +423,15 @@ class S3Store(Store):
                 Bucket=self.bucket, Prefix=query, PaginationConfig={"PageSize": LIST_PAGE_SIZE}
             )
             for page in pages:
-                keys += [(item["Key"], item["ETag"]) for item in page.get("Contents", [])]
+                keys += [(item["Key"], item[field]) for item in page.get("Contents", [])]
         start = len(self.prefix) + 1 if self.prefix else 0
-        return {key[start:]: tag for key, tag in sorted(keys)}
+        return {key[start:]: value for key, value in sorted(keys)}
+
+    def tags(self, prefix: str = "") -> dict[str, str]:
+        return self._listing(prefix, "ETag")
+
+    def sizes(self, prefix: str = "") -> dict[str, int]:
+        return self._listing(prefix, "Size")
 
     def exists(self, key: str) -> bool:
         if not self._key(key):
@@ -423,10 +443,14 @@ class S3Store(Store):
         except FileNotFoundError:
             return False
 
-    def download(self, key: str, path: Path) -> None:
+    def download(self, key: str, path: Path, progress: Callable[[int], None] | None = None):
         with self._errors("download", self._key(key)), _atomic_target(path) as temporary:
             self.client.download_file(
-                self.bucket, self._key(key), str(temporary), Config=self._transfer_config()
+                self.bucket,
+                self._key(key),
+                str(temporary),
+                Config=self._transfer_config(),
+                Callback=progress,
             )
 
     def upload(self, path: Path, key: str) -> None:

@@ -199,13 +199,18 @@ def test_two_processes_share_the_class_images(tmp_path, trainer_cache, instance_
         "--master_addr=127.0.0.1",
         f"--master_port={port}",
     ]
-    env = runner.trainer_env(config, tmp_path, trainer_cache, ONE_THREAD)
+    # As difftrain run on a terminal: the bars of the node's first process alone.
+    progress = {**ONE_THREAD, "DIFFTRAIN_PROGRESS": "1"}
+    env = runner.trainer_env(config, tmp_path, trainer_cache, progress)
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stdout + done.stderr
     log = done.stdout + done.stderr
     assert re.search(r"class images: 4 of 4 to make, 2 by each of 2 processes", log), log
+    lines = log.splitlines()
+    assert sum(line.startswith("class images:   0%") for line in lines) == 1, log
+    assert any(line.startswith("class images: 100%") and "2/2" in line for line in lines)
     for index in range(4):
         name = f"{index:05d}.png"
         alone = _pixels(single / "out" / "class-images" / name)

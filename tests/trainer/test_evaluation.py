@@ -164,10 +164,15 @@ def test_a_job_evaluates_during_training_and_after_it(
 ):
     config = _evaluated_job(tmp_path, shapes_folder, inception, clip_folder)
 
-    code, log = runner.run(config, tmp_path, trainer_cache)
+    code, log = runner.run(config, tmp_path, trainer_cache, {"DIFFTRAIN_PROGRESS": "1"})
 
     assert code == 0, log
     assert "4 images held out of training for the validation loss" in log
+    # One bar for each evaluation, at steps 3 and 6 (tqdm draws its last state twice).
+    lines = log.splitlines()
+    starts = [line for line in lines if line.startswith("evaluation images:   0%")]
+    assert len(starts) == 2 and all("| 0/6 " in line for line in starts), log
+    assert any(line.startswith("evaluation images: 100%") and "6/6" in line for line in lines)
     out = tmp_path / "out"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evaluations = [line["evaluation"] for line in lines if "evaluation" in line]

@@ -33,12 +33,21 @@ def write_termination_log(reason: str, message: str, outputs: dict | None = None
 
 
 def _quiet_libraries() -> None:
+    """The libraries' warnings off, and their bars too (our own say what happens), but
+    the Hugging Face Hub's download bars where bars are wanted (difftrain.bars)."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub
     from transformers.utils import logging as transformers_logging
+
+    from difftrain import bars
 
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
         library.set_verbosity_error()
+    if bars.wanted():
+        hub.enable_progress_bars()
+    else:
+        hub.disable_progress_bars()
 
 
 def main() -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from difftrain import bars
 from difftrain.errors import DatasetError, InvalidSpec
 from difftrain.storage import open_store
 from difftrain.trainer import data, sampling
@@ -308,7 +309,8 @@ class Evaluator:
             wanted, accelerator.process_index, accelerator.num_processes, stage.sharded
         )
         pipeline = sampling.pipeline_for(stage.components, stage.trainable.modules)
-        with accelerator.autocast(), sampling._averaged(stage):
+        shown = bars.bar(len(mine), "evaluation images", "image")
+        with accelerator.autocast(), sampling._averaged(stage), shown:
             results = sampling.generate_each(
                 pipeline,
                 mine,
@@ -317,6 +319,7 @@ class Evaluator:
                 guidance=evaluation.guidance_scale,
                 stopping=None if stage.sharded else stopping,
                 options=stage.components.family.sampling_options(stage.components),
+                made=shown.update,
             )
         if len(results) < len(mine):
             return None

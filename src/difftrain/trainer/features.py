@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from difftrain import bars
 from difftrain.errors import DifftrainError
 from difftrain.storage import FileStore, Store
 
@@ -384,8 +385,14 @@ def prepare(
             len(entries),
         )
         fill = Fill(space, {e: todo[e] for e in entries}, compute, group)
-        with _unless_unusable(space, "write"):
-            fill.run(lambda count, before=done: report(cache_entries_computed=before + count))
+        shown = bars.bar(len(entries), f"caching {space.kind}", "entry")
+
+        def filled(count: int, before=done, shown=shown) -> None:
+            report(cache_entries_computed=before + count)
+            shown.update(count - shown.n)
+
+        with _unless_unusable(space, "write"), shown:
+            fill.run(filled)
         done += fill.done
     run.waiting.barrier("cache filled")
     for space, todo, _, _ in fills:

@@ -84,11 +84,13 @@ def generate_each(
     negative: str = "",
     stopping: Callable[[], bool] | None = None,
     options: dict | None = None,
+    made: Callable[[int], object] | None = None,
 ) -> list[tuple[str, int, Image.Image]]:
     """An image for each (prompt, seed) of ``wanted``, as (prompt, seed, image), made in
     chunks with generators of their own inside a forked random state; fewer if
     ``stopping()`` turns true between chunks (the job is being stopped). ``options``
-    go to the pipeline call as they are (the family's ``sampling_options``)."""
+    go to the pipeline call as they are (the family's ``sampling_options``); ``made``
+    hears how many images each chunk made."""
     device = pipeline.device
     results = []
     modules = [m for m in pipeline.components.values() if hasattr(m, "training")]
@@ -109,6 +111,8 @@ def generate_each(
                     **(options or {}),
                 ).images
             results += [(p, s, image) for (p, s), image in zip(chunk, images, strict=True)]
+            if made is not None:
+                made(len(chunk))
     return results
 
 

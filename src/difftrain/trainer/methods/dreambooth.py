@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from difftrain import bars
 from difftrain.errors import DatasetError
 from difftrain.storage import Store
 from difftrain.trainer import adapters, data, export, loss, sampling
@@ -126,7 +127,8 @@ def _make(accelerator, components, spec, store: Store, indices: list[int]) -> No
         part.to(accelerator.device)
     pipeline = sampling.pipeline_for(components)
     wanted = [(settings.class_prompt, settings.class_seed + i) for i in indices]
-    with accelerator.autocast():
+    shown = bars.bar(len(wanted), "class images", "image")
+    with accelerator.autocast(), shown:
         for start in range(0, len(wanted), sampling.CHUNK):  # upload each chunk as it is made
             made = sampling.generate_each(
                 pipeline,
@@ -141,6 +143,7 @@ def _make(accelerator, components, spec, store: Store, indices: list[int]) -> No
                 buffer = io.BytesIO()
                 image.save(buffer, format="PNG")
                 store.write_bytes(image_name(seed - settings.class_seed), buffer.getvalue())
+                shown.update()
     del pipeline
     if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
