@@ -3,8 +3,8 @@ class images, evaluation.
 
 A bar shows where a person watches: on a terminal (stderr is a TTY), or where ``difftrain
 run`` asks for one (:data:`~difftrain.contract.PROGRESS_ENV` set to 1 in the main node's
-environment: it relays that node's output to its own terminal). Elsewhere, in a pod's
-logs, a bar is a no-op and the logs stay one line per event.
+environment: it relays that node's output to its own terminal); 0 there turns them off.
+Elsewhere, in a pod's logs, a bar is a no-op and the logs stay one line per event.
 """
 
 import os
@@ -20,7 +20,8 @@ def wanted() -> bool:
     would draw over it), where someone watches."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return False
-    return os.environ.get(contract.PROGRESS_ENV) == "1" or sys.stderr.isatty()
+    said = os.environ.get(contract.PROGRESS_ENV)
+    return said == "1" if said is not None else sys.stderr.isatty()
 
 
 def bar(total: int | None, description: str, unit: str = "it") -> tqdm:

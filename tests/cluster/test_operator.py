@@ -218,6 +218,28 @@ def test_kubectl_difftrain_samples_downloads_the_newest_grid(cluster, tmp_path, 
     )
 
 
+def test_a_merged_spec_the_models_refuse_fails_naming_the_profile(cluster):
+    """The CRD checks the job's own fields; with the profile's 11 nodes, this name no
+    longer fits the pods' hostnames, which only the merged spec shows."""
+    name = f"{cluster.namespace}-wide"
+    platform = profile(name, resources={"nodes": 11})
+    cluster.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump(platform))
+    try:
+        long = "x" * 56
+        cluster.apply(job({"metadata": {"name": long}}, spec={"profile": name}))
+        status = cluster.wait_phase("Failed", long)
+    finally:
+        cluster.plane.kubectl("delete", "dtp", name, "--wait=false")
+
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"].startswith("metadata.name: is too long")
+    assert failed["message"].endswith(
+        f"(the spec merged with DiffusionTrainingProfile {name}, generation 1)"
+    )
+    assert cluster.job(f"{long}-a1") is None
+
+
 def test_kubectl_difftrain_logs_prefixes_each_nodes_lines(cluster):
     """kwok's kubelet API serves every trainer container the control plane's one log file
     (ClusterLogs), through the API server as a kubelet's would be."""
