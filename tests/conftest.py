@@ -6,7 +6,10 @@ import pytest
 import yaml
 
 from difftrain.storage import S3Settings, open_store
+from tests import quickstart_run
 from tests.s3server import start_s3_server
+
+QUICKSTART = pytest.StashKey[quickstart_run.QuickstartRun]()
 
 
 @pytest.fixture
@@ -135,3 +138,28 @@ def golden(request):
         )
 
     return check
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of the quickstart's model run last, and its training starts now, in the
+    background (tests/quickstart_run.py)."""
+    late = [item for item in items if "shapes_model" in item.fixturenames]
+    if not late or config.option.collectonly:
+        return
+    items[:] = [item for item in items if item not in late] + late
+    config.stash[QUICKSTART] = quickstart_run.start()
+
+
+def pytest_sessionfinish(session):
+    run = session.config.stash.get(QUICKSTART, None)
+    if run is not None:
+        run.stop()
+
+
+@pytest.fixture(scope="session")
+def shapes_model(request):
+    """The quickstart's output folder (tests/quickstart_run.py)."""
+    run = request.config.stash.get(QUICKSTART, None)
+    if run is None:
+        run = request.config.stash[QUICKSTART] = quickstart_run.start()
+    return run.result()
