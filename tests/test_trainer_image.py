@@ -77,12 +77,9 @@ def test_the_trainer_image_trains_a_lora_as_its_pod_runs_it(
             for key, text in config_map["data"].items():
                 (folder / key).write_text(text)
             mounts.append(f"{folder}:{mount['mountPath']}:ro")
-        else:  # an emptyDir: a folder of the node's, writable by anyone, as the kubelet's
+        else:
             assert "emptyDir" in volume, volume
-            folder = tmp_path / mount["name"]
-            folder.mkdir(mode=0o777)
-            folder.chmod(0o777)
-            mounts.append(f"{folder}:{mount['mountPath']}")
+            mounts.append(podman.empty_dir(tmp_path / mount["name"], mount["mountPath"]))
     termination = tmp_path / "termination-log"
     termination.touch(mode=0o666)
     mounts.append(f"{termination}:/dev/termination-log")

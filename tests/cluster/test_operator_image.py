@@ -1,7 +1,8 @@
 """The operator image (``make images``) on the real control plane: run as its Deployment
 runs it (the chart's arguments and environment, the chart's ServiceAccount token, user
-1000, a read-only root filesystem), it answers its liveness and readiness probes and turns
-a job into its Job and running pods, as the operator run from the checkout does."""
+1000, a read-only root filesystem with the Deployment's emptyDirs writable), it answers
+its liveness and readiness probes and turns a job into its Job and running pods, as the
+operator run from the checkout does."""
 
 import shutil
 import subprocess
@@ -35,7 +36,11 @@ def operator_in_image(control_plane, namespace, tmp_path):
     )["items"]
     pod = deployment["spec"]["template"]["spec"]
     empty = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
-    scratch = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] in empty]
+    writable = [
+        podman.empty_dir(tmp_path / "volumes" / m["name"], m["mountPath"])
+        for m in pod["containers"][0]["volumeMounts"]
+        if m["name"] in empty
+    ]
     args = [a for a in operator.args if not a.startswith(("--metrics-port=", "--health-port="))]
     name = f"difftrain-operator-{namespace}"
     command = podman.run_command(
@@ -45,8 +50,7 @@ def operator_in_image(control_plane, namespace, tmp_path):
         f"--health-port={operator.health_port}",
         name=name,
         env={**operator.env, "KUBECONFIG": "/var/run/difftrain/config"},
-        mounts=[f"{kube}:/var/run/difftrain:ro"],
-        tmpfs=scratch,  # the pod's emptyDirs: what it may write
+        mounts=[f"{kube}:/var/run/difftrain:ro", *writable],  # writable: the pod's emptyDirs
     )
     log = tmp_path / "operator.log"
     with log.open("w") as out:

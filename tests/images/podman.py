@@ -7,6 +7,7 @@ hybrid cgroups) and lower rlimits than its defaults (the machine lets no one rai
 """
 
 import subprocess
+from pathlib import Path
 
 from tests.images.build import STORE
 
@@ -20,7 +21,6 @@ def run_command(
     name: str,
     env: dict[str, str] | None = None,
     mounts: list[str] | None = None,
-    tmpfs: list[str] | None = None,
     entrypoint: list[str] | None = None,
 ) -> list[str]:
     """``podman run`` of ``image`` as a pod runs it; ``mounts`` are ``-v`` specs."""
@@ -30,12 +30,18 @@ def run_command(
         command += ["--env", f"{key}={value}"]
     for mount in mounts or []:
         command += ["--volume", mount]
-    for path in tmpfs or []:
-        command += ["--tmpfs", f"{path}:rw,mode=1777"]
     if entrypoint is not None:
         command += ["--entrypoint", entrypoint[0]]
         args = (*entrypoint[1:], *args)
     return [*command, image, *args]
+
+
+def empty_dir(folder: Path, path: str) -> str:
+    """A mount of an emptyDir at ``path``: a new folder anyone may write, as the kubelet
+    makes one (podman's tmpfs would take the mode of the image's folder it covers)."""
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    return f"{folder}:{path}"
 
 
 def remove(name: str) -> None:
