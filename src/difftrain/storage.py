@@ -234,7 +234,8 @@ class FileStore(Store):
                 f"cannot write {self.uri}: {existing} is not a writable folder"
             )
 
-    def tags(self, prefix: str = "") -> dict[str, str]:
+    def _stats(self, prefix: str) -> dict[str, os.stat_result]:
+        """Every file below the folder ``prefix`` by key, sorted, with its stat."""
         base = self._path(prefix)
         if not base.is_dir():
             return {}
@@ -243,10 +244,13 @@ class FileStore(Store):
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
-        return {key: _file_tag(path.stat()) for key, path in files}
+        return {key: path.stat() for key, path in files}
+
+    def tags(self, prefix: str = "") -> dict[str, str]:
+        return {key: _file_tag(stat) for key, stat in self._stats(prefix).items()}
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
-        return {key: self._path(key).stat().st_size for key in self.tags(prefix)}
+        return {key: stat.st_size for key, stat in self._stats(prefix).items()}
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -69,7 +69,7 @@ class Operator:
             f"/apis/apps/v1/namespaces/{self.namespace}/deployments"
             f"?labelSelector=app.kubernetes.io/instance={RELEASE}",
         )["items"]
-        pod = deployment["spec"]["template"]["spec"]
+        pod = self.pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         self.args, self.env = (
             container.get("args", []),
@@ -91,8 +91,7 @@ class Operator:
 
     def start(self) -> "Operator":
         """Run the Deployment's command line here (its ports moved to free ones)."""
-        self.metrics_port, self.health_port = free_port(), free_port()
-        args = [a for a in self.args if not a.startswith(("--metrics-port=", "--health-port="))]
+        args = self.arguments()
         self.log = self.folder / "operator.log"
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
@@ -102,8 +101,6 @@ class Operator:
                     "difftrain.cli",
                     "operator",
                     *args,
-                    f"--metrics-port={self.metrics_port}",
-                    f"--health-port={self.health_port}",
                 ],
                 env={
                     **self.env,
@@ -121,6 +118,17 @@ class Operator:
             what="the operator answers on /healthz",
         )
         return self
+
+    def arguments(self) -> list[str]:
+        """The Deployment's arguments, its ports moved to free ones (``metrics_port``,
+        ``health_port``)."""
+        self.metrics_port, self.health_port = free_port(), free_port()
+        moved = ("--metrics-port=", "--health-port=")
+        return [
+            *(a for a in self.args if not a.startswith(moved)),
+            f"--metrics-port={self.metrics_port}",
+            f"--health-port={self.health_port}",
+        ]
 
     def check_alive(self) -> None:
         if self.process.poll() is not None:

@@ -26,6 +26,21 @@ def _helm(control_plane, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+def _install(control_plane, namespace: str, release: str, *values: str) -> None:
+    """``helm install`` of the chart as ``release`` in ``namespace``, waiting for it."""
+    _helm(
+        control_plane,
+        "install",
+        release,
+        str(CHART),
+        "-n",
+        namespace,
+        "--wait",
+        "--timeout=120s",
+        *values,
+    )
+
+
 @pytest.fixture
 def release(control_plane, namespace):
     """Uninstalls the release named ``ops`` in ``namespace`` after the test."""
@@ -77,18 +92,7 @@ def test_cluster_wide_install_runs_the_operator_with_rights_everywhere(
     profile = f"{namespace}-gpu"  # the values' profiles, which the real API server checks
     values = {"profiles": {profile: {"resources": {"gpusPerNode": 4, "nodes": 2}}}}
     (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
-    _helm(
-        control_plane,
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        namespace,
-        "--wait",
-        "--timeout=120s",
-        "--values",
-        str(tmp_path / "values.yaml"),
-    )
+    _install(control_plane, namespace, release, "--values", str(tmp_path / "values.yaml"))
 
     found = json.loads(control_plane.kubectl("get", "dtp", profile, "-o", "json").stdout)
     assert found["spec"] == values["profiles"][profile]
@@ -111,18 +115,7 @@ def test_namespaced_install_grants_rights_only_in_its_namespaces(control_plane, 
     for team in ("team-red", "team-blue"):
         control_plane.kubectl("create", "namespace", team, check=False)
 
-    _helm(
-        control_plane,
-        "install",
-        release,
-        str(CHART),
-        "-n",
-        namespace,
-        "--wait",
-        "--timeout=120s",
-        "--set",
-        "watchNamespaces={team-red,team-blue}",
-    )
+    _install(control_plane, namespace, release, "--set", "watchNamespaces={team-red,team-blue}")
 
     account = _operator_account(control_plane, namespace)
     assert _can(control_plane, account, "create", "jobs.batch", "team-red")

@@ -9,7 +9,6 @@ import subprocess
 
 import pytest
 
-from difftrain.local import free_port
 from tests.builders import job
 from tests.cluster.control_plane import fetch
 from tests.cluster.operator import Cluster, Operator, wait_until
@@ -30,24 +29,17 @@ def operator_in_image(control_plane, namespace, tmp_path):
     kube.mkdir()
     shutil.copy(operator.kubeconfig, kube / "config")
     (kube / "config").chmod(0o644)
-    operator.metrics_port, operator.health_port = free_port(), free_port()
-    (deployment,) = control_plane.api(
-        "GET", f"/apis/apps/v1/namespaces/{namespace}-ops/deployments"
-    )["items"]
-    pod = deployment["spec"]["template"]["spec"]
+    pod = operator.pod
     empty = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
     writable = [
         podman.empty_dir(tmp_path / "volumes" / m["name"], m["mountPath"])
         for m in pod["containers"][0]["volumeMounts"]
         if m["name"] in empty
     ]
-    args = [a for a in operator.args if not a.startswith(("--metrics-port=", "--health-port="))]
     name = f"difftrain-operator-{namespace}"
     command = podman.run_command(
         IMAGE,
-        *args,
-        f"--metrics-port={operator.metrics_port}",
-        f"--health-port={operator.health_port}",
+        *operator.arguments(),
         name=name,
         env={**operator.env, "KUBECONFIG": "/var/run/difftrain/config"},
         mounts=[f"{kube}:/var/run/difftrain:ro", *writable],  # writable: the pod's emptyDirs

@@ -192,10 +192,7 @@ def read_jobs(
     for document in documents:
         if is_profile(document.data):
             continue
-        data, wanted = (
-            document.data,
-            named(document.data) if isinstance(document.data, dict) else None,
-        )
+        data, wanted = document.data, named(document.data)
         chosen = given or (known.get(wanted) if wanted else None)
         if chosen is not None:
             data, problems = applied(data, chosen.data, chosen.source)

@@ -125,9 +125,10 @@ def merge(job: dict, profile_spec: dict) -> dict:
     return copy.deepcopy({**job, "spec": spec})
 
 
-def named(job: dict) -> str | None:
-    """The profile a job manifest names in spec.profile, if any."""
-    spec = job.get("spec")
+def named(job: Any) -> str | None:
+    """The profile a job manifest names in spec.profile, if any (None for anything that
+    is not a manifest)."""
+    spec = job.get("spec") if isinstance(job, dict) else None
     profile = spec.get("profile") if isinstance(spec, dict) else None
     return profile if isinstance(profile, str) else None
 

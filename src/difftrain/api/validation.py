@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from difftrain.api.base import SpecProblems
 from difftrain.api.job import API_VERSION, KIND, DiffusionTrainingJob
-from difftrain.api.profile import PROFILE_KIND, DiffusionTrainingProfile, is_profile, merge, named
+from difftrain.api.profile import PROFILE_KIND, DiffusionTrainingProfile, merge, named
 from difftrain.errors import InvalidSpec
 
 Loc = tuple[str | int, ...]
@@ -41,23 +41,24 @@ class Problem:
 
 def validate_job(data: Any) -> tuple[DiffusionTrainingJob | None, list[Problem]]:
     """Validate one manifest; returns the job, or None and every problem found."""
+    also = f"; only {KIND} and {PROFILE_KIND} manifests are checked here"
+    return _validated(data, DiffusionTrainingJob, KIND, also)
+
+
+def _validated(data: Any, model: type[BaseModel], kind: str, also: str = ""):
+    """``data`` as a ``model`` object of ``kind``, or None and every problem found;
+    ``also`` follows the message about another kind."""
     if not isinstance(data, dict):
-        return None, [Problem((), f"expected a {KIND} mapping, got {_describe(data)}")]
-    kind, api_version = data.get("kind"), data.get("apiVersion")
-    if kind != KIND:
-        return None, [
-            Problem(
-                ("kind",),
-                f"{kind!r} is not a {KIND}; only {KIND} and {PROFILE_KIND} manifests are "
-                "checked here",
-            )
-        ]
+        return None, [Problem((), f"expected a {kind} mapping, got {_describe(data)}")]
+    found, api_version = data.get("kind"), data.get("apiVersion")
+    if found != kind:
+        return None, [Problem(("kind",), f"{found!r} is not a {kind}{also}")]
     if api_version != API_VERSION:
         return None, [Problem(("apiVersion",), f"must be {API_VERSION} (got {api_version!r})")]
     try:
-        return DiffusionTrainingJob.model_validate(data), []
+        return model.model_validate(data), []
     except ValidationError as error:
-        return None, problems_of(error)
+        return None, problems_of(error, model)
 
 
 def load_job(data: Any) -> DiffusionTrainingJob:
@@ -197,18 +198,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def validate_profile(data: Any) -> tuple[DiffusionTrainingProfile | None, list[Problem]]:
     """Validate one profile manifest; returns it, or None and every problem found."""
-    if not isinstance(data, dict):
-        return None, [Problem((), f"expected a {PROFILE_KIND} mapping, got {_describe(data)}")]
-    if not is_profile(data):
-        return None, [Problem(("kind",), f"{data.get('kind')!r} is not a {PROFILE_KIND}")]
-    if data.get("apiVersion") != API_VERSION:
-        return None, [
-            Problem(("apiVersion",), f"must be {API_VERSION} (got {data.get('apiVersion')!r})")
-        ]
-    try:
-        return DiffusionTrainingProfile.model_validate(data), []
-    except ValidationError as error:
-        return None, problems_of(error, DiffusionTrainingProfile)
+    return _validated(data, DiffusionTrainingProfile, PROFILE_KIND)
 
 
 def applied(job: dict, profile: dict, source: str | None = None) -> tuple[dict, list[Problem]]:
