@@ -35,7 +35,14 @@ def test_rule_compiles(rule):
 @pytest.mark.parametrize(
     "manifest",
     [pytest.param(yaml.safe_load(p.read_text()), id=p.name) for p in EXAMPLES]
-    + [pytest.param(job(), id="minimal")],
+    + [pytest.param(job(), id="minimal")]
+    + [
+        pytest.param(
+            job(spec={"lora": {"type": kind}, "output": {"formats": ["kohya"]}}),
+            id=f"kohya-for-{kind}",
+        )
+        for kind in ("lokr", "loha")
+    ],
 )
 def test_valid_manifests_pass_every_rule(manifest):
     assert cel_failures(manifest) == []
@@ -271,10 +278,10 @@ CROSS_FIELD = [
         "spec.lora.dora",
     ),
     (
-        "kohya-for-loha",
-        job(spec={"lora": {"type": "loha"}, "output": {"formats": ["kohya"]}}),
-        "spec.output.formats: kohya is written for plain LoRA only (not lokr, loha or dora); "
-        "use diffusers",
+        "kohya-for-dora",
+        job(spec={"lora": {"dora": True}, "output": {"formats": ["kohya"]}}),
+        "spec.output.formats: kohya is not written for DoRA (kohya's layout has no place for "
+        "its magnitudes); use diffusers",
         "spec.output.formats",
     ),
     (

@@ -1,5 +1,6 @@
 """Adapters besides LoRA (DoRA, LoKr, LoHa) through peft: they train on every family, and
-what is exported loads into a fresh pipeline with exactly the trained weights."""
+what is exported loads into a fresh pipeline with exactly the trained weights; LoKr and
+LoHa files in LyCORIS's layout load through LyCORIS's own readers and draw the same."""
 
 import json
 
@@ -32,15 +33,51 @@ def _adapter_weights(module) -> dict[str, torch.Tensor]:
     }
 
 
+def _with_lycoris(pipeline, file, denoiser: str, encoders: list[str]) -> int:
+    """Put the LyCORIS file's adapters on ``pipeline`` with the lycoris package's reader
+    (which builds each layer's LoKr or LoHa from the file's tensors alone) and return how
+    many layers it adapted. The reader names a module ``<prefix>_<path>``: a transformer's
+    keys are ``lycoris_<path>`` (its own prefix); kohya's ``lora_unet_<path>`` and
+    ``lora_te1_<path>`` are the paths of a module holding ``unet`` and ``te1`` under the
+    prefix ``lora``."""
+    from lycoris import create_lycoris_from_weights
+    from lycoris.wrapper import LycorisNetwork
+
+    roots = [("lora", torch.nn.Module())]
+    for part in encoders:
+        roots[0][1].add_module(
+            adapters.kohya_te_prefix(part).removeprefix("lora_"), getattr(pipeline, part)
+        )
+    if denoiser == "transformer":
+        roots.append(("lycoris", pipeline.transformer))
+    else:
+        roots[0][1].add_module("unet", pipeline.unet)
+    adapted = 0
+    for prefix, root in roots:
+        LycorisNetwork.LORA_PREFIX = prefix
+        try:
+            network, _ = create_lycoris_from_weights(1.0, str(file), root)
+        finally:
+            LycorisNetwork.LORA_PREFIX = "lycoris"
+        network.apply_to()
+        adapted += len(network.loras)
+    return adapted
+
+
 @pytest.mark.parametrize(("preset", "lora", "config_class"), CASES)
 def test_adapters_train_and_load_with_the_trained_weights(
     tmp_path, trainer_cache, shapes_folder, preset, lora, config_class
 ):
     output = tmp_path / "out"
+    flow = preset in ("tiny-sd3", "tiny-flux")
+    lycoris = config_class != "LoraConfig"
+    # kohya's layout (LyCORIS's for LoKr and LoHa) is written by default for the UNet
+    # families, when asked for the transformer ones
+    formats = {"formats": ["diffusers", "kohya"]} if flow and lycoris else {}
     spec = {
         "model": {"base": f"preset:{preset}"},
         "dataset": {"uri": f"file://{shapes_folder}"},
-        "output": {"uri": f"file://{output}", "dtype": "fp32"},
+        "output": {"uri": f"file://{output}", "dtype": "fp32", **formats},
         # DoRA on text encoders is refused (their magnitudes would not load in diffusers)
         "lora": {"rank": 4, "alpha": 8, "trainTextEncoder": "dora" not in lora, **lora},
         "training": {"steps": 4, "learningRate": 1e-2},
@@ -65,7 +102,7 @@ def test_adapters_train_and_load_with_the_trained_weights(
         pipeline.load_lora_weights(model)
     else:
         assert sorted(p.name for p in model.iterdir()) == sorted(
-            ["README.md", "difftrain.json", denoiser, *encoders]
+            ["README.md", "difftrain.json", "test-job.safetensors", denoiser, *encoders]
         )
         for part in (denoiser, *encoders):
             adapters.load_peft(getattr(pipeline, part), model / part)
@@ -84,6 +121,18 @@ def test_adapters_train_and_load_with_the_trained_weights(
         assert got.keys() == expected.keys(), part
         different = [k for k in got if not torch.equal(got[k], expected[k])]
         assert not different, (part, different[:3])
+    if lycoris:
+        file = model / "test-job.safetensors"
+        keys = load_file(file).keys()
+        owners = {"lycoris" if flow else "lora_unet", *map(adapters.kohya_te_prefix, encoders)}
+        assert {owner for owner in owners for key in keys if key.startswith(f"{owner}_")} == owners
+        assert all(any(key.startswith(f"{owner}_") for owner in owners) for key in keys)
+        other = build_preset(preset)
+        layers = sum(key.endswith(".alpha") for key in keys)
+        assert _with_lycoris(other, file, denoiser, encoders) == layers
+        drawn = sample(other)
+        assert (drawn - sample(pipeline)).abs().max() < 1e-5
+        assert (drawn - before).abs().max() > 1e-4
     card = (model / "README.md").read_text()
     kind = {"lokr": "LoKr", "loha": "LoHa"}.get(lora.get("type"), "DoRA")
     assert f"| {kind} rank / alpha | 4 / 8 |" in card

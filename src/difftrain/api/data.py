@@ -191,11 +191,13 @@ class OutputSpec(ApiModel):
     formats: list[Literal["diffusers", "kohya", "singleFile", "merged"]] | None = Field(
         None,
         max_length=4,
-        description="Export formats: diffusers (pipeline folder, LoRA or embeddings file), "
-        "kohya (LoRA in kohya/ComfyUI keys), singleFile (SD 1.x/2.x and SDXL: the whole "
-        "model in one safetensors, in the original Stable Diffusion layout that ComfyUI and "
-        "A1111 load), merged (a LoRA fused into its base, as a pipeline folder under "
-        "merged/). Default: diffusers and kohya for LoRA, diffusers otherwise.",
+        description="Export formats: diffusers (pipeline folder, LoRA or embeddings file; "
+        "LoKr and LoHa as peft folders), kohya (one file for ComfyUI and A1111: LoRA in "
+        "kohya's keys, LoKr and LoHa in LyCORIS's; not DoRA), singleFile (SD 1.x/2.x and "
+        "SDXL: the whole model in one safetensors, in the original Stable Diffusion layout "
+        "that ComfyUI and A1111 load), merged (a LoRA fused into its base, as a pipeline "
+        "folder under merged/). Default: diffusers and kohya for adapters other than DoRA on "
+        "SD 1.x/2.x and SDXL, diffusers otherwise.",
     )
     dtype: Literal["fp32", "fp16", "bf16", "int8"] = Field(
         "fp16",

@@ -65,8 +65,9 @@ class LoraSpec(ApiModel):
 
     @property
     def kohya_layout(self) -> bool:
-        """Whether the kohya layout is written for these adapters (plain LoRA only)."""
-        return self.type == "lora" and not self.dora
+        """Whether the kohya layout is written for these adapters: LoRA in kohya's keys,
+        LoKr and LoHa in LyCORIS's; not DoRA."""
+        return not self.dora
 
 
 class DreamBoothSpec(ApiModel):

@@ -116,10 +116,9 @@ _RULES = (
     },
     {
         "rule": "!has(self.output.formats) || !('kohya' in self.output.formats) || "
-        "!has(self.lora) || ((!has(self.lora.type) || self.lora.type == 'lora') && "
-        "(!has(self.lora.dora) || !self.lora.dora))",
-        "message": "spec.output.formats: kohya is written for plain LoRA only (not lokr, "
-        "loha or dora); use diffusers",
+        "!has(self.lora) || !has(self.lora.dora) || !self.lora.dora",
+        "message": "spec.output.formats: kohya is not written for DoRA (kohya's layout has "
+        "no place for its magnitudes); use diffusers",
         "fieldPath": ".output.formats",
     },
     {
@@ -312,7 +311,8 @@ class DiffusionTrainingJobSpec(ApiModel):
             problems.append(
                 (
                     ("output", "formats"),
-                    "kohya is written for plain LoRA only (not lokr, loha or dora); use diffusers",
+                    "kohya is not written for DoRA (kohya's layout has no place for its "
+                    "magnitudes); use diffusers",
                 )
             )
         if "singleFile" in formats and not (self.trains_full_weights or "merged" in formats):

@@ -71,8 +71,9 @@ def is_lora(trainable: Trainable) -> bool:
 
 
 def export(components, trainable: Trainable, formats: list[str], folder, dtype, naming: dict):
-    """The adapters' weights: diffusers' ``pytorch_lora_weights.safetensors`` and/or a
-    kohya file for LoRA and DoRA; peft's folders for LoKr and LoHa (:func:`export_peft`)."""
+    """The adapters' weights. LoRA and DoRA: diffusers' ``pytorch_lora_weights.safetensors``
+    and/or a kohya file (LoRA only). LoKr and LoHa: peft's folders (:func:`export_peft`)
+    and/or one file in LyCORIS's layout (:func:`lycoris_state`)."""
     from peft.utils import get_peft_model_state_dict
 
     cast = {
@@ -80,8 +81,12 @@ def export(components, trainable: Trainable, formats: list[str], folder, dtype, 
         for part, m in trainable.modules.items()
     }
     family, name = components.family, naming["name"]
-    if not is_lora(trainable):
-        export_peft(trainable, cast, folder)
+    if not is_lora(trainable):  # LoKr, LoHa
+        if "diffusers" in formats:
+            export_peft(trainable, cast, folder)
+        if "kohya" in formats:
+            lycoris = lycoris_state(cast, trainable, family, dtype)
+            save_file(lycoris, folder / f"{name}.safetensors")
         return
     # The adapter config carries lora_alpha; without it loaders assume alpha = rank.
     metadata = {
@@ -154,6 +159,41 @@ def kohya_state(states: dict, trainable: Trainable, family, dtype) -> dict:
     return kohya
 
 
+def lycoris_state(states: dict, trainable: Trainable, family, dtype) -> dict:
+    """LoKr and LoHa in LyCORIS's layout, the one ComfyUI, A1111/Forge and kohya's
+    sd-scripts read: ``<prefix>_<module path, dots as underscores>.<factor>`` and an
+    ``.alpha`` per layer. The prefix is the family's for the denoiser (``lora_unet`` over
+    the UNet's diffusers names, ``lycoris`` over a transformer's) and ``lora_te1``,
+    ``lora_te2`` for the text encoders. peft and LyCORIS name the factors alike
+    (``lokr_w1``, ``lokr_w2_a``, ``hada_w1_a``, ...) and hold them in the same shapes."""
+    lycoris = {}
+    for part, state in states.items():
+        config = peft_config(trainable.modules[part])
+        prefix = family.lycoris_prefix if part == family.denoiser else kohya_te_prefix(part)
+        layers: dict[str, dict] = {}
+        for key, value in state.items():
+            layer, factor = key.rsplit(".", 1)
+            layers.setdefault(layer, {})[factor] = value
+        for layer, factors in layers.items():
+            name = f"{prefix}_{layer.replace('.', '_')}"
+            # Readers scale by alpha / rank only where a factor is split in two (rank
+            # known); a LoKr of two whole factors they apply as it is, so peft's scale is
+            # folded into its first factor.
+            whole = not any(factor.endswith(("_a", "_b")) for factor in factors)
+            for factor, value in factors.items():
+                if whole and factor == "lokr_w1":
+                    value = value * (config.alpha / config.r)
+                lycoris[f"{name}.{factor}"] = value.contiguous()
+            lycoris[f"{name}.alpha"] = torch.tensor(float(config.alpha), dtype=dtype)
+    return lycoris
+
+
+def kohya_te_prefix(part: str) -> str:
+    """kohya's prefix of a text encoder's keys: ``lora_te1`` for ``text_encoder``,
+    ``lora_te2`` for ``text_encoder_2``, as diffusers' kohya converter writes them."""
+    return "lora_te" + (part.rsplit("_", 1)[1] if part[-1].isdigit() else "1")
+
+
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -193,6 +233,8 @@ def usage(spec, family) -> str:
     if settings_of(spec).type == "lora":
         return 'pipe.load_lora_weights("model/")'
     return (
+        "ComfyUI, A1111/Forge: the LyCORIS `.safetensors` file in model/ (output format "
+        "kohya); diffusers with "
         f'peft: `inject_adapter_in_model(PeftConfig.from_pretrained("model/{family.denoiser}"), '
         f"pipe.{family.denoiser})`, then `set_peft_model_state_dict(pipe.{family.denoiser}, "
         f'load_file("model/{family.denoiser}/{PEFT_WEIGHTS}"))` (and likewise for each text '

@@ -145,6 +145,10 @@ class Family:
 
         return adapters.kohya_state(states, trainable, self, dtype)
 
+    # The prefix of the denoiser's keys in a LyCORIS file (LoKr, LoHa): kohya's, over
+    # the UNet's diffusers names, which ComfyUI, A1111 and sd-scripts read.
+    lycoris_prefix = "lora_unet"
+
     def kohya_component(self, prefix: str) -> str:
         """The component a kohya key's prefix (``unet``, ``te1``, ...) belongs to."""
         raise NotImplementedError

@@ -135,6 +135,9 @@ class FlowFamily(Family):
     kohya_layers: ClassVar[dict]  # kohya's names of its layers (see kohya_transformer)
     # Target names of spec.lora.targetModules that reach layers the layout does not name.
     kohya_unnamed: ClassVar[frozenset] = frozenset()
+    # LyCORIS files of a transformer use its diffusers names under ``lycoris_``, which
+    # ComfyUI maps onto its own (fused) layers for SD3 and Flux.
+    lycoris_prefix = "lycoris"
     t5_tokens: int  # T5 tokens per caption at most, in training and samples alike
     refused_methods: ClassVar[dict[str, str]] = {
         "textualInversion": "its T5 encoder reads every prompt beside the CLIP encoders, so "
@@ -179,7 +182,10 @@ class FlowFamily(Family):
                 f"spec.model.predictionType: {self.name} models predict the flow's velocity; "
                 "leave predictionType at auto"
             )
-        if "kohya" in (spec.output.formats or []):
+        from difftrain.trainer import adapters
+
+        kohya = "kohya" in (spec.output.formats or [])
+        if kohya and adapters.settings_of(spec).type == "lora":  # LyCORIS names any layer
             self._check_kohya(spec)
 
     def _check_kohya(self, spec) -> None:
