@@ -278,6 +278,18 @@ CROSS_FIELD = [
         "spec.lora.dora",
     ),
     (
+        "dora-on-nf4",
+        job(
+            spec={
+                "model": {"base": "preset:tiny-sd", "quantization": "nf4"},
+                "lora": {"dora": True},
+            }
+        ),
+        "spec.lora.dora: not with model.quantization nf4: DoRA reads its layers' whole base "
+        "weights, which NF4 layers do not give back; use int8, or plain LoRA (dora false)",
+        "spec.lora.dora",
+    ),
+    (
         "kohya-for-dora",
         job(spec={"lora": {"dora": True}, "output": {"formats": ["kohya"]}}),
         "spec.output.formats: kohya is not written for DoRA (kohya's layout has no place for "

@@ -67,7 +67,8 @@ class ModelSpec(ApiModel):
         description="Keep the frozen denoiser (and the text encoders that do not train) in "
         "low precision while adapters train in full (LoRA methods only): int8 (weights of "
         "8-bit integers with a scale per row, any device), fp8 (a GPU of compute capability "
-        "8.9 or later) or nf4 (not in this version). Unset: the training precision.",
+        "8.9 or later) or nf4 (4-bit NormalFloat, QLoRA's, a scale per block of 64 weights; "
+        "any device; not with DoRA). Unset: the training precision.",
     )
 
     @model_validator(mode="after")

@@ -37,6 +37,10 @@ _DORA_TEXT = (
     "its trained magnitudes; leave trainTextEncoder off, or train the text encoders with "
     "plain LoRA (dora false)"
 )
+_DORA_NF4_TEXT = (
+    "not with model.quantization nf4: DoRA reads its layers' whole base weights, which NF4 "
+    "layers do not give back; use int8, or plain LoRA (dora false)"
+)
 
 # CEL twins of DiffusionTrainingJobSpec.trains_lora and .trains_full_weights.
 _CEL_DREAMBOOTH_UNET = (
@@ -127,6 +131,12 @@ _RULES = (
         "(self.method != 'dreambooth' || !has(self.dreambooth) || "
         "!has(self.dreambooth.trainTextEncoder) || !self.dreambooth.trainTextEncoder))",
         "message": "spec.lora.dora: " + _DORA_TEXT,
+        "fieldPath": ".lora.dora",
+    },
+    {
+        "rule": "!has(self.model.quantization) || self.model.quantization != 'nf4' || "
+        "!has(self.lora) || !has(self.lora.dora) || !self.lora.dora",
+        "message": "spec.lora.dora: " + _DORA_NF4_TEXT,
         "fieldPath": ".lora.dora",
     },
     {
@@ -304,6 +314,8 @@ class DiffusionTrainingJobSpec(ApiModel):
             dreambooth = self.dreambooth if self.method == "dreambooth" else None
             if self.lora.train_text_encoder or (dreambooth and dreambooth.train_text_encoder):
                 problems.append((("lora", "dora"), _DORA_TEXT))
+            if self.model.quantization == "nf4":
+                problems.append((("lora", "dora"), _DORA_NF4_TEXT))
         formats = self.output.formats or []
         if "kohya" in formats and not self.trains_lora:
             problems.append((("output", "formats"), "kohya applies only when a LoRA is trained"))
