@@ -1,5 +1,5 @@
-"""Sharded training (strategy fsdp) on two torchrun nodes over gloo: the losses of
-replicated training, sharded checkpoints that resume exactly, and a whole model out."""
+"""Sharded training (strategy fsdp) on two torchrun nodes over gloo: the losses and EMA
+of replicated training, sharded checkpoints that resume exactly, and a whole model out."""
 
 import concurrent.futures
 import json
@@ -31,6 +31,9 @@ def _spec(shapes_folder, output, strategy: str, steps: int = STEPS) -> dict:
             # constant: a run told to stop at step 3, then to go on to 6, must have the
             # learning rates of one that ran to 6 (a cosine's depend on the last step)
             "scheduler": {"type": "constant", "warmupRatio": 0},
+            # exported: the averages, sharded as their parameters (a low decay, so they
+            # differ from the last weights)
+            "ema": {"enabled": True, "decay": 0.5},
         },
         "checkpoints": {"everySteps": 3},
         "validation": {"prompts": ["a red circle"], "everySteps": 3, "inferenceSteps": 2},

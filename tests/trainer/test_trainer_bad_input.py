@@ -281,12 +281,6 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
             id="fsdp-text-encoders",
         ),
         pytest.param(
-            {"method": "finetune", "training": {"strategy": "fsdp", "ema": {"enabled": True}}},
-            "spec.training.ema.enabled: an EMA of a sharded model is not kept in this trainer "
-            "version; turn it off or use strategy ddp",
-            id="fsdp-ema",
-        ),
-        pytest.param(
             {"method": "finetune", "training": {"strategy": "fsdp", "mixedPrecision": "fp16"}},
             "spec.training.mixedPrecision: fp16 needs a loss scaler, which sharded training "
             "does not keep in this trainer version; use bf16 (or no) with strategy fsdp",

@@ -255,10 +255,10 @@ def _upload_shards(trainer, position: Position) -> None:
     prefix = step_prefix(position.step)
     local = trainer.scratch / prefix / sharding.SHARDS
     module = _sharded_module(trainer)
-    size = sharding.local_bytes(module, trainer.optimizer)
+    size = sharding.local_bytes(module, trainer.optimizer, trainer.ema)
     with trainer.disk.writing(local, f"the shards of step {position.step}", size):
         try:
-            for path in sharding.save(module, trainer.optimizer, local):
+            for path in sharding.save(module, trainer.optimizer, local, trainer.ema):
                 trainer.output.child(prefix).upload(path, f"{sharding.SHARDS}/{path.name}")
         finally:
             shutil.rmtree(local, ignore_errors=True)
@@ -279,7 +279,7 @@ def _upload_main_files(trainer, position: Position) -> None:
             torch.save(trainer.optimizer.state_dict(), local / "optimizer.pt")
         torch.save(trainer.scheduler.state_dict(), local / "scheduler.pt")
         (local / "position.json").write_text(json.dumps(asdict(position)))
-        if trainer.ema is not None:
+        if trainer.ema is not None and not sharded:  # a sharded EMA is in the shards
             torch.save(trainer.ema.state_dict(), local / EMA)
     try:
         trainer.output.child(prefix).upload_tree(local, "")
@@ -296,7 +296,7 @@ def load(trainer, step: int) -> Position:
     sharded = trainer.sharded
     names = ["scheduler.pt", "position.json", f"rng-{rank}.pt"]
     names += [] if sharded else [WEIGHTS, "optimizer.pt"]
-    if trainer.ema is not None:
+    if trainer.ema is not None and not sharded:
         names.append(EMA)
     try:
         if sharded:  # the index, then the files that hold this process's part
@@ -304,14 +304,15 @@ def load(trainer, step: int) -> Position:
         for name in names:
             source.download(name, local / name)
         if sharded:
-            sharding.load(_sharded_module(trainer), trainer.optimizer, local / sharding.SHARDS)
+            shards = local / sharding.SHARDS
+            sharding.load(_sharded_module(trainer), trainer.optimizer, shards, trainer.ema)
         else:
             trainer.trainable.load_state_dict(load_file(local / WEIGHTS))
             optimizer = torch.load(local / "optimizer.pt", weights_only=True)
             trainer.optimizer.load_state_dict(optimizer)
         trainer.scheduler.load_state_dict(torch.load(local / "scheduler.pt", weights_only=True))
         restore_rng(torch.load(local / f"rng-{rank}.pt", weights_only=True), trainer.generator)
-        if trainer.ema is not None:
+        if trainer.ema is not None and not sharded:
             trainer.ema.load_state_dict(torch.load(local / EMA, weights_only=True))
         return Position(**json.loads((local / "position.json").read_text()))
     finally:
@@ -321,7 +322,8 @@ def load(trainer, step: int) -> Position:
 def _shards_to_read(trainer, source: Store, folder) -> list[str]:
     """Download the shards' index into ``folder``; the shard files this process needs."""
     source.download(f"{sharding.SHARDS}/{sharding.METADATA}", folder / sharding.METADATA)
-    needed = sharding.needed_files(_sharded_module(trainer), trainer.optimizer, folder)
+    module, optimizer = _sharded_module(trainer), trainer.optimizer
+    needed = sharding.needed_files(module, optimizer, folder, trainer.ema)
     return [f"{sharding.SHARDS}/{name}" for name in sorted(needed)]
 
 

@@ -1,5 +1,5 @@
-"""Sharded training (``strategy: fsdp``): the denoiser's parameters, gradients and
-optimiser state split across the processes with PyTorch's FSDP2 (``fully_shard``, one
+"""Sharded training (``strategy: fsdp``): the denoiser's parameters, gradients,
+optimiser state and EMA split across the processes with PyTorch's FSDP2 (``fully_shard``, one
 unit per block of the family's denoiser, then the rest), and its checkpoints written as
 shards with torch.distributed.checkpoint: each process writes and uploads its own part,
 and on resume downloads only the files that hold its part (a run keeps its process
@@ -33,11 +33,6 @@ def check(spec, method) -> None:
         raise InvalidSpec(
             "spec.training.mixedPrecision: fp16 needs a loss scaler, which sharded training "
             "does not keep in this trainer version; use bf16 (or no) with strategy fsdp"
-        )
-    if spec.training.ema.enabled:
-        raise InvalidSpec(
-            "spec.training.ema.enabled: an EMA of a sharded model is not kept in this "
-            "trainer version; turn it off or use strategy ddp"
         )
 
 
@@ -77,24 +72,32 @@ def reshard(module: torch.nn.Module) -> None:
     module.reshard()
 
 
-def _states(module, optimizer) -> dict:
+def _states(module, optimizer, ema=None) -> dict:
+    """What a sharded checkpoint holds: the model's and optimiser's shards, and with an
+    EMA its averages (sharded as the parameters they follow, so each process keeps and
+    writes its part) and its step count."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model, optim = get_state_dict(module, optimizer)
-    return {"model": model, "optim": optim}
+    states = {"model": model, "optim": optim}
+    if ema is not None:  # the averages themselves: a load fills them in place
+        names = [name for name, _ in module.named_parameters()]
+        states["ema"] = dict(zip(names, ema.shadow_params, strict=True))
+        states["ema_step"] = torch.tensor(ema.optimization_step)
+    return states
 
 
-def save(module, optimizer, folder: Path) -> list[Path]:
-    """Write this process's shards of the model and optimiser into ``folder`` (every
+def save(module, optimizer, folder: Path, ema=None) -> list[Path]:
+    """Write this process's shards of the model, optimiser and EMA into ``folder`` (every
     process calls it); the files it wrote (the main process's include the index)."""
     import torch.distributed.checkpoint as dcp
 
     folder.mkdir(parents=True, exist_ok=True)
-    dcp.save(_states(module, optimizer), checkpoint_id=folder)
+    dcp.save(_states(module, optimizer, ema), checkpoint_id=folder)
     return sorted(path for path in folder.iterdir() if path.is_file())
 
 
-def needed_files(module, optimizer, folder: Path) -> set[str]:
+def needed_files(module, optimizer, folder: Path, ema=None) -> set[str]:
     """The shard files this process reads back, by the index in ``folder``: its own, and
     the one holding what was saved once for all (replicated values such as the
     optimiser's step count go to the lowest rank only)."""
@@ -103,28 +106,32 @@ def needed_files(module, optimizer, folder: Path) -> set[str]:
 
     metadata = FileSystemReader(folder).read_metadata()
     planner = DefaultLoadPlanner()
-    planner.set_up_planner(_states(module, optimizer), metadata, is_coordinator=False)
+    planner.set_up_planner(_states(module, optimizer, ema), metadata, is_coordinator=False)
     plan = planner.create_local_plan()
     return {metadata.storage_data[item.storage_index].relative_path for item in plan.items}
 
 
-def load(module, optimizer, folder: Path) -> None:
-    """Restore this process's shards from ``folder`` into the model and optimiser."""
+def load(module, optimizer, folder: Path, ema=None) -> None:
+    """Restore this process's shards from ``folder`` into the model, optimiser and EMA."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    states = _states(module, optimizer)
+    states = _states(module, optimizer, ema)
     dcp.load(states, checkpoint_id=folder)
     set_state_dict(
         module, optimizer, model_state_dict=states["model"], optim_state_dict=states["optim"]
     )
+    if ema is not None:
+        ema.optimization_step = int(states["ema_step"])
 
 
-def local_bytes(module, optimizer) -> int:
+def local_bytes(module, optimizer, ema=None) -> int:
     """About how large this process's shards are."""
     tensors = [p.to_local() for p in module.parameters()]
     for state in optimizer.state.values():
         tensors += [v.to_local() for v in state.values() if hasattr(v, "to_local")]
+    if ema is not None:
+        tensors += [p.to_local() for p in ema.shadow_params]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
