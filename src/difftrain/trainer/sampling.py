@@ -172,6 +172,9 @@ def _averaged(trainer):
     if trainer.ema is None:
         yield
         return
+    # A sharded model's averages are shards: its parameters must be too, not what an
+    # earlier forward pass left gathered.
+    trainer.after_sampling()
     parameters = trainer.denoiser_parameters()
     trainer.ema.store(parameters)
     trainer.ema.copy_to(parameters)

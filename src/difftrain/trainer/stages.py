@@ -123,6 +123,7 @@ class Stage:
         name = self.components.family.denoiser
         module = self.trainable.modules[name]
         if self.ema is not None:  # export the average, as asked (each process its part)
+            self.after_sampling()  # the parameters as shards, as the averages are
             self.ema.copy_to(self.denoiser_parameters())
         whole = sharding.gather(module, self.sharded_from, self.run.main)
         self.gathered = {name: whole} if whole is not None else None
