@@ -117,11 +117,11 @@ def test_formats_the_device_cannot_run_are_refused_before_training(
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("kind", ["int8", "nf4"])
-def test_two_nodes_train_adapters_on_a_quantized_base(tmp_path, shapes_folder, trainer_cache, kind):
+def test_two_nodes_train_adapters_on_a_quantized_base(tmp_path, shapes_folder, trainer_cache):
     # DDP broadcasts a model's weights when it wraps it; quantized ones it cannot, so they
-    # are kept out of its sync (every node quantizes the same base the same way).
-    spec = _spec(tmp_path, shapes_folder, "out", kind)
+    # are kept out of its sync (every node quantizes the same base the same way). Any
+    # tensor subclass is kept out alike: nf4 passed this too, left out for the suite's time.
+    spec = _spec(tmp_path, shapes_folder, "out", "int8")
     spec["training"] = {"steps": 4, "batchSize": 2}
     spec["resources"] = {"nodes": 2}
     config = runner.write_config(tmp_path, spec)
