@@ -147,7 +147,7 @@ def pytest_collection_modifyitems(config, items):
     late = [item for item in items if "shapes_model" in item.fixturenames]
     if not late or config.option.collectonly:
         return
-    early = [item for item in items if item.get_closest_marker("waits")]
+    early = [item for item in items if item.get_closest_marker("waits") and item not in late]
     rest = [item for item in items if item not in late and item not in early]
     items[:] = early + rest + late
     config.stash[QUICKSTART] = quickstart_run.start()

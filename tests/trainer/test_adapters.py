@@ -52,13 +52,13 @@ def _with_lycoris(pipeline, file, denoiser: str, encoders: list[str]) -> int:
         roots.append(("lycoris", pipeline.transformer))
     else:
         roots[0][1].add_module("unet", pipeline.unet)
-    adapted = 0
+    adapted, own = 0, LycorisNetwork.LORA_PREFIX
     for prefix, root in roots:
         LycorisNetwork.LORA_PREFIX = prefix
         try:
             network, _ = create_lycoris_from_weights(1.0, str(file), root)
         finally:
-            LycorisNetwork.LORA_PREFIX = "lycoris"
+            LycorisNetwork.LORA_PREFIX = own
         network.apply_to()
         adapted += len(network.loras)
     return adapted

@@ -66,8 +66,9 @@ def weights_digest(module: torch.nn.Module) -> str:
         for part in parts:
             if part is None:
                 continue
-            # a fresh dense copy: a one-element view may keep a stride view() refuses
-            part = part.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)
+            part = part.detach().cpu().reshape(-1)
+            if part.stride(-1) != 1:  # a one-element view may keep a stride view() refuses
+                part = part.clone(memory_format=torch.contiguous_format)
             digest.update(f"{name}:{part.dtype}:{tuple(tensor.shape)};".encode())
             digest.update(memoryview(part.view(torch.uint8).numpy()))
     return digest.hexdigest()
