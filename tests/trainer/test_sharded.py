@@ -3,6 +3,7 @@ of replicated training, sharded checkpoints that resume exactly, and a whole mod
 
 import concurrent.futures
 import json
+import shutil
 
 import pytest
 import torch
@@ -93,9 +94,13 @@ def test_sharded_checkpoints_hold_each_process_part_and_resume_exactly(
     assert files == {".metadata", "__0_0.distcp", "__1_0.distcp"}
     assert not (output / "checkpoints" / "step-00000003" / "trainable.safetensors").exists()
 
+    # A run stopped after step 3's checkpoint (that of the run above: its learning rate
+    # is constant, so the first three steps are those of a run told to stop at 3), then
+    # started again to go on to step 6.
     resumed = tmp_path / "out"
-    _train(tmp_path, _spec(shapes_folder, resumed, "fsdp", steps=3))  # stops at step 3
-    logs = _train(tmp_path, _spec(shapes_folder, resumed, "fsdp"))  # then goes on to 6
+    step = "checkpoints/step-00000003"
+    shutil.copytree(output / step, resumed / step)
+    logs = _train(tmp_path, _spec(shapes_folder, resumed, "fsdp"))
 
     assert "resumed from checkpoint step 3" in logs[0]
     expected, got = _transformer(output), _transformer(resumed)
@@ -106,30 +111,25 @@ def test_sharded_checkpoints_hold_each_process_part_and_resume_exactly(
     assert type(pipeline.transformer).__name__ == "FluxTransformer2DModel"
 
 
-def test_a_unet_family_shards_by_its_down_mid_and_up_blocks(tmp_path, shapes_folder):
-    spec = _spec(shapes_folder, tmp_path / "out", "fsdp", steps=2)
-    spec["model"] = {"base": "preset:tiny-sdxl"}
-    spec["validation"] = {}  # samples are not what this checks
-
-    logs = _train(tmp_path, spec)
-
-    assert "UNet2DConditionModel sharded across 2 processes (5 blocks)" in logs[0]
+def test_a_unets_sharded_checkpoints_go_to_s3_and_come_back(
+    tmp_path, shapes_folder, s3_env, bucket
+):
+    """A UNet family shards by its down, mid and up blocks; its shards go to S3, a later
+    run resumes from them, and the model it exports there loads."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipeline = StableDiffusionXLPipeline.from_pretrained(tmp_path / "out" / "model")
-    assert pipeline.unet.config.addition_embed_type == "text_time"
-
-
-def test_sharded_checkpoints_go_to_s3_and_come_back(tmp_path, shapes_folder, s3_env, bucket):
+    from difftrain.errors import InvalidSpec
     from difftrain.storage import S3Settings, open_store
 
     uri = f"s3://{bucket}/runs/fsdp"
     spec = _spec(shapes_folder, tmp_path / "unused", "fsdp", steps=2)
+    spec["model"] = {"base": "preset:tiny-sdxl"}
     spec["output"] = {"uri": uri, "dtype": "fp32"}
     spec["storage"] = {"endpoint": s3_env.endpoint, "pathStyle": True}
     spec["checkpoints"] = {"everySteps": 2}
     spec["validation"] = {}  # samples are not what this checks
-    _train(tmp_path / "first", spec)
+    logs = _train(tmp_path / "first", spec)
+    assert "UNet2DConditionModel sharded across 2 processes (5 blocks)" in logs[0]
     spec["training"]["steps"] = 4
 
     logs = _train(tmp_path / "second", spec)
@@ -143,7 +143,9 @@ def test_sharded_checkpoints_go_to_s3_and_come_back(tmp_path, shapes_folder, s3_
         "__1_0.distcp",
     ]
     assert store.exists("checkpoints/step-00000004/COMPLETE")
-    assert store.exists("model/difftrain.json")
+    store.download_tree("model/", tmp_path / "model", unsafe_error=InvalidSpec)
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tmp_path / "model")
+    assert pipeline.unet.config.addition_embed_type == "text_time"
 
 
 def test_a_sharded_model_evaluates_as_a_whole_one_does(
