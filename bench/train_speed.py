@@ -5,6 +5,8 @@
     python bench/train_speed.py --samples 10 [...]
     python bench/train_speed.py --model sd3-small --resolution 64 --batch 8
     python bench/train_speed.py --model flux-small --resolution 64 --batch 8
+    python bench/train_speed.py --model flux-dev --gpu --resolution 1024 --batch 1 \
+        --steps 20 --methods lora --rank 16 --gradient-checkpointing --quantization int8 fp8
     python bench/train_speed.py --cache [--model small-sd] [...]
     python bench/train_speed.py --compile --methods lora [...]
     python bench/train_speed.py --kernels [--model small-sd] [...]
@@ -26,8 +28,13 @@ parameters (a 4-block MMDiT of width 128, the tiny preset's VAE, CLIP and a 256-
 for CPUs; its bare loop does SD3's flow-matching step (logit-normal timesteps, the shifted
 sigmas, the velocity target; LoRA on both streams). ``--model flux-small`` is the same
 for Flux.1 dev's shape (3 double- and 6 single-stream blocks of width 128, the guidance
-embedding; latents packed 2x2, sigmas shifted by the image's size). ``--gpu`` trains on
-one GPU in bf16 mixed precision.
+embedding; latents packed 2x2, sigmas shifted by the image's size). ``--model flux-dev``
+has Flux.1 dev's architecture (the 12B transformer, a T5-XXL-sized encoder, CLIP ViT-L,
+the 16-channel VAE) with random weights, written once in bf16 (about 34 GB) by the GPU;
+its LoRA needs one large GPU. ``--gpu`` trains on one GPU in bf16 mixed precision, where
+a LoRA's frozen base is held in bf16 in the bare loop as in the trainer. ``--rank`` and
+``--gradient-checkpointing`` apply to both; ``--quantization KIND...`` adds a LoRA
+trainer row on a base quantized to each kind (the bare loop stays unquantized).
 
 The trainer rows run without the cache of latents and text embeddings unless asked:
 ``--cache`` gives three rows for each method instead, the cache off, filling a fresh
@@ -42,6 +49,7 @@ given as a ratio to the bare loop of its method, measured in the same run.
 """
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -197,6 +205,112 @@ def write_flux_small(folder: Path) -> str:
     return f"file://{folder}"
 
 
+# Flux.1 dev's architecture (12B transformer, T5-XXL encoder, CLIP ViT-L, 16-channel VAE)
+# with random weights, for one GPU: a LoRA's speed and memory at 1024 px.
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLUX_DEV_VAE = {
+    **SD15_VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
+FLUX_DEV_T5 = {
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "feed_forward_proj": "gated-gelu",
+    "dropout_rate": 0.0,
+}
+FLUX_DEV_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def write_flux_dev(folder: Path, scale: float = 1.0) -> str:
+    """A Flux.1 dev-shaped pipeline with random weights at ``folder`` (in bf16, as Flux.1
+    dev is published: about 34 GB); its model URI. ``scale`` below 1 shrinks the depths
+    and widths alike, to check the bench itself on a CPU."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from difftrain.trainer.tokenizer import build_t5_tokenizer, build_tokenizer
+
+    if not (folder / "model_index.json").exists():
+        transformer, t5 = dict(FLUX_DEV_TRANSFORMER), dict(FLUX_DEV_T5)
+        if scale < 1:
+            for config, keys in (
+                (transformer, ("num_layers", "num_single_layers", "num_attention_heads")),
+                (t5, ("num_layers", "num_heads")),
+            ):
+                config.update({key: max(1, round(config[key] * scale)) for key in keys})
+            width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+            transformer["joint_attention_dim"] = t5["d_model"] = max(64, round(4096 * scale))
+            t5["d_ff"] = 2 * t5["d_model"]
+            assert width % 2 == 0
+        tokenizer, t5_tokenizer = build_tokenizer(), build_t5_tokenizer(512)
+        clip = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=768,
+            **SD15_TEXT,
+        )
+        t5_config = T5Config(
+            vocab_size=len(t5_tokenizer),
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            decoder_start_token_id=t5_tokenizer.pad_token_id,
+            **t5,
+        )
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        # Initialising on the GPU takes seconds where the CPU takes many minutes.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            pipeline = FluxPipeline(
+                scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+                vae=AutoencoderKL(**FLUX_DEV_VAE),
+                text_encoder=CLIPTextModel(clip),
+                tokenizer=tokenizer,
+                text_encoder_2=T5EncoderModel(t5_config),
+                tokenizer_2=t5_tokenizer,
+                transformer=FluxTransformer2DModel(**transformer),
+            )
+        torch.set_default_dtype(torch.float32)
+        pipeline.save_pretrained(folder, safe_serialization=True)
+    return f"file://{folder}"
+
+
 SMALL_SD_UNET = {
     "block_out_channels": [64, 128, 256],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -237,13 +351,21 @@ CACHE_ROWS = {
 
 
 def _trainer_run(
-    method: str, base: str, args, work: Path, every: int = 0, cache: str | None = None
+    method: str,
+    base: str,
+    args,
+    work: Path,
+    every: int = 0,
+    cache: str | None = None,
+    quantization: str | None = None,
 ) -> dict:
     from difftrain.api.config import TrainerConfig
 
     name = f"{method}-samples" if every else method
     if cache:
         name = f"{method}-{cache.replace(' ', '-')}"
+    if quantization:
+        name = f"{method}-{quantization}"
     spec = {
         "method": method,
         "model": {"base": base},
@@ -259,6 +381,12 @@ def _trainer_run(
     }
     if every:
         spec["validation"] = {"prompts": PROMPTS, "everySteps": every, "inferenceSteps": 25}
+    if args.rank:
+        spec["lora"] = {"rank": args.rank}
+    if args.gradient_checkpointing:
+        spec["training"]["gradientCheckpointing"] = True
+    if quantization:
+        spec["model"]["quantization"] = quantization
     if cache:
         settings = dict(CACHE_ROWS[cache])
         if settings.get("uri") == "CACHE":
@@ -429,7 +557,10 @@ def bare_loop(method: str, base: str, args) -> dict:
     torch.manual_seed(0)
     device = torch.device("cuda" if args.gpu else "cpu")
     pipeline = _pipeline(base)
-    pipeline.to(device)
+    # A LoRA's frozen base in the training precision, as the trainer holds it on a GPU;
+    # fp32 otherwise, whatever the folder holds (flux-dev's is bf16).
+    frozen = torch.bfloat16 if args.gpu and method == "lora" else torch.float32
+    pipeline.to(device, dtype=frozen)
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
@@ -439,10 +570,15 @@ def bare_loop(method: str, base: str, args) -> dict:
     if method == "lora":
         from peft import LoraConfig
 
-        denoiser.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=targets))
+        rank = args.rank or 16
+        denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets))
     else:
         denoiser.requires_grad_(True)
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
     trained = [p for p in denoiser.parameters() if p.requires_grad]
+    for parameter in trained:  # what trains stays fp32
+        parameter.data = parameter.data.float()
     optimizer = torch.optim.AdamW(trained, lr=1e-4, fused=args.variant == "fused AdamW")
     batch, resolution = args.batch, args.resolution
     pixels = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
@@ -479,6 +615,7 @@ MODELS = {
     "sd15": write_sd15,
     "sd3-small": write_sd3_small,
     "flux-small": write_flux_small,
+    "flux-dev": write_flux_dev,
 }
 
 
@@ -508,6 +645,20 @@ def main() -> None:
         help="the plain trainer rows with the default cache (node-local) instead of none",
     )
     parser.add_argument("--compile", action="store_true", help="training.compile: true")
+    parser.add_argument("--rank", type=int, help="lora.rank (default: the trainer's; 16 bare)")
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="training.gradientCheckpointing: true, and the same in the bare loop",
+    )
+    parser.add_argument(
+        "--quantization",
+        nargs="+",
+        default=[],
+        choices=["int8", "fp8", "nf4"],
+        help="also a trainer row with model.quantization set to each (LoRA)",
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--kernels",
         action="store_true",
@@ -523,7 +674,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        base = MODELS[args.model](work / args.model)
+        write = MODELS[args.model]
+        if args.scale != 1:  # a smaller flux-dev, to check the bench on a CPU
+            write = functools.partial(write_flux_dev, scale=args.scale)
+        base = write(work / args.model)
         for method in args.methods:
             if args.cache:
                 for row in CACHE_ROWS:
@@ -532,6 +686,10 @@ def main() -> None:
                     )
             else:
                 results[f"difftrain {method}"] = _trainer_run(method, base, args, work)
+            for kind in args.quantization if method == "lora" else []:
+                results[f"difftrain {method}, {kind} base"] = _trainer_run(
+                    method, base, args, work, quantization=kind
+                )
             if args.samples:
                 results[f"difftrain {method} + samples"] = _trainer_run(
                     method, base, args, work, args.samples
@@ -550,6 +708,8 @@ def main() -> None:
                 "--batch",
                 str(args.batch),
                 *(["--gpu"] if args.gpu else []),
+                *(["--rank", str(args.rank)] if args.rank else []),
+                *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
             ]
             for variant in [None, *(VARIANTS if args.kernels else [])]:
                 out = work / "bare.json"
