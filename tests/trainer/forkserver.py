@@ -74,6 +74,12 @@ def _warm_up() -> None:
         getattr(transformers, name)
     for scheduler in (diffusers.DDPMScheduler, diffusers.FlowMatchEulerDiscreteScheduler):
         scheduler._get_compatibles()
+    # transformers builds its table of checkpoint renamings (a thousand regular
+    # expressions) at a model's first load; an internal function, hence the guard.
+    with contextlib.suppress(ImportError, AttributeError):
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        get_checkpoint_conversion_mapping("clip_text_model")
 
 
 def _child(request: dict, output: int) -> None:
