@@ -91,6 +91,21 @@ SD15_TEXT = {
 }
 
 
+def _clip_config(tokenizer, **extra):
+    """A CLIP ViT-L-sized text encoder's config over the offline ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SD15_TEXT,
+        **extra,
+    )
+
+
 def write_sd15(folder: Path) -> str:
     """An SD 1.5-shaped pipeline with random weights at ``folder``; its model URI."""
     import torch
@@ -100,21 +115,14 @@ def write_sd15(folder: Path) -> str:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from difftrain.trainer.presets import _SCHEDULER
     from difftrain.trainer.tokenizer import build_tokenizer
 
     if not (folder / "model_index.json").exists():
         tokenizer = build_tokenizer()
-        text = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **SD15_TEXT,
-        )
+        text = _clip_config(tokenizer)
         torch.manual_seed(0)
         # Initialising on the GPU takes seconds where the CPU takes minutes.
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -238,15 +246,6 @@ FLUX_DEV_T5 = {
     "feed_forward_proj": "gated-gelu",
     "dropout_rate": 0.0,
 }
-FLUX_DEV_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
 
 
 def write_flux_dev(folder: Path, scale: float = 1.0) -> str:
@@ -260,8 +259,9 @@ def write_flux_dev(folder: Path, scale: float = 1.0) -> str:
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
+    from difftrain.trainer.families.flux import _SCHEDULER as FLUX_SCHEDULER  # Flux.1 dev's
     from difftrain.trainer.tokenizer import build_t5_tokenizer, build_tokenizer
 
     if not (folder / "model_index.json").exists():
@@ -272,20 +272,9 @@ def write_flux_dev(folder: Path, scale: float = 1.0) -> str:
                 (t5, ("num_layers", "num_heads")),
             ):
                 config.update({key: max(1, round(config[key] * scale)) for key in keys})
-            width = transformer["num_attention_heads"] * transformer["attention_head_dim"]
             transformer["joint_attention_dim"] = t5["d_model"] = max(64, round(4096 * scale))
             t5["d_ff"] = 2 * t5["d_model"]
-            assert width % 2 == 0
         tokenizer, t5_tokenizer = build_tokenizer(), build_t5_tokenizer(512)
-        clip = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=768,
-            **SD15_TEXT,
-        )
         t5_config = T5Config(
             vocab_size=len(t5_tokenizer),
             pad_token_id=t5_tokenizer.pad_token_id,
@@ -298,9 +287,9 @@ def write_flux_dev(folder: Path, scale: float = 1.0) -> str:
         # Initialising on the GPU takes seconds where the CPU takes many minutes.
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
             pipeline = FluxPipeline(
-                scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER),
+                scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
                 vae=AutoencoderKL(**FLUX_DEV_VAE),
-                text_encoder=CLIPTextModel(clip),
+                text_encoder=CLIPTextModel(_clip_config(tokenizer, projection_dim=768)),
                 tokenizer=tokenizer,
                 text_encoder_2=T5EncoderModel(t5_config),
                 tokenizer_2=t5_tokenizer,
