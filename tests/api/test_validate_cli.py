@@ -91,6 +91,11 @@ BAD_MANIFESTS = [
         "spec.training.flowMatching.guidance: must be >= 0 (got -1)",
     ),
     (
+        "flow-zero-shift",
+        job(spec={"training": {"flowMatching": {"shift": 0}}}),
+        "spec.training.flowMatching.shift: must be > 0 (got 0)",
+    ),
+    (
         "flow-unknown-density",
         job(spec={"training": {"flowMatching": {"timestepDensity": "beta"}}}),
         "spec.training.flowMatching.timestepDensity: must be one of 'logitNormal', 'mode' "

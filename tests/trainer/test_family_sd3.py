@@ -204,6 +204,46 @@ def test_sd3_from_scratch_builds_the_transformer_from_inline_configs(
 # Bad input.
 
 
+def test_a_shift_the_job_sets_is_trained_sampled_and_exported(
+    tmp_path, trainer_cache, shapes_folder
+):
+    """SD3's 3.0 is for 1024 px; a job on smaller images sets its own."""
+    spec = job(tmp_path, shapes_folder, "tiny-sd3", method="finetune")
+    spec["training"] = {"steps": 2, "flowMatching": {"shift": 1.5}}
+    spec["validation"] = {"prompts": ["a red circle"], "everySteps": 2, "inferenceSteps": 2}
+    config = runner.write_config(tmp_path, spec)
+
+    code, log = runner.run(config, tmp_path, trainer_cache)
+
+    assert code == 0, log
+    assert "the sigma schedule shifted by 1.5 (spec.training.flowMatching.shift)" in log
+    model = tmp_path / "out" / "model"
+    scheduler = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["shift"] == 1.5 and not scheduler["use_dynamic_shifting"]
+    assert "| Sigma shift (sample with the same) | 1.5 |" in (model / "README.md").read_text()
+    assert (tmp_path / "out" / "samples" / "step-00000002" / "grid.png").is_file()
+
+
+def test_the_shift_replaces_the_schedulers_own_for_training(tmp_path):
+    """As diffusers' scheduler shifts (by hand: s * sigma / (1 + (s - 1) * sigma)), and in
+    place of Flux's shift by the image's size."""
+    from types import SimpleNamespace
+
+    from difftrain.api.training import TrainingSpec
+
+    training = TrainingSpec.model_validate({"steps": 1, "flowMatching": {"shift": 2.0}})
+    for name in ("sd3", "flux"):
+        components = SimpleNamespace(noise_scheduler=build_preset(f"tiny-{name}").scheduler)
+        family = families.named(name)
+
+        family.set_schedule(training, components)
+
+        scheduler = components.noise_scheduler
+        assert scheduler.config.shift == 2.0 and not scheduler.config.use_dynamic_shifting
+        plain = torch.linspace(1.0, 1 / 1000, 1000)
+        assert torch.allclose(scheduler.sigmas, 2 * plain / (1 + plain), atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -291,6 +291,12 @@ def test_the_hubs_refusals_are_permanent_and_its_rate_limits_retryable(
             "spec.lora.targetModules: ",
             id="lora-targets",
         ),
+        pytest.param(
+            {"training": {"flowMatching": {"shift": 1.0}}},
+            "spec.training.flowMatching.shift: shifts the sigmas of flow-matching models (SD3, "
+            "Flux); sd models learn by denoising over their DDPM schedule; remove it",
+            id="flow-shift-unet",
+        ),
     ],
 )
 def test_unsupported_settings_fail_before_training(tmp_path, trainer_cache, dataset, spec, message):

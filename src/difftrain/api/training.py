@@ -90,6 +90,15 @@ class FlowMatchingSpec(ApiModel):
     loss_weighting: Literal["none", "sigmaSqrt", "cosmap"] = Field(
         "none", description="Per-timestep loss weights: none, sigmaSqrt (1/sigma^2) or cosmap."
     )
+    shift: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="The shift of the sigma schedule (sigma' = s*sigma / (1 + (s-1)*sigma)) "
+        "for training, samples and the exported model's scheduler: the model's scheduler "
+        "config when not set (SD3's 3.0, for 1024 px; Flux's grows with the image's size). "
+        "Lower it for smaller images: 1 is no shift. Flow-matching models only.",
+    )
 
 
 class TrainingSpec(ApiModel):

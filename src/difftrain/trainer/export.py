@@ -91,7 +91,11 @@ def export_pipeline(stage, modules: dict, folder: Path, formats: list[str], dtyp
     text_encoder, ...) in place, in the whole-model ``formats``."""
     from diffusers import DiffusionPipeline
 
-    pipeline = DiffusionPipeline.from_pretrained(stage.components.folder, **modules)
+    # The training scheduler, with the schedule the job set (spec.training.flowMatching).
+    scheduler = stage.components.noise_scheduler
+    pipeline = DiffusionPipeline.from_pretrained(
+        stage.components.folder, **{"scheduler": scheduler, **modules}
+    )
     save_pipeline(pipeline, stage.components.family, folder, formats, dtype, **naming(stage))
 
 
@@ -157,6 +161,11 @@ def model_card(config: TrainerConfig, facts: dict, method, family) -> str:
         ("Learning rate", f"{training.learning_rate} ({training.scheduler.type})"),
         ("Optimizer", training.optimizer.type),
         ("Mixed precision", training.mixed_precision),
+        *(
+            [("Sigma shift (sample with the same)", training.flow_matching.shift)]
+            if training.flow_matching.shift is not None
+            else []
+        ),
         ("Final loss", f"{facts['final_loss']:.4f}" if facts["final_loss"] is not None else "-"),
         ("Exported as", ", ".join(facts["formats"])),
         *evaluation.card_rows(facts.get("evaluations") or []),

@@ -133,6 +133,7 @@ def _prepare(config, paths: Paths, settings, method, output: Store, leases: list
     accelerator = _accelerator(spec)
     components = method.components(model_folder, spec, spec.training.seed)
     check_model(spec, components)
+    components.family.set_schedule(spec.training, components)
     examples, sizes, skipped = _usable_examples(accelerator, spec, data_folder, paths.cache)
     examples, sizes, held_out = evaluation.hold_out(spec, examples, sizes)
     if held_out:

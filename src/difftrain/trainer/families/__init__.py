@@ -51,6 +51,10 @@ class Family:
     def check(self, spec, components) -> None:
         """Refuse, once the model is loaded, job settings its family cannot train with."""
 
+    def set_schedule(self, training, components) -> None:
+        """Apply the job's settings of the noise schedule (spec.training) to the loaded
+        model's scheduler, which training, samples and the export then share."""
+
     def blocks(self, denoiser) -> list:
         """The denoiser's blocks, each a unit of its own when it is sharded (fsdp)."""
         raise NotImplementedError

@@ -4,6 +4,7 @@ when the scheduler asks), CLIP encoders that train and a T5 encoder that does no
 on both streams' attention, peft-keyed LoRA files, and the settings of noise prediction
 they refuse. A base class, not a family: it registers nothing."""
 
+import logging
 from typing import ClassVar
 
 import torch
@@ -14,6 +15,8 @@ from difftrain.trainer import loss
 from difftrain.trainer.families import Family
 from difftrain.trainer.families.unet import CLIP_LORA_TARGETS
 from difftrain.trainer.presets import VAE
+
+log = logging.getLogger(__name__)
 
 # The projections of the text stream's attention, beside the image stream's (which the
 # API's default targets name).
@@ -220,6 +223,17 @@ class FlowFamily(Family):
     def scale_latents(self, components, sampled):
         config = components.vae.config
         return (sampled.float() - (config.shift_factor or 0.0)) * config.scaling_factor
+
+    def set_schedule(self, training, components) -> None:
+        shift = training.flow_matching.shift
+        if shift is None:
+            return
+        scheduler = components.noise_scheduler
+        # A fixed shift, in place of one that grows with the image's size (Flux's).
+        components.noise_scheduler = type(scheduler).from_config(
+            scheduler.config, shift=shift, use_dynamic_shifting=False
+        )
+        log.info("the sigma schedule shifted by %g (spec.training.flowMatching.shift)", shift)
 
     def objective(self, components, training, device):
         scheduler = components.noise_scheduler

@@ -26,6 +26,14 @@ class UNetFamily(Family):
     def predict(self, denoiser, noisy, timesteps, text: dict, extra: dict):
         return denoiser(noisy, timesteps, **text, **extra).sample
 
+    def check(self, spec, components) -> None:
+        if spec.training.flow_matching.shift is not None:
+            raise InvalidSpec(
+                f"spec.training.flowMatching.shift: shifts the sigmas of flow-matching "
+                f"models (SD3, Flux); {self.name} models learn by denoising over their DDPM "
+                "schedule; remove it"
+            )
+
     def check_fit(self, components) -> None:
         unet, vae = components.denoiser.config, components.vae.config
         if unet.in_channels != vae.latent_channels:
