@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from difftrain.trainer import adapters
+from difftrain.trainer import adapters, families
 from difftrain.trainer.presets import build_preset
 from tests.trainer import runner
 from tests.trainer.families import job, refused, sample
@@ -46,7 +46,7 @@ def _with_lycoris(pipeline, file, denoiser: str, encoders: list[str]) -> int:
     roots = [("lora", torch.nn.Module())]
     for part in encoders:
         roots[0][1].add_module(
-            adapters.kohya_te_prefix(part).removeprefix("lora_"), getattr(pipeline, part)
+            families.kohya_encoder_prefix(part).removeprefix("lora_"), getattr(pipeline, part)
         )
     if denoiser == "transformer":
         roots.append(("lycoris", pipeline.transformer))
@@ -125,7 +125,7 @@ def test_adapters_train_and_load_with_the_trained_weights(
     if lycoris:
         file = model / "test-job.safetensors"
         keys = load_file(file).keys()
-        owners = {"lycoris" if flow else "lora_unet", *map(adapters.kohya_te_prefix, encoders)}
+        owners = {"lycoris" if flow else "lora_unet", *map(families.kohya_encoder_prefix, encoders)}
         assert {owner for owner in owners for key in keys if key.startswith(f"{owner}_")} == owners
         assert all(any(key.startswith(f"{owner}_") for owner in owners) for key in keys)
         other = build_preset(preset)

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from difftrain.api.methods import LoraSpec
 from difftrain.errors import InvalidSpec
+from difftrain.trainer.families import kohya_encoder_prefix
 from difftrain.trainer.trainable import Trainable
 
 
@@ -169,7 +170,7 @@ def lycoris_state(states: dict, trainable: Trainable, family, dtype) -> dict:
     lycoris = {}
     for part, state in states.items():
         config = peft_config(trainable.modules[part])
-        prefix = family.lycoris_prefix if part == family.denoiser else kohya_te_prefix(part)
+        prefix = family.lycoris_prefix if part == family.denoiser else kohya_encoder_prefix(part)
         layers: dict[str, dict] = {}
         for key, value in state.items():
             layer, factor = key.rsplit(".", 1)
@@ -186,12 +187,6 @@ def lycoris_state(states: dict, trainable: Trainable, family, dtype) -> dict:
                 lycoris[f"{name}.{factor}"] = value.contiguous()
             lycoris[f"{name}.alpha"] = torch.tensor(float(config.alpha), dtype=dtype)
     return lycoris
-
-
-def kohya_te_prefix(part: str) -> str:
-    """kohya's prefix of a text encoder's keys: ``lora_te1`` for ``text_encoder``,
-    ``lora_te2`` for ``text_encoder_2``, as diffusers' kohya converter writes them."""
-    return "lora_te" + (part.rsplit("_", 1)[1] if part[-1].isdigit() else "1")
 
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

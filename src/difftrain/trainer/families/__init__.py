@@ -180,6 +180,18 @@ def encoder_name(index: int) -> str:
     return "text_encoder" + (f"_{index + 1}" if index else "")
 
 
+def kohya_encoder_prefix(part: str) -> str:
+    """kohya's prefix of a text encoder's keys: ``lora_te1`` for ``text_encoder``,
+    ``lora_te2`` for ``text_encoder_2``, as diffusers' kohya converter writes them."""
+    return "lora_te" + (part.rsplit("_", 1)[1] if part[-1].isdigit() else "1")
+
+
+def kohya_encoder(prefix: str) -> str:
+    """The text encoder a kohya key's prefix (``te1``, ``te2``) names: the inverse of
+    :func:`kohya_encoder_prefix`."""
+    return encoder_name(int(prefix.removeprefix("te")) - 1)
+
+
 _FAMILIES = Registry(__name__)
 register = _FAMILIES.add
 

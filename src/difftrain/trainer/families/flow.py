@@ -12,7 +12,7 @@ import torch
 from difftrain.api.methods import DEFAULT_LORA_TARGETS
 from difftrain.errors import InvalidSpec
 from difftrain.trainer import loss
-from difftrain.trainer.families import Family
+from difftrain.trainer.families import Family, kohya_encoder
 from difftrain.trainer.families.unet import CLIP_LORA_TARGETS
 from difftrain.trainer.presets import VAE
 
@@ -297,7 +297,7 @@ class FlowFamily(Family):
 
     def kohya_component(self, prefix: str) -> str:
         # lora_te1_, lora_te2_: the CLIP encoders, the only ones that train
-        return "text_encoder" + ("" if prefix == "te1" else f"_{prefix[2:]}")
+        return kohya_encoder(prefix)
 
     def save_lora(self, folder, states: dict, metadata: dict) -> None:
         layers = {f"{part}_lora_layers": state for part, state in states.items()}  # peft's keys

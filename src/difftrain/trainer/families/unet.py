@@ -4,7 +4,7 @@ and diffusers' LoRA layout. A base class, not a family: it registers nothing."""
 
 from difftrain.errors import InvalidSpec
 from difftrain.trainer import loss
-from difftrain.trainer.families import Family
+from difftrain.trainer.families import Family, kohya_encoder
 
 # Attention projections of CLIP text encoders.
 CLIP_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -66,7 +66,7 @@ class UNetFamily(Family):
     def kohya_component(self, prefix: str) -> str:
         if prefix == "unet":
             return "unet"
-        return "text_encoder" + ("" if prefix == "te1" else f"_{prefix[2:]}")
+        return kohya_encoder(prefix)
 
     def save_lora(self, folder, states: dict, metadata: dict) -> None:
         from diffusers.utils import convert_state_dict_to_diffusers
