@@ -42,36 +42,20 @@ MODULE = "difftrain.trainer"
 
 def _warm_up() -> None:
     """Import what every trainer imports, including the modules diffusers and
-    transformers import lazily on first use (their model, pipeline and scheduler
-    classes; a scheduler's list of compatible ones imports scipy.stats): about a second
-    of each child's start otherwise. Imports only: nothing here may compute with torch,
-    whose thread pools a fork does not carry over."""
+    transformers import lazily on first use (each family's pipeline, whose module imports
+    its models and tokenizers; a scheduler's list of compatible ones imports scipy.stats):
+    about a second of each child's start otherwise. Imports only: nothing here may compute
+    with torch, whose thread pools a fork does not carry over."""
     import diffusers
     import peft  # noqa: F401
-    import transformers
+    import transformers  # noqa: F401
 
     import difftrain.trainer.__main__
     import difftrain.trainer.loop  # noqa: F401
+    from difftrain.trainer import families
 
-    for name in (
-        "AutoencoderKL",
-        "UNet2DConditionModel",
-        "SD3Transformer2DModel",
-        "FluxTransformer2DModel",
-        "StableDiffusionPipeline",
-        "StableDiffusionXLPipeline",
-        "StableDiffusion3Pipeline",
-        "FluxPipeline",
-    ):
-        getattr(diffusers, name)
-    for name in (
-        "CLIPTextModel",
-        "CLIPTextModelWithProjection",
-        "T5EncoderModel",
-        "CLIPTokenizer",
-        "T5TokenizerFast",
-    ):
-        getattr(transformers, name)
+    for family in families.all_families():
+        family.pipeline_class()
     for scheduler in (diffusers.DDPMScheduler, diffusers.FlowMatchEulerDiscreteScheduler):
         scheduler._get_compatibles()
     # transformers builds its table of checkpoint renamings (a thousand regular
