@@ -224,7 +224,7 @@ def test_a_shift_the_job_sets_is_trained_sampled_and_exported(
     assert (tmp_path / "out" / "samples" / "step-00000002" / "grid.png").is_file()
 
 
-def test_the_shift_replaces_the_schedulers_own_for_training(tmp_path):
+def test_the_shift_replaces_the_schedulers_own_for_training():
     """As diffusers' scheduler shifts (by hand: s * sigma / (1 + (s - 1) * sigma)), and in
     place of Flux's shift by the image's size."""
     from types import SimpleNamespace

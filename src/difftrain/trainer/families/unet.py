@@ -29,7 +29,7 @@ class UNetFamily(Family):
     def check(self, spec, components) -> None:
         if spec.training.flow_matching.shift is not None:
             raise InvalidSpec(
-                f"spec.training.flowMatching.shift: shifts the sigmas of flow-matching "
+                "spec.training.flowMatching.shift: shifts the sigmas of flow-matching "
                 f"models (SD3, Flux); {self.name} models learn by denoising over their DDPM "
                 "schedule; remove it"
             )
