@@ -284,18 +284,20 @@ def write_flux_dev(folder: Path, scale: float = 1.0) -> str:
         )
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)
-        # Initialising on the GPU takes seconds where the CPU takes many minutes.
-        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            pipeline = FluxPipeline(
-                scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
-                vae=AutoencoderKL(**FLUX_DEV_VAE),
-                text_encoder=CLIPTextModel(_clip_config(tokenizer, projection_dim=768)),
-                tokenizer=tokenizer,
-                text_encoder_2=T5EncoderModel(t5_config),
-                tokenizer_2=t5_tokenizer,
-                transformer=FluxTransformer2DModel(**transformer),
-            )
-        torch.set_default_dtype(torch.float32)
+        try:
+            # Initialising on the GPU takes seconds where the CPU takes many minutes.
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                pipeline = FluxPipeline(
+                    scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                    vae=AutoencoderKL(**FLUX_DEV_VAE),
+                    text_encoder=CLIPTextModel(_clip_config(tokenizer, projection_dim=768)),
+                    tokenizer=tokenizer,
+                    text_encoder_2=T5EncoderModel(t5_config),
+                    tokenizer_2=t5_tokenizer,
+                    transformer=FluxTransformer2DModel(**transformer),
+                )
+        finally:
+            torch.set_default_dtype(torch.float32)
         pipeline.save_pretrained(folder, safe_serialization=True)
     return f"file://{folder}"
 
@@ -657,6 +659,8 @@ def main() -> None:
     parser.add_argument("--bare", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scale != 1 and args.model != "flux-dev":
+        parser.error("--scale shrinks --model flux-dev only")
     if args.bare:
         print(json.dumps(bare_loop(args.bare, args.base, args)))
         return
